@@ -1,0 +1,185 @@
+"""The one place that knows how each database writes a snapshot.
+
+A write bumps the user's row in `snapshot_latest` and appends the same row
+to `snapshot_history`. Correctness under concurrency comes from the database,
+not from a read-then-write in Python:
+
+- Postgres: one statement, a data-modifying CTE whose first part is an
+  `INSERT ... ON CONFLICT DO UPDATE SET version = version + 1` (or, for a
+  compare-and-set, an `UPDATE ... WHERE version = :expected` or an
+  `INSERT ... ON CONFLICT DO NOTHING`) and whose second part inserts its
+  `RETURNING` row into the history. The row lock taken by the first part
+  orders concurrent writers, so versions are gapless; one statement is one
+  round trip and is atomic under autocommit.
+- SQLite: the same first statement and then the history insert, inside a
+  `BEGIN IMMEDIATE` transaction (SQLite cannot put DML in a CTE); the write
+  lock orders writers.
+
+Statements are built once per shape and reused, so SQLAlchemy compiles each
+only once (its compiled cache is keyed by the statement's structure).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import cache
+from typing import Any, Literal
+
+from sqlalchemy import Delete, Insert, Select, Update, bindparam, delete, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .tables import history_table, latest_table
+
+__all__ = [
+    "DialectName",
+    "delete_statements",
+    "history_statement",
+    "latest_statement",
+    "version_statement",
+    "write_snapshot",
+]
+
+DialectName = Literal["postgresql", "sqlite"]
+_ROW = ("user_id", "version", "schema_version", "payload", "created_at")
+_WriteMode = Literal["upsert", "create", "replace"]
+
+
+def _mode(expected_version: int | None) -> _WriteMode:
+    if expected_version is None:
+        return "upsert"
+    return "create" if expected_version == 0 else "replace"
+
+
+@cache
+def _latest_write(dialect: DialectName, mode: _WriteMode) -> Insert | Update:
+    """The statement that writes `snapshot_latest` and returns the row it wrote."""
+    returning = [latest_table.c[name] for name in _ROW]
+    if mode == "replace":
+        return (
+            update(latest_table)
+            .where(latest_table.c.user_id == bindparam("w_user_id"))
+            .where(latest_table.c.version == bindparam("expected_version"))
+            .values(
+                version=latest_table.c.version + 1,
+                schema_version=bindparam("w_schema_version"),
+                payload=bindparam("w_payload"),
+                created_at=bindparam("w_created_at"),
+            )
+            .returning(*returning)
+        )
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert_fn(latest_table).values(
+        user_id=bindparam("w_user_id"),
+        version=1,
+        schema_version=bindparam("w_schema_version"),
+        payload=bindparam("w_payload"),
+        created_at=bindparam("w_created_at"),
+    )
+    if mode == "create":
+        return stmt.on_conflict_do_nothing(index_elements=[latest_table.c.user_id]).returning(
+            *returning
+        )
+    return stmt.on_conflict_do_update(
+        index_elements=[latest_table.c.user_id],
+        set_={
+            "version": latest_table.c.version + 1,
+            "schema_version": stmt.excluded.schema_version,
+            "payload": stmt.excluded.payload,
+            "created_at": stmt.excluded.created_at,
+        },
+    ).returning(*returning)
+
+
+@cache
+def _postgres_write(mode: _WriteMode) -> Insert:
+    """Latest write and history append in one statement (a data-modifying CTE)."""
+    written = _latest_write("postgresql", mode).cte("written")
+    return (
+        insert(history_table)
+        .from_select(list(_ROW), select(*(written.c[name] for name in _ROW)))
+        .returning(history_table.c.version)
+    )
+
+
+@cache
+def _history_append() -> Insert:
+    return insert(history_table).values({name: bindparam(name) for name in _ROW})
+
+
+async def write_snapshot(
+    conn: AsyncConnection,
+    dialect: DialectName,
+    *,
+    user_id: str,
+    schema_version: int,
+    payload: bytes,
+    created_at: datetime,
+    expected_version: int | None,
+) -> int | None:
+    """Write one snapshot on `conn`; return its new version, or None if the compare-and-set lost.
+
+    On Postgres this is a single autocommittable statement. On SQLite the
+    caller must hold a write transaction (`BEGIN IMMEDIATE`) and commit it.
+    """
+    # Named apart from the columns: SQLAlchemy reserves column names for implicit parameters.
+    params: dict[str, Any] = {
+        "w_user_id": user_id,
+        "w_schema_version": schema_version,
+        "w_payload": payload,
+        "w_created_at": created_at,
+    }
+    mode = _mode(expected_version)
+    if mode == "replace":
+        params["expected_version"] = expected_version
+    if dialect == "postgresql":
+        result = await conn.execute(_postgres_write(mode), params)
+        return result.scalar_one_or_none()
+    row = (await conn.execute(_latest_write(dialect, mode), params)).one_or_none()
+    if row is None:
+        return None
+    await conn.execute(_history_append(), dict(row._mapping))
+    return int(row.version)
+
+
+@cache
+def latest_statement() -> Select[Any]:
+    """The user's latest row: a primary-key lookup."""
+    return select(*(latest_table.c[name] for name in _ROW)).where(
+        latest_table.c.user_id == bindparam("user_id")
+    )
+
+
+@cache
+def version_statement() -> Select[Any]:
+    """The user's current version alone (used to explain a lost compare-and-set)."""
+    return select(latest_table.c.version).where(latest_table.c.user_id == bindparam("user_id"))
+
+
+@cache
+def history_statement() -> Select[Any]:
+    """The newest `limit` versions: a backward scan of the (user_id, version) primary key."""
+    return (
+        select(*(history_table.c[name] for name in _ROW))
+        .where(history_table.c.user_id == bindparam("user_id"))
+        .order_by(history_table.c.version.desc())
+        .limit(bindparam("limit"))
+    )
+
+
+@cache
+def delete_statements() -> tuple[Select[Any], Delete, Delete]:
+    """Lock the latest row, then delete history, then latest.
+
+    Locking first (`FOR UPDATE`; SQLite's write transaction already excludes
+    other writers) makes every write that committed before the lock visible
+    to the history delete, so no history row of the user can outlive it.
+    """
+    lock = (
+        select(latest_table.c.version)
+        .where(latest_table.c.user_id == bindparam("user_id"))
+        .with_for_update()
+    )
+    history = delete(history_table).where(history_table.c.user_id == bindparam("user_id"))
+    latest = delete(latest_table).where(latest_table.c.user_id == bindparam("user_id"))
+    return lock, history, latest

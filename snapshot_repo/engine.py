@@ -1,0 +1,168 @@
+"""Creating async engines from URLs, with the settings this library relies on.
+
+SQLite (aiosqlite) connections get WAL journaling, a busy timeout, the
+configured `synchronous` level, and transactions begun by us rather than by
+the sqlite3 module: `BEGIN IMMEDIATE` for writes (so two writers never
+deadlock upgrading read locks into write locks), a deferred `BEGIN` for the
+rest. Postgres (asyncpg) connections get connect and command timeouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "DEFAULT_URL",
+    "READ_ONLY",
+    "WRITE_TRANSACTION",
+    "EngineSettings",
+    "create_engine",
+    "install_sqlite_settings",
+    "normalize_url",
+]
+
+DEFAULT_URL = "sqlite+aiosqlite:///snapshots.db"
+
+WRITE_TRANSACTION = "snapshot_repo_write"
+"""Execution option marking a connection whose next transaction writes (SQLite: BEGIN IMMEDIATE)."""
+
+READ_ONLY = "snapshot_repo_read"
+"""Execution option marking a SQLite connection that only runs single-statement reads.
+
+No BEGIN is sent: each SELECT is its own implicit transaction, which saves
+two thread hops per read and never blocks writers (WAL).
+"""
+
+SqliteSynchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "sqlite+aiosqlite": "sqlite+aiosqlite",
+    "postgres": "postgresql+asyncpg",
+    "postgresql": "postgresql+asyncpg",
+    "postgresql+asyncpg": "postgresql+asyncpg",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Connection settings for engines this library creates itself.
+
+    Attributes:
+        connect_timeout: seconds to wait for a new connection before failing.
+        command_timeout: seconds a single Postgres statement may run before it
+            is cancelled (None: no limit).
+        busy_timeout: seconds a SQLite connection waits for another
+            process's write lock before failing.
+        sqlite_synchronous: SQLite's `synchronous` pragma. FULL (the default)
+            makes every committed write survive power loss; NORMAL is faster
+            and survives a crash of the process but may lose the last commits
+            on power loss.
+        pool_size: connections kept open per engine.
+        max_overflow: extra connections opened under load.
+        pool_timeout: seconds to wait for a free pooled connection.
+    """
+
+    connect_timeout: float = 5.0
+    command_timeout: float | None = 30.0
+    busy_timeout: float = 10.0
+    sqlite_synchronous: SqliteSynchronous = "FULL"
+    pool_size: int = 10
+    max_overflow: int = 5
+    pool_timeout: float = 10.0
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Return `url` with this library's async driver, or raise `ConfigurationError`.
+
+    `sqlite://...` and `postgresql://...` (or `postgres://`) are accepted and
+    mapped to aiosqlite and asyncpg, so the usual URLs work unchanged.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"not a database URL: {exc}") from None
+    driver = _DRIVERS.get(parsed.drivername)
+    if driver is None:
+        raise ConfigurationError(
+            f"unsupported database URL scheme {parsed.drivername!r}: use "
+            "'sqlite+aiosqlite:///path.db' or 'postgresql+asyncpg://user@host/db'"
+        )
+    return parsed.set(drivername=driver)
+
+
+def create_engine(url: str | URL, settings: EngineSettings | None = None) -> AsyncEngine:
+    """Create an async engine for `url` configured as this library expects.
+
+    No connection is opened here; the first operation opens one.
+
+    Raises:
+        ConfigurationError: the URL is not SQLite or Postgres.
+    """
+    settings = settings or EngineSettings()
+    parsed = normalize_url(url)
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {
+            "timeout": settings.connect_timeout,
+            "command_timeout": settings.command_timeout,
+        }
+        kwargs.update(
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_timeout=settings.pool_timeout,
+        )
+    elif parsed.database not in (None, "", ":memory:"):
+        kwargs["connect_args"] = {"timeout": settings.busy_timeout}
+        kwargs.update(
+            pool_size=settings.pool_size,
+            max_overflow=settings.max_overflow,
+            pool_timeout=settings.pool_timeout,
+        )
+    engine = create_async_engine(parsed, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+        install_sqlite_settings(engine, settings)
+    return engine
+
+
+def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> None:
+    """Set the pragmas and transaction handling on every connection of a SQLite engine.
+
+    Also applied by `SnapshotRepository` to engines the application created
+    itself, since the write path depends on it. Idempotent.
+    """
+    sync_engine = engine.sync_engine
+    if getattr(sync_engine, "_snapshot_repo_configured", False):
+        return
+    sync_engine._snapshot_repo_configured = True  # type: ignore[attr-defined]
+    busy_ms = int(settings.busy_timeout * 1000)
+    synchronous = settings.sqlite_synchronous
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from the sqlite3 module: it would
+        # begin deferred transactions lazily, which deadlock between writers.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute(f"PRAGMA synchronous = {synchronous}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        options = connection.get_execution_options()
+        if options.get(WRITE_TRANSACTION):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        elif not options.get(READ_ONLY):
+            connection.exec_driver_sql("BEGIN")

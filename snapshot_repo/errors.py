@@ -1,0 +1,77 @@
+"""Every exception `snapshot_repo` raises on purpose.
+
+Callers catch these rather than driver or pydantic exceptions, which never
+escape the public API unchained::
+
+    SnapshotRepoError                      root of the hierarchy
+    ├── SnapshotValidationError            bad input (also a ValueError); nothing was written
+    ├── ConfigurationError                 bad URL, driver or setting (also a ValueError)
+    ├── VersionConflictError               compare-and-set lost; nothing was written
+    └── StorageError                       the database failed; the driver error is chained
+        └── SchemaNotReadyError            tables missing: run `migrate()` first
+
+Messages never contain a state payload, and show user ids only redacted
+(first four characters, then ``...``) so that they can be logged safely.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "SchemaNotReadyError",
+    "SnapshotRepoError",
+    "SnapshotValidationError",
+    "StorageError",
+    "VersionConflictError",
+    "redact",
+]
+
+
+def redact(user_id: object) -> str:
+    """Show enough of a user id to correlate log lines, not enough to identify anyone."""
+    text = user_id if isinstance(user_id, str) else repr(user_id)
+    return text[:4] + "..." if len(text) > 4 else text + "..."
+
+
+class SnapshotRepoError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class SnapshotValidationError(SnapshotRepoError, ValueError):
+    """Input was refused before anything was written: bad user id, state, limit or size."""
+
+
+class ConfigurationError(SnapshotRepoError, ValueError):
+    """The repository was configured wrongly: an unsupported URL or driver, a bad setting."""
+
+
+class VersionConflictError(SnapshotRepoError):
+    """A compare-and-set write found another version than the one it expected.
+
+    Attributes:
+        user_id: the user whose write was refused.
+        expected_version: what the caller passed as ``expected_version``.
+        actual_version: the version found just after the refusal (0 when the
+            user has no snapshot). Informational: it may have moved on since.
+    """
+
+    def __init__(self, user_id: str, expected_version: int, actual_version: int) -> None:
+        self.user_id = user_id
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+        super().__init__(
+            f"version conflict for user {redact(user_id)}: expected version "
+            f"{expected_version}, found {actual_version}; nothing was written"
+        )
+
+
+class StorageError(SnapshotRepoError):
+    """The database failed (unreachable, timed out, refused the statement).
+
+    The driver's exception is chained as ``__cause__``; the message says which
+    operation failed. A failed write has been rolled back as a whole.
+    """
+
+
+class SchemaNotReadyError(StorageError):
+    """The snapshot tables do not exist: the database has not been migrated."""

@@ -1,0 +1,83 @@
+"""The `Snapshot` model: one version of one user's state.
+
+Kept free of SQLAlchemy so that services can build, validate and serialize
+snapshots without importing the storage layer.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from .errors import redact
+
+__all__ = ["MAX_USER_ID_LENGTH", "Snapshot", "StateT", "UserId", "check_user_id"]
+
+MAX_USER_ID_LENGTH = 255
+"""User ids are 1 to 255 characters: the `user_id` columns are VARCHAR(255)."""
+
+StateT = TypeVar("StateT")
+
+
+def check_user_id(value: str) -> str:
+    """Return `value` if it is a usable user id, else raise `ValueError` saying why.
+
+    Control characters and lone surrogates are refused because they cannot be
+    logged, printed or (surrogates) encoded by either database driver.
+    """
+    if not value:
+        raise ValueError("user_id must not be empty")
+    if len(value) > MAX_USER_ID_LENGTH:
+        raise ValueError(f"user_id is {len(value)} characters long; at most {MAX_USER_ID_LENGTH}")
+    for char in value:
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise ValueError(f"user_id contains the control character {char!r}")
+        if category == "Cs":
+            raise ValueError("user_id contains a lone surrogate, which cannot be stored")
+    return value
+
+
+UserId = Annotated[str, Field(strict=True), AfterValidator(check_user_id)]
+"""A validated user id; `strict` so that an int is refused rather than turned into text."""
+
+
+class Snapshot(BaseModel, Generic[StateT]):
+    """One version of one user's state.
+
+    Build one with `user_id` and `state` (and optionally `schema_version`, the
+    version of *your* state model, which is stored with the row); the
+    repository assigns `version` and `created_at` when it stores it.
+
+    Attributes:
+        user_id: whose state this is; 1 to 255 characters, no control characters.
+        state: the state itself, an instance of the repository's model (or a
+            JSON object when the repository has no model).
+        version: 1 for a user's first write, then +1 for each write; 0 on a
+            snapshot that has not been stored yet.
+        created_at: when the repository stored this version (timezone-aware
+            UTC); None on a snapshot that has not been stored yet.
+        schema_version: the version of the state's own schema, chosen by the
+            application; stored as given.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    user_id: UserId
+    state: StateT
+    version: Annotated[int, Field(ge=0)] = 0
+    created_at: datetime | None = None
+    schema_version: Annotated[int, Field(ge=1)] = 1
+
+    def __repr_args__(self) -> Any:
+        # Reprs end up in logs and tracebacks: show the user id redacted and never the state.
+        for name, value in super().__repr_args__():
+            if name == "user_id":
+                yield name, redact(value)
+            elif name == "state":
+                yield name, "<redacted>"
+            else:
+                yield name, value

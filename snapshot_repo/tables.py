@@ -1,0 +1,95 @@
+"""The schema: the only `MetaData` Alembic compares the database against.
+
+Two tables with the same columns:
+
+- `snapshot_latest`: one row per user, the newest version (primary key `user_id`).
+- `snapshot_history`: one row per user and version (primary key
+  `(user_id, version)`), which is also the index that makes "the newest N
+  versions of a user" a backward range scan costing O(N) at any depth.
+
+Later capabilities (tenant, namespace, expiry, write metadata) add columns in
+new Alembic revisions; nothing here is created outside migrations.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    TypeDecorator,
+)
+
+from .snapshot import MAX_USER_ID_LENGTH
+
+__all__ = ["UTCDateTime", "history_table", "latest_table", "metadata"]
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python.
+
+    Postgres stores `timestamptz`; SQLite has no time zones, so the value is
+    stored as UTC text and the zone is put back when it is read.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("UTCDateTime needs a timezone-aware datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _snapshot_columns() -> list[Column[Any]]:
+    return [
+        Column("user_id", String(MAX_USER_ID_LENGTH), nullable=False),
+        Column("version", BigInteger, nullable=False),
+        Column("schema_version", Integer, nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("created_at", UTCDateTime, nullable=False),
+    ]
+
+
+latest_table = Table(
+    "snapshot_latest",
+    metadata,
+    *_snapshot_columns(),
+    PrimaryKeyConstraint("user_id"),
+)
+
+history_table = Table(
+    "snapshot_history",
+    metadata,
+    *_snapshot_columns(),
+    PrimaryKeyConstraint("user_id", "version"),
+)
