@@ -25,9 +25,20 @@ from datetime import datetime
 from functools import cache
 from typing import Any, Literal
 
-from sqlalchemy import Delete, Insert, Select, Update, bindparam, delete, insert, select, update
+from sqlalchemy import (
+    Delete,
+    Insert,
+    Select,
+    Update,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.dml import ReturningDelete
 
 from .tables import history_table, latest_table
 
@@ -35,13 +46,14 @@ __all__ = [
     "DialectName",
     "delete_statements",
     "history_statement",
+    "idempotent_write_statement",
     "latest_statement",
     "version_statement",
     "write_snapshot",
 ]
 
 DialectName = Literal["postgresql", "sqlite"]
-_ROW = ("user_id", "version", "schema_version", "payload", "created_at")
+_ROW = ("user_id", "version", "schema_version", "payload", "created_at", "idempotency_key")
 _WriteMode = Literal["upsert", "create", "replace"]
 
 
@@ -65,6 +77,7 @@ def _latest_write(dialect: DialectName, mode: _WriteMode) -> Insert | Update:
                 schema_version=bindparam("w_schema_version"),
                 payload=bindparam("w_payload"),
                 created_at=bindparam("w_created_at"),
+                idempotency_key=bindparam("w_idempotency_key"),
             )
             .returning(*returning)
         )
@@ -75,6 +88,7 @@ def _latest_write(dialect: DialectName, mode: _WriteMode) -> Insert | Update:
         schema_version=bindparam("w_schema_version"),
         payload=bindparam("w_payload"),
         created_at=bindparam("w_created_at"),
+        idempotency_key=bindparam("w_idempotency_key"),
     )
     if mode == "create":
         return stmt.on_conflict_do_nothing(index_elements=[latest_table.c.user_id]).returning(
@@ -87,6 +101,7 @@ def _latest_write(dialect: DialectName, mode: _WriteMode) -> Insert | Update:
             "schema_version": stmt.excluded.schema_version,
             "payload": stmt.excluded.payload,
             "created_at": stmt.excluded.created_at,
+            "idempotency_key": stmt.excluded.idempotency_key,
         },
     ).returning(*returning)
 
@@ -116,11 +131,14 @@ async def write_snapshot(
     payload: bytes,
     created_at: datetime,
     expected_version: int | None,
+    idempotency_key: str | None,
 ) -> int | None:
     """Write one snapshot on `conn`; return its new version, or None if the compare-and-set lost.
 
-    On Postgres this is a single autocommittable statement. On SQLite the
-    caller must hold a write transaction (`BEGIN IMMEDIATE`) and commit it.
+    On Postgres this is a single autocommittable statement; a reused
+    idempotency key makes it fail with an IntegrityError and write nothing.
+    On SQLite the caller must hold a write transaction (`BEGIN IMMEDIATE`),
+    must have looked the key up first, and commits.
     """
     # Named apart from the columns: SQLAlchemy reserves column names for implicit parameters.
     params: dict[str, Any] = {
@@ -128,6 +146,7 @@ async def write_snapshot(
         "w_schema_version": schema_version,
         "w_payload": payload,
         "w_created_at": created_at,
+        "w_idempotency_key": idempotency_key,
     }
     mode = _mode(expected_version)
     if mode == "replace":
@@ -151,6 +170,15 @@ def latest_statement() -> Select[Any]:
 
 
 @cache
+def idempotent_write_statement() -> Select[Any]:
+    """The history row a user's write with a given idempotency key produced, if any."""
+    return select(*(history_table.c[name] for name in _ROW)).where(
+        history_table.c.user_id == bindparam("user_id"),
+        history_table.c.idempotency_key == bindparam("idempotency_key"),
+    )
+
+
+@cache
 def version_statement() -> Select[Any]:
     """The user's current version alone (used to explain a lost compare-and-set)."""
     return select(latest_table.c.version).where(latest_table.c.user_id == bindparam("user_id"))
@@ -168,18 +196,25 @@ def history_statement() -> Select[Any]:
 
 
 @cache
-def delete_statements() -> tuple[Select[Any], Delete, Delete]:
-    """Lock the latest row, then delete history, then latest.
+def delete_statements() -> tuple[ReturningDelete[Any], Delete]:
+    """Delete the latest row (returning its version), then history up to that version.
 
-    Locking first (`FOR UPDATE`; SQLite's write transaction already excludes
-    other writers) makes every write that committed before the lock visible
-    to the history delete, so no history row of the user can outlive it.
+    Order matters on Postgres under READ COMMITTED. Deleting the latest row
+    first waits for, and then excludes, every writer of the user: a writer
+    updating the row holds its lock, and a writer re-creating it waits on the
+    deleted row in the unique index until the erasure commits. The history
+    delete is a second statement, so its snapshot includes every write that
+    committed before the lock; bounding it by the deleted version keeps it
+    from touching a newer user's rows. (One CTE would use one snapshot and
+    could miss the history row of a writer it waited for.)
     """
-    lock = (
-        select(latest_table.c.version)
+    latest = (
+        delete(latest_table)
         .where(latest_table.c.user_id == bindparam("user_id"))
-        .with_for_update()
+        .returning(latest_table.c.version)
     )
-    history = delete(history_table).where(history_table.c.user_id == bindparam("user_id"))
-    latest = delete(latest_table).where(latest_table.c.user_id == bindparam("user_id"))
-    return lock, history, latest
+    history = delete(history_table).where(
+        history_table.c.user_id == bindparam("user_id"),
+        history_table.c.version <= bindparam("version"),
+    )
+    return latest, history

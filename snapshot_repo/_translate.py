@@ -8,6 +8,7 @@ SQL parameters (which would hold payloads).
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -47,17 +48,27 @@ def _is_missing_table(exc: BaseException) -> bool:
 
 
 @asynccontextmanager
-async def storage_errors(operation: str, user_id: str | None = None) -> AsyncIterator[None]:
+async def storage_errors(
+    operation: str, user_id: str | None = None, *, time_limit: float | None = None
+) -> AsyncIterator[None]:
     """Re-raise database failures inside the block as `StorageError` chained to the cause.
 
-    Errors of this library pass through unchanged.
+    With `time_limit`, the block is cancelled after that many seconds and a
+    `StorageError` saying so is raised. Errors of this library pass through
+    unchanged.
     """
+    subject = f" for user {redact(user_id)}" if user_id is not None else ""
+    deadline = asyncio.timeout(time_limit)
     try:
-        yield
+        async with deadline:
+            yield
     except SnapshotRepoError:
         raise
+    except TimeoutError as exc:
+        if deadline.expired():
+            raise StorageError(f"{operation}{subject} timed out after {time_limit:g} s") from exc
+        raise StorageError(f"{operation}{subject} failed: {describe(exc)}") from exc
     except _DRIVER_ERRORS as exc:
-        subject = f" for user {redact(user_id)}" if user_id is not None else ""
         if _is_missing_table(exc):
             raise SchemaNotReadyError(
                 f"{operation}{subject} failed: the snapshot tables do not exist; run "

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Generic, Self, cast, overload
+from typing import Any, Generic, Self, TypedDict, Unpack, cast, overload
 
-from sqlalchemy import Row
+from sqlalchemy import Executable, Row
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import migrate as _migrate
@@ -31,6 +32,7 @@ from ._dialects import (
     DialectName,
     delete_statements,
     history_statement,
+    idempotent_write_statement,
     latest_statement,
     version_statement,
     write_snapshot,
@@ -44,18 +46,49 @@ from .engine import (
     create_engine,
     install_sqlite_settings,
 )
-from .errors import ConfigurationError, SnapshotValidationError, VersionConflictError
-from .snapshot import Snapshot, StateT, check_user_id
+from .errors import (
+    ConfigurationError,
+    SnapshotValidationError,
+    StorageError,
+    VersionConflictError,
+    redact,
+)
+from .health import HealthReport, probe
+from .snapshot import (
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    MAX_USER_ID_LENGTH,
+    Snapshot,
+    StateT,
+    check_identifier,
+)
 
-__all__ = ["MAX_HISTORY_LIMIT", "SnapshotRepository"]
+__all__ = ["MAX_HISTORY_LIMIT", "RepositoryOptions", "SnapshotRepository"]
 
 MAX_HISTORY_LIMIT = 10_000
 """The most versions one `get_history` call returns; page or export for more."""
 
 DEFAULT_HEALTH_TIMEOUT = 3.0
+DEFAULT_OPERATION_TIMEOUT = 30.0
+_CLOSE_TIMEOUT = 5.0
 _MAX_VERSION = 2**63 - 1  # the BIGINT version column
 
 logger = logging.getLogger("snapshot_repo")
+
+
+class RepositoryOptions(TypedDict, total=False):
+    """Keyword options of `SnapshotRepository` and `SnapshotRepository.from_url`.
+
+    Attributes:
+        max_payload_bytes: largest serialized state accepted (default 1 MiB,
+            at most 16 MiB).
+        health_timeout: seconds `health()`/`health_check()` wait at most (default 3).
+        operation_timeout: seconds any other call may take, pool wait
+            included, before it fails with `StorageError` (default 30; None: no limit).
+    """
+
+    max_payload_bytes: int
+    health_timeout: float
+    operation_timeout: float | None
 
 
 class SnapshotRepository(Generic[StateT]):
@@ -67,9 +100,8 @@ class SnapshotRepository(Generic[StateT]):
             `from_url` to let it own one.
         state_type: the pydantic model (or other pydantic-validatable type) of
             the states; None stores plain JSON objects (`dict`).
-        max_payload_bytes: largest serialized state accepted (default 1 MiB,
-            at most 16 MiB).
-        health_timeout: seconds `health_check` waits before answering False.
+        **options: see `RepositoryOptions`: `max_payload_bytes`,
+            `health_timeout`, `operation_timeout`.
 
     No I/O happens in the constructor.
     """
@@ -78,22 +110,25 @@ class SnapshotRepository(Generic[StateT]):
         self,
         engine: AsyncEngine,
         state_type: type[StateT] | None = None,
-        *,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-        health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
-        _owns_engine: bool = False,
+        **options: Unpack[RepositoryOptions],
     ) -> None:
         dialect = engine.dialect.name
         if dialect not in ("sqlite", "postgresql"):
             raise ConfigurationError(f"unsupported database {dialect!r}: use SQLite or Postgres")
-        if health_timeout <= 0:
-            raise ConfigurationError(f"health_timeout must be positive, not {health_timeout}")
         self._dialect = cast(DialectName, dialect)
         self._engine = engine
-        self._owns_engine = _owns_engine
-        self._codec: StateCodec[StateT] = StateCodec(state_type, max_payload_bytes)
+        self._owns_engine = False
+        self._codec: StateCodec[StateT] = StateCodec(
+            state_type, options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES)
+        )
         self._snapshot_type: type[Snapshot[StateT]] = Snapshot[self._codec.state_type]  # type: ignore[name-defined]
-        self._health_timeout = health_timeout
+        self._health_timeout = _positive(
+            "health_timeout", options.get("health_timeout", DEFAULT_HEALTH_TIMEOUT)
+        )
+        operation_timeout = options.get("operation_timeout", DEFAULT_OPERATION_TIMEOUT)
+        self._operation_timeout = (
+            None if operation_timeout is None else _positive("operation_timeout", operation_timeout)
+        )
         self._sqlite_write_lock = asyncio.Lock()
         if self._dialect == "sqlite":
             install_sqlite_settings(engine, EngineSettings())
@@ -112,8 +147,7 @@ class SnapshotRepository(Generic[StateT]):
         state_type: None = None,
         *,
         settings: EngineSettings | None = None,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-        health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
+        **options: Unpack[RepositoryOptions],
     ) -> SnapshotRepository[JsonObject]: ...
 
     @overload
@@ -124,8 +158,7 @@ class SnapshotRepository(Generic[StateT]):
         state_type: type[StateT],
         *,
         settings: EngineSettings | None = None,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-        health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
+        **options: Unpack[RepositoryOptions],
     ) -> SnapshotRepository[StateT]: ...
 
     @classmethod
@@ -135,29 +168,25 @@ class SnapshotRepository(Generic[StateT]):
         state_type: type[Any] | None = None,
         *,
         settings: EngineSettings | None = None,
-        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-        health_timeout: float = DEFAULT_HEALTH_TIMEOUT,
+        **options: Unpack[RepositoryOptions],
     ) -> SnapshotRepository[Any]:
         """A repository that owns an engine created from `url`; `close()` disposes it.
 
         `sqlite://` and `postgresql://` URLs are mapped to aiosqlite and asyncpg.
+        `settings` are the connection settings (timeouts, pool, SQLite pragmas).
 
         Raises:
             ConfigurationError: the URL is not SQLite or Postgres, or a setting is invalid.
         """
         engine = create_engine(url, settings)
         try:
-            return cls(
-                engine,
-                state_type,
-                max_payload_bytes=max_payload_bytes,
-                health_timeout=health_timeout,
-                _owns_engine=True,
-            )
+            repository = cls(engine, state_type, **options)
         except BaseException:
             # Nothing has connected yet, so dropping the engine's (empty) pool is enough.
             engine.sync_engine.dispose(close=False)
             raise
+        repository._owns_engine = True
+        return repository
 
     @property
     def engine(self) -> AsyncEngine:
@@ -173,7 +202,7 @@ class SnapshotRepository(Generic[StateT]):
         Raises:
             StorageError: the database failed or refused a migration.
         """
-        async with storage_errors("migrate"):
+        async with storage_errors("migrate"):  # no operation timeout: migrations may be slow
             await _migrate.upgrade(self._engine)
 
     async def upsert_latest(
@@ -181,6 +210,7 @@ class SnapshotRepository(Generic[StateT]):
         snapshot: Snapshot[StateT] | Snapshot[Any],
         *,
         expected_version: int | None = None,
+        idempotency_key: str | None = None,
     ) -> Snapshot[StateT]:
         """Store `snapshot` as the user's next version, in `latest` and `history` at once.
 
@@ -190,15 +220,23 @@ class SnapshotRepository(Generic[StateT]):
             expected_version: compare-and-set. None writes unconditionally;
                 0 writes only if the user has no snapshot yet; N writes only if
                 the latest version is N.
+            idempotency_key: the caller's id for this write (1 to 255
+                characters). If this user already has a version written with
+                the same key, nothing is written and that version is returned,
+                so a write whose outcome was unknown (a timeout, a connection
+                lost during commit) can be retried safely.
 
         Returns:
-            The stored snapshot, with the `version` and `created_at` assigned.
+            The stored snapshot, with the `version` and `created_at` assigned
+            (for a replayed key: the snapshot the first attempt stored).
 
         Raises:
-            SnapshotValidationError: bad user id, state or expected_version,
-                or a payload over the size limit. Nothing was written.
+            SnapshotValidationError: bad user id, state, expected_version or
+                idempotency key, or a payload over the size limit. Nothing was written.
             VersionConflictError: `expected_version` did not match. Nothing was written.
-            StorageError: the database failed; the write was rolled back whole.
+            StorageError: the database failed or the operation timed out; the
+                write was rolled back whole, or (after a timeout during commit)
+                its outcome is unknown: retry with the same idempotency key.
         """
         if not isinstance(snapshot, Snapshot):
             raise SnapshotValidationError(
@@ -207,27 +245,32 @@ class SnapshotRepository(Generic[StateT]):
         user_id = _valid_user_id(snapshot.user_id)
         if expected_version is not None:
             _check_int("expected_version", expected_version, minimum=0, maximum=_MAX_VERSION)
+        if idempotency_key is not None:
+            _valid_identifier("idempotency_key", idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
         state = self._codec.validate(snapshot.state, user_id)
-        payload = self._codec.encode(state, user_id)
-        created_at = datetime.now(UTC)
-        async with storage_errors("upsert_latest", user_id):
-            version = await self._write(
-                user_id=user_id,
-                schema_version=snapshot.schema_version,
-                payload=payload,
-                created_at=created_at,
-                expected_version=expected_version,
-            )
-            if version is None:
+        write = _Write(
+            user_id=user_id,
+            schema_version=snapshot.schema_version,
+            payload=self._codec.encode(state, user_id),
+            created_at=datetime.now(UTC),
+            expected_version=expected_version,
+            idempotency_key=idempotency_key,
+        )
+        async with self._guard("upsert_latest", user_id):
+            outcome = await self._write(write)
+            if outcome is None:
                 actual = await self._current_version(user_id)
-        if version is None:
+        if outcome is None:
             raise VersionConflictError(user_id, cast(int, expected_version), actual)
+        if isinstance(outcome, Row):
+            return self._to_snapshot(outcome)  # the earlier write with this idempotency key
         return self._snapshot_type.model_construct(
             user_id=user_id,
             state=state,
-            version=version,
-            created_at=created_at,
+            version=outcome,
+            created_at=write.created_at,
             schema_version=snapshot.schema_version,
+            idempotency_key=idempotency_key,
         )
 
     async def get_latest(self, user_id: str) -> Snapshot[StateT] | None:
@@ -236,30 +279,46 @@ class SnapshotRepository(Generic[StateT]):
         Raises:
             SnapshotValidationError: bad user id, or the stored state no
                 longer validates against the model.
-            StorageError: the database failed.
+            StorageError: the database failed or the operation timed out.
         """
         user_id = _valid_user_id(user_id)
-        async with storage_errors("get_latest", user_id), self._reads.connect() as conn:
-            row = (await conn.execute(latest_statement(), {"user_id": user_id})).one_or_none()
-        return None if row is None else self._to_snapshot(row)
+        async with self._guard("get_latest", user_id):
+            rows = await self._fetch(latest_statement(), {"user_id": user_id})
+        return self._to_snapshot(rows[0]) if rows else None
 
-    async def get_history(self, user_id: str, limit: int = 100) -> list[Snapshot[StateT]]:
+    async def get_history(
+        self, user_id: str, limit: int = 100, *, skip_invalid: bool = False
+    ) -> list[Snapshot[StateT]]:
         """The user's newest `limit` versions, newest first (empty if none).
 
         Costs O(limit) whatever the length of the history: a backward scan of
         the `(user_id, version)` primary key.
 
+        Args:
+            user_id: whose history.
+            limit: how many versions at most, 1 to 10,000.
+            skip_invalid: leave out (and log a warning for) stored states that
+                no longer validate against the model, instead of raising.
+
         Raises:
             SnapshotValidationError: bad user id, `limit` outside 1 to 10,000,
-                or a stored state that no longer validates.
-            StorageError: the database failed.
+                or (unless `skip_invalid`) a stored state that no longer validates.
+            StorageError: the database failed or the operation timed out.
         """
         user_id = _valid_user_id(user_id)
         _check_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
         params = {"user_id": user_id, "limit": limit}
-        async with storage_errors("get_history", user_id), self._reads.connect() as conn:
-            rows = (await conn.execute(history_statement(), params)).all()
-        return [self._to_snapshot(row) for row in rows]
+        async with self._guard("get_history", user_id):
+            rows = await self._fetch(history_statement(), params)
+        if not skip_invalid:
+            return [self._to_snapshot(row) for row in rows]
+        snapshots = []
+        for row in rows:
+            try:
+                snapshots.append(self._to_snapshot(row))
+            except SnapshotValidationError as exc:
+                logger.warning("snapshot_repo skipped a stored state: %s", exc)
+        return snapshots
 
     async def delete(self, user_id: str) -> int:
         """Erase the user's latest row and every history row, in one transaction.
@@ -274,27 +333,39 @@ class SnapshotRepository(Generic[StateT]):
             StorageError: the database failed; nothing was erased.
         """
         user_id = _valid_user_id(user_id)
-        lock, delete_history, delete_latest = delete_statements()
+        delete_latest, delete_history = delete_statements()
         params = {"user_id": user_id}
-        async with storage_errors("delete", user_id), self._write_transaction() as conn:
-            await conn.execute(lock, params)
-            erased = (await conn.execute(delete_history, params)).rowcount
-            await conn.execute(delete_latest, params)
+        async with self._guard("delete", user_id), self._write_transaction() as conn:
+            version = (await conn.execute(delete_latest, params)).scalar_one_or_none()
+            if version is None:
+                return 0
+            erased = (await conn.execute(delete_history, {**params, "version": version})).rowcount
         return int(erased)
 
-    async def health_check(self) -> bool:
-        """True when the database answers a query and its schema is at this package's head.
+    async def health(self) -> HealthReport:
+        """A readiness report: reachable, round-trip latency, schema revision vs. head.
 
-        Never raises and never waits longer than the repository's
-        `health_timeout` (seconds). Never creates anything: a missing SQLite
-        file is unhealthy, not created.
+        Never raises, never waits longer than `health_timeout` seconds, and
+        never creates anything (a missing SQLite file is reported, not created).
         """
-        try:
-            async with asyncio.timeout(self._health_timeout):
-                return await self._schema_is_current()
-        except Exception as exc:
-            logger.warning("snapshot_repo health check failed: %s", describe(exc))
-            return False
+        report = await probe(self._reads, self._health_timeout)
+        if not report.healthy:
+            logger.warning(
+                "snapshot_repo is not ready: reachable=%s, schema %s of %s%s",
+                report.reachable,
+                report.database_revision,
+                report.head_revision,
+                f" ({report.error})" if report.error else "",
+            )
+        return report
+
+    async def health_check(self) -> bool:
+        """True only when the database is reachable and migrated to this package's head.
+
+        Never raises, never waits longer than `health_timeout` seconds, and
+        never creates anything. See `health()` for the reasons.
+        """
+        return (await self.health()).healthy
 
     async def close(self) -> None:
         """Close the pooled connections of an engine this repository owns (from `from_url`).
@@ -302,7 +373,7 @@ class SnapshotRepository(Generic[StateT]):
         An engine passed to the constructor belongs to the caller and stays open.
         """
         if self._owns_engine:
-            await self._engine.dispose()
+            await _dispose_within(self._engine, _CLOSE_TIMEOUT)
 
     async def __aenter__(self) -> Self:
         return self
@@ -319,13 +390,63 @@ class SnapshotRepository(Generic[StateT]):
         url = self._engine.url.render_as_string(hide_password=True)
         return f"SnapshotRepository({url!r}, {self._codec.state_type!r})"
 
-    async def _write(self, **values: Any) -> int | None:
-        if self._dialect == "postgresql":
+    def _guard(self, operation: str, user_id: str | None) -> AbstractAsyncContextManager[None]:
+        """Error translation plus the per-operation timeout, around one public call."""
+        return storage_errors(operation, user_id, time_limit=self._operation_timeout)
+
+    async def _write(self, write: _Write) -> int | Row[Any] | None:
+        """The new version; the earlier row for a reused idempotency key; None on a CAS loss."""
+        if self._dialect == "sqlite":
+            async with self._write_transaction() as conn:
+                if write.idempotency_key is not None:
+                    # Under the write lock nothing can race this lookup.
+                    earlier = await self._find_keyed(conn, write)
+                    if earlier is not None:
+                        return earlier
+                return await write_snapshot(conn, self._dialect, **write.as_params())
+        try:
             # One autocommitted statement: the CTE writes latest and history atomically.
             async with self._reads.connect() as conn:
-                return await write_snapshot(conn, self._dialect, **values)
-        async with self._write_transaction() as conn:
-            return await write_snapshot(conn, self._dialect, **values)
+                version = await write_snapshot(conn, self._dialect, **write.as_params())
+        except IntegrityError:
+            # The unique (user_id, idempotency_key) index refused a replay; the
+            # statement wrote nothing. Any other integrity error is re-raised.
+            if write.idempotency_key is None:
+                raise
+            version = None
+        if version is not None or write.idempotency_key is None:
+            return version
+        async with self._reads.connect() as conn:
+            earlier = await self._find_keyed(conn, write)
+        if earlier is None and write.expected_version is None:
+            raise StorageError(  # the refusal was not the key: should be impossible
+                f"upsert_latest for user {redact(write.user_id)} was refused by an integrity "
+                "constraint other than the idempotency key"
+            )
+        return earlier
+
+    @staticmethod
+    async def _find_keyed(conn: AsyncConnection, write: _Write) -> Row[Any] | None:
+        params = {"user_id": write.user_id, "idempotency_key": write.idempotency_key}
+        result = await conn.execute(idempotent_write_statement(), params)
+        return cast(Row[Any] | None, result.one_or_none())
+
+    async def _fetch(self, statement: Executable, params: dict[str, Any]) -> list[Row[Any]]:
+        """Run a single-statement read; retry it once on a connection found dead.
+
+        A read is safe to repeat. The retry covers the first use of pooled
+        connections after a database restart: SQLAlchemy invalidates the
+        whole pool on the first disconnect, so the retry gets a new connection.
+        """
+        for attempt in (1, 2):
+            try:
+                async with self._reads.connect() as conn:
+                    return list((await conn.execute(statement, params)).all())
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+                logger.info("snapshot_repo retrying a read on a new connection: %s", describe(exc))
+        raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
@@ -334,24 +455,8 @@ class SnapshotRepository(Generic[StateT]):
             yield conn
 
     async def _current_version(self, user_id: str) -> int:
-        async with self._reads.connect() as conn:
-            version = (await conn.execute(version_statement(), {"user_id": user_id})).scalar()
-        return int(version or 0)
-
-    async def _schema_is_current(self) -> bool:
-        database = self._engine.url.database
-        on_disk = self._dialect == "sqlite" and database not in (None, "", ":memory:")
-        if on_disk and not await asyncio.to_thread(os.path.exists, str(database)):
-            logger.warning("snapshot_repo health check: SQLite file %s is missing", database)
-            return False
-        revision = await _migrate.current_revision(self._reads)
-        head = _migrate.head_revision()
-        if revision != head:
-            logger.warning(
-                "snapshot_repo health check: schema at %s, this package needs %s", revision, head
-            )
-            return False
-        return True
+        rows = await self._fetch(version_statement(), {"user_id": user_id})
+        return int(rows[0].version) if rows else 0
 
     def _to_snapshot(self, row: Row[Any]) -> Snapshot[StateT]:
         values = row._mapping
@@ -362,16 +467,64 @@ class SnapshotRepository(Generic[StateT]):
             version=values["version"],
             created_at=values["created_at"],
             schema_version=values["schema_version"],
+            idempotency_key=values["idempotency_key"],
         )
 
 
-def _valid_user_id(user_id: object) -> str:
-    if not isinstance(user_id, str):
-        raise SnapshotValidationError(f"user_id must be a string, not {type(user_id).__name__}")
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """One validated write, ready for the database."""
+
+    user_id: str
+    schema_version: int
+    payload: bytes
+    created_at: datetime
+    expected_version: int | None
+    idempotency_key: str | None
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "user_id": self.user_id,
+            "schema_version": self.schema_version,
+            "payload": self.payload,
+            "created_at": self.created_at,
+            "expected_version": self.expected_version,
+            "idempotency_key": self.idempotency_key,
+        }
+
+
+async def _dispose_within(engine: AsyncEngine, seconds: float) -> None:
+    """Close the engine's connections gracefully, or abandon them after `seconds`.
+
+    A graceful close waits for the server to acknowledge; a frozen server never
+    does. After the deadline the pool is dropped without waiting, so `close()`
+    always returns.
+    """
     try:
-        return check_user_id(user_id)
+        async with asyncio.timeout(seconds):
+            await engine.dispose()
+    except TimeoutError:
+        logger.warning("snapshot_repo: closing connections took over %g s; abandoned them", seconds)
+        await engine.dispose(close=False)
+
+
+def _valid_identifier(name: str, value: object, max_length: int) -> str:
+    if not isinstance(value, str):
+        raise SnapshotValidationError(f"{name} must be a string, not {type(value).__name__}")
+    try:
+        return check_identifier(name, value, max_length)
     except ValueError as exc:
         raise SnapshotValidationError(str(exc)) from None
+
+
+def _valid_user_id(user_id: object) -> str:
+    return _valid_identifier("user_id", user_id, MAX_USER_ID_LENGTH)
+
+
+def _positive(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
+    return float(value)
 
 
 def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> None:

@@ -14,31 +14,47 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .errors import redact
 
-__all__ = ["MAX_USER_ID_LENGTH", "Snapshot", "StateT", "UserId", "check_user_id"]
+__all__ = [
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "MAX_USER_ID_LENGTH",
+    "Snapshot",
+    "StateT",
+    "UserId",
+    "check_identifier",
+    "check_user_id",
+]
 
 MAX_USER_ID_LENGTH = 255
 """User ids are 1 to 255 characters: the `user_id` columns are VARCHAR(255)."""
 
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+"""Idempotency keys are 1 to 255 characters, with the same rules as user ids."""
+
 StateT = TypeVar("StateT")
 
 
-def check_user_id(value: str) -> str:
-    """Return `value` if it is a usable user id, else raise `ValueError` saying why.
+def check_identifier(name: str, value: str, max_length: int) -> str:
+    """Return `value` if it is a usable identifier, else raise `ValueError` saying why.
 
     Control characters and lone surrogates are refused because they cannot be
     logged, printed or (surrogates) encoded by either database driver.
     """
     if not value:
-        raise ValueError("user_id must not be empty")
-    if len(value) > MAX_USER_ID_LENGTH:
-        raise ValueError(f"user_id is {len(value)} characters long; at most {MAX_USER_ID_LENGTH}")
+        raise ValueError(f"{name} must not be empty")
+    if len(value) > max_length:
+        raise ValueError(f"{name} is {len(value)} characters long; at most {max_length}")
     for char in value:
         category = unicodedata.category(char)
         if category == "Cc":
-            raise ValueError(f"user_id contains the control character {char!r}")
+            raise ValueError(f"{name} contains the control character {char!r}")
         if category == "Cs":
-            raise ValueError("user_id contains a lone surrogate, which cannot be stored")
+            raise ValueError(f"{name} contains a lone surrogate, which cannot be stored")
     return value
+
+
+def check_user_id(value: str) -> str:
+    """Return `value` if it is a usable user id (1 to 255 characters, no control characters)."""
+    return check_identifier("user_id", value, MAX_USER_ID_LENGTH)
 
 
 UserId = Annotated[str, Field(strict=True), AfterValidator(check_user_id)]
@@ -62,6 +78,8 @@ class Snapshot(BaseModel, Generic[StateT]):
             UTC); None on a snapshot that has not been stored yet.
         schema_version: the version of the state's own schema, chosen by the
             application; stored as given.
+        idempotency_key: the key the write was made with, if any (set by the
+            repository on stored snapshots; pass the key to `upsert_latest`).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -71,6 +89,7 @@ class Snapshot(BaseModel, Generic[StateT]):
     version: Annotated[int, Field(ge=0)] = 0
     created_at: datetime | None = None
     schema_version: Annotated[int, Field(ge=1)] = 1
+    idempotency_key: str | None = None
 
     def __repr_args__(self) -> Any:
         # Reprs end up in logs and tracebacks: show the user id redacted and never the state.

@@ -6,6 +6,7 @@ Two tables with the same columns:
 - `snapshot_history`: one row per user and version (primary key
   `(user_id, version)`), which is also the index that makes "the newest N
   versions of a user" a backward range scan costing O(N) at any depth.
+  A unique index on `(user_id, idempotency_key)` makes keyed writes idempotent.
 
 Later capabilities (tenant, namespace, expiry, write metadata) add columns in
 new Alembic revisions; nothing here is created outside migrations.
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -30,7 +32,7 @@ from sqlalchemy import (
     TypeDecorator,
 )
 
-from .snapshot import MAX_USER_ID_LENGTH
+from .snapshot import MAX_IDEMPOTENCY_KEY_LENGTH, MAX_USER_ID_LENGTH
 
 __all__ = ["UTCDateTime", "history_table", "latest_table", "metadata"]
 
@@ -77,6 +79,9 @@ def _snapshot_columns() -> list[Column[Any]]:
         Column("schema_version", Integer, nullable=False),
         Column("payload", LargeBinary, nullable=False),
         Column("created_at", UTCDateTime, nullable=False),
+        # The caller's id for the action that wrote this version (seed 004's action id):
+        # retrying a write with the same key finds its history row instead of writing again.
+        Column("idempotency_key", String(MAX_IDEMPOTENCY_KEY_LENGTH), nullable=True),
     ]
 
 
@@ -92,4 +97,5 @@ history_table = Table(
     metadata,
     *_snapshot_columns(),
     PrimaryKeyConstraint("user_id", "version"),
+    Index("ux_snapshot_history_idempotency_key", "user_id", "idempotency_key", unique=True),
 )

@@ -161,6 +161,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 
 @pytest.fixture
+def postgres_url(migrated_postgres_url: str) -> str:
+    """A migrated, empty Postgres database, for tests about Postgres by nature."""
+    run_blocking(_admin(migrated_postgres_url, "TRUNCATE snapshot_latest, snapshot_history"))
+    return migrated_postgres_url
+
+
+@pytest.fixture
 async def repo(backend: Backend) -> AsyncIterator[sr.SnapshotRepository[Cart]]:
     """A repository of `Cart` states on the test's database."""
     async with sr.SnapshotRepository.from_url(backend.url, Cart) as repository:

@@ -258,15 +258,14 @@ async def test_delete_racing_writers_leaves_consistent_rows(repo: sr.SnapshotRep
     """Whatever interleaving, the user's history afterwards is 1..latest with no orphans."""
 
     async def writer() -> None:
-        for i in range(20):
+        for i in range(40):
             await repo.upsert_latest(snap("u1", str(i)))
 
     async def deleter() -> None:
-        for _ in range(5):
+        for _ in range(30):
             await repo.delete("u1")
-            await asyncio.sleep(0)
 
-    await asyncio.gather(writer(), writer(), deleter())
+    await asyncio.gather(writer(), writer(), writer(), deleter(), deleter())
     latest, history = await stored_rows(repo, "u1")
     assert history == list(range(1, latest + 1))
     after = await repo.upsert_latest(snap("u1", "after"))

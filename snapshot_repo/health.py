@@ -1,0 +1,84 @@
+"""Readiness: is the database reachable, how fast, and is its schema what this code needs.
+
+A liveness probe that only pings would call a database ready before its
+migrations ran; this report is only healthy when the schema revision in the
+database is the head revision this installed package ships.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from pydantic import BaseModel, ConfigDict, computed_field
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import migrate
+from ._translate import describe
+
+__all__ = ["HealthReport", "probe"]
+
+
+class HealthReport(BaseModel):
+    """What a readiness probe needs to know, JSON-serialisable (`model_dump_json()`).
+
+    Attributes:
+        reachable: the database answered a query within the timeout.
+        latency_ms: the round trip of that query, in milliseconds (None if unreachable).
+        database_revision: the schema revision recorded in the database (None
+            if never migrated or unreachable).
+        head_revision: the newest revision this installed package ships.
+        error: why the probe failed, one line (None when it did not).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    reachable: bool
+    latency_ms: float | None
+    database_revision: str | None
+    head_revision: str
+    error: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def healthy(self) -> bool:
+        """Reachable and migrated to exactly this package's head."""
+        return self.reachable and self.database_revision == self.head_revision
+
+
+async def probe(engine: AsyncEngine, time_limit: float) -> HealthReport:
+    """Measure one round trip and read the schema revision, within `time_limit` seconds.
+
+    Never raises (but for cancellation) and never creates anything: a
+    missing SQLite file is reported unreachable rather than created.
+    """
+    head = migrate.head_revision()
+    database = engine.url.database
+    on_disk = engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
+    if on_disk and not await asyncio.to_thread(os.path.exists, str(database)):
+        return HealthReport(
+            reachable=False,
+            latency_ms=None,
+            database_revision=None,
+            head_revision=head,
+            error=f"SQLite database file {database} does not exist",
+        )
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(time_limit):
+            revision = await migrate.current_revision(engine)
+    except TimeoutError:
+        error = f"no answer within {time_limit:g} s"
+    except Exception as exc:
+        error = describe(exc)
+    else:
+        return HealthReport(
+            reachable=True,
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            database_revision=revision,
+            head_revision=head,
+        )
+    return HealthReport(
+        reachable=False, latency_ms=None, database_revision=None, head_revision=head, error=error
+    )

@@ -1,0 +1,261 @@
+"""Idempotent retries, readiness reports, invalid stored states, timeouts and dead connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+
+import asyncpg
+import pytest
+
+import snapshot_repo as sr
+from snapshot_repo import migrate
+
+from .conftest import Backend, Cart, _plain_dsn
+from .test_repository import snap, stored_rows
+
+# --- idempotency keys ----------------------------------------------------------
+
+
+async def test_same_key_twice_writes_once_and_returns_the_first_version(
+    repo: sr.SnapshotRepository[Cart],
+):
+    first = await repo.upsert_latest(snap("u1", "a"), idempotency_key="order-17")
+    again = await repo.upsert_latest(snap("u1", "a"), idempotency_key="order-17")
+    assert first.version == again.version == 1
+    assert again == first
+    assert await stored_rows(repo, "u1") == (1, [1])
+
+
+async def test_replay_returns_the_original_even_with_a_different_state(
+    repo: sr.SnapshotRepository[Cart],
+):
+    first = await repo.upsert_latest(snap("u1", "original"), idempotency_key="k")
+    await repo.upsert_latest(snap("u1", "later"))
+    replay = await repo.upsert_latest(snap("u1", "changed"), idempotency_key="k")
+    assert replay == first
+    assert replay.state.items == ["original"]
+    assert await stored_rows(repo, "u1") == (2, [1, 2])
+
+
+async def test_different_keys_write_new_versions(repo: sr.SnapshotRepository[Cart]):
+    versions = [
+        (await repo.upsert_latest(snap("u1", str(n)), idempotency_key=f"k{n}")).version
+        for n in range(3)
+    ]
+    assert versions == [1, 2, 3]
+
+
+async def test_keys_are_per_user(repo: sr.SnapshotRepository[Cart]):
+    a = await repo.upsert_latest(snap("alice", "x"), idempotency_key="same")
+    b = await repo.upsert_latest(snap("bob", "y"), idempotency_key="same")
+    assert (a.user_id, a.version, b.user_id, b.version) == ("alice", 1, "bob", 1)
+
+
+async def test_history_and_latest_expose_the_key(repo: sr.SnapshotRepository[Cart]):
+    await repo.upsert_latest(snap("u1", "a"), idempotency_key="first")
+    await repo.upsert_latest(snap("u1", "b"))
+    await repo.upsert_latest(snap("u1", "c"), idempotency_key="third")
+    history = await repo.get_history("u1")
+    assert [s.idempotency_key for s in history] == ["third", None, "first"]
+    latest = await repo.get_latest("u1")
+    assert latest == history[0]
+
+
+async def test_concurrent_duplicates_with_one_key_write_once(repo: sr.SnapshotRepository[Cart]):
+    await repo.upsert_latest(snap("u1", "base"))
+    results = await asyncio.gather(
+        *(repo.upsert_latest(snap("u1", f"try{n}"), idempotency_key="pay-1") for n in range(10))
+    )
+    assert {r.version for r in results} == {2}
+    assert len({r.state.items[0] for r in results}) == 1  # all see the one stored state
+    assert await stored_rows(repo, "u1") == (2, [1, 2])
+
+
+async def test_replay_wins_over_a_stale_expected_version(repo: sr.SnapshotRepository[Cart]):
+    """A retried compare-and-set whose first attempt succeeded is not a conflict."""
+    await repo.upsert_latest(snap("u1", "a"))
+    first = await repo.upsert_latest(snap("u1", "b"), expected_version=1, idempotency_key="cas")
+    retry = await repo.upsert_latest(snap("u1", "b"), expected_version=1, idempotency_key="cas")
+    assert retry == first
+    with pytest.raises(sr.VersionConflictError):
+        await repo.upsert_latest(snap("u1", "c"), expected_version=1, idempotency_key="other")
+    assert await stored_rows(repo, "u1") == (2, [1, 2])
+
+
+async def test_deleted_user_can_reuse_a_key(repo: sr.SnapshotRepository[Cart]):
+    await repo.upsert_latest(snap("u1", "a"), idempotency_key="k")
+    await repo.delete("u1")
+    again = await repo.upsert_latest(snap("u1", "b"), idempotency_key="k")
+    assert (again.version, again.state.items) == (1, ["b"])
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256, "tab\t", 7, b"k"])
+async def test_bad_idempotency_keys_are_refused(repo: sr.SnapshotRepository[Cart], key):
+    with pytest.raises(sr.SnapshotValidationError, match="idempotency_key"):
+        await repo.upsert_latest(snap("u1", "a"), idempotency_key=key)
+    assert await repo.get_latest("u1") is None
+
+
+# --- readiness -----------------------------------------------------------------
+
+
+async def test_health_report_of_a_ready_database(repo: sr.SnapshotRepository[Cart]):
+    report = await repo.health()
+    assert report.reachable is True
+    assert report.healthy is True
+    assert report.latency_ms is not None
+    assert 0 < report.latency_ms < 3000
+    assert report.database_revision == report.head_revision == migrate.head_revision()
+    assert report.error is None
+    assert '"healthy":true' in report.model_dump_json()
+
+
+async def test_health_report_of_an_unmigrated_database(backend: Backend):
+    url = backend.fresh_url()
+    if backend.name == "sqlite":  # an existing SQLite file without our tables
+        path = url.removeprefix("sqlite+aiosqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("CREATE TABLE unrelated (x INTEGER)")
+    async with sr.SnapshotRepository.from_url(url) as repo:
+        report = await repo.health()
+        assert report.reachable is True
+        assert report.database_revision is None
+        assert report.healthy is False
+        assert await repo.health_check() is False
+
+
+async def test_health_report_of_a_missing_sqlite_file(tmp_path):
+    path = tmp_path / "absent.db"
+    async with sr.SnapshotRepository.from_url(f"sqlite:///{path}") as repo:
+        report = await repo.health()
+    assert (report.reachable, report.healthy) == (False, False)
+    assert report.error is not None
+    assert "does not exist" in report.error
+    assert not path.exists()
+
+
+async def test_health_report_of_an_older_schema(backend: Backend):
+    engine = sr.create_engine(backend.fresh_url())
+    try:
+        await migrate.upgrade(engine, "0001")
+        async with sr.SnapshotRepository(engine) as repo:
+            report = await repo.health()
+        assert report.reachable is True
+        assert report.database_revision == "0001"
+        assert report.healthy is False
+    finally:
+        await engine.dispose()
+
+
+# --- stored states that no longer validate --------------------------------------
+
+
+async def test_skip_invalid_leaves_out_bad_rows_and_logs_them(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+):
+    async with sr.SnapshotRepository.from_url(backend.url) as old_code:
+        await old_code.upsert_latest(sr.Snapshot(user_id="u1", state={"items": "not a list"}))
+        await old_code.upsert_latest(sr.Snapshot(user_id="u1", state={"items": ["fine"]}))
+    async with sr.SnapshotRepository.from_url(backend.url, Cart) as repo:
+        with pytest.raises(sr.SnapshotValidationError, match="version 1"):
+            await repo.get_history("u1")
+        with caplog.at_level(logging.WARNING, logger="snapshot_repo"):
+            history = await repo.get_history("u1", skip_invalid=True)
+    assert [(s.version, s.state.items) for s in history] == [(2, ["fine"])]
+    assert any("version 1" in r.getMessage() for r in caplog.records)
+    assert not any("not a list" in r.getMessage() for r in caplog.records)
+
+
+# --- timeouts and dead connections ---------------------------------------------
+
+
+async def test_operation_timeout_bounds_a_call_to_a_stalled_server():
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def accept_and_stall(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        stalled.append(writer)
+
+    server = await asyncio.start_server(accept_and_stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        repo = sr.SnapshotRepository.from_url(
+            f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x",
+            settings=sr.EngineSettings(connect_timeout=60),
+            operation_timeout=0.5,
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(
+            sr.StorageError, match=r"get_latest for user u1\.\.\. timed out after 0.5 s"
+        ):
+            await repo.get_latest("u1")
+        assert loop.time() - started < 1.5
+        started = loop.time()
+        await repo.close()
+        assert loop.time() - started < 6
+    finally:
+        for writer in stalled:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_timeouts_must_be_positive():
+    for bad in (0, -1, "1", True):
+        with pytest.raises(sr.ConfigurationError):
+            sr.SnapshotRepository.from_url("sqlite:///x.db", operation_timeout=bad)
+        with pytest.raises(sr.ConfigurationError):
+            sr.SnapshotRepository.from_url("sqlite:///x.db", health_timeout=bad)
+
+
+async def test_read_retries_once_on_a_connection_killed_under_the_pool(postgres_url: str):
+    """Postgres by nature: a server process killed under a pooled connection."""
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        await repo.upsert_latest(snap("u1", "a"))
+        async with repo.engine.connect() as conn:
+            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+        admin = await asyncpg.connect(_plain_dsn(postgres_url))
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+        finally:
+            await admin.close()
+        for _ in range(20):  # the dead connection is replaced, never handed out again
+            latest = await repo.get_latest("u1")
+            assert latest is not None
+            assert latest.version == 1
+        assert (await repo.upsert_latest(snap("u1", "b"))).version == 2
+
+
+async def test_upgrade_from_the_first_revision_keeps_rows(backend: Backend):
+    engine = sr.create_engine(backend.fresh_url())
+    try:
+        await migrate.upgrade(engine, "0001")
+        async with engine.begin() as conn:
+            for version in (1, 2):
+                await conn.exec_driver_sql(
+                    "INSERT INTO snapshot_history (user_id, version, schema_version, payload, "
+                    f"created_at) VALUES ('old', {version}, 1, "
+                    + (
+                        "X'7b226974656d73223a5b5d7d'"
+                        if backend.name == "sqlite"
+                        else "'\\x7b226974656d73223a5b5d7d'::bytea"
+                    )
+                    + ", CURRENT_TIMESTAMP)"
+                )
+            await conn.exec_driver_sql(
+                "INSERT INTO snapshot_latest SELECT * FROM snapshot_history WHERE version = 2"
+            )
+        async with sr.SnapshotRepository(engine, Cart) as repo:
+            await repo.migrate()
+            assert await repo.health_check() is True
+            history = await repo.get_history("old")
+            assert [(s.version, s.state, s.idempotency_key) for s in history] == [
+                (2, Cart(), None),
+                (1, Cart(), None),
+            ]
+            assert (await repo.upsert_latest(snap("old", "new"), idempotency_key="k")).version == 3
+    finally:
+        await engine.dispose()
