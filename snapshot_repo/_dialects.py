@@ -15,13 +15,12 @@ not from a read-then-write in Python:
   `BEGIN IMMEDIATE` transaction (SQLite cannot put DML in a CTE); the write
   lock orders writers.
 
-Statements are built once per shape and reused, so SQLAlchemy compiles each
-only once (its compiled cache is keyed by the statement's structure).
+The statements are SQLAlchemy Core, built once per shape; `_driver`
+compiles each once per dialect and runs it on the driver's connection.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
 from functools import cache
 from typing import Any, Literal
 
@@ -37,34 +36,33 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.dml import ReturningDelete
 
 from .tables import history_table, latest_table
 
 __all__ = [
+    "ROW_COLUMNS",
     "DialectName",
+    "WriteMode",
     "delete_statements",
     "history_statement",
     "idempotent_write_statement",
     "latest_statement",
+    "postgres_write_statement",
+    "sqlite_write_statements",
     "version_statement",
-    "write_snapshot",
+    "write_mode",
 ]
 
 DialectName = Literal["postgresql", "sqlite"]
-_ROW = ("user_id", "version", "schema_version", "payload", "created_at", "idempotency_key")
-_WriteMode = Literal["upsert", "create", "replace"]
-
-
-def _mode(expected_version: int | None) -> _WriteMode:
-    if expected_version is None:
-        return "upsert"
-    return "create" if expected_version == 0 else "replace"
+ROW_COLUMNS = ("user_id", "version", "schema_version", "payload", "created_at", "idempotency_key")
+"""The columns every row-returning statement here returns, in this order."""
+_ROW = ROW_COLUMNS
+WriteMode = Literal["upsert", "create", "replace"]
 
 
 @cache
-def _latest_write(dialect: DialectName, mode: _WriteMode) -> Insert | Update:
+def _latest_write(dialect: DialectName, mode: WriteMode) -> Insert | Update:
     """The statement that writes `snapshot_latest` and returns the row it wrote."""
     returning = [latest_table.c[name] for name in _ROW]
     if mode == "replace":
@@ -107,7 +105,7 @@ def _latest_write(dialect: DialectName, mode: _WriteMode) -> Insert | Update:
 
 
 @cache
-def _postgres_write(mode: _WriteMode) -> Insert:
+def _postgres_write(mode: WriteMode) -> Insert:
     """Latest write and history append in one statement (a data-modifying CTE)."""
     written = _latest_write("postgresql", mode).cte("written")
     return (
@@ -122,43 +120,23 @@ def _history_append() -> Insert:
     return insert(history_table).values({name: bindparam(name) for name in _ROW})
 
 
-async def write_snapshot(
-    conn: AsyncConnection,
-    dialect: DialectName,
-    *,
-    user_id: str,
-    schema_version: int,
-    payload: bytes,
-    created_at: datetime,
-    expected_version: int | None,
-    idempotency_key: str | None,
-) -> int | None:
-    """Write one snapshot on `conn`; return its new version, or None if the compare-and-set lost.
+def write_mode(expected_version: int | None) -> WriteMode:
+    """Which statement a write needs: plain upsert, create-only, or replace-if-version."""
+    if expected_version is None:
+        return "upsert"
+    return "create" if expected_version == 0 else "replace"
 
-    On Postgres this is a single autocommittable statement; a reused
-    idempotency key makes it fail with an IntegrityError and write nothing.
-    On SQLite the caller must hold a write transaction (`BEGIN IMMEDIATE`),
-    must have looked the key up first, and commits.
-    """
-    # Named apart from the columns: SQLAlchemy reserves column names for implicit parameters.
-    params: dict[str, Any] = {
-        "w_user_id": user_id,
-        "w_schema_version": schema_version,
-        "w_payload": payload,
-        "w_created_at": created_at,
-        "w_idempotency_key": idempotency_key,
-    }
-    mode = _mode(expected_version)
-    if mode == "replace":
-        params["expected_version"] = expected_version
-    if dialect == "postgresql":
-        result = await conn.execute(_postgres_write(mode), params)
-        return result.scalar_one_or_none()
-    row = (await conn.execute(_latest_write(dialect, mode), params)).one_or_none()
-    if row is None:
-        return None
-    await conn.execute(_history_append(), dict(row._mapping))
-    return int(row.version)
+
+@cache
+def postgres_write_statement(mode: WriteMode) -> Insert:
+    """Postgres: latest write and history append in one statement, returning the new version."""
+    return _postgres_write(mode)
+
+
+@cache
+def sqlite_write_statements(mode: WriteMode) -> tuple[Insert | Update, Insert]:
+    """SQLite: the latest write (returning its row) and the history append, for one transaction."""
+    return _latest_write("sqlite", mode), _history_append()
 
 
 @cache

@@ -126,6 +126,11 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
             pool_size=settings.pool_size,
             max_overflow=settings.max_overflow,
             pool_timeout=settings.pool_timeout,
+            # Connections run in autocommit mode and every transaction here ends
+            # itself (SQLAlchemy's Connection rolls back on close; the driver path
+            # commits or rolls back in the same call), so the pool's reset-on-return
+            # ROLLBACK would only cost a thread hop per operation.
+            pool_reset_on_return=None,
         )
     engine = create_async_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":

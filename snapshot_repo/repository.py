@@ -15,43 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Generic, Self, TypedDict, Unpack, cast, overload
+from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack, cast, overload
 
-from sqlalchemy import Executable, Row
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import migrate as _migrate
-from ._dialects import (
-    DialectName,
-    delete_statements,
-    history_statement,
-    idempotent_write_statement,
-    latest_statement,
-    version_statement,
-    write_snapshot,
-)
+from ._dialects import DialectName
+from ._driver import PendingWrite, Row, is_retryable, operations_for
 from ._translate import describe, storage_errors
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, JsonObject, StateCodec
-from .engine import (
-    READ_ONLY,
-    WRITE_TRANSACTION,
-    EngineSettings,
-    create_engine,
-    install_sqlite_settings,
-)
+from .engine import EngineSettings, create_engine, install_sqlite_settings
 from .errors import (
     ConfigurationError,
     SnapshotValidationError,
-    StorageError,
     VersionConflictError,
-    redact,
 )
 from .health import HealthReport, probe
 from .snapshot import (
@@ -73,6 +55,7 @@ _CLOSE_TIMEOUT = 5.0
 _MAX_VERSION = 2**63 - 1  # the BIGINT version column
 
 logger = logging.getLogger("snapshot_repo")
+_ResultT = TypeVar("_ResultT")
 
 
 class RepositoryOptions(TypedDict, total=False):
@@ -129,15 +112,9 @@ class SnapshotRepository(Generic[StateT]):
         self._operation_timeout = (
             None if operation_timeout is None else _positive("operation_timeout", operation_timeout)
         )
-        self._sqlite_write_lock = asyncio.Lock()
         if self._dialect == "sqlite":
             install_sqlite_settings(engine, EngineSettings())
-            self._reads = engine.execution_options(**{READ_ONLY: True})
-            self._writes = engine.execution_options(**{WRITE_TRANSACTION: True})
-        else:
-            # Single statements need no BEGIN/COMMIT round trips around them.
-            self._reads = engine.execution_options(isolation_level="AUTOCOMMIT")
-            self._writes = engine
+        self._ops = operations_for(engine)
 
     @overload
     @classmethod
@@ -248,7 +225,7 @@ class SnapshotRepository(Generic[StateT]):
         if idempotency_key is not None:
             _valid_identifier("idempotency_key", idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
         state = self._codec.validate(snapshot.state, user_id)
-        write = _Write(
+        write = PendingWrite(
             user_id=user_id,
             schema_version=snapshot.schema_version,
             payload=self._codec.encode(state, user_id),
@@ -257,12 +234,12 @@ class SnapshotRepository(Generic[StateT]):
             idempotency_key=idempotency_key,
         )
         async with self._guard("upsert_latest", user_id):
-            outcome = await self._write(write)
+            outcome = await self._ops.write(write)
             if outcome is None:
-                actual = await self._current_version(user_id)
+                actual = await self._ops.current_version(user_id)
         if outcome is None:
             raise VersionConflictError(user_id, cast(int, expected_version), actual)
-        if isinstance(outcome, Row):
+        if isinstance(outcome, tuple):
             return self._to_snapshot(outcome)  # the earlier write with this idempotency key
         return self._snapshot_type.model_construct(
             user_id=user_id,
@@ -283,8 +260,8 @@ class SnapshotRepository(Generic[StateT]):
         """
         user_id = _valid_user_id(user_id)
         async with self._guard("get_latest", user_id):
-            rows = await self._fetch(latest_statement(), {"user_id": user_id})
-        return self._to_snapshot(rows[0]) if rows else None
+            row = await self._read(self._ops.latest, user_id)
+        return None if row is None else self._to_snapshot(row)
 
     async def get_history(
         self, user_id: str, limit: int = 100, *, skip_invalid: bool = False
@@ -307,9 +284,8 @@ class SnapshotRepository(Generic[StateT]):
         """
         user_id = _valid_user_id(user_id)
         _check_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
-        params = {"user_id": user_id, "limit": limit}
         async with self._guard("get_history", user_id):
-            rows = await self._fetch(history_statement(), params)
+            rows = await self._read(self._ops.history, user_id, limit)
         if not skip_invalid:
             return [self._to_snapshot(row) for row in rows]
         snapshots = []
@@ -333,14 +309,8 @@ class SnapshotRepository(Generic[StateT]):
             StorageError: the database failed; nothing was erased.
         """
         user_id = _valid_user_id(user_id)
-        delete_latest, delete_history = delete_statements()
-        params = {"user_id": user_id}
-        async with self._guard("delete", user_id), self._write_transaction() as conn:
-            version = (await conn.execute(delete_latest, params)).scalar_one_or_none()
-            if version is None:
-                return 0
-            erased = (await conn.execute(delete_history, {**params, "version": version})).rowcount
-        return int(erased)
+        async with self._guard("delete", user_id):
+            return await self._ops.delete(user_id)
 
     async def health(self) -> HealthReport:
         """A readiness report: reachable, round-trip latency, schema revision vs. head.
@@ -348,7 +318,7 @@ class SnapshotRepository(Generic[StateT]):
         Never raises, never waits longer than `health_timeout` seconds, and
         never creates anything (a missing SQLite file is reported, not created).
         """
-        report = await probe(self._reads, self._health_timeout)
+        report = await probe(self._engine, self._health_timeout)
         if not report.healthy:
             logger.warning(
                 "snapshot_repo is not ready: reachable=%s, schema %s of %s%s",
@@ -394,103 +364,31 @@ class SnapshotRepository(Generic[StateT]):
         """Error translation plus the per-operation timeout, around one public call."""
         return storage_errors(operation, user_id, time_limit=self._operation_timeout)
 
-    async def _write(self, write: _Write) -> int | Row[Any] | None:
-        """The new version; the earlier row for a reused idempotency key; None on a CAS loss."""
-        if self._dialect == "sqlite":
-            async with self._write_transaction() as conn:
-                if write.idempotency_key is not None:
-                    # Under the write lock nothing can race this lookup.
-                    earlier = await self._find_keyed(conn, write)
-                    if earlier is not None:
-                        return earlier
-                return await write_snapshot(conn, self._dialect, **write.as_params())
-        try:
-            # One autocommitted statement: the CTE writes latest and history atomically.
-            async with self._reads.connect() as conn:
-                version = await write_snapshot(conn, self._dialect, **write.as_params())
-        except IntegrityError:
-            # The unique (user_id, idempotency_key) index refused a replay; the
-            # statement wrote nothing. Any other integrity error is re-raised.
-            if write.idempotency_key is None:
-                raise
-            version = None
-        if version is not None or write.idempotency_key is None:
-            return version
-        async with self._reads.connect() as conn:
-            earlier = await self._find_keyed(conn, write)
-        if earlier is None and write.expected_version is None:
-            raise StorageError(  # the refusal was not the key: should be impossible
-                f"upsert_latest for user {redact(write.user_id)} was refused by an integrity "
-                "constraint other than the idempotency key"
-            )
-        return earlier
+    async def _read(self, fetch: Callable[..., Awaitable[_ResultT]], *args: Any) -> _ResultT:
+        """Run a read; repeat it once if the connection turned out to be dead.
 
-    @staticmethod
-    async def _find_keyed(conn: AsyncConnection, write: _Write) -> Row[Any] | None:
-        params = {"user_id": write.user_id, "idempotency_key": write.idempotency_key}
-        result = await conn.execute(idempotent_write_statement(), params)
-        return cast(Row[Any] | None, result.one_or_none())
-
-    async def _fetch(self, statement: Executable, params: dict[str, Any]) -> list[Row[Any]]:
-        """Run a single-statement read; retry it once on a connection found dead.
-
-        A read is safe to repeat. The retry covers the first use of pooled
-        connections after a database restart: SQLAlchemy invalidates the
-        whole pool on the first disconnect, so the retry gets a new connection.
+        A read is safe to repeat. This covers the first use of pooled
+        connections after a database restart: the failed connection's whole
+        pool generation is invalidated, so the repeat gets a fresh one.
         """
-        for attempt in (1, 2):
-            try:
-                async with self._reads.connect() as conn:
-                    return list((await conn.execute(statement, params)).all())
-            except DBAPIError as exc:
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
-                logger.info("snapshot_repo retrying a read on a new connection: %s", describe(exc))
-        raise AssertionError("unreachable")
+        try:
+            return await fetch(*args)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            logger.info("snapshot_repo repeating a read on a new connection: %s", describe(exc))
+        return await fetch(*args)
 
-    @asynccontextmanager
-    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
-        lock = self._sqlite_write_lock if self._dialect == "sqlite" else nullcontext()
-        async with lock, self._writes.begin() as conn:
-            yield conn
-
-    async def _current_version(self, user_id: str) -> int:
-        rows = await self._fetch(version_statement(), {"user_id": user_id})
-        return int(rows[0].version) if rows else 0
-
-    def _to_snapshot(self, row: Row[Any]) -> Snapshot[StateT]:
-        values = row._mapping
-        state = self._codec.decode(values["payload"], values["user_id"], values["version"])
+    def _to_snapshot(self, row: Row) -> Snapshot[StateT]:
+        user_id, version, schema_version, payload, created_at, idempotency_key = row
         return self._snapshot_type.model_construct(
-            user_id=values["user_id"],
-            state=state,
-            version=values["version"],
-            created_at=values["created_at"],
-            schema_version=values["schema_version"],
-            idempotency_key=values["idempotency_key"],
+            user_id=user_id,
+            state=self._codec.decode(payload, user_id, version),
+            version=version,
+            created_at=created_at,
+            schema_version=schema_version,
+            idempotency_key=idempotency_key,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class _Write:
-    """One validated write, ready for the database."""
-
-    user_id: str
-    schema_version: int
-    payload: bytes
-    created_at: datetime
-    expected_version: int | None
-    idempotency_key: str | None
-
-    def as_params(self) -> dict[str, Any]:
-        return {
-            "user_id": self.user_id,
-            "schema_version": self.schema_version,
-            "payload": self.payload,
-            "created_at": self.created_at,
-            "expected_version": self.expected_version,
-            "idempotency_key": self.idempotency_key,
-        }
 
 
 async def _dispose_within(engine: AsyncEngine, seconds: float) -> None:
