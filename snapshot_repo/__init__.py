@@ -10,15 +10,19 @@ from .errors import (
     StorageError,
     VersionConflictError,
 )
-from .repository import MAX_HISTORY_LIMIT, SnapshotRepository
+from .health import HealthReport
+from .repository import MAX_BATCH_SIZE, MAX_HISTORY_LIMIT, RepositoryOptions, SnapshotRepository
 from .snapshot import Snapshot
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MAX_BATCH_SIZE",
     "MAX_HISTORY_LIMIT",
     "ConfigurationError",
     "EngineSettings",
+    "HealthReport",
     "JsonObject",
+    "RepositoryOptions",
     "SchemaNotReadyError",
     "Snapshot",
     "SnapshotRepoError",

@@ -27,12 +27,19 @@ from typing import Any, Literal
 from sqlalchemy import (
     Delete,
     Insert,
+    Integer,
+    LargeBinary,
     Select,
+    String,
+    TextClause,
     Update,
+    any_,
     bindparam,
     delete,
+    func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -47,7 +54,9 @@ __all__ = [
     "delete_statements",
     "history_statement",
     "idempotent_write_statement",
+    "latest_many_statement",
     "latest_statement",
+    "postgres_bulk_write_statement",
     "postgres_write_statement",
     "sqlite_write_statements",
     "version_statement",
@@ -196,3 +205,69 @@ def delete_statements() -> tuple[ReturningDelete[Any], Delete]:
         history_table.c.version <= bindparam("version"),
     )
     return latest, history
+
+
+@cache
+def postgres_bulk_write_statement() -> TextClause:
+    """Postgres: a whole batch of writes in one statement, gapless even for repeated users.
+
+    The batch arrives as parallel arrays. Each user's rows are numbered in
+    input order (`rn` of `n`); the user's latest row is upserted once with
+    `version + n` (its last state), in user order so that concurrent batches
+    lock rows in the same order; history gets `final - n + rn` for each row.
+    """
+    columns = ", ".join(ROW_COLUMNS)
+    return text(
+        f"""
+        WITH batch AS (
+            SELECT b.ord, b.user_id, b.schema_version, b.payload,
+                   row_number() OVER (PARTITION BY b.user_id ORDER BY b.ord) AS rn,
+                   count(*) OVER (PARTITION BY b.user_id) AS n
+            FROM unnest(
+                CAST(:ords AS INTEGER[]), CAST(:user_ids AS VARCHAR[]),
+                CAST(:schema_versions AS INTEGER[]), CAST(:payloads AS BYTEA[])
+            ) AS b(ord, user_id, schema_version, payload)
+        ),
+        written AS (
+            INSERT INTO snapshot_latest ({columns})
+            SELECT user_id, n, schema_version, payload, CAST(:created_at AS TIMESTAMPTZ), NULL
+            FROM batch WHERE rn = n
+            ORDER BY user_id
+            ON CONFLICT (user_id) DO UPDATE SET
+                version = snapshot_latest.version + excluded.version,
+                schema_version = excluded.schema_version,
+                payload = excluded.payload,
+                created_at = excluded.created_at,
+                idempotency_key = NULL
+            RETURNING user_id, version
+        )
+        INSERT INTO snapshot_history ({columns})
+        SELECT batch.user_id, written.version - batch.n + batch.rn, batch.schema_version,
+               batch.payload, CAST(:created_at AS TIMESTAMPTZ), NULL
+        FROM batch JOIN written USING (user_id)
+        RETURNING user_id, version
+        """
+    ).bindparams(
+        bindparam("ords", type_=postgresql.ARRAY(Integer)),
+        bindparam("user_ids", type_=postgresql.ARRAY(String)),
+        bindparam("schema_versions", type_=postgresql.ARRAY(Integer)),
+        bindparam("payloads", type_=postgresql.ARRAY(LargeBinary)),
+        bindparam("created_at", type_=latest_table.c.created_at.type),
+    )
+
+
+@cache
+def latest_many_statement(dialect: DialectName) -> Select[Any]:
+    """The latest rows of many users in one statement, the ids bound as one array.
+
+    One parameter whatever the batch size: a Postgres array, or on SQLite a
+    JSON array expanded by `json_each` (no limit on the number of variables).
+    """
+    if dialect == "postgresql":
+        wanted = latest_table.c.user_id == any_(
+            bindparam("user_ids", type_=postgresql.ARRAY(String))
+        )
+    else:
+        ids = func.json_each(bindparam("user_ids_json", type_=String)).table_valued("value")
+        wanted = latest_table.c.user_id.in_(select(ids.c.value))
+    return select(*(latest_table.c[name] for name in ROW_COLUMNS)).where(wanted)

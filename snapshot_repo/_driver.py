@@ -25,6 +25,7 @@ Only the execution is the driver's:
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -42,7 +43,9 @@ from ._dialects import (
     delete_statements,
     history_statement,
     idempotent_write_statement,
+    latest_many_statement,
     latest_statement,
+    postgres_bulk_write_statement,
     postgres_write_statement,
     sqlite_write_statements,
     version_statement,
@@ -93,6 +96,8 @@ class Operations(Protocol):
     async def history(self, user_id: str, limit: int) -> list[Row]: ...
     async def current_version(self, user_id: str) -> int: ...
     async def delete(self, user_id: str) -> int: ...
+    async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]: ...
+    async def latest_many(self, user_ids: Sequence[str]) -> list[Row]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +221,26 @@ class _PostgresOperations:
         delete_latest, delete_history = delete_statements()
         self._delete_latest = _compile(delete_latest, dialect)
         self._delete_history = _compile(delete_history, dialect)
+        self._write_many = _compile(postgres_bulk_write_statement(), dialect)
+        self._latest_many = _compile(latest_many_statement("postgresql"), dialect)
+
+    async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
+        params = {
+            "ords": list(range(len(writes))),
+            "user_ids": [w.user_id for w in writes],
+            "schema_versions": [w.schema_version for w in writes],
+            "payloads": [w.payload for w in writes],
+            "created_at": writes[0].created_at,
+        }
+        async with _checkout(self._engine) as conn:
+            rows = await conn.fetch(self._write_many.sql, *self._write_many.args(params))
+        return _versions_in_input_order(writes, rows)
+
+    async def latest_many(self, user_ids: Sequence[str]) -> list[Row]:
+        args = self._latest_many.args({"user_ids": list(user_ids)})
+        async with _checkout(self._engine) as conn:
+            rows = await conn.fetch(self._latest_many.sql, *args)
+        return [self._decode(raw) for raw in rows]
 
     async def write(self, write: PendingWrite) -> WriteOutcome:
         statement = self._writes[write_mode(write.expected_version)]
@@ -264,6 +289,23 @@ class _PostgresOperations:
         return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
 
 
+def _versions_in_input_order(writes: Sequence[PendingWrite], rows: Sequence[Any]) -> list[int]:
+    """Give each write its version: a user's versions, ascending, in the order of its writes."""
+    by_user: dict[str, list[int]] = {}
+    for user_id, version in rows:
+        by_user.setdefault(user_id, []).append(int(version))
+    for versions in by_user.values():
+        versions.sort(reverse=True)
+    return [by_user[write.user_id].pop() for write in writes]
+
+
+def _append_history(conn: sqlite3.Connection, history_append: _Compiled, written: Any) -> int:
+    """Append the row the latest write returned to history, exactly as stored; its version."""
+    stored = dict(zip(ROW_COLUMNS, written, strict=True))
+    conn.execute(history_append.sql, tuple(stored[name] for name in history_append.names))
+    return int(stored["version"])
+
+
 class _SqliteOperations:
     """aiosqlite: every operation is one function on the connection's thread.
 
@@ -288,6 +330,23 @@ class _SqliteOperations:
         delete_latest, delete_history = delete_statements()
         self._delete_latest = _compile(delete_latest, dialect)
         self._delete_history = _compile(delete_history, dialect)
+        self._latest_many = _compile(latest_many_statement("sqlite"), dialect)
+
+    async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
+        latest_write, history_append = self._writes["upsert"]
+
+        def run(conn: sqlite3.Connection) -> list[int]:
+            versions = []
+            for write in writes:
+                written = conn.execute(latest_write.sql, latest_write.args(write.params()))
+                versions.append(_append_history(conn, history_append, written.fetchone()))
+            return versions
+
+        return await self._in_write_transaction(run)
+
+    async def latest_many(self, user_ids: Sequence[str]) -> list[Row]:
+        rows = await self._fetch(self._latest_many, {"user_ids_json": json.dumps(list(user_ids))})
+        return [self._decode(raw) for raw in rows]
 
     async def write(self, write: PendingWrite) -> WriteOutcome:
         latest_write, history_append = self._writes[write_mode(write.expected_version)]
@@ -303,10 +362,7 @@ class _SqliteOperations:
             written = conn.execute(latest_write.sql, latest_write.args(write.params())).fetchone()
             if written is None:
                 return None
-            # Append the row exactly as stored (no type conversion on the way back in).
-            stored = dict(zip(ROW_COLUMNS, written, strict=True))
-            conn.execute(history_append.sql, tuple(stored[name] for name in history_append.names))
-            return int(stored["version"])
+            return _append_history(conn, history_append, written)
 
         return await self._in_write_transaction(run)
 

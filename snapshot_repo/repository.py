@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from types import TracebackType
@@ -44,10 +44,13 @@ from .snapshot import (
     check_identifier,
 )
 
-__all__ = ["MAX_HISTORY_LIMIT", "RepositoryOptions", "SnapshotRepository"]
+__all__ = ["MAX_BATCH_SIZE", "MAX_HISTORY_LIMIT", "RepositoryOptions", "SnapshotRepository"]
 
 MAX_HISTORY_LIMIT = 10_000
 """The most versions one `get_history` call returns; page or export for more."""
+
+MAX_BATCH_SIZE = 10_000
+"""The most snapshots or user ids one `upsert_many` or `get_latest_many` call takes."""
 
 DEFAULT_HEALTH_TIMEOUT = 3.0
 DEFAULT_OPERATION_TIMEOUT = 30.0
@@ -250,6 +253,87 @@ class SnapshotRepository(Generic[StateT]):
             idempotency_key=idempotency_key,
         )
 
+    async def upsert_many(
+        self, snapshots: Sequence[Snapshot[StateT] | Snapshot[Any]]
+    ) -> list[Snapshot[StateT]]:
+        """Store a batch of snapshots in one transaction: all of them, or none.
+
+        Each snapshot becomes its user's next version, as `upsert_latest`
+        without `expected_version` would make it; a user appearing several
+        times gets consecutive versions in batch order, and the last one is
+        the latest. On Postgres the batch is one statement.
+
+        Args:
+            snapshots: 1 to 10,000 snapshots. (Idempotency keys and
+                compare-and-set are per write: use `upsert_latest` for those.)
+
+        Returns:
+            The stored snapshots, in the order given.
+
+        Raises:
+            SnapshotValidationError: any snapshot is invalid, or the batch is
+                empty or too large. Nothing was written.
+            StorageError: the database failed; nothing was written.
+        """
+        if isinstance(snapshots, Snapshot) or not isinstance(snapshots, Sequence):
+            raise SnapshotValidationError("upsert_many takes a sequence of Snapshots")
+        _check_batch_size("snapshots", len(snapshots))
+        created_at = datetime.now(UTC)
+        writes, states = [], []
+        for snapshot in snapshots:
+            if not isinstance(snapshot, Snapshot):
+                raise SnapshotValidationError(
+                    f"upsert_many takes Snapshots, not {type(snapshot).__name__}"
+                )
+            user_id = _valid_user_id(snapshot.user_id)
+            state = self._codec.validate(snapshot.state, user_id)
+            states.append(state)
+            writes.append(
+                PendingWrite(
+                    user_id=user_id,
+                    schema_version=snapshot.schema_version,
+                    payload=self._codec.encode(state, user_id),
+                    created_at=created_at,
+                    expected_version=None,
+                    idempotency_key=None,
+                )
+            )
+        async with self._guard("upsert_many", None):
+            versions = await self._ops.write_many(writes)
+        return [
+            self._snapshot_type.model_construct(
+                user_id=write.user_id,
+                state=state,
+                version=version,
+                created_at=created_at,
+                schema_version=write.schema_version,
+                idempotency_key=None,
+            )
+            for write, state, version in zip(writes, states, versions, strict=True)
+        ]
+
+    async def get_latest_many(self, user_ids: Sequence[str]) -> dict[str, Snapshot[StateT]]:
+        """The newest snapshot of each of `user_ids` that has one, in one query.
+
+        Args:
+            user_ids: 1 to 10,000 user ids; repeats are read once.
+
+        Returns:
+            A dict from user id to its latest snapshot; users without one are absent.
+
+        Raises:
+            SnapshotValidationError: a bad user id, or the batch is empty or too
+                large, or a stored state no longer validates.
+            StorageError: the database failed.
+        """
+        if isinstance(user_ids, str) or not isinstance(user_ids, Sequence):
+            raise SnapshotValidationError("get_latest_many takes a sequence of user ids")
+        _check_batch_size("user_ids", len(user_ids))
+        wanted = list(dict.fromkeys(_valid_user_id(user_id) for user_id in user_ids))
+        async with self._guard("get_latest_many", None):
+            rows = await self._read(self._ops.latest_many, wanted)
+        return {snapshot.user_id: snapshot for snapshot in map(self._to_snapshot, rows)}
+
     async def get_latest(self, user_id: str) -> Snapshot[StateT] | None:
         """The user's newest snapshot, or None if the user has none.
 
@@ -417,6 +501,11 @@ def _valid_identifier(name: str, value: object, max_length: int) -> str:
 
 def _valid_user_id(user_id: object) -> str:
     return _valid_identifier("user_id", user_id, MAX_USER_ID_LENGTH)
+
+
+def _check_batch_size(name: str, size: int) -> None:
+    if not 1 <= size <= MAX_BATCH_SIZE:
+        raise SnapshotValidationError(f"{name} must hold 1 to {MAX_BATCH_SIZE} items, not {size}")
 
 
 def _positive(name: str, value: float) -> float:
