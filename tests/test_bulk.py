@@ -64,7 +64,7 @@ async def test_upsert_many_fault_mid_batch_rolls_back_everything(backend, repo):
                 "CREATE TRIGGER refuse BEFORE INSERT ON snapshot_history "
                 "FOR EACH ROW EXECUTE FUNCTION refuse()"
             )
-    with pytest.raises(sr.StorageError, match="upsert_many failed.*injected"):
+    with pytest.raises(sr.StorageError, match=r"upsert_many failed.*injected"):
         await repo.upsert_many([snap("x", "1"), snap("y", "1"), snap("poison", "1")])
     assert await stored_rows(repo, "x") == (1, [1])
     assert await stored_rows(repo, "y") == (0, [])

@@ -1,0 +1,116 @@
+"""Flat cost at any depth: the databases' own plans for the statements the library runs."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+import snapshot_repo as sr
+from snapshot_repo._dialects import history_statement, latest_many_statement, latest_statement
+from snapshot_repo._driver import _compile
+
+from .conftest import Backend, Cart
+
+DEEP = 100_000
+
+
+async def seed_deep_history(repo: sr.SnapshotRepository[Cart], backend: Backend) -> None:
+    """One user with 100,000 versions and 20,000 shallow users, then fresh statistics."""
+    now = datetime.now(UTC)
+    async with repo.engine.begin() as conn:
+        if backend.name == "postgres":
+            await conn.exec_driver_sql(
+                "INSERT INTO snapshot_history (user_id, version, schema_version, payload, "
+                "created_at) SELECT 'wide' || u, 1, 1, '\\x7b7d'::bytea, now() "
+                "FROM generate_series(1, 20000) AS u"
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO snapshot_history (user_id, version, schema_version, payload, "
+                "created_at) SELECT 'deep', v, 1, '\\x7b7d'::bytea, now() "
+                f"FROM generate_series(1, {DEEP}) AS v"
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO snapshot_history (user_id, version, schema_version, payload, "
+                "created_at) SELECT 'u' || u, v, 1, '\\x7b7d'::bytea, now() "
+                "FROM generate_series(1, 200) AS u, generate_series(1, 50) AS v"
+            )
+        else:
+            await conn.exec_driver_sql(
+                "WITH RECURSIVE n(v) AS (SELECT 1 UNION ALL SELECT v + 1 FROM n "
+                f"WHERE v < {DEEP}) INSERT INTO snapshot_history (user_id, version, "
+                "schema_version, payload, created_at) SELECT 'deep', v, 1, X'7b7d', "
+                f"'{now:%Y-%m-%d %H:%M:%S.%f}' FROM n"
+            )
+            await conn.exec_driver_sql(
+                "WITH RECURSIVE n(v) AS (SELECT 1 UNION ALL SELECT v + 1 FROM n "
+                "WHERE v < 20000) INSERT INTO snapshot_history (user_id, version, "
+                "schema_version, payload, created_at) SELECT 'wide' || v, 1, 1, X'7b7d', "
+                f"'{now:%Y-%m-%d %H:%M:%S.%f}' FROM n"
+            )
+        await conn.exec_driver_sql(
+            "INSERT INTO snapshot_latest (user_id, version, schema_version, payload, created_at) "
+            "SELECT user_id, max(version), 1, "
+            + (
+                "'\\x7b7d'::bytea, now()"
+                if backend.name == "postgres"
+                else f"X'7b7d', '{now:%Y-%m-%d %H:%M:%S.%f}'"
+            )
+            + " FROM snapshot_history GROUP BY user_id"
+        )
+    async with repo.engine.connect() as conn:
+        await conn.exec_driver_sql("ANALYZE")
+        await conn.commit()
+
+
+async def explain(repo: sr.SnapshotRepository[Cart], backend: Backend, statement, params) -> str:
+    compiled = _compile(statement, repo.engine.dialect)
+    args = compiled.args(params)
+    async with repo.engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        driver = raw.driver_connection
+        if backend.name == "postgres":
+            rows = await driver.fetch("EXPLAIN " + compiled.sql, *args)
+            return "\n".join(row[0] for row in rows)
+        cursor = await driver.execute("EXPLAIN QUERY PLAN " + compiled.sql, args)
+        return "\n".join(str(row[-1]) for row in await cursor.fetchall())
+
+
+async def test_history_reads_are_an_index_range_scan_without_sort(
+    repo: sr.SnapshotRepository[Cart], backend: Backend
+):
+    await seed_deep_history(repo, backend)
+    plan = await explain(repo, backend, history_statement(), {"user_id": "deep", "limit": 10})
+    if backend.name == "postgres":
+        assert "Index Scan Backward using pk_snapshot_history" in plan, plan
+        assert "Sort" not in plan, plan
+        assert "Seq Scan" not in plan, plan
+    else:
+        assert "SEARCH snapshot_history USING INDEX sqlite_autoindex_snapshot_history_1" in plan, (
+            plan
+        )
+        assert "TEMP B-TREE" not in plan, plan
+    history = await repo.get_history("deep", limit=10)
+    assert [s.version for s in history] == list(range(DEEP, DEEP - 10, -1))
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["get_latest", "get_latest_many"])
+async def test_latest_reads_are_primary_key_lookups(
+    repo: sr.SnapshotRepository[Cart], backend: Backend, many: bool
+):
+    await seed_deep_history(repo, backend)
+    if many:
+        statement = latest_many_statement("postgresql" if backend.name == "postgres" else "sqlite")
+        params = (
+            {"user_ids": ["deep", "u1"]}
+            if backend.name == "postgres"
+            else {"user_ids_json": '["deep", "u1"]'}
+        )
+    else:
+        statement, params = latest_statement(), {"user_id": "deep"}
+    plan = await explain(repo, backend, statement, params)
+    if backend.name == "postgres":
+        assert "pk_snapshot_latest" in plan, plan
+        assert "Seq Scan on snapshot_latest" not in plan, plan
+    else:
+        assert "SEARCH snapshot_latest USING INDEX sqlite_autoindex_snapshot_latest_1" in plan, plan
