@@ -25,14 +25,18 @@ from functools import cache
 from typing import Any, Literal
 
 from sqlalchemy import (
+    Column,
+    ColumnElement,
     Delete,
     Insert,
     Integer,
     LargeBinary,
     Select,
     String,
+    Table,
     TextClause,
     Update,
+    and_,
     any_,
     bindparam,
     delete,
@@ -44,11 +48,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import ReturningDelete
+from sqlalchemy.sql.elements import BindParameter
 
 from .tables import history_table, latest_table
 
 __all__ = [
     "ROW_COLUMNS",
+    "STORED_COLUMNS",
+    "WRITE_COLUMNS",
     "DialectName",
     "WriteMode",
     "delete_statements",
@@ -64,69 +71,73 @@ __all__ = [
 ]
 
 DialectName = Literal["postgresql", "sqlite"]
-ROW_COLUMNS = ("user_id", "version", "schema_version", "payload", "created_at", "idempotency_key")
-"""The columns every row-returning statement here returns, in this order."""
-_ROW = ROW_COLUMNS
 WriteMode = Literal["upsert", "create", "replace"]
+
+SCOPE_COLUMNS = ("tenant", "namespace")
+ROW_COLUMNS = (
+    "user_id",
+    "version",
+    "schema_version",
+    "payload",
+    "created_at",
+    "idempotency_key",
+    "actor",
+    "reason",
+    "metadata",
+)
+"""The columns every row-returning statement here returns, in this order."""
+
+STORED_COLUMNS = SCOPE_COLUMNS + ROW_COLUMNS
+"""Every column of a snapshot row: what a latest write returns and history receives."""
+
+WRITE_COLUMNS = tuple(name for name in STORED_COLUMNS if name != "version")
+"""The columns a write supplies, bound as `w_<column>`; the database assigns `version`."""
+
+_KEY_COLUMNS = ("tenant", "namespace", "user_id")
+
+
+def _is_key(table: Table, prefix: str = "") -> ColumnElement[bool]:
+    """`tenant`, `namespace` and `user_id` equal to the bound values: the user's key in a scope."""
+    return and_(*(table.c[name] == bindparam(prefix + name) for name in _KEY_COLUMNS))
+
+
+def _in_scope(table: Table) -> ColumnElement[bool]:
+    return and_(*(table.c[name] == bindparam(name) for name in SCOPE_COLUMNS))
+
+
+def _row(table: Table) -> list[Column[Any]]:
+    return [table.c[name] for name in ROW_COLUMNS]
 
 
 @cache
 def _latest_write(dialect: DialectName, mode: WriteMode) -> Insert | Update:
-    """The statement that writes `snapshot_latest` and returns the row it wrote."""
-    returning = [latest_table.c[name] for name in _ROW]
+    """The statement that writes `snapshot_latest` and returns the whole row it wrote."""
+    returning = [latest_table.c[name] for name in STORED_COLUMNS]
+    changed: dict[str, BindParameter[Any]] = {
+        name: bindparam(f"w_{name}") for name in WRITE_COLUMNS if name not in _KEY_COLUMNS
+    }
     if mode == "replace":
         return (
             update(latest_table)
-            .where(latest_table.c.user_id == bindparam("w_user_id"))
+            .where(_is_key(latest_table, "w_"))
             .where(latest_table.c.version == bindparam("expected_version"))
-            .values(
-                version=latest_table.c.version + 1,
-                schema_version=bindparam("w_schema_version"),
-                payload=bindparam("w_payload"),
-                created_at=bindparam("w_created_at"),
-                idempotency_key=bindparam("w_idempotency_key"),
-            )
+            .values(version=latest_table.c.version + 1, **changed)
             .returning(*returning)
         )
     insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert_fn(latest_table).values(
-        user_id=bindparam("w_user_id"),
-        version=1,
-        schema_version=bindparam("w_schema_version"),
-        payload=bindparam("w_payload"),
-        created_at=bindparam("w_created_at"),
-        idempotency_key=bindparam("w_idempotency_key"),
+        version=1, **{name: bindparam(f"w_{name}") for name in WRITE_COLUMNS}
     )
+    key = [latest_table.c[name] for name in _KEY_COLUMNS]
     if mode == "create":
-        return stmt.on_conflict_do_nothing(index_elements=[latest_table.c.user_id]).returning(
-            *returning
-        )
+        return stmt.on_conflict_do_nothing(index_elements=key).returning(*returning)
     return stmt.on_conflict_do_update(
-        index_elements=[latest_table.c.user_id],
+        index_elements=key,
         set_={
             "version": latest_table.c.version + 1,
-            "schema_version": stmt.excluded.schema_version,
-            "payload": stmt.excluded.payload,
-            "created_at": stmt.excluded.created_at,
-            "idempotency_key": stmt.excluded.idempotency_key,
+            **{name: stmt.excluded[name] for name in changed},
         },
     ).returning(*returning)
-
-
-@cache
-def _postgres_write(mode: WriteMode) -> Insert:
-    """Latest write and history append in one statement (a data-modifying CTE)."""
-    written = _latest_write("postgresql", mode).cte("written")
-    return (
-        insert(history_table)
-        .from_select(list(_ROW), select(*(written.c[name] for name in _ROW)))
-        .returning(history_table.c.version)
-    )
-
-
-@cache
-def _history_append() -> Insert:
-    return insert(history_table).values({name: bindparam(name) for name in _ROW})
 
 
 def write_mode(expected_version: int | None) -> WriteMode:
@@ -139,28 +150,32 @@ def write_mode(expected_version: int | None) -> WriteMode:
 @cache
 def postgres_write_statement(mode: WriteMode) -> Insert:
     """Postgres: latest write and history append in one statement, returning the new version."""
-    return _postgres_write(mode)
+    written = _latest_write("postgresql", mode).cte("written")
+    return (
+        insert(history_table)
+        .from_select(list(STORED_COLUMNS), select(*(written.c[n] for n in STORED_COLUMNS)))
+        .returning(history_table.c.version)
+    )
 
 
 @cache
 def sqlite_write_statements(mode: WriteMode) -> tuple[Insert | Update, Insert]:
     """SQLite: the latest write (returning its row) and the history append, for one transaction."""
-    return _latest_write("sqlite", mode), _history_append()
+    append = insert(history_table).values({name: bindparam(name) for name in STORED_COLUMNS})
+    return _latest_write("sqlite", mode), append
 
 
 @cache
 def latest_statement() -> Select[Any]:
     """The user's latest row: a primary-key lookup."""
-    return select(*(latest_table.c[name] for name in _ROW)).where(
-        latest_table.c.user_id == bindparam("user_id")
-    )
+    return select(*_row(latest_table)).where(_is_key(latest_table))
 
 
 @cache
 def idempotent_write_statement() -> Select[Any]:
     """The history row a user's write with a given idempotency key produced, if any."""
-    return select(*(history_table.c[name] for name in _ROW)).where(
-        history_table.c.user_id == bindparam("user_id"),
+    return select(*_row(history_table)).where(
+        _is_key(history_table),
         history_table.c.idempotency_key == bindparam("idempotency_key"),
     )
 
@@ -168,15 +183,15 @@ def idempotent_write_statement() -> Select[Any]:
 @cache
 def version_statement() -> Select[Any]:
     """The user's current version alone (used to explain a lost compare-and-set)."""
-    return select(latest_table.c.version).where(latest_table.c.user_id == bindparam("user_id"))
+    return select(latest_table.c.version).where(_is_key(latest_table))
 
 
 @cache
 def history_statement() -> Select[Any]:
-    """The newest `limit` versions: a backward scan of the (user_id, version) primary key."""
+    """The newest `limit` versions: a backward scan of the history primary key."""
     return (
-        select(*(history_table.c[name] for name in _ROW))
-        .where(history_table.c.user_id == bindparam("user_id"))
+        select(*_row(history_table))
+        .where(_is_key(history_table))
         .order_by(history_table.c.version.desc())
         .limit(bindparam("limit"))
     )
@@ -195,14 +210,9 @@ def delete_statements() -> tuple[ReturningDelete[Any], Delete]:
     from touching a newer user's rows. (One CTE would use one snapshot and
     could miss the history row of a writer it waited for.)
     """
-    latest = (
-        delete(latest_table)
-        .where(latest_table.c.user_id == bindparam("user_id"))
-        .returning(latest_table.c.version)
-    )
+    latest = delete(latest_table).where(_is_key(latest_table)).returning(latest_table.c.version)
     history = delete(history_table).where(
-        history_table.c.user_id == bindparam("user_id"),
-        history_table.c.version <= bindparam("version"),
+        _is_key(history_table), history_table.c.version <= bindparam("version")
     )
     return latest, history
 
@@ -215,8 +225,13 @@ def postgres_bulk_write_statement() -> TextClause:
     input order (`rn` of `n`); the user's latest row is upserted once with
     `version + n` (its last state), in user order so that concurrent batches
     lock rows in the same order; history gets `final - n + rn` for each row.
+    The write's metadata (actor, reason, metadata) is the batch's.
     """
-    columns = ", ".join(ROW_COLUMNS)
+    columns = ", ".join(STORED_COLUMNS)
+    shared = (
+        "CAST(:created_at AS TIMESTAMPTZ), NULL, CAST(:actor AS VARCHAR), "
+        "CAST(:reason AS TEXT), CAST(:metadata AS BYTEA)"
+    )
     return text(
         f"""
         WITH batch AS (
@@ -230,20 +245,25 @@ def postgres_bulk_write_statement() -> TextClause:
         ),
         written AS (
             INSERT INTO snapshot_latest ({columns})
-            SELECT user_id, n, schema_version, payload, CAST(:created_at AS TIMESTAMPTZ), NULL
+            SELECT CAST(:tenant AS VARCHAR), CAST(:namespace AS VARCHAR), user_id, n,
+                   schema_version, payload, {shared}
             FROM batch WHERE rn = n
             ORDER BY user_id
-            ON CONFLICT (user_id) DO UPDATE SET
+            ON CONFLICT (tenant, namespace, user_id) DO UPDATE SET
                 version = snapshot_latest.version + excluded.version,
                 schema_version = excluded.schema_version,
                 payload = excluded.payload,
                 created_at = excluded.created_at,
-                idempotency_key = NULL
+                idempotency_key = NULL,
+                actor = excluded.actor,
+                reason = excluded.reason,
+                metadata = excluded.metadata
             RETURNING user_id, version
         )
         INSERT INTO snapshot_history ({columns})
-        SELECT batch.user_id, written.version - batch.n + batch.rn, batch.schema_version,
-               batch.payload, CAST(:created_at AS TIMESTAMPTZ), NULL
+        SELECT CAST(:tenant AS VARCHAR), CAST(:namespace AS VARCHAR), batch.user_id,
+               written.version - batch.n + batch.rn, batch.schema_version, batch.payload,
+               {shared}
         FROM batch JOIN written USING (user_id)
         RETURNING user_id, version
         """
@@ -253,6 +273,11 @@ def postgres_bulk_write_statement() -> TextClause:
         bindparam("schema_versions", type_=postgresql.ARRAY(Integer)),
         bindparam("payloads", type_=postgresql.ARRAY(LargeBinary)),
         bindparam("created_at", type_=latest_table.c.created_at.type),
+        bindparam("tenant", type_=String),
+        bindparam("namespace", type_=String),
+        bindparam("actor", type_=String),
+        bindparam("reason", type_=String),
+        bindparam("metadata", type_=LargeBinary),
     )
 
 
@@ -270,4 +295,4 @@ def latest_many_statement(dialect: DialectName) -> Select[Any]:
     else:
         ids = func.json_each(bindparam("user_ids_json", type_=String)).table_valued("value")
         wanted = latest_table.c.user_id.in_(select(ids.c.value))
-    return select(*(latest_table.c[name] for name in ROW_COLUMNS)).where(wanted)
+    return select(*_row(latest_table)).where(_in_scope(latest_table), wanted)

@@ -40,6 +40,8 @@ from sqlalchemy.util import greenlet_spawn
 
 from ._dialects import (
     ROW_COLUMNS,
+    STORED_COLUMNS,
+    WRITE_COLUMNS,
     delete_statements,
     history_statement,
     idempotent_write_statement,
@@ -53,7 +55,7 @@ from ._dialects import (
 )
 from .tables import latest_table
 
-__all__ = ["Operations", "PendingWrite", "Row", "is_retryable", "operations_for"]
+__all__ = ["Operations", "PendingWrite", "Row", "Scope", "is_retryable", "operations_for"]
 
 _T = TypeVar("_T")
 
@@ -62,25 +64,51 @@ Row = tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
+class Scope:
+    """Where a repository's rows live: a tenant ("" for none) and a namespace."""
+
+    tenant: str
+    namespace: str
+
+    def key(self, user_id: str) -> dict[str, Any]:
+        """The bound values that select one user's rows in this scope."""
+        return {"tenant": self.tenant, "namespace": self.namespace, "user_id": user_id}
+
+
+@dataclass(frozen=True, slots=True)
 class PendingWrite:
     """One validated write, ready for the database."""
 
+    scope: Scope
     user_id: str
     schema_version: int
     payload: bytes
     created_at: Any
-    expected_version: int | None
-    idempotency_key: str | None
+    expected_version: int | None = None
+    idempotency_key: str | None = None
+    actor: str | None = None
+    reason: str | None = None
+    metadata: bytes | None = None
 
     def params(self) -> dict[str, Any]:
-        return {
-            "w_user_id": self.user_id,
-            "w_schema_version": self.schema_version,
-            "w_payload": self.payload,
-            "w_created_at": self.created_at,
-            "w_idempotency_key": self.idempotency_key,
-            "expected_version": self.expected_version,
+        values = {
+            "tenant": self.scope.tenant,
+            "namespace": self.scope.namespace,
+            "user_id": self.user_id,
+            "schema_version": self.schema_version,
+            "payload": self.payload,
+            "created_at": self.created_at,
+            "idempotency_key": self.idempotency_key,
+            "actor": self.actor,
+            "reason": self.reason,
+            "metadata": self.metadata,
         }
+        params = {f"w_{name}": values[name] for name in WRITE_COLUMNS}
+        params["expected_version"] = self.expected_version
+        return params
+
+    def keyed_params(self) -> dict[str, Any]:
+        return {**self.scope.key(self.user_id), "idempotency_key": self.idempotency_key}
 
 
 WriteOutcome = int | Row | None
@@ -92,12 +120,12 @@ class Operations(Protocol):
     """What the repository needs from a backend; each call is one transaction or statement."""
 
     async def write(self, write: PendingWrite) -> WriteOutcome: ...
-    async def latest(self, user_id: str) -> Row | None: ...
-    async def history(self, user_id: str, limit: int) -> list[Row]: ...
-    async def current_version(self, user_id: str) -> int: ...
-    async def delete(self, user_id: str) -> int: ...
+    async def latest(self, scope: Scope, user_id: str) -> Row | None: ...
+    async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]: ...
+    async def current_version(self, scope: Scope, user_id: str) -> int: ...
+    async def delete(self, scope: Scope, user_id: str) -> int: ...
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]: ...
-    async def latest_many(self, user_ids: Sequence[str]) -> list[Row]: ...
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,19 +253,26 @@ class _PostgresOperations:
         self._latest_many = _compile(latest_many_statement("postgresql"), dialect)
 
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
+        first = writes[0]  # scope, time and write metadata are the batch's
         params = {
             "ords": list(range(len(writes))),
             "user_ids": [w.user_id for w in writes],
             "schema_versions": [w.schema_version for w in writes],
             "payloads": [w.payload for w in writes],
-            "created_at": writes[0].created_at,
+            "created_at": first.created_at,
+            "tenant": first.scope.tenant,
+            "namespace": first.scope.namespace,
+            "actor": first.actor,
+            "reason": first.reason,
+            "metadata": first.metadata,
         }
         async with _checkout(self._engine) as conn:
             rows = await conn.fetch(self._write_many.sql, *self._write_many.args(params))
         return _versions_in_input_order(writes, rows)
 
-    async def latest_many(self, user_ids: Sequence[str]) -> list[Row]:
-        args = self._latest_many.args({"user_ids": list(user_ids)})
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]:
+        params = {"tenant": scope.tenant, "namespace": scope.namespace, "user_ids": list(user_ids)}
+        args = self._latest_many.args(params)
         async with _checkout(self._engine) as conn:
             rows = await conn.fetch(self._latest_many.sql, *args)
         return [self._decode(raw) for raw in rows]
@@ -255,36 +290,34 @@ class _PostgresOperations:
                 version = None
             if version is not None or write.idempotency_key is None:
                 return int(version) if version is not None else None
-            params = {"user_id": write.user_id, "idempotency_key": write.idempotency_key}
-            earlier = await conn.fetchrow(self._keyed.sql, *self._keyed.args(params))
+            earlier = await conn.fetchrow(self._keyed.sql, *self._keyed.args(write.keyed_params()))
         return None if earlier is None else self._decode(earlier)
 
-    async def latest(self, user_id: str) -> Row | None:
+    async def latest(self, scope: Scope, user_id: str) -> Row | None:
         async with _checkout(self._engine) as conn:
-            raw = await conn.fetchrow(self._latest.sql, *self._latest.args({"user_id": user_id}))
+            raw = await conn.fetchrow(self._latest.sql, *self._latest.args(scope.key(user_id)))
         return None if raw is None else self._decode(raw)
 
-    async def history(self, user_id: str, limit: int) -> list[Row]:
-        args = self._history.args({"user_id": user_id, "limit": limit})
+    async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
+        args = self._history.args({**scope.key(user_id), "limit": limit})
         async with _checkout(self._engine) as conn:
             rows = await conn.fetch(self._history.sql, *args)
         return [self._decode(raw) for raw in rows]
 
-    async def current_version(self, user_id: str) -> int:
+    async def current_version(self, scope: Scope, user_id: str) -> int:
         async with _checkout(self._engine) as conn:
             version = await conn.fetchval(
-                self._version.sql, *self._version.args({"user_id": user_id})
+                self._version.sql, *self._version.args(scope.key(user_id))
             )
         return int(version or 0)
 
-    async def delete(self, user_id: str) -> int:
+    async def delete(self, scope: Scope, user_id: str) -> int:
+        key = scope.key(user_id)
         async with _checkout(self._engine) as conn, conn.transaction():
-            version = await conn.fetchval(
-                self._delete_latest.sql, *self._delete_latest.args({"user_id": user_id})
-            )
+            version = await conn.fetchval(self._delete_latest.sql, *self._delete_latest.args(key))
             if version is None:
                 return 0
-            args = self._delete_history.args({"user_id": user_id, "version": version})
+            args = self._delete_history.args({**key, "version": version})
             status: str = await conn.execute(self._delete_history.sql, *args)
         return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
 
@@ -301,7 +334,7 @@ def _versions_in_input_order(writes: Sequence[PendingWrite], rows: Sequence[Any]
 
 def _append_history(conn: sqlite3.Connection, history_append: _Compiled, written: Any) -> int:
     """Append the row the latest write returned to history, exactly as stored; its version."""
-    stored = dict(zip(ROW_COLUMNS, written, strict=True))
+    stored = dict(zip(STORED_COLUMNS, written, strict=True))
     conn.execute(history_append.sql, tuple(stored[name] for name in history_append.names))
     return int(stored["version"])
 
@@ -344,8 +377,13 @@ class _SqliteOperations:
 
         return await self._in_write_transaction(run)
 
-    async def latest_many(self, user_ids: Sequence[str]) -> list[Row]:
-        rows = await self._fetch(self._latest_many, {"user_ids_json": json.dumps(list(user_ids))})
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]:
+        params = {
+            "tenant": scope.tenant,
+            "namespace": scope.namespace,
+            "user_ids_json": json.dumps(list(user_ids)),
+        }
+        rows = await self._fetch(self._latest_many, params)
         return [self._decode(raw) for raw in rows]
 
     async def write(self, write: PendingWrite) -> WriteOutcome:
@@ -355,8 +393,7 @@ class _SqliteOperations:
         def run(conn: sqlite3.Connection) -> WriteOutcome:
             if write.idempotency_key is not None:
                 # Under the write lock nothing can race this lookup.
-                params = {"user_id": write.user_id, "idempotency_key": write.idempotency_key}
-                earlier = conn.execute(keyed.sql, keyed.args(params)).fetchone()
+                earlier = conn.execute(keyed.sql, keyed.args(write.keyed_params())).fetchone()
                 if earlier is not None:
                     return self._decode(earlier)
             written = conn.execute(latest_write.sql, latest_write.args(write.params())).fetchone()
@@ -366,28 +403,29 @@ class _SqliteOperations:
 
         return await self._in_write_transaction(run)
 
-    async def latest(self, user_id: str) -> Row | None:
-        rows = await self._fetch(self._latest, {"user_id": user_id})
+    async def latest(self, scope: Scope, user_id: str) -> Row | None:
+        rows = await self._fetch(self._latest, scope.key(user_id))
         return self._decode(rows[0]) if rows else None
 
-    async def history(self, user_id: str, limit: int) -> list[Row]:
-        rows = await self._fetch(self._history, {"user_id": user_id, "limit": limit})
+    async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
+        rows = await self._fetch(self._history, {**scope.key(user_id), "limit": limit})
         return [self._decode(raw) for raw in rows]
 
-    async def current_version(self, user_id: str) -> int:
-        rows = await self._fetch(self._version, {"user_id": user_id})
+    async def current_version(self, scope: Scope, user_id: str) -> int:
+        rows = await self._fetch(self._version, scope.key(user_id))
         return int(rows[0][0]) if rows else 0
 
-    async def delete(self, user_id: str) -> int:
+    async def delete(self, scope: Scope, user_id: str) -> int:
         delete_latest, delete_history = self._delete_latest, self._delete_history
+        key = scope.key(user_id)
 
         def run(conn: sqlite3.Connection) -> int:
-            found = conn.execute(delete_latest.sql, delete_latest.args({"user_id": user_id}))
+            found = conn.execute(delete_latest.sql, delete_latest.args(key))
             row = found.fetchone()
             found.close()
             if row is None:
                 return 0
-            args = delete_history.args({"user_id": user_id, "version": row[0]})
+            args = delete_history.args({**key, "version": row[0]})
             return conn.execute(delete_history.sql, args).rowcount
 
         return await self._in_write_transaction(run)

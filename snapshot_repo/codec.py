@@ -19,7 +19,14 @@ from pydantic_core import PydanticSerializationError
 from .errors import ConfigurationError, SnapshotValidationError, redact
 from .snapshot import StateT
 
-__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "JsonObject", "StateCodec"]
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD_BYTES",
+    "MAX_METADATA_BYTES",
+    "JsonObject",
+    "StateCodec",
+    "decode_metadata",
+    "encode_metadata",
+]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 """1 MiB: generous for per-user state, small enough that a runaway state fails loudly."""
@@ -28,6 +35,9 @@ HARD_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 JsonObject = dict[str, JsonValue]
 """The state type of a repository built without a model: any JSON object."""
+
+MAX_METADATA_BYTES = 64 * 1024
+"""Write metadata describes a write; 64 KiB of JSON is plenty and keeps history rows lean."""
 
 
 @lru_cache(maxsize=256)
@@ -143,3 +153,36 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 def _first_line(text: str) -> str:
     return text.splitlines()[0] if text else text
+
+
+def encode_metadata(metadata: object) -> bytes | None:
+    """Serialize a write's free metadata (a JSON object) or refuse it.
+
+    Raises:
+        SnapshotValidationError: not a JSON object, NaN or infinity inside, a
+            lone surrogate, or over `MAX_METADATA_BYTES`.
+    """
+    if metadata is None:
+        return None
+    adapter = _adapter(cast(Any, JsonObject))
+    try:
+        value = adapter.validate_python(metadata)
+        payload = adapter.dump_json(value)
+    except (ValidationError, PydanticSerializationError) as exc:
+        raise SnapshotValidationError(
+            f"metadata must be a JSON object: {_first_line(str(exc))}"
+        ) from None
+    if b"null" in payload and _has_non_finite_float(value):
+        raise SnapshotValidationError("metadata contains NaN or an infinite float")
+    if len(payload) > MAX_METADATA_BYTES:
+        raise SnapshotValidationError(
+            f"metadata serializes to {len(payload)} bytes; the limit is {MAX_METADATA_BYTES}"
+        )
+    return payload
+
+
+def decode_metadata(payload: bytes | None) -> JsonObject | None:
+    """The metadata dict of a stored write (None when the write had none)."""
+    if payload is None:
+        return None
+    return cast(JsonObject, _adapter(cast(Any, JsonObject)).validate_json(payload))

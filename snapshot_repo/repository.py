@@ -14,6 +14,7 @@ handled by `BEGIN IMMEDIATE` and the busy timeout).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -25,33 +26,44 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import migrate as _migrate
-from ._dialects import DialectName
-from ._driver import PendingWrite, Row, is_retryable, operations_for
+from ._checks import (
+    MAX_BATCH_SIZE,
+    check_batch_size,
+    check_int,
+    positive_seconds,
+    valid_actor,
+    valid_identifier,
+    valid_reason,
+    valid_scope_name,
+    valid_user_id,
+)
+from ._driver import PendingWrite, Row, Scope, is_retryable, operations_for
 from ._translate import describe, storage_errors
-from .codec import DEFAULT_MAX_PAYLOAD_BYTES, JsonObject, StateCodec
+from .codec import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    JsonObject,
+    StateCodec,
+    decode_metadata,
+    encode_metadata,
+)
 from .engine import EngineSettings, create_engine, install_sqlite_settings
-from .errors import (
-    ConfigurationError,
-    SnapshotValidationError,
-    VersionConflictError,
-)
+from .errors import ConfigurationError, SnapshotValidationError, VersionConflictError
 from .health import HealthReport, probe
-from .snapshot import (
-    MAX_IDEMPOTENCY_KEY_LENGTH,
-    MAX_USER_ID_LENGTH,
-    Snapshot,
-    StateT,
-    check_identifier,
-)
+from .snapshot import MAX_IDEMPOTENCY_KEY_LENGTH, Snapshot, StateT
 
-__all__ = ["MAX_BATCH_SIZE", "MAX_HISTORY_LIMIT", "RepositoryOptions", "SnapshotRepository"]
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "MAX_BATCH_SIZE",
+    "MAX_HISTORY_LIMIT",
+    "RepositoryOptions",
+    "SnapshotRepository",
+]
 
 MAX_HISTORY_LIMIT = 10_000
 """The most versions one `get_history` call returns; page or export for more."""
 
-MAX_BATCH_SIZE = 10_000
-"""The most snapshots or user ids one `upsert_many` or `get_latest_many` call takes."""
-
+DEFAULT_NAMESPACE = "default"
+NO_TENANT = ""
 DEFAULT_HEALTH_TIMEOUT = 3.0
 DEFAULT_OPERATION_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 5.0
@@ -70,8 +82,13 @@ class RepositoryOptions(TypedDict, total=False):
         health_timeout: seconds `health()`/`health_check()` wait at most (default 3).
         operation_timeout: seconds any other call may take, pool wait
             included, before it fails with `StorageError` (default 30; None: no limit).
+        namespace: which of a user's states this repository holds (default
+            "default"): repositories of different models share the tables
+            under different namespaces, so one user can have a cart, preferences
+            and an agent memory, each typed by its own model.
     """
 
+    namespace: str
     max_payload_bytes: int
     health_timeout: float
     operation_timeout: float | None
@@ -86,7 +103,7 @@ class SnapshotRepository(Generic[StateT]):
             `from_url` to let it own one.
         state_type: the pydantic model (or other pydantic-validatable type) of
             the states; None stores plain JSON objects (`dict`).
-        **options: see `RepositoryOptions`: `max_payload_bytes`,
+        **options: see `RepositoryOptions`: `namespace`, `max_payload_bytes`,
             `health_timeout`, `operation_timeout`.
 
     No I/O happens in the constructor.
@@ -101,21 +118,26 @@ class SnapshotRepository(Generic[StateT]):
         dialect = engine.dialect.name
         if dialect not in ("sqlite", "postgresql"):
             raise ConfigurationError(f"unsupported database {dialect!r}: use SQLite or Postgres")
-        self._dialect = cast(DialectName, dialect)
         self._engine = engine
+        self._scope = Scope(
+            tenant=NO_TENANT,
+            namespace=valid_scope_name("namespace", options.get("namespace", DEFAULT_NAMESPACE)),
+        )
         self._owns_engine = False
         self._codec: StateCodec[StateT] = StateCodec(
             state_type, options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES)
         )
         self._snapshot_type: type[Snapshot[StateT]] = Snapshot[self._codec.state_type]  # type: ignore[name-defined]
-        self._health_timeout = _positive(
+        self._health_timeout = positive_seconds(
             "health_timeout", options.get("health_timeout", DEFAULT_HEALTH_TIMEOUT)
         )
         operation_timeout = options.get("operation_timeout", DEFAULT_OPERATION_TIMEOUT)
         self._operation_timeout = (
-            None if operation_timeout is None else _positive("operation_timeout", operation_timeout)
+            None
+            if operation_timeout is None
+            else positive_seconds("operation_timeout", operation_timeout)
         )
-        if self._dialect == "sqlite":
+        if dialect == "sqlite":
             install_sqlite_settings(engine, EngineSettings())
         self._ops = operations_for(engine)
 
@@ -173,6 +195,34 @@ class SnapshotRepository(Generic[StateT]):
         """The engine this repository runs on."""
         return self._engine
 
+    @property
+    def namespace(self) -> str:
+        """Which of a user's states this repository holds."""
+        return self._scope.namespace
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant this view is confined to; None for the repository itself."""
+        return self._scope.tenant or None
+
+    def for_tenant(self, tenant: str) -> Self:
+        """A view of this repository confined to `tenant` (seed 004's scoped view).
+
+        The tenant is part of every key and index: no call through the view
+        can read, overwrite, list or delete another tenant's rows (or the
+        untenanted rows of this repository), whatever user id it is given.
+        The view shares this repository's engine and settings; closing the
+        view leaves them open.
+
+        Raises:
+            ConfigurationError: `tenant` is not 1 to 255 characters without
+                control characters.
+        """
+        view = copy.copy(self)
+        view._scope = Scope(tenant=valid_scope_name("tenant", tenant), namespace=self.namespace)
+        view._owns_engine = False
+        return view
+
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision this package ships.
 
@@ -191,6 +241,9 @@ class SnapshotRepository(Generic[StateT]):
         *,
         expected_version: int | None = None,
         idempotency_key: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
+        metadata: JsonObject | None = None,
     ) -> Snapshot[StateT]:
         """Store `snapshot` as the user's next version, in `latest` and `history` at once.
 
@@ -205,6 +258,10 @@ class SnapshotRepository(Generic[StateT]):
                 the same key, nothing is written and that version is returned,
                 so a write whose outcome was unknown (a timeout, a connection
                 lost during commit) can be retried safely.
+            actor: who or what made the write (1 to 255 characters), kept
+                with the version and returned with history.
+            reason: why, free text up to 4096 characters.
+            metadata: free JSON object describing the write (up to 64 KiB).
 
         Returns:
             The stored snapshot, with the `version` and `created_at` assigned
@@ -222,39 +279,41 @@ class SnapshotRepository(Generic[StateT]):
             raise SnapshotValidationError(
                 f"upsert_latest takes a Snapshot, not {type(snapshot).__name__}"
             )
-        user_id = _valid_user_id(snapshot.user_id)
+        user_id = valid_user_id(snapshot.user_id)
         if expected_version is not None:
-            _check_int("expected_version", expected_version, minimum=0, maximum=_MAX_VERSION)
+            check_int("expected_version", expected_version, minimum=0, maximum=_MAX_VERSION)
         if idempotency_key is not None:
-            _valid_identifier("idempotency_key", idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
+            valid_identifier("idempotency_key", idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
         state = self._codec.validate(snapshot.state, user_id)
         write = PendingWrite(
+            scope=self._scope,
             user_id=user_id,
             schema_version=snapshot.schema_version,
             payload=self._codec.encode(state, user_id),
             created_at=datetime.now(UTC),
             expected_version=expected_version,
             idempotency_key=idempotency_key,
+            actor=valid_actor(actor),
+            reason=valid_reason(reason),
+            metadata=encode_metadata(metadata),
         )
         async with self._guard("upsert_latest", user_id):
             outcome = await self._ops.write(write)
             if outcome is None:
-                actual = await self._ops.current_version(user_id)
+                actual = await self._ops.current_version(self._scope, user_id)
         if outcome is None:
             raise VersionConflictError(user_id, cast(int, expected_version), actual)
         if isinstance(outcome, tuple):
             return self._to_snapshot(outcome)  # the earlier write with this idempotency key
-        return self._snapshot_type.model_construct(
-            user_id=user_id,
-            state=state,
-            version=outcome,
-            created_at=write.created_at,
-            schema_version=snapshot.schema_version,
-            idempotency_key=idempotency_key,
-        )
+        return self._stored(write, state, outcome)
 
     async def upsert_many(
-        self, snapshots: Sequence[Snapshot[StateT] | Snapshot[Any]]
+        self,
+        snapshots: Sequence[Snapshot[StateT] | Snapshot[Any]],
+        *,
+        actor: str | None = None,
+        reason: str | None = None,
+        metadata: JsonObject | None = None,
     ) -> list[Snapshot[StateT]]:
         """Store a batch of snapshots in one transaction: all of them, or none.
 
@@ -266,6 +325,9 @@ class SnapshotRepository(Generic[StateT]):
         Args:
             snapshots: 1 to 10,000 snapshots. (Idempotency keys and
                 compare-and-set are per write: use `upsert_latest` for those.)
+            actor: who or what made the writes, recorded on each version.
+            reason: why, recorded on each version.
+            metadata: free JSON object recorded on each version.
 
         Returns:
             The stored snapshots, in the order given.
@@ -277,38 +339,35 @@ class SnapshotRepository(Generic[StateT]):
         """
         if isinstance(snapshots, Snapshot) or not isinstance(snapshots, Sequence):
             raise SnapshotValidationError("upsert_many takes a sequence of Snapshots")
-        _check_batch_size("snapshots", len(snapshots))
+        check_batch_size("snapshots", len(snapshots))
         created_at = datetime.now(UTC)
+        actor, reason = valid_actor(actor), valid_reason(reason)
+        encoded_metadata = encode_metadata(metadata)
         writes, states = [], []
         for snapshot in snapshots:
             if not isinstance(snapshot, Snapshot):
                 raise SnapshotValidationError(
                     f"upsert_many takes Snapshots, not {type(snapshot).__name__}"
                 )
-            user_id = _valid_user_id(snapshot.user_id)
+            user_id = valid_user_id(snapshot.user_id)
             state = self._codec.validate(snapshot.state, user_id)
             states.append(state)
             writes.append(
                 PendingWrite(
+                    scope=self._scope,
                     user_id=user_id,
                     schema_version=snapshot.schema_version,
                     payload=self._codec.encode(state, user_id),
                     created_at=created_at,
-                    expected_version=None,
-                    idempotency_key=None,
+                    actor=actor,
+                    reason=reason,
+                    metadata=encoded_metadata,
                 )
             )
         async with self._guard("upsert_many", None):
             versions = await self._ops.write_many(writes)
         return [
-            self._snapshot_type.model_construct(
-                user_id=write.user_id,
-                state=state,
-                version=version,
-                created_at=created_at,
-                schema_version=write.schema_version,
-                idempotency_key=None,
-            )
+            self._stored(write, state, version)
             for write, state, version in zip(writes, states, versions, strict=True)
         ]
 
@@ -328,10 +387,10 @@ class SnapshotRepository(Generic[StateT]):
         """
         if isinstance(user_ids, str) or not isinstance(user_ids, Sequence):
             raise SnapshotValidationError("get_latest_many takes a sequence of user ids")
-        _check_batch_size("user_ids", len(user_ids))
-        wanted = list(dict.fromkeys(_valid_user_id(user_id) for user_id in user_ids))
+        check_batch_size("user_ids", len(user_ids))
+        wanted = list(dict.fromkeys(valid_user_id(user_id) for user_id in user_ids))
         async with self._guard("get_latest_many", None):
-            rows = await self._read(self._ops.latest_many, wanted)
+            rows = await self._read(self._ops.latest_many, self._scope, wanted)
         return {snapshot.user_id: snapshot for snapshot in map(self._to_snapshot, rows)}
 
     async def get_latest(self, user_id: str) -> Snapshot[StateT] | None:
@@ -342,9 +401,9 @@ class SnapshotRepository(Generic[StateT]):
                 longer validates against the model.
             StorageError: the database failed or the operation timed out.
         """
-        user_id = _valid_user_id(user_id)
+        user_id = valid_user_id(user_id)
         async with self._guard("get_latest", user_id):
-            row = await self._read(self._ops.latest, user_id)
+            row = await self._read(self._ops.latest, self._scope, user_id)
         return None if row is None else self._to_snapshot(row)
 
     async def get_history(
@@ -366,10 +425,10 @@ class SnapshotRepository(Generic[StateT]):
                 or (unless `skip_invalid`) a stored state that no longer validates.
             StorageError: the database failed or the operation timed out.
         """
-        user_id = _valid_user_id(user_id)
-        _check_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
+        user_id = valid_user_id(user_id)
+        check_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
         async with self._guard("get_history", user_id):
-            rows = await self._read(self._ops.history, user_id, limit)
+            rows = await self._read(self._ops.history, self._scope, user_id, limit)
         if not skip_invalid:
             return [self._to_snapshot(row) for row in rows]
         snapshots = []
@@ -392,9 +451,9 @@ class SnapshotRepository(Generic[StateT]):
             SnapshotValidationError: bad user id.
             StorageError: the database failed; nothing was erased.
         """
-        user_id = _valid_user_id(user_id)
+        user_id = valid_user_id(user_id)
         async with self._guard("delete", user_id):
-            return await self._ops.delete(user_id)
+            return await self._ops.delete(self._scope, user_id)
 
     async def health(self) -> HealthReport:
         """A readiness report: reachable, round-trip latency, schema revision vs. head.
@@ -442,7 +501,11 @@ class SnapshotRepository(Generic[StateT]):
 
     def __repr__(self) -> str:
         url = self._engine.url.render_as_string(hide_password=True)
-        return f"SnapshotRepository({url!r}, {self._codec.state_type!r})"
+        tenant = f", tenant={self._scope.tenant!r}" if self._scope.tenant else ""
+        return (
+            f"SnapshotRepository({url!r}, {self._codec.state_type!r}, "
+            f"namespace={self.namespace!r}{tenant})"
+        )
 
     def _guard(self, operation: str, user_id: str | None) -> AbstractAsyncContextManager[None]:
         """Error translation plus the per-operation timeout, around one public call."""
@@ -464,14 +527,31 @@ class SnapshotRepository(Generic[StateT]):
         return await fetch(*args)
 
     def _to_snapshot(self, row: Row) -> Snapshot[StateT]:
-        user_id, version, schema_version, payload, created_at, idempotency_key = row
+        (user_id, version, schema_version, payload, created_at, key, actor, reason, meta) = row
         return self._snapshot_type.model_construct(
             user_id=user_id,
             state=self._codec.decode(payload, user_id, version),
             version=version,
             created_at=created_at,
             schema_version=schema_version,
-            idempotency_key=idempotency_key,
+            idempotency_key=key,
+            actor=actor,
+            reason=reason,
+            metadata=decode_metadata(meta),
+        )
+
+    def _stored(self, write: PendingWrite, state: StateT, version: int) -> Snapshot[StateT]:
+        """The snapshot a write stored, built from what was sent (no read back)."""
+        return self._snapshot_type.model_construct(
+            user_id=write.user_id,
+            state=state,
+            version=version,
+            created_at=write.created_at,
+            schema_version=write.schema_version,
+            idempotency_key=write.idempotency_key,
+            actor=write.actor,
+            reason=write.reason,
+            metadata=decode_metadata(write.metadata),
         )
 
 
@@ -488,35 +568,3 @@ async def _dispose_within(engine: AsyncEngine, seconds: float) -> None:
     except TimeoutError:
         logger.warning("snapshot_repo: closing connections took over %g s; abandoned them", seconds)
         await engine.dispose(close=False)
-
-
-def _valid_identifier(name: str, value: object, max_length: int) -> str:
-    if not isinstance(value, str):
-        raise SnapshotValidationError(f"{name} must be a string, not {type(value).__name__}")
-    try:
-        return check_identifier(name, value, max_length)
-    except ValueError as exc:
-        raise SnapshotValidationError(str(exc)) from None
-
-
-def _valid_user_id(user_id: object) -> str:
-    return _valid_identifier("user_id", user_id, MAX_USER_ID_LENGTH)
-
-
-def _check_batch_size(name: str, size: int) -> None:
-    if not 1 <= size <= MAX_BATCH_SIZE:
-        raise SnapshotValidationError(f"{name} must hold 1 to {MAX_BATCH_SIZE} items, not {size}")
-
-
-def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SnapshotValidationError(f"{name} must be an integer, not {type(value).__name__}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-        raise SnapshotValidationError(f"{name} must be {bound}, not {value}")

@@ -10,12 +10,15 @@ import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
 from .errors import redact
 
 __all__ = [
+    "MAX_ACTOR_LENGTH",
     "MAX_IDEMPOTENCY_KEY_LENGTH",
+    "MAX_REASON_LENGTH",
+    "MAX_SCOPE_LENGTH",
     "MAX_USER_ID_LENGTH",
     "Snapshot",
     "StateT",
@@ -29,6 +32,15 @@ MAX_USER_ID_LENGTH = 255
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 """Idempotency keys are 1 to 255 characters, with the same rules as user ids."""
+
+MAX_SCOPE_LENGTH = 255
+"""Tenants and namespaces are 1 to 255 characters, with the same rules as user ids."""
+
+MAX_ACTOR_LENGTH = 255
+"""Actors are 1 to 255 characters, with the same rules as user ids."""
+
+MAX_REASON_LENGTH = 4096
+"""A write's reason is free text up to 4096 characters."""
 
 StateT = TypeVar("StateT")
 
@@ -78,8 +90,13 @@ class Snapshot(BaseModel, Generic[StateT]):
             UTC); None on a snapshot that has not been stored yet.
         schema_version: the version of the state's own schema, chosen by the
             application; stored as given.
-        idempotency_key: the key the write was made with, if any (set by the
-            repository on stored snapshots; pass the key to `upsert_latest`).
+        idempotency_key: the key the write was made with, if any.
+        actor: who or what made the write, if given.
+        reason: why, if given.
+        metadata: free JSON metadata of the write, if given.
+
+    The last four describe the write, not the state: they are set by the
+    repository on stored snapshots from the arguments of `upsert_latest`.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -90,6 +107,9 @@ class Snapshot(BaseModel, Generic[StateT]):
     created_at: datetime | None = None
     schema_version: Annotated[int, Field(ge=1)] = 1
     idempotency_key: str | None = None
+    actor: str | None = None
+    reason: str | None = None
+    metadata: dict[str, JsonValue] | None = None
 
     def __repr_args__(self) -> Any:
         # Reprs end up in logs and tracebacks: show the user id redacted and never the state.

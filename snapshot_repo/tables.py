@@ -2,11 +2,13 @@
 
 Two tables with the same columns:
 
-- `snapshot_latest`: one row per user, the newest version (primary key `user_id`).
-- `snapshot_history`: one row per user and version (primary key
-  `(user_id, version)`), which is also the index that makes "the newest N
-  versions of a user" a backward range scan costing O(N) at any depth.
-  A unique index on `(user_id, idempotency_key)` makes keyed writes idempotent.
+- `snapshot_latest`: one row per user and scope, the newest version
+  (primary key `(tenant, namespace, user_id)`).
+- `snapshot_history`: one row per user, scope and version (primary key
+  `(tenant, namespace, user_id, version)`), which is also the index that
+  makes "the newest N versions of a user" a backward range scan costing
+  O(N) at any depth. A unique index on the key plus `idempotency_key` makes
+  keyed writes idempotent.
 
 Later capabilities (tenant, namespace, expiry, write metadata) add columns in
 new Alembic revisions; nothing here is created outside migrations.
@@ -29,10 +31,16 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    Text,
     TypeDecorator,
 )
 
-from .snapshot import MAX_IDEMPOTENCY_KEY_LENGTH, MAX_USER_ID_LENGTH
+from .snapshot import (
+    MAX_ACTOR_LENGTH,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    MAX_SCOPE_LENGTH,
+    MAX_USER_ID_LENGTH,
+)
 
 __all__ = ["UTCDateTime", "history_table", "latest_table", "metadata"]
 
@@ -74,6 +82,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def _snapshot_columns() -> list[Column[Any]]:
     return [
+        # Every key starts with the scope: a tenant ("" for none) and a namespace
+        # (one per state type), so one user can hold several typed states and no
+        # query of one tenant can reach another's rows.
+        Column("tenant", String(MAX_SCOPE_LENGTH), nullable=False, server_default=""),
+        Column("namespace", String(MAX_SCOPE_LENGTH), nullable=False, server_default="default"),
         Column("user_id", String(MAX_USER_ID_LENGTH), nullable=False),
         Column("version", BigInteger, nullable=False),
         Column("schema_version", Integer, nullable=False),
@@ -82,6 +95,11 @@ def _snapshot_columns() -> list[Column[Any]]:
         # The caller's id for the action that wrote this version (seed 004's action id):
         # retrying a write with the same key finds its history row instead of writing again.
         Column("idempotency_key", String(MAX_IDEMPOTENCY_KEY_LENGTH), nullable=True),
+        # Who or what caused the write, why, and free JSON metadata (seed 004's
+        # transition records).
+        Column("actor", String(MAX_ACTOR_LENGTH), nullable=True),
+        Column("reason", Text, nullable=True),
+        Column("metadata", LargeBinary, nullable=True),
     ]
 
 
@@ -89,13 +107,20 @@ latest_table = Table(
     "snapshot_latest",
     metadata,
     *_snapshot_columns(),
-    PrimaryKeyConstraint("user_id"),
+    PrimaryKeyConstraint("tenant", "namespace", "user_id"),
 )
 
 history_table = Table(
     "snapshot_history",
     metadata,
     *_snapshot_columns(),
-    PrimaryKeyConstraint("user_id", "version"),
-    Index("ux_snapshot_history_idempotency_key", "user_id", "idempotency_key", unique=True),
+    PrimaryKeyConstraint("tenant", "namespace", "user_id", "version"),
+    Index(
+        "ux_snapshot_history_idempotency_key",
+        "tenant",
+        "namespace",
+        "user_id",
+        "idempotency_key",
+        unique=True,
+    ),
 )

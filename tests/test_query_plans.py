@@ -13,6 +13,7 @@ from snapshot_repo._driver import _compile
 from .conftest import Backend, Cart
 
 DEEP = 100_000
+SCOPE = {"tenant": "", "namespace": "default"}
 
 
 async def seed_deep_history(repo: sr.SnapshotRepository[Cart], backend: Backend) -> None:
@@ -80,7 +81,9 @@ async def test_history_reads_are_an_index_range_scan_without_sort(
     repo: sr.SnapshotRepository[Cart], backend: Backend
 ):
     await seed_deep_history(repo, backend)
-    plan = await explain(repo, backend, history_statement(), {"user_id": "deep", "limit": 10})
+    plan = await explain(
+        repo, backend, history_statement(), {**SCOPE, "user_id": "deep", "limit": 10}
+    )
     if backend.name == "postgres":
         assert "Index Scan Backward using pk_snapshot_history" in plan, plan
         assert "Sort" not in plan, plan
@@ -102,12 +105,12 @@ async def test_latest_reads_are_primary_key_lookups(
     if many:
         statement = latest_many_statement("postgresql" if backend.name == "postgres" else "sqlite")
         params = (
-            {"user_ids": ["deep", "u1"]}
+            {**SCOPE, "user_ids": ["deep", "u1"]}
             if backend.name == "postgres"
-            else {"user_ids_json": '["deep", "u1"]'}
+            else {**SCOPE, "user_ids_json": '["deep", "u1"]'}
         )
     else:
-        statement, params = latest_statement(), {"user_id": "deep"}
+        statement, params = latest_statement(), {**SCOPE, "user_id": "deep"}
     plan = await explain(repo, backend, statement, params)
     if backend.name == "postgres":
         assert "pk_snapshot_latest" in plan, plan
