@@ -25,6 +25,7 @@ from functools import cache
 from typing import Any, Literal
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     ColumnElement,
     Delete,
@@ -34,14 +35,17 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    Text,
     TextClause,
     Update,
     and_,
     any_,
     bindparam,
+    cast,
     delete,
     func,
     insert,
+    literal,
     select,
     text,
     update,
@@ -50,15 +54,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import ReturningDelete
 from sqlalchemy.sql.elements import BindParameter
 
-from .tables import history_table, latest_table
+from .tables import changes_table, history_table, latest_table
 
 __all__ = [
+    "CHANGE_COLUMNS",
     "ROW_COLUMNS",
     "STORED_COLUMNS",
     "WRITE_COLUMNS",
     "DialectName",
     "WriteMode",
     "delete_statements",
+    "erasure_feed_statements",
     "history_statement",
     "idempotent_write_statement",
     "latest_many_statement",
@@ -147,22 +153,74 @@ def write_mode(expected_version: int | None) -> WriteMode:
     return "create" if expected_version == 0 else "replace"
 
 
+CHANGE_COLUMNS = (
+    "tenant",
+    "namespace",
+    "user_id",
+    "version",
+    "created_at",
+    "actor",
+    "reason",
+    "metadata",
+)
+"""The columns a feed row copies from the write it records (plus `kind` and `txid`)."""
+
+
+def _postgres_txid() -> ColumnElement[int]:
+    """The current transaction's 64-bit id (xid8, epoch included) as a BIGINT."""
+    return cast(cast(func.pg_current_xact_id(), Text), BigInteger)
+
+
 @cache
 def postgres_write_statement(mode: WriteMode) -> Insert:
-    """Postgres: latest write and history append in one statement, returning the new version."""
+    """Postgres: latest write, history append and feed entry in one statement.
+
+    Returns the new version (no row when a compare-and-set found another version).
+    """
     written = _latest_write("postgresql", mode).cte("written")
+    feed = (
+        insert(changes_table)
+        .from_select(
+            [*CHANGE_COLUMNS, "kind", "txid"],
+            select(*(written.c[n] for n in CHANGE_COLUMNS), literal("write"), _postgres_txid()),
+        )
+        .cte("feed")
+    )
     return (
         insert(history_table)
         .from_select(list(STORED_COLUMNS), select(*(written.c[n] for n in STORED_COLUMNS)))
         .returning(history_table.c.version)
+        .add_cte(feed)
     )
 
 
 @cache
-def sqlite_write_statements(mode: WriteMode) -> tuple[Insert | Update, Insert]:
-    """SQLite: the latest write (returning its row) and the history append, for one transaction."""
+def sqlite_write_statements(mode: WriteMode) -> tuple[Insert | Update, Insert, Insert]:
+    """SQLite: the latest write (returning its row), the history append and the feed entry."""
     append = insert(history_table).values({name: bindparam(name) for name in STORED_COLUMNS})
-    return _latest_write("sqlite", mode), append
+    return _latest_write("sqlite", mode), append, _feed_entry("write")
+
+
+@cache
+def _feed_entry(kind: str) -> Insert:
+    return insert(changes_table).values(
+        kind=kind, **{name: bindparam(name) for name in CHANGE_COLUMNS}
+    )
+
+
+@cache
+def erasure_feed_statements(dialect: DialectName) -> tuple[Delete, Insert]:
+    """Forget the erased user's earlier feed entries, then record the erasure itself.
+
+    The feed never held payloads; after an erasure it no longer holds the
+    user's writes either, only one `erase` entry, so consumers learn to drop
+    what they cached.
+    """
+    forget = delete(changes_table).where(_is_key(changes_table))
+    record = _feed_entry("erase")
+    if dialect == "postgresql":
+        record = record.values(txid=_postgres_txid())
+    return forget, record
 
 
 @cache
@@ -228,6 +286,7 @@ def postgres_bulk_write_statement() -> TextClause:
     The write's metadata (actor, reason, metadata) is the batch's.
     """
     columns = ", ".join(STORED_COLUMNS)
+    feed_columns = ", ".join(CHANGE_COLUMNS)
     shared = (
         "CAST(:created_at AS TIMESTAMPTZ), NULL, CAST(:actor AS VARCHAR), "
         "CAST(:reason AS TEXT), CAST(:metadata AS BYTEA)"
@@ -259,13 +318,22 @@ def postgres_bulk_write_statement() -> TextClause:
                 reason = excluded.reason,
                 metadata = excluded.metadata
             RETURNING user_id, version
+        ),
+        appended AS (
+            INSERT INTO snapshot_history ({columns})
+            SELECT CAST(:tenant AS VARCHAR), CAST(:namespace AS VARCHAR), batch.user_id,
+                   written.version - batch.n + batch.rn, batch.schema_version, batch.payload,
+                   {shared}
+            FROM batch JOIN written USING (user_id)
+            RETURNING tenant, namespace, user_id, version, created_at, actor, reason, metadata
+        ),
+        feed AS (
+            INSERT INTO snapshot_changes ({feed_columns}, kind, txid)
+            SELECT {feed_columns}, 'write',
+                   CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)
+            FROM appended ORDER BY user_id, version
         )
-        INSERT INTO snapshot_history ({columns})
-        SELECT CAST(:tenant AS VARCHAR), CAST(:namespace AS VARCHAR), batch.user_id,
-               written.version - batch.n + batch.rn, batch.schema_version, batch.payload,
-               {shared}
-        FROM batch JOIN written USING (user_id)
-        RETURNING user_id, version
+        SELECT user_id, version FROM appended
         """
     ).bindparams(
         bindparam("ords", type_=postgresql.ARRAY(Integer)),

@@ -42,7 +42,9 @@ from ._dialects import (
     ROW_COLUMNS,
     STORED_COLUMNS,
     WRITE_COLUMNS,
+    DialectName,
     delete_statements,
+    erasure_feed_statements,
     history_statement,
     idempotent_write_statement,
     latest_many_statement,
@@ -123,7 +125,7 @@ class Operations(Protocol):
     async def latest(self, scope: Scope, user_id: str) -> Row | None: ...
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]: ...
     async def current_version(self, scope: Scope, user_id: str) -> int: ...
-    async def delete(self, scope: Scope, user_id: str) -> int: ...
+    async def delete(self, scope: Scope, user_id: str, at: Any) -> int: ...
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]: ...
     async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]: ...
 
@@ -136,6 +138,10 @@ class _Compiled:
     names: tuple[str, ...]
     defaults: Mapping[str, Any]
     processors: Mapping[str, Callable[[Any], Any]]
+
+    def stored_args(self, stored: Mapping[str, Any]) -> tuple[Any, ...]:
+        """Positional values taken as they are: `stored` came from the database already."""
+        return tuple(stored[n] if n in stored else self.defaults[n] for n in self.names)
 
     def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
         values = []
@@ -231,7 +237,49 @@ def operations_for(engine: AsyncEngine) -> Operations:
     return _SqliteOperations(engine)
 
 
-class _PostgresOperations:
+class _SharedStatements:
+    """The statements both backends compile alike (set by `_compile_shared`)."""
+
+    _keyed: _Compiled
+    _latest: _Compiled
+    _history: _Compiled
+    _version: _Compiled
+    _delete_latest: _Compiled
+    _delete_history: _Compiled
+    _latest_many: _Compiled
+    _forget_feed: _Compiled
+    _erasure_entry: _Compiled
+
+
+def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
+    name: DialectName = "postgresql" if dialect.name == "postgresql" else "sqlite"
+    target._keyed = _compile(idempotent_write_statement(), dialect)
+    target._latest = _compile(latest_statement(), dialect)
+    target._history = _compile(history_statement(), dialect)
+    target._version = _compile(version_statement(), dialect)
+    target._delete_latest, target._delete_history = _compile_all(delete_statements(), dialect)
+    target._latest_many = _compile(latest_many_statement(name), dialect)
+    target._forget_feed, target._erasure_entry = _compile_all(
+        erasure_feed_statements(name), dialect
+    )
+
+
+def _compile_all(statements: Sequence[ClauseElement], dialect: Dialect) -> tuple[_Compiled, ...]:
+    return tuple(_compile(statement, dialect) for statement in statements)
+
+
+def _erasure_params(key: Mapping[str, Any], version: int, at: Any) -> dict[str, Any]:
+    return {
+        **key,
+        "version": version,
+        "created_at": at,
+        "actor": None,
+        "reason": None,
+        "metadata": None,
+    }
+
+
+class _PostgresOperations(_SharedStatements):
     """asyncpg: each single-statement operation is one round trip, autocommitted."""
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -242,15 +290,8 @@ class _PostgresOperations:
             mode: _compile(postgres_write_statement(mode), dialect)
             for mode in ("upsert", "create", "replace")
         }
-        self._keyed = _compile(idempotent_write_statement(), dialect)
-        self._latest = _compile(latest_statement(), dialect)
-        self._history = _compile(history_statement(), dialect)
-        self._version = _compile(version_statement(), dialect)
-        delete_latest, delete_history = delete_statements()
-        self._delete_latest = _compile(delete_latest, dialect)
-        self._delete_history = _compile(delete_history, dialect)
         self._write_many = _compile(postgres_bulk_write_statement(), dialect)
-        self._latest_many = _compile(latest_many_statement("postgresql"), dialect)
+        _compile_shared(self, dialect)
 
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
         first = writes[0]  # scope, time and write metadata are the batch's
@@ -311,7 +352,7 @@ class _PostgresOperations:
             )
         return int(version or 0)
 
-    async def delete(self, scope: Scope, user_id: str) -> int:
+    async def delete(self, scope: Scope, user_id: str, at: Any) -> int:
         key = scope.key(user_id)
         async with _checkout(self._engine) as conn, conn.transaction():
             version = await conn.fetchval(self._delete_latest.sql, *self._delete_latest.args(key))
@@ -319,6 +360,9 @@ class _PostgresOperations:
                 return 0
             args = self._delete_history.args({**key, "version": version})
             status: str = await conn.execute(self._delete_history.sql, *args)
+            await conn.execute(self._forget_feed.sql, *self._forget_feed.args(key))
+            entry = self._erasure_entry.args(_erasure_params(key, version, at))
+            await conn.execute(self._erasure_entry.sql, *entry)
         return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
 
 
@@ -332,14 +376,20 @@ def _versions_in_input_order(writes: Sequence[PendingWrite], rows: Sequence[Any]
     return [by_user[write.user_id].pop() for write in writes]
 
 
-def _append_history(conn: sqlite3.Connection, history_append: _Compiled, written: Any) -> int:
-    """Append the row the latest write returned to history, exactly as stored; its version."""
+def _append_history(
+    conn: sqlite3.Connection, history_append: _Compiled, feed_entry: _Compiled, written: Any
+) -> int:
+    """Append the row the latest write returned to history and the feed, exactly as stored.
+
+    Returns the row's version.
+    """
     stored = dict(zip(STORED_COLUMNS, written, strict=True))
-    conn.execute(history_append.sql, tuple(stored[name] for name in history_append.names))
+    conn.execute(history_append.sql, history_append.stored_args(stored))
+    conn.execute(feed_entry.sql, feed_entry.stored_args(stored))
     return int(stored["version"])
 
 
-class _SqliteOperations:
+class _SqliteOperations(_SharedStatements):
     """aiosqlite: every operation is one function on the connection's thread.
 
     Writes of one repository queue on an `asyncio.Lock` so that concurrent
@@ -353,26 +403,21 @@ class _SqliteOperations:
         self._decode = _row_decoder(dialect)
         self._write_lock = asyncio.Lock()
         self._writes = {
-            mode: tuple(_compile(s, dialect) for s in sqlite_write_statements(mode))
+            mode: _compile_all(sqlite_write_statements(mode), dialect)
             for mode in ("upsert", "create", "replace")
         }
-        self._keyed = _compile(idempotent_write_statement(), dialect)
-        self._latest = _compile(latest_statement(), dialect)
-        self._history = _compile(history_statement(), dialect)
-        self._version = _compile(version_statement(), dialect)
-        delete_latest, delete_history = delete_statements()
-        self._delete_latest = _compile(delete_latest, dialect)
-        self._delete_history = _compile(delete_history, dialect)
-        self._latest_many = _compile(latest_many_statement("sqlite"), dialect)
+        _compile_shared(self, dialect)
 
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
-        latest_write, history_append = self._writes["upsert"]
+        latest_write, history_append, feed_entry = self._writes["upsert"]
 
         def run(conn: sqlite3.Connection) -> list[int]:
             versions = []
             for write in writes:
                 written = conn.execute(latest_write.sql, latest_write.args(write.params()))
-                versions.append(_append_history(conn, history_append, written.fetchone()))
+                versions.append(
+                    _append_history(conn, history_append, feed_entry, written.fetchone())
+                )
             return versions
 
         return await self._in_write_transaction(run)
@@ -387,7 +432,7 @@ class _SqliteOperations:
         return [self._decode(raw) for raw in rows]
 
     async def write(self, write: PendingWrite) -> WriteOutcome:
-        latest_write, history_append = self._writes[write_mode(write.expected_version)]
+        latest_write, history_append, feed_entry = self._writes[write_mode(write.expected_version)]
         keyed = self._keyed
 
         def run(conn: sqlite3.Connection) -> WriteOutcome:
@@ -399,7 +444,7 @@ class _SqliteOperations:
             written = conn.execute(latest_write.sql, latest_write.args(write.params())).fetchone()
             if written is None:
                 return None
-            return _append_history(conn, history_append, written)
+            return _append_history(conn, history_append, feed_entry, written)
 
         return await self._in_write_transaction(run)
 
@@ -415,8 +460,9 @@ class _SqliteOperations:
         rows = await self._fetch(self._version, scope.key(user_id))
         return int(rows[0][0]) if rows else 0
 
-    async def delete(self, scope: Scope, user_id: str) -> int:
+    async def delete(self, scope: Scope, user_id: str, at: Any) -> int:
         delete_latest, delete_history = self._delete_latest, self._delete_history
+        forget_feed, erasure_entry = self._forget_feed, self._erasure_entry
         key = scope.key(user_id)
 
         def run(conn: sqlite3.Connection) -> int:
@@ -426,7 +472,10 @@ class _SqliteOperations:
             if row is None:
                 return 0
             args = delete_history.args({**key, "version": row[0]})
-            return conn.execute(delete_history.sql, args).rowcount
+            erased: int = conn.execute(delete_history.sql, args).rowcount
+            conn.execute(forget_feed.sql, forget_feed.args(key))
+            conn.execute(erasure_entry.sql, erasure_entry.args(_erasure_params(key, row[0], at)))
+            return erased
 
         return await self._in_write_transaction(run)
 

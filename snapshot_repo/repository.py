@@ -453,7 +453,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         user_id = valid_user_id(user_id)
         async with self._guard("delete", user_id):
-            return await self._ops.delete(self._scope, user_id)
+            return await self._ops.delete(self._scope, user_id, datetime.now(UTC))
 
     async def health(self) -> HealthReport:
         """A readiness report: reachable, round-trip latency, schema revision vs. head.

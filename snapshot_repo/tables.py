@@ -9,6 +9,7 @@ Two tables with the same columns:
   makes "the newest N versions of a user" a backward range scan costing
   O(N) at any depth. A unique index on the key plus `idempotency_key` makes
   keyed writes idempotent.
+- `snapshot_changes`: the ordered feed of committed writes and erasures.
 
 Later capabilities (tenant, namespace, expiry, write metadata) add columns in
 new Alembic revisions; nothing here is created outside migrations.
@@ -42,7 +43,7 @@ from .snapshot import (
     MAX_USER_ID_LENGTH,
 )
 
-__all__ = ["UTCDateTime", "history_table", "latest_table", "metadata"]
+__all__ = ["UTCDateTime", "changes_table", "history_table", "latest_table", "metadata"]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -123,4 +124,45 @@ history_table = Table(
         "idempotency_key",
         unique=True,
     ),
+)
+
+# For get_as_of: the newest version written at or before a moment, one index probe.
+Index(
+    "ix_snapshot_history_created_at",
+    history_table.c.tenant,
+    history_table.c.namespace,
+    history_table.c.user_id,
+    history_table.c.created_at,
+)
+
+changes_table = Table(
+    "snapshot_changes",
+    metadata,
+    # The global, ordered change feed (seed 004's transitions): one row per
+    # committed write or erasure, never a payload.
+    Column(
+        "seq",
+        BigInteger().with_variant(Integer, "sqlite"),  # SQLite: an alias of the rowid
+        primary_key=True,
+        autoincrement=True,
+    ),
+    # Postgres: the writing transaction's id. Readers only return rows of
+    # transactions older than every transaction still running, ordered by
+    # (txid, seq), so a row that commits late can never fall behind a cursor.
+    # SQLite serializes writers, so seq alone is commit order there (NULL).
+    Column("txid", BigInteger, nullable=True),
+    Column("tenant", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("namespace", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("user_id", String(MAX_USER_ID_LENGTH), nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("actor", String(MAX_ACTOR_LENGTH), nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("metadata", LargeBinary, nullable=True),
+    Index("ix_snapshot_changes_feed", "tenant", "namespace", "txid", "seq"),
+    Index("ix_snapshot_changes_user", "tenant", "namespace", "user_id"),
+    # AUTOINCREMENT: never reuse a seq after the newest row is deleted (by an
+    # erasure), which a consumer's cursor could already have passed.
+    sqlite_autoincrement=True,
 )
