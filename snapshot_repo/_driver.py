@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
-from sqlalchemy import ClauseElement, Dialect
+from sqlalchemy import ClauseElement, ColumnElement, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
@@ -57,7 +57,15 @@ from ._dialects import (
 )
 from .tables import latest_table
 
-__all__ = ["Operations", "PendingWrite", "Row", "Scope", "is_retryable", "operations_for"]
+__all__ = [
+    "Operations",
+    "PendingWrite",
+    "Row",
+    "Scope",
+    "is_retryable",
+    "operations_for",
+    "row_decoder",
+]
 
 _T = TypeVar("_T")
 
@@ -125,9 +133,14 @@ class Operations(Protocol):
     async def latest(self, scope: Scope, user_id: str) -> Row | None: ...
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]: ...
     async def current_version(self, scope: Scope, user_id: str) -> int: ...
-    async def delete(self, scope: Scope, user_id: str, at: Any) -> int: ...
+    async def delete(self, scope: Scope, user_id: str, at: Any) -> tuple[int, int]:
+        """Erase the user; (versions erased, the last version) or (0, 0) if absent."""
+        ...
+
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]: ...
     async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]: ...
+    async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]: ...
+    def decode_snapshot_row(self, raw: Sequence[Any]) -> Row: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,10 +181,12 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> _Compiled:
     )
 
 
-def _row_decoder(dialect: Dialect) -> Callable[[Sequence[Any]], Row]:
+def row_decoder(
+    dialect: Dialect, columns: Sequence[ColumnElement[Any]]
+) -> Callable[[Sequence[Any]], Row]:
+    """Converts raw driver rows of `columns` with SQLAlchemy's result processors."""
     processors = [
-        latest_table.c[name].type.dialect_impl(dialect).result_processor(dialect, None)
-        for name in ROW_COLUMNS
+        column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
     ]
 
     def decode(raw: Sequence[Any]) -> Row:
@@ -240,6 +255,22 @@ def operations_for(engine: AsyncEngine) -> Operations:
 class _SharedStatements:
     """The statements both backends compile alike (set by `_compile_shared`)."""
 
+    _engine: AsyncEngine
+    _decode: Callable[[Sequence[Any]], Row]
+    _prepared: dict[int, tuple[ClauseElement, _Compiled]]
+
+    def decode_snapshot_row(self, raw: Sequence[Any]) -> Row:
+        """Convert a raw row of `ROW_COLUMNS` (from `fetch`) like the built-in reads do."""
+        return self._decode(raw)
+
+    def _compiled(self, statement: ClauseElement) -> _Compiled:
+        """`statement` compiled once per backend (statements are module-level singletons)."""
+        hit = self._prepared.get(id(statement))
+        if hit is None or hit[0] is not statement:
+            hit = (statement, _compile(statement, self._engine.dialect))
+            self._prepared[id(statement)] = hit
+        return hit[1]
+
     _keyed: _Compiled
     _latest: _Compiled
     _history: _Compiled
@@ -253,6 +284,7 @@ class _SharedStatements:
 
 def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
     name: DialectName = "postgresql" if dialect.name == "postgresql" else "sqlite"
+    target._prepared = {}
     target._keyed = _compile(idempotent_write_statement(), dialect)
     target._latest = _compile(latest_statement(), dialect)
     target._history = _compile(history_statement(), dialect)
@@ -285,7 +317,7 @@ class _PostgresOperations(_SharedStatements):
     def __init__(self, engine: AsyncEngine) -> None:
         dialect = engine.dialect
         self._engine = engine
-        self._decode = _row_decoder(dialect)
+        self._decode = row_decoder(dialect, [latest_table.c[name] for name in ROW_COLUMNS])
         self._writes = {
             mode: _compile(postgres_write_statement(mode), dialect)
             for mode in ("upsert", "create", "replace")
@@ -334,6 +366,11 @@ class _PostgresOperations(_SharedStatements):
             earlier = await conn.fetchrow(self._keyed.sql, *self._keyed.args(write.keyed_params()))
         return None if earlier is None else self._decode(earlier)
 
+    async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
+        compiled = self._compiled(statement)
+        async with _checkout(self._engine) as conn:
+            return list(await conn.fetch(compiled.sql, *compiled.args(params)))
+
     async def latest(self, scope: Scope, user_id: str) -> Row | None:
         async with _checkout(self._engine) as conn:
             raw = await conn.fetchrow(self._latest.sql, *self._latest.args(scope.key(user_id)))
@@ -352,18 +389,18 @@ class _PostgresOperations(_SharedStatements):
             )
         return int(version or 0)
 
-    async def delete(self, scope: Scope, user_id: str, at: Any) -> int:
+    async def delete(self, scope: Scope, user_id: str, at: Any) -> tuple[int, int]:
         key = scope.key(user_id)
         async with _checkout(self._engine) as conn, conn.transaction():
             version = await conn.fetchval(self._delete_latest.sql, *self._delete_latest.args(key))
             if version is None:
-                return 0
+                return 0, 0
             args = self._delete_history.args({**key, "version": version})
             status: str = await conn.execute(self._delete_history.sql, *args)
             await conn.execute(self._forget_feed.sql, *self._forget_feed.args(key))
             entry = self._erasure_entry.args(_erasure_params(key, version, at))
             await conn.execute(self._erasure_entry.sql, *entry)
-        return int(status.rsplit(" ", 1)[-1])  # "DELETE <count>"
+        return int(status.rsplit(" ", 1)[-1]), int(version)  # status: "DELETE <count>"
 
 
 def _versions_in_input_order(writes: Sequence[PendingWrite], rows: Sequence[Any]) -> list[int]:
@@ -400,7 +437,7 @@ class _SqliteOperations(_SharedStatements):
     def __init__(self, engine: AsyncEngine) -> None:
         dialect = engine.dialect
         self._engine = engine
-        self._decode = _row_decoder(dialect)
+        self._decode = row_decoder(dialect, [latest_table.c[name] for name in ROW_COLUMNS])
         self._write_lock = asyncio.Lock()
         self._writes = {
             mode: _compile_all(sqlite_write_statements(mode), dialect)
@@ -460,24 +497,27 @@ class _SqliteOperations(_SharedStatements):
         rows = await self._fetch(self._version, scope.key(user_id))
         return int(rows[0][0]) if rows else 0
 
-    async def delete(self, scope: Scope, user_id: str, at: Any) -> int:
+    async def delete(self, scope: Scope, user_id: str, at: Any) -> tuple[int, int]:
         delete_latest, delete_history = self._delete_latest, self._delete_history
         forget_feed, erasure_entry = self._forget_feed, self._erasure_entry
         key = scope.key(user_id)
 
-        def run(conn: sqlite3.Connection) -> int:
+        def run(conn: sqlite3.Connection) -> tuple[int, int]:
             found = conn.execute(delete_latest.sql, delete_latest.args(key))
             row = found.fetchone()
             found.close()
             if row is None:
-                return 0
+                return 0, 0
             args = delete_history.args({**key, "version": row[0]})
             erased: int = conn.execute(delete_history.sql, args).rowcount
             conn.execute(forget_feed.sql, forget_feed.args(key))
             conn.execute(erasure_entry.sql, erasure_entry.args(_erasure_params(key, row[0], at)))
-            return erased
+            return erased, int(row[0])
 
         return await self._in_write_transaction(run)
+
+    async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
+        return await self._fetch(self._compiled(statement), params)
 
     async def _fetch(self, statement: _Compiled, params: Mapping[str, Any]) -> list[Any]:
         async with _checkout(self._engine) as conn:

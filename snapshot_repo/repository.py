@@ -9,46 +9,36 @@ checks out its own pooled connection. On SQLite, writes from one repository
 also queue on an `asyncio.Lock`, so concurrent tasks wait their turn in
 order instead of polling SQLite's lock (writers in other processes are
 handled by `BEGIN IMMEDIATE` and the busy timeout).
+
+This module holds the seed-002 contract (writes, latest, history, delete);
+the other capabilities are mixins in their own modules.
 """
 
 from __future__ import annotations
 
-import asyncio
-import copy
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack, cast, overload
+from typing import Any, Unpack, cast, overload
 
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import migrate as _migrate
 from ._checks import (
     MAX_BATCH_SIZE,
     check_batch_size,
     check_int,
-    positive_seconds,
     valid_actor,
     valid_identifier,
     valid_reason,
-    valid_scope_name,
     valid_user_id,
 )
-from ._driver import PendingWrite, Row, Scope, is_retryable, operations_for
-from ._translate import describe, storage_errors
-from .codec import (
-    DEFAULT_MAX_PAYLOAD_BYTES,
-    JsonObject,
-    StateCodec,
-    decode_metadata,
-    encode_metadata,
-)
-from .engine import EngineSettings, create_engine, install_sqlite_settings
-from .errors import ConfigurationError, SnapshotValidationError, VersionConflictError
-from .health import HealthReport, probe
+from ._core import DEFAULT_NAMESPACE, RepositoryOptions, logger
+from ._driver import PendingWrite
+from ._feed import ChangeFeed
+from ._history_reads import HistoryReads
+from ._queries import history_before_statement
+from .codec import JsonObject, encode_metadata
+from .engine import EngineSettings, create_engine
+from .errors import SnapshotValidationError, VersionConflictError
 from .snapshot import MAX_IDEMPOTENCY_KEY_LENGTH, Snapshot, StateT
 
 __all__ = [
@@ -62,39 +52,10 @@ __all__ = [
 MAX_HISTORY_LIMIT = 10_000
 """The most versions one `get_history` call returns; page or export for more."""
 
-DEFAULT_NAMESPACE = "default"
-NO_TENANT = ""
-DEFAULT_HEALTH_TIMEOUT = 3.0
-DEFAULT_OPERATION_TIMEOUT = 30.0
-_CLOSE_TIMEOUT = 5.0
 _MAX_VERSION = 2**63 - 1  # the BIGINT version column
 
-logger = logging.getLogger("snapshot_repo")
-_ResultT = TypeVar("_ResultT")
 
-
-class RepositoryOptions(TypedDict, total=False):
-    """Keyword options of `SnapshotRepository` and `SnapshotRepository.from_url`.
-
-    Attributes:
-        max_payload_bytes: largest serialized state accepted (default 1 MiB,
-            at most 16 MiB).
-        health_timeout: seconds `health()`/`health_check()` wait at most (default 3).
-        operation_timeout: seconds any other call may take, pool wait
-            included, before it fails with `StorageError` (default 30; None: no limit).
-        namespace: which of a user's states this repository holds (default
-            "default"): repositories of different models share the tables
-            under different namespaces, so one user can have a cart, preferences
-            and an agent memory, each typed by its own model.
-    """
-
-    namespace: str
-    max_payload_bytes: int
-    health_timeout: float
-    operation_timeout: float | None
-
-
-class SnapshotRepository(Generic[StateT]):
+class SnapshotRepository(HistoryReads[StateT], ChangeFeed[StateT]):
     """Latest state and full history of each user's snapshots, typed by one model.
 
     Args:
@@ -108,38 +69,6 @@ class SnapshotRepository(Generic[StateT]):
 
     No I/O happens in the constructor.
     """
-
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        state_type: type[StateT] | None = None,
-        **options: Unpack[RepositoryOptions],
-    ) -> None:
-        dialect = engine.dialect.name
-        if dialect not in ("sqlite", "postgresql"):
-            raise ConfigurationError(f"unsupported database {dialect!r}: use SQLite or Postgres")
-        self._engine = engine
-        self._scope = Scope(
-            tenant=NO_TENANT,
-            namespace=valid_scope_name("namespace", options.get("namespace", DEFAULT_NAMESPACE)),
-        )
-        self._owns_engine = False
-        self._codec: StateCodec[StateT] = StateCodec(
-            state_type, options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES)
-        )
-        self._snapshot_type: type[Snapshot[StateT]] = Snapshot[self._codec.state_type]  # type: ignore[name-defined]
-        self._health_timeout = positive_seconds(
-            "health_timeout", options.get("health_timeout", DEFAULT_HEALTH_TIMEOUT)
-        )
-        operation_timeout = options.get("operation_timeout", DEFAULT_OPERATION_TIMEOUT)
-        self._operation_timeout = (
-            None
-            if operation_timeout is None
-            else positive_seconds("operation_timeout", operation_timeout)
-        )
-        if dialect == "sqlite":
-            install_sqlite_settings(engine, EngineSettings())
-        self._ops = operations_for(engine)
 
     @overload
     @classmethod
@@ -189,51 +118,6 @@ class SnapshotRepository(Generic[StateT]):
             raise
         repository._owns_engine = True
         return repository
-
-    @property
-    def engine(self) -> AsyncEngine:
-        """The engine this repository runs on."""
-        return self._engine
-
-    @property
-    def namespace(self) -> str:
-        """Which of a user's states this repository holds."""
-        return self._scope.namespace
-
-    @property
-    def tenant(self) -> str | None:
-        """The tenant this view is confined to; None for the repository itself."""
-        return self._scope.tenant or None
-
-    def for_tenant(self, tenant: str) -> Self:
-        """A view of this repository confined to `tenant` (seed 004's scoped view).
-
-        The tenant is part of every key and index: no call through the view
-        can read, overwrite, list or delete another tenant's rows (or the
-        untenanted rows of this repository), whatever user id it is given.
-        The view shares this repository's engine and settings; closing the
-        view leaves them open.
-
-        Raises:
-            ConfigurationError: `tenant` is not 1 to 255 characters without
-                control characters.
-        """
-        view = copy.copy(self)
-        view._scope = Scope(tenant=valid_scope_name("tenant", tenant), namespace=self.namespace)
-        view._owns_engine = False
-        return view
-
-    async def migrate(self) -> None:
-        """Upgrade the schema to the newest revision this package ships.
-
-        Idempotent, and safe to call from several processes at once (an
-        advisory lock on Postgres, the write lock on SQLite, serialize them).
-
-        Raises:
-            StorageError: the database failed or refused a migration.
-        """
-        async with storage_errors("migrate"):  # no operation timeout: migrations may be slow
-            await _migrate.upgrade(self._engine)
 
     async def upsert_latest(
         self,
@@ -305,7 +189,9 @@ class SnapshotRepository(Generic[StateT]):
             raise VersionConflictError(user_id, cast(int, expected_version), actual)
         if isinstance(outcome, tuple):
             return self._to_snapshot(outcome)  # the earlier write with this idempotency key
-        return self._stored(write, state, outcome)
+        stored = self._stored(write, state, outcome)
+        self._publish(self._change("write", user_id, outcome, write.created_at, stored))
+        return stored
 
     async def upsert_many(
         self,
@@ -366,10 +252,15 @@ class SnapshotRepository(Generic[StateT]):
             )
         async with self._guard("upsert_many", None):
             versions = await self._ops.write_many(writes)
-        return [
+        stored = [
             self._stored(write, state, version)
             for write, state, version in zip(writes, states, versions, strict=True)
         ]
+        for snapshot in stored:
+            self._publish(
+                self._change("write", snapshot.user_id, snapshot.version, created_at, snapshot)
+            )
+        return stored
 
     async def get_latest_many(self, user_ids: Sequence[str]) -> dict[str, Snapshot[StateT]]:
         """The newest snapshot of each of `user_ids` that has one, in one query.
@@ -407,16 +298,23 @@ class SnapshotRepository(Generic[StateT]):
         return None if row is None else self._to_snapshot(row)
 
     async def get_history(
-        self, user_id: str, limit: int = 100, *, skip_invalid: bool = False
+        self,
+        user_id: str,
+        limit: int = 100,
+        *,
+        before_version: int | None = None,
+        skip_invalid: bool = False,
     ) -> list[Snapshot[StateT]]:
         """The user's newest `limit` versions, newest first (empty if none).
 
         Costs O(limit) whatever the length of the history: a backward scan of
-        the `(user_id, version)` primary key.
+        the history primary key.
 
         Args:
             user_id: whose history.
             limit: how many versions at most, 1 to 10,000.
+            before_version: keyset paging: only versions below this one (pass
+                the last version of the previous page).
             skip_invalid: leave out (and log a warning for) stored states that
                 no longer validate against the model, instead of raising.
 
@@ -428,7 +326,17 @@ class SnapshotRepository(Generic[StateT]):
         user_id = valid_user_id(user_id)
         check_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
         async with self._guard("get_history", user_id):
-            rows = await self._read(self._ops.history, self._scope, user_id, limit)
+            if before_version is None:
+                rows = await self._read(self._ops.history, self._scope, user_id, limit)
+            else:
+                check_int("before_version", before_version, minimum=1, maximum=_MAX_VERSION)
+                params = {
+                    **self._scope.key(user_id),
+                    "before_version": before_version,
+                    "limit": limit,
+                }
+                raw = await self._read(self._ops.fetch, history_before_statement(), params)
+                rows = [self._ops.decode_snapshot_row(row) for row in raw]
         if not skip_invalid:
             return [self._to_snapshot(row) for row in rows]
         snapshots = []
@@ -452,119 +360,9 @@ class SnapshotRepository(Generic[StateT]):
             StorageError: the database failed; nothing was erased.
         """
         user_id = valid_user_id(user_id)
+        at = datetime.now(UTC)
         async with self._guard("delete", user_id):
-            return await self._ops.delete(self._scope, user_id, datetime.now(UTC))
-
-    async def health(self) -> HealthReport:
-        """A readiness report: reachable, round-trip latency, schema revision vs. head.
-
-        Never raises, never waits longer than `health_timeout` seconds, and
-        never creates anything (a missing SQLite file is reported, not created).
-        """
-        report = await probe(self._engine, self._health_timeout)
-        if not report.healthy:
-            logger.warning(
-                "snapshot_repo is not ready: reachable=%s, schema %s of %s%s",
-                report.reachable,
-                report.database_revision,
-                report.head_revision,
-                f" ({report.error})" if report.error else "",
-            )
-        return report
-
-    async def health_check(self) -> bool:
-        """True only when the database is reachable and migrated to this package's head.
-
-        Never raises, never waits longer than `health_timeout` seconds, and
-        never creates anything. See `health()` for the reasons.
-        """
-        return (await self.health()).healthy
-
-    async def close(self) -> None:
-        """Close the pooled connections of an engine this repository owns (from `from_url`).
-
-        An engine passed to the constructor belongs to the caller and stays open.
-        """
-        if self._owns_engine:
-            await _dispose_within(self._engine, _CLOSE_TIMEOUT)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        url = self._engine.url.render_as_string(hide_password=True)
-        tenant = f", tenant={self._scope.tenant!r}" if self._scope.tenant else ""
-        return (
-            f"SnapshotRepository({url!r}, {self._codec.state_type!r}, "
-            f"namespace={self.namespace!r}{tenant})"
-        )
-
-    def _guard(self, operation: str, user_id: str | None) -> AbstractAsyncContextManager[None]:
-        """Error translation plus the per-operation timeout, around one public call."""
-        return storage_errors(operation, user_id, time_limit=self._operation_timeout)
-
-    async def _read(self, fetch: Callable[..., Awaitable[_ResultT]], *args: Any) -> _ResultT:
-        """Run a read; repeat it once if the connection turned out to be dead.
-
-        A read is safe to repeat. This covers the first use of pooled
-        connections after a database restart: the failed connection's whole
-        pool generation is invalidated, so the repeat gets a fresh one.
-        """
-        try:
-            return await fetch(*args)
-        except Exception as exc:
-            if not is_retryable(exc):
-                raise
-            logger.info("snapshot_repo repeating a read on a new connection: %s", describe(exc))
-        return await fetch(*args)
-
-    def _to_snapshot(self, row: Row) -> Snapshot[StateT]:
-        (user_id, version, schema_version, payload, created_at, key, actor, reason, meta) = row
-        return self._snapshot_type.model_construct(
-            user_id=user_id,
-            state=self._codec.decode(payload, user_id, version),
-            version=version,
-            created_at=created_at,
-            schema_version=schema_version,
-            idempotency_key=key,
-            actor=actor,
-            reason=reason,
-            metadata=decode_metadata(meta),
-        )
-
-    def _stored(self, write: PendingWrite, state: StateT, version: int) -> Snapshot[StateT]:
-        """The snapshot a write stored, built from what was sent (no read back)."""
-        return self._snapshot_type.model_construct(
-            user_id=write.user_id,
-            state=state,
-            version=version,
-            created_at=write.created_at,
-            schema_version=write.schema_version,
-            idempotency_key=write.idempotency_key,
-            actor=write.actor,
-            reason=write.reason,
-            metadata=decode_metadata(write.metadata),
-        )
-
-
-async def _dispose_within(engine: AsyncEngine, seconds: float) -> None:
-    """Close the engine's connections gracefully, or abandon them after `seconds`.
-
-    A graceful close waits for the server to acknowledge; a frozen server never
-    does. After the deadline the pool is dropped without waiting, so `close()`
-    always returns.
-    """
-    try:
-        async with asyncio.timeout(seconds):
-            await engine.dispose()
-    except TimeoutError:
-        logger.warning("snapshot_repo: closing connections took over %g s; abandoned them", seconds)
-        await engine.dispose(close=False)
+            erased, last_version = await self._ops.delete(self._scope, user_id, at)
+        if erased:
+            self._publish(self._change("erase", user_id, last_version, at))
+        return erased

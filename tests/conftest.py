@@ -31,9 +31,13 @@ from sqlalchemy.engine import make_url
 import snapshot_repo as sr
 from snapshot_repo.engine import create_engine
 from snapshot_repo.migrate import upgrade
+from snapshot_repo.tables import metadata
 
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 T = TypeVar("T")
+TRUNCATE_ALL = "TRUNCATE {} RESTART IDENTITY".format(
+    ", ".join(table.name for table in metadata.sorted_tables)
+)
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -156,14 +160,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         return _sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template"))
     server: PostgresServer = request.getfixturevalue("postgres_server")
     url: str = request.getfixturevalue("migrated_postgres_url")
-    run_blocking(_admin(url, "TRUNCATE snapshot_latest, snapshot_history"))
+    run_blocking(_admin(url, TRUNCATE_ALL))
     return Backend(name="postgres", url=url, fresh_url=server.create_database)
 
 
 @pytest.fixture
 def postgres_url(migrated_postgres_url: str) -> str:
     """A migrated, empty Postgres database, for tests about Postgres by nature."""
-    run_blocking(_admin(migrated_postgres_url, "TRUNCATE snapshot_latest, snapshot_history"))
+    run_blocking(_admin(migrated_postgres_url, TRUNCATE_ALL))
     return migrated_postgres_url
 
 

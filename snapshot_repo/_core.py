@@ -1,0 +1,269 @@
+"""The repository's shared machinery: configuration, scope, error guard, row conversion.
+
+`SnapshotRepository` is assembled from this core and one mixin per
+capability (`_history_reads`, `_feed`, ...), so each capability lives in a
+module of its own while callers see one class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import migrate as _migrate
+from ._checks import positive_seconds, valid_scope_name
+from ._driver import PendingWrite, Row, Scope, is_retryable, operations_for
+from ._translate import describe, storage_errors
+from .changes import hub_for
+from .codec import DEFAULT_MAX_PAYLOAD_BYTES, StateCodec, decode_metadata
+from .engine import EngineSettings, install_sqlite_settings
+from .errors import ConfigurationError
+from .health import HealthReport, probe
+from .snapshot import Snapshot, StateT
+
+__all__ = ["DEFAULT_NAMESPACE", "RepositoryCore", "RepositoryOptions"]
+
+DEFAULT_NAMESPACE = "default"
+NO_TENANT = ""
+DEFAULT_HEALTH_TIMEOUT = 3.0
+DEFAULT_OPERATION_TIMEOUT = 30.0
+_CLOSE_TIMEOUT = 5.0
+
+logger = logging.getLogger("snapshot_repo")
+_ResultT = TypeVar("_ResultT")
+
+
+class RepositoryOptions(TypedDict, total=False):
+    """Keyword options of `SnapshotRepository` and `SnapshotRepository.from_url`.
+
+    Attributes:
+        max_payload_bytes: largest serialized state accepted (default 1 MiB,
+            at most 16 MiB).
+        health_timeout: seconds `health()`/`health_check()` wait at most (default 3).
+        operation_timeout: seconds any other call may take, pool wait
+            included, before it fails with `StorageError` (default 30; None: no limit).
+        namespace: which of a user's states this repository holds (default
+            "default"): repositories of different models share the tables
+            under different namespaces, so one user can have a cart, preferences
+            and an agent memory, each typed by its own model.
+    """
+
+    namespace: str
+    max_payload_bytes: int
+    health_timeout: float
+    operation_timeout: float | None
+
+
+class RepositoryCore(Generic[StateT]):
+    """Latest state and full history of each user's snapshots, typed by one model.
+
+    Args:
+        engine: an async engine on SQLite (aiosqlite) or Postgres (asyncpg).
+            The repository does not dispose an engine it was given; use
+            `from_url` to let it own one.
+        state_type: the pydantic model (or other pydantic-validatable type) of
+            the states; None stores plain JSON objects (`dict`).
+        **options: see `RepositoryOptions`: `namespace`, `max_payload_bytes`,
+            `health_timeout`, `operation_timeout`.
+
+    No I/O happens in the constructor.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        state_type: type[StateT] | None = None,
+        **options: Unpack[RepositoryOptions],
+    ) -> None:
+        dialect = engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            raise ConfigurationError(f"unsupported database {dialect!r}: use SQLite or Postgres")
+        self._engine = engine
+        self._scope = Scope(
+            tenant=NO_TENANT,
+            namespace=valid_scope_name("namespace", options.get("namespace", DEFAULT_NAMESPACE)),
+        )
+        self._owns_engine = False
+        self._codec: StateCodec[StateT] = StateCodec(
+            state_type, options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES)
+        )
+        self._snapshot_type: type[Snapshot[StateT]] = Snapshot[self._codec.state_type]  # type: ignore[name-defined]
+        self._health_timeout = positive_seconds(
+            "health_timeout", options.get("health_timeout", DEFAULT_HEALTH_TIMEOUT)
+        )
+        operation_timeout = options.get("operation_timeout", DEFAULT_OPERATION_TIMEOUT)
+        self._operation_timeout = (
+            None
+            if operation_timeout is None
+            else positive_seconds("operation_timeout", operation_timeout)
+        )
+        if dialect == "sqlite":
+            install_sqlite_settings(engine, EngineSettings())
+        self._ops = operations_for(engine)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine this repository runs on."""
+        return self._engine
+
+    @property
+    def namespace(self) -> str:
+        """Which of a user's states this repository holds."""
+        return self._scope.namespace
+
+    @property
+    def tenant(self) -> str | None:
+        """The tenant this view is confined to; None for the repository itself."""
+        return self._scope.tenant or None
+
+    def for_tenant(self, tenant: str) -> Self:
+        """A view of this repository confined to `tenant` (seed 004's scoped view).
+
+        The tenant is part of every key and index: no call through the view
+        can read, overwrite, list or delete another tenant's rows (or the
+        untenanted rows of this repository), whatever user id it is given.
+        The view shares this repository's engine and settings; closing the
+        view leaves them open.
+
+        Raises:
+            ConfigurationError: `tenant` is not 1 to 255 characters without
+                control characters.
+        """
+        view = copy.copy(self)
+        view._scope = Scope(tenant=valid_scope_name("tenant", tenant), namespace=self.namespace)
+        view._owns_engine = False
+        return view
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest revision this package ships.
+
+        Idempotent, and safe to call from several processes at once (an
+        advisory lock on Postgres, the write lock on SQLite, serialize them).
+
+        Raises:
+            StorageError: the database failed or refused a migration.
+        """
+        async with storage_errors("migrate"):  # no operation timeout: migrations may be slow
+            await _migrate.upgrade(self._engine)
+
+    async def health(self) -> HealthReport:
+        """A readiness report: reachable, round-trip latency, schema revision vs. head.
+
+        Never raises, never waits longer than `health_timeout` seconds, and
+        never creates anything (a missing SQLite file is reported, not created).
+        """
+        report = await probe(self._engine, self._health_timeout)
+        if not report.healthy:
+            logger.warning(
+                "snapshot_repo is not ready: reachable=%s, schema %s of %s%s",
+                report.reachable,
+                report.database_revision,
+                report.head_revision,
+                f" ({report.error})" if report.error else "",
+            )
+        return report
+
+    async def health_check(self) -> bool:
+        """True only when the database is reachable and migrated to this package's head.
+
+        Never raises, never waits longer than `health_timeout` seconds, and
+        never creates anything. See `health()` for the reasons.
+        """
+        return (await self.health()).healthy
+
+    async def close(self) -> None:
+        """Close the pooled connections of an engine this repository owns (from `from_url`).
+
+        An engine passed to the constructor belongs to the caller and stays open.
+        """
+        if self._owns_engine:
+            await hub_for(self._engine).close()
+            await _dispose_within(self._engine, _CLOSE_TIMEOUT)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        url = self._engine.url.render_as_string(hide_password=True)
+        tenant = f", tenant={self._scope.tenant!r}" if self._scope.tenant else ""
+        return (
+            f"SnapshotRepository({url!r}, {self._codec.state_type!r}, "
+            f"namespace={self.namespace!r}{tenant})"
+        )
+
+    def _guard(self, operation: str, user_id: str | None) -> AbstractAsyncContextManager[None]:
+        """Error translation plus the per-operation timeout, around one public call."""
+        return storage_errors(operation, user_id, time_limit=self._operation_timeout)
+
+    async def _read(self, fetch: Callable[..., Awaitable[_ResultT]], *args: Any) -> _ResultT:
+        """Run a read; repeat it once if the connection turned out to be dead.
+
+        A read is safe to repeat. This covers the first use of pooled
+        connections after a database restart: the failed connection's whole
+        pool generation is invalidated, so the repeat gets a fresh one.
+        """
+        try:
+            return await fetch(*args)
+        except Exception as exc:
+            if not is_retryable(exc):
+                raise
+            logger.info("snapshot_repo repeating a read on a new connection: %s", describe(exc))
+        return await fetch(*args)
+
+    def _to_snapshot(self, row: Row) -> Snapshot[StateT]:
+        (user_id, version, schema_version, payload, created_at, key, actor, reason, meta) = row
+        return self._snapshot_type.model_construct(
+            user_id=user_id,
+            state=self._codec.decode(payload, user_id, version),
+            version=version,
+            created_at=created_at,
+            schema_version=schema_version,
+            idempotency_key=key,
+            actor=actor,
+            reason=reason,
+            metadata=decode_metadata(meta),
+        )
+
+    def _stored(self, write: PendingWrite, state: StateT, version: int) -> Snapshot[StateT]:
+        """The snapshot a write stored, built from what was sent (no read back)."""
+        return self._snapshot_type.model_construct(
+            user_id=write.user_id,
+            state=state,
+            version=version,
+            created_at=write.created_at,
+            schema_version=write.schema_version,
+            idempotency_key=write.idempotency_key,
+            actor=write.actor,
+            reason=write.reason,
+            metadata=decode_metadata(write.metadata),
+        )
+
+
+async def _dispose_within(engine: AsyncEngine, seconds: float) -> None:
+    """Close the engine's connections gracefully, or abandon them after `seconds`.
+
+    A graceful close waits for the server to acknowledge; a frozen server never
+    does. After the deadline the pool is dropped without waiting, so `close()`
+    always returns.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await engine.dispose()
+    except TimeoutError:
+        logger.warning("snapshot_repo: closing connections took over %g s; abandoned them", seconds)
+        await engine.dispose(close=False)

@@ -1,0 +1,163 @@
+"""Read queries beyond latest and history: one version, as of a moment, paging, listing, the feed.
+
+Each is one statement on an index (see `tables`): the history primary key for
+versions and paging, the `created_at` index for as-of reads, the latest
+table's primary key for listing users with keyset paging (never OFFSET), and
+the feed index for `changes_since`.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Select,
+    Text,
+    bindparam,
+    cast,
+    exists,
+    func,
+    select,
+    tuple_,
+)
+
+from ._dialects import ROW_COLUMNS, DialectName
+from .tables import changes_table, history_table, latest_table
+
+__all__ = [
+    "CHANGE_FEED_COLUMNS",
+    "as_of_statement",
+    "changes_since_statement",
+    "count_users_statement",
+    "exists_statement",
+    "history_before_statement",
+    "list_users_statement",
+    "version_row_statement",
+    "versions_statement",
+]
+
+CHANGE_FEED_COLUMNS = (
+    "seq",
+    "txid",
+    "user_id",
+    "version",
+    "kind",
+    "created_at",
+    "actor",
+    "reason",
+    "metadata",
+)
+"""What `changes_since_statement` returns, in this order."""
+
+
+def _key(table: Any) -> Any:
+    return (
+        (table.c.tenant == bindparam("tenant"))
+        & (table.c.namespace == bindparam("namespace"))
+        & (table.c.user_id == bindparam("user_id"))
+    )
+
+
+def _scope(table: Any) -> Any:
+    return (table.c.tenant == bindparam("tenant")) & (table.c.namespace == bindparam("namespace"))
+
+
+def _history_row() -> list[Any]:
+    return [history_table.c[name] for name in ROW_COLUMNS]
+
+
+@cache
+def version_row_statement() -> Select[Any]:
+    """One exact version of a user: a primary-key lookup."""
+    return select(*_history_row()).where(
+        _key(history_table), history_table.c.version == bindparam("version")
+    )
+
+
+@cache
+def versions_statement() -> Select[Any]:
+    """Two exact versions of a user (for a diff), in one primary-key probe each."""
+    return select(*_history_row()).where(
+        _key(history_table),
+        history_table.c.version.in_([bindparam("first"), bindparam("second")]),
+    )
+
+
+@cache
+def as_of_statement() -> Select[Any]:
+    """The newest version written at or before `at`: one probe of the created_at index.
+
+    Versions of one batch share a timestamp; the highest of them wins.
+    """
+    return (
+        select(*_history_row())
+        .where(_key(history_table), history_table.c.created_at <= bindparam("at"))
+        .order_by(history_table.c.created_at.desc(), history_table.c.version.desc())
+        .limit(1)
+    )
+
+
+@cache
+def history_before_statement() -> Select[Any]:
+    """Keyset paging: the newest `limit` versions below `before_version`."""
+    return (
+        select(*_history_row())
+        .where(_key(history_table), history_table.c.version < bindparam("before_version"))
+        .order_by(history_table.c.version.desc())
+        .limit(bindparam("limit"))
+    )
+
+
+@cache
+def exists_statement() -> Select[Any]:
+    """Whether the user has a snapshot in the scope."""
+    return select(exists().where(_key(latest_table)))
+
+
+@cache
+def list_users_statement() -> Select[Any]:
+    """Users of the scope in id order after `after` (keyset paging on the primary key)."""
+    return (
+        select(latest_table.c.user_id)
+        .where(_scope(latest_table), latest_table.c.user_id > bindparam("after"))
+        .order_by(latest_table.c.user_id)
+        .limit(bindparam("limit"))
+    )
+
+
+@cache
+def count_users_statement() -> Select[Any]:
+    """How many users have a snapshot in the scope."""
+    return select(func.count()).select_from(latest_table).where(_scope(latest_table))
+
+
+@cache
+def changes_since_statement(dialect: DialectName) -> Select[Any]:
+    """The scope's feed entries after a cursor, in feed order.
+
+    Postgres orders by (txid, seq) and returns only entries of transactions
+    older than every transaction still running (`pg_snapshot_xmin`): those
+    can no longer change, and every later entry sorts after them, so a
+    cursor never skips an entry that committed late. SQLite serializes
+    writers, so `seq` is already commit order.
+    """
+    columns = [changes_table.c[name] for name in CHANGE_FEED_COLUMNS]
+    statement = select(*columns).where(_scope(changes_table))
+    if dialect == "postgresql":
+        horizon = cast(cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
+        return (
+            statement.where(
+                tuple_(changes_table.c.txid, changes_table.c.seq)
+                > tuple_(bindparam("after_txid"), bindparam("after_seq")),
+                changes_table.c.txid < horizon,
+            )
+            .order_by(changes_table.c.txid, changes_table.c.seq)
+            .limit(bindparam("limit"))
+        )
+    return (
+        statement.where(changes_table.c.seq > bindparam("after_seq"))
+        .order_by(changes_table.c.seq)
+        .limit(bindparam("limit"))
+    )

@@ -1,0 +1,335 @@
+"""Change notifications: the durable feed's types and cursors, and live listeners.
+
+Two ways to follow changes (seeds 003 and 004):
+
+- `changes_since(cursor)` reads the durable feed table: ordered, complete,
+  resumable after a consumer was down. Use it for anything that must not
+  miss a change.
+- `subscribe(callback)` / `changes()` deliver live notifications after
+  commit, never before and never for a rolled-back write. On Postgres they
+  come from LISTEN/NOTIFY, so changes made by other processes arrive too;
+  on SQLite they are in-process only. Live delivery is best effort (a slow
+  consumer's queue drops its oldest entries, a dropped LISTEN connection
+  loses what was sent meanwhile): catch up with `changes_since`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, JsonValue
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+from .errors import SnapshotValidationError, redact
+
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "Change",
+    "ChangeCallback",
+    "ChangeHub",
+    "ChangePage",
+    "ChangeStream",
+    "Subscription",
+    "decode_cursor",
+    "encode_cursor",
+    "hub_for",
+]
+
+NOTIFY_CHANNEL = "snapshot_repo_changes"
+"""The Postgres channel the feed trigger (revision 0005) notifies."""
+
+logger = logging.getLogger("snapshot_repo")
+
+
+class Change(BaseModel):
+    """One committed write or erasure of a user's state. Never carries the state itself.
+
+    Attributes:
+        seq: the entry's position in the global feed sequence (None in live
+            notifications on SQLite, which are published before the feed is read).
+        tenant: the tenant ("" for none) and namespace the change happened in.
+        namespace: see `tenant`.
+        user_id: whose state changed.
+        version: the version written; for an erasure, the last version erased.
+        kind: "write" or "erase".
+        created_at: when (absent from live Postgres notifications).
+        actor: the write's actor, if any (feed reads only).
+        reason: the write's reason, if any (feed reads only).
+        metadata: the write's metadata, if any (feed reads only).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    seq: int | None
+    tenant: str
+    namespace: str
+    user_id: str
+    version: int
+    kind: Literal["write", "erase"]
+    created_at: datetime | None = None
+    actor: str | None = None
+    reason: str | None = None
+    metadata: dict[str, JsonValue] | None = None
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if name == "user_id" else value
+
+
+class ChangePage(BaseModel):
+    """A page of the durable feed and the cursor to pass next time.
+
+    Attributes:
+        changes: the entries, oldest first.
+        cursor: opaque; pass it to `changes_since` to continue after this page
+            (it equals the cursor passed in when the page is empty).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    changes: list[Change]
+    cursor: str
+
+
+_CURSOR_PREFIX = "v1"
+
+
+def encode_cursor(txid: int, seq: int) -> str:
+    """An opaque cursor after the feed entry (txid, seq); SQLite entries have txid 0."""
+    return f"{_CURSOR_PREFIX}.{txid}.{seq}"
+
+
+def decode_cursor(cursor: str | None) -> tuple[int, int]:
+    """(txid, seq) from a cursor made by `encode_cursor`; (0, 0) for the feed's start.
+
+    Raises:
+        SnapshotValidationError: not a cursor this library made.
+    """
+    if cursor is None or cursor == "":
+        return 0, 0
+    if isinstance(cursor, str):
+        parts = cursor.split(".")
+        if len(parts) == 3 and parts[0] == _CURSOR_PREFIX and all(p.isdigit() for p in parts[1:]):
+            return int(parts[1]), int(parts[2])
+    raise SnapshotValidationError(f"not a change feed cursor: {cursor!r}")
+
+
+ChangeCallback = Callable[[Change], Awaitable[None] | None]
+"""A listener: a function or coroutine function taking a `Change`."""
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A live listener; `close()` (or leaving `with`) stops delivery to it."""
+
+    hub: ChangeHub
+    tenant: str
+    namespace: str
+    callback: ChangeCallback
+
+    def close(self) -> None:
+        self.hub.unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+class ChangeHub:
+    """Fans committed changes out to the listeners of one engine (one database).
+
+    On Postgres it holds one pooled connection in LISTEN while it has
+    listeners, and re-listens after that connection is lost; on SQLite the
+    repository publishes its own commits to it.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._subscriptions: list[Subscription] = []
+        self._listener: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def listens_to_database(self) -> bool:
+        """Whether changes arrive from the database itself (Postgres) rather than in-process."""
+        return self._engine.dialect.name == "postgresql"
+
+    async def subscribe(
+        self, tenant: str, namespace: str, callback: ChangeCallback
+    ) -> Subscription:
+        """Deliver the scope's changes to `callback` from now on (LISTEN is active on return)."""
+        subscription = Subscription(self, tenant, namespace, callback)
+        self._subscriptions.append(subscription)
+        if self.listens_to_database and self._listener is None:
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._listener = asyncio.create_task(self._listen(ready))
+            try:
+                await ready
+            except BaseException:
+                self.unsubscribe(subscription)
+                raise
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscriptions.remove(subscription)
+        if not self._subscriptions and self._listener is not None:
+            self._listener.cancel()
+            self._listener = None
+
+    def publish(self, change: Change) -> None:
+        """Deliver `change` to the listeners of its scope (called after commit)."""
+        for subscription in list(self._subscriptions):
+            if (subscription.tenant, subscription.namespace) != (change.tenant, change.namespace):
+                continue
+            try:
+                outcome = subscription.callback(change)
+            except Exception:
+                logger.exception("snapshot_repo change listener failed")
+                continue
+            if inspect.isawaitable(outcome):
+                task = asyncio.ensure_future(self._await_listener(outcome))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop listening and drop every listener."""
+        self._subscriptions.clear()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
+    @staticmethod
+    async def _await_listener(outcome: Awaitable[None]) -> None:
+        try:
+            await outcome
+        except Exception:
+            logger.exception("snapshot_repo change listener failed")
+
+    async def _listen(self, ready: asyncio.Future[None]) -> None:
+        """Hold a LISTEN connection; on loss, wait a moment and listen again."""
+        delay = 0.1
+        while True:
+            try:
+                fairy = await greenlet_spawn(self._engine.sync_engine.raw_connection)
+            except Exception as exc:
+                if not ready.done():
+                    ready.set_exception(exc)
+                    return
+                logger.warning("snapshot_repo cannot re-listen for changes: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            connection: Any = fairy.driver_connection
+            try:
+                await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                connection.add_termination_listener(partial(_mark_lost, lost))
+                if not ready.done():
+                    ready.set_result(None)
+                delay = 0.1
+                await lost
+                logger.warning("snapshot_repo lost its LISTEN connection; listening again")
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await connection.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                raise
+            except Exception as exc:
+                if not ready.done():
+                    ready.set_exception(exc)
+                    return
+                logger.warning("snapshot_repo LISTEN failed: %s", exc)
+            finally:
+                await greenlet_spawn(fairy.invalidate if lost.done() else fairy.close)
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            change = Change.model_validate(json.loads(payload))
+        except ValueError:
+            logger.warning("snapshot_repo ignored a malformed change notification")
+            return
+        self.publish(change)
+
+
+def _mark_lost(lost: asyncio.Future[None], _connection: object) -> None:
+    if not lost.done():
+        lost.set_result(None)
+
+
+_hubs: weakref.WeakKeyDictionary[Any, ChangeHub] = weakref.WeakKeyDictionary()
+
+
+def hub_for(engine: AsyncEngine) -> ChangeHub:
+    """The one hub of `engine`'s database, shared by every repository and view on it."""
+    key = engine.sync_engine
+    hub = _hubs.get(key)
+    if hub is None:
+        hub = _hubs[key] = ChangeHub(engine)
+    return hub
+
+
+class ChangeStream:
+    """Live changes of one scope, as an async iterator.
+
+    `async with repo.changes() as stream:` registers the listener on entry
+    (on Postgres, once LISTEN is active), so nothing committed after the
+    `with` line is missed; `async for change in repo.changes():` also works
+    and registers at the first iteration. A consumer that falls more than
+    `max_queued` changes behind loses the oldest (live delivery is best
+    effort; catch up with `changes_since`).
+    """
+
+    def __init__(self, hub: ChangeHub, tenant: str, namespace: str, max_queued: int) -> None:
+        self._hub = hub
+        self._tenant = tenant
+        self._namespace = namespace
+        self._queue: asyncio.Queue[Change] = asyncio.Queue(maxsize=max_queued)
+        self._subscription: Subscription | None = None
+
+    async def open(self) -> None:
+        """Start listening (idempotent)."""
+        if self._subscription is None:
+            self._subscription = await self._hub.subscribe(
+                self._tenant, self._namespace, self._enqueue
+            )
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        if self._subscription is not None:
+            self._subscription.close()
+            self._subscription = None
+
+    async def __aenter__(self) -> ChangeStream:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> ChangeStream:
+        return self
+
+    async def __anext__(self) -> Change:
+        await self.open()
+        return await self._queue.get()
+
+    def _enqueue(self, change: Change) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            logger.warning("snapshot_repo change queue full; dropped the oldest change")
+        self._queue.put_nowait(change)

@@ -1,0 +1,225 @@
+"""The durable change feed and live listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+
+import pytest
+
+import snapshot_repo as sr
+from snapshot_repo.changes import Change
+
+from .conftest import Backend, Cart
+from .test_repository import snap
+
+
+async def read_all(repo: sr.SnapshotRepository[Cart], cursor: str | None = None, limit: int = 3):
+    """Every change after `cursor`, paging `limit` at a time; and the final cursor."""
+    changes: list[Change] = []
+    while True:
+        page = await repo.changes_since(cursor, limit=limit)
+        changes.extend(page.changes)
+        if not page.changes:
+            return changes, page.cursor
+        cursor = page.cursor
+
+
+async def test_feed_lists_committed_writes_in_order(repo: sr.SnapshotRepository[Cart]):
+    await repo.upsert_latest(snap("a", "1"), actor="svc", reason="why", metadata={"k": 1})
+    await repo.upsert_latest(snap("b", "1"))
+    await repo.upsert_many([snap("a", "2"), snap("c", "1")])
+    with pytest.raises(sr.VersionConflictError):
+        await repo.upsert_latest(snap("a", "lost"), expected_version=1)
+    changes, _ = await read_all(repo)
+    assert [(c.user_id, c.version, c.kind) for c in changes] == [
+        ("a", 1, "write"),
+        ("b", 1, "write"),
+        ("a", 2, "write"),
+        ("c", 1, "write"),
+    ]
+    first = changes[0]
+    assert (first.actor, first.reason, first.metadata) == ("svc", "why", {"k": 1})
+    assert first.created_at is not None
+    assert all(c.seq is not None for c in changes)
+    seqs = [c.seq for c in changes]
+    assert seqs == sorted(seqs)
+
+
+async def test_consumer_resumes_from_its_cursor(repo: sr.SnapshotRepository[Cart]):
+    await repo.upsert_latest(snap("a", "1"))
+    seen, cursor = await read_all(repo)
+    assert len(seen) == 1
+    # the consumer is down; writes go on
+    for n in range(5):
+        await repo.upsert_latest(snap("b", str(n)))
+    caught_up, cursor = await read_all(repo, cursor, limit=2)
+    assert [(c.user_id, c.version) for c in caught_up] == [("b", v) for v in range(1, 6)]
+    page = await repo.changes_since(cursor)
+    assert page.changes == []
+    assert page.cursor == cursor
+
+
+async def test_erasure_leaves_one_erase_entry_and_no_writes(repo: sr.SnapshotRepository[Cart]):
+    await repo.upsert_latest(snap("gone", "secret"))
+    await repo.upsert_latest(snap("gone", "secret2"))
+    await repo.upsert_latest(snap("kept", "x"))
+    assert await repo.delete("gone") == 2
+    changes, _ = await read_all(repo)
+    assert [(c.user_id, c.version, c.kind) for c in changes] == [
+        ("kept", 1, "write"),
+        ("gone", 2, "erase"),
+    ]
+
+
+async def test_feed_is_confined_to_the_scope(backend: Backend, repo: sr.SnapshotRepository[Cart]):
+    await repo.upsert_latest(snap("plain", "x"))
+    await repo.for_tenant("acme").upsert_latest(snap("acme-user", "x"))
+    async with sr.SnapshotRepository.from_url(backend.url, Cart, namespace="other") as other:
+        await other.upsert_latest(snap("other-user", "x"))
+        assert [c.user_id for c in (await read_all(other))[0]] == ["other-user"]
+    assert [c.user_id for c in (await read_all(repo))[0]] == ["plain"]
+    assert [c.user_id for c in (await read_all(repo.for_tenant("acme")))[0]] == ["acme-user"]
+
+
+@pytest.mark.parametrize("cursor", ["garbage", "v1.x.1", "v2.1.1", "v1.1"])
+async def test_foreign_cursors_are_refused(repo: sr.SnapshotRepository[Cart], cursor: str):
+    with pytest.raises(sr.SnapshotValidationError, match="cursor"):
+        await repo.changes_since(cursor)
+
+
+async def test_a_late_committing_write_is_not_skipped(
+    backend: Backend, repo: sr.SnapshotRepository[Cart]
+):
+    """A feed entry whose transaction commits after a later one must still reach a consumer."""
+    if backend.name == "sqlite":
+        # SQLite writers hold the database write lock until commit: no interleaving exists.
+        await repo.upsert_latest(snap("a", "1"))
+        assert len((await read_all(repo))[0]) == 1
+        return
+    engine = repo.engine
+    async with engine.connect() as slow:
+        # An open transaction takes a feed entry (and its seq) first ...
+        await slow.exec_driver_sql(
+            "INSERT INTO snapshot_changes (txid, tenant, namespace, user_id, version, kind, "
+            "created_at) VALUES (CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT), '', "
+            "'default', 'slow', 1, 'write', now())"
+        )
+        # ... a later write commits first ...
+        await repo.upsert_latest(snap("fast", "1"))
+        seen, cursor = await read_all(repo)
+        assert seen == []  # held back while an older transaction is still running
+        await slow.commit()
+    seen, cursor = await read_all(repo, cursor)
+    assert [c.user_id for c in seen] == ["slow", "fast"]
+
+
+async def test_listeners_get_committed_writes_and_erasures(repo: sr.SnapshotRepository[Cart]):
+    received: list[Change] = []
+    arrived = asyncio.Event()
+
+    async def on_change(change: Change) -> None:
+        received.append(change)
+        if len(received) == 3:
+            arrived.set()
+
+    subscription = await repo.subscribe(on_change)
+    try:
+        await repo.upsert_latest(snap("u1", "a"))
+        with pytest.raises(sr.VersionConflictError):
+            await repo.upsert_latest(snap("u1", "rejected"), expected_version=7)
+        await repo.upsert_latest(snap("u1", "b"))
+        await repo.delete("u1")
+        await asyncio.wait_for(arrived.wait(), timeout=5)
+    finally:
+        subscription.close()
+    assert [(c.user_id, c.version, c.kind) for c in received] == [
+        ("u1", 1, "write"),
+        ("u1", 2, "write"),
+        ("u1", 2, "erase"),
+    ]
+
+
+async def test_listeners_never_see_a_rolled_back_write(
+    backend: Backend, repo: sr.SnapshotRepository[Cart]
+):
+    received: list[Change] = []
+    done = asyncio.Event()
+
+    def on_change(change: Change) -> None:
+        received.append(change)
+        if change.user_id == "marker":
+            done.set()
+
+    async with repo.engine.begin() as conn:
+        if backend.name == "sqlite":
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON snapshot_history "
+                "WHEN NEW.user_id = 'doomed' BEGIN SELECT RAISE(ABORT, 'no'); END"
+            )
+        else:
+            await conn.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.user_id = 'doomed' THEN RAISE EXCEPTION 'no'; END IF; RETURN NEW; END $$"
+            )
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON snapshot_history "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"
+            )
+    with await repo.subscribe(on_change):
+        with pytest.raises(sr.StorageError):
+            await repo.upsert_latest(snap("doomed", "x"))
+        await repo.upsert_latest(snap("marker", "x"))
+        await asyncio.wait_for(done.wait(), timeout=5)
+    assert [c.user_id for c in received] == ["marker"]
+    assert [c.user_id for c in (await read_all(repo))[0]] == ["marker"]
+
+
+async def test_changes_stream_yields_live_changes(repo: sr.SnapshotRepository[Cart]):
+    async with repo.changes() as stream:
+        await repo.upsert_latest(snap("live", "1"))
+        await repo.delete("live")
+        first = await asyncio.wait_for(anext(stream), timeout=5)
+        second = await asyncio.wait_for(anext(stream), timeout=5)
+    assert [(c.user_id, c.version, c.kind) for c in (first, second)] == [
+        ("live", 1, "write"),
+        ("live", 1, "erase"),
+    ]
+
+
+async def test_changes_stream_in_a_plain_for_loop(repo: sr.SnapshotRepository[Cart]):
+    stream = repo.changes()
+    await stream.open()  # registers, so the write below cannot be missed
+    await repo.upsert_latest(snap("loop", "1"))
+    async for change in stream:
+        assert change.user_id == "loop"
+        break
+    await stream.aclose()
+
+
+async def test_postgres_listeners_hear_other_processes(postgres_url: str):
+    """Postgres by nature: LISTEN/NOTIFY carries another process's commit."""
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        heard = asyncio.Event()
+        received: list[Change] = []
+
+        def on_change(change: Change) -> None:
+            received.append(change)
+            heard.set()
+
+        with await repo.subscribe(on_change):
+            program = textwrap.dedent(
+                f"""
+                import asyncio, snapshot_repo as sr
+                async def main():
+                    async with sr.SnapshotRepository.from_url({postgres_url!r}) as repo:
+                        await repo.upsert_latest(sr.Snapshot(user_id="remote", state={{}}))
+                asyncio.run(main())
+                """
+            )
+            process = await asyncio.create_subprocess_exec(sys.executable, "-c", program)
+            assert await asyncio.wait_for(process.wait(), timeout=60) == 0
+            await asyncio.wait_for(heard.wait(), timeout=10)
+        assert [(c.user_id, c.version, c.kind) for c in received] == [("remote", 1, "write")]
+        assert received[0].seq is not None
