@@ -19,6 +19,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ import asyncpg
 import pytest
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import snapshot_repo as sr
 from snapshot_repo.engine import create_engine
@@ -183,3 +185,40 @@ async def json_repo(backend: Backend) -> AsyncIterator[sr.SnapshotRepository[sr.
     """A repository without a model: states are plain JSON objects."""
     async with sr.SnapshotRepository.from_url(backend.url) as repository:
         yield repository
+
+
+@asynccontextmanager
+async def refusing_history_insert(
+    engine: AsyncEngine, condition: str, message: str = "injected fault"
+) -> AsyncIterator[None]:
+    """A trigger that makes inserting a history row fail when `condition` (on NEW) holds.
+
+    A real database fault between the two table writes of one transaction.
+    The trigger is dropped again on exit, so tests sharing a database stay
+    independent.
+    """
+    async with engine.begin() as conn:
+        if engine.dialect.name == "sqlite":
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_history BEFORE INSERT ON snapshot_history "
+                f"WHEN {condition} BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+        else:
+            await conn.exec_driver_sql(
+                "CREATE FUNCTION refuse_history() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF {condition} THEN RAISE EXCEPTION '{message}'; END IF; "
+                "RETURN NEW; END $$"
+            )
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_history BEFORE INSERT ON snapshot_history "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_history()"
+            )
+    try:
+        yield
+    finally:
+        async with engine.begin() as conn:
+            if engine.dialect.name == "sqlite":
+                await conn.exec_driver_sql("DROP TRIGGER refuse_history")
+            else:
+                await conn.exec_driver_sql("DROP TRIGGER refuse_history ON snapshot_history")
+                await conn.exec_driver_sql("DROP FUNCTION refuse_history()")

@@ -8,7 +8,7 @@ import pytest
 
 import snapshot_repo as sr
 
-from .conftest import Cart
+from .conftest import Cart, refusing_history_insert
 from .test_repository import snap, stored_rows
 
 
@@ -45,27 +45,12 @@ async def test_upsert_many_with_one_bad_snapshot_writes_nothing(
     assert await repo.get_latest_many(["a", "b"]) == {}
 
 
-async def test_upsert_many_fault_mid_batch_rolls_back_everything(backend, repo):
+async def test_upsert_many_fault_mid_batch_rolls_back_everything(repo):
     """A database error on one row undoes the rows before it."""
     await repo.upsert_latest(snap("x", "before"))
-    async with repo.engine.begin() as conn:
-        if backend.name == "sqlite":
-            await conn.exec_driver_sql(
-                "CREATE TRIGGER refuse BEFORE INSERT ON snapshot_history "
-                "WHEN NEW.user_id = 'poison' BEGIN SELECT RAISE(ABORT, 'injected'); END"
-            )
-        else:
-            await conn.exec_driver_sql(
-                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "IF NEW.user_id = 'poison' THEN RAISE EXCEPTION 'injected'; END IF; "
-                "RETURN NEW; END $$"
-            )
-            await conn.exec_driver_sql(
-                "CREATE TRIGGER refuse BEFORE INSERT ON snapshot_history "
-                "FOR EACH ROW EXECUTE FUNCTION refuse()"
-            )
-    with pytest.raises(sr.StorageError, match=r"upsert_many failed.*injected"):
-        await repo.upsert_many([snap("x", "1"), snap("y", "1"), snap("poison", "1")])
+    async with refusing_history_insert(repo.engine, "NEW.user_id = 'poison'", "injected"):
+        with pytest.raises(sr.StorageError, match=r"upsert_many failed.*injected"):
+            await repo.upsert_many([snap("x", "1"), snap("y", "1"), snap("poison", "1")])
     assert await stored_rows(repo, "x") == (1, [1])
     assert await stored_rows(repo, "y") == (0, [])
 

@@ -11,7 +11,7 @@ import pytest
 import snapshot_repo as sr
 from snapshot_repo.changes import Change
 
-from .conftest import Backend, Cart
+from .conftest import Backend, Cart, refusing_history_insert
 from .test_repository import snap
 
 
@@ -160,9 +160,7 @@ async def test_listeners_get_committed_writes_and_erasures(repo: sr.SnapshotRepo
     ]
 
 
-async def test_listeners_never_see_a_rolled_back_write(
-    backend: Backend, repo: sr.SnapshotRepository[Cart]
-):
+async def test_listeners_never_see_a_rolled_back_write(repo: sr.SnapshotRepository[Cart]):
     received: list[Change] = []
     done = asyncio.Event()
 
@@ -171,26 +169,12 @@ async def test_listeners_never_see_a_rolled_back_write(
         if change.user_id == "marker":
             done.set()
 
-    async with repo.engine.begin() as conn:
-        if backend.name == "sqlite":
-            await conn.exec_driver_sql(
-                "CREATE TRIGGER refuse BEFORE INSERT ON snapshot_history "
-                "WHEN NEW.user_id = 'doomed' BEGIN SELECT RAISE(ABORT, 'no'); END"
-            )
-        else:
-            await conn.exec_driver_sql(
-                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                "IF NEW.user_id = 'doomed' THEN RAISE EXCEPTION 'no'; END IF; RETURN NEW; END $$"
-            )
-            await conn.exec_driver_sql(
-                "CREATE TRIGGER refuse BEFORE INSERT ON snapshot_history "
-                "FOR EACH ROW EXECUTE FUNCTION refuse()"
-            )
-    with await repo.subscribe(on_change):
-        with pytest.raises(sr.StorageError):
-            await repo.upsert_latest(snap("doomed", "x"))
-        await repo.upsert_latest(snap("marker", "x"))
-        await asyncio.wait_for(done.wait(), timeout=5)
+    async with refusing_history_insert(repo.engine, "NEW.user_id = 'doomed'"):
+        with await repo.subscribe(on_change):
+            with pytest.raises(sr.StorageError):
+                await repo.upsert_latest(snap("doomed", "x"))
+            await repo.upsert_latest(snap("marker", "x"))
+            await asyncio.wait_for(done.wait(), timeout=5)
     assert [c.user_id for c in received] == ["marker"]
     assert [c.user_id for c in (await read_all(repo, expect=1))[0]] == ["marker"]
 

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 import snapshot_repo as sr
 from snapshot_repo.tables import history_table, latest_table
 
-from .conftest import Backend, Cart
+from .conftest import Backend, Cart, refusing_history_insert
 
 
 def snap(user_id: str, *items: str, schema_version: int = 1) -> sr.Snapshot[Cart]:
@@ -276,27 +276,11 @@ async def test_delete_racing_writers_leaves_consistent_rows(repo: sr.SnapshotRep
 
 
 async def test_failed_history_insert_rolls_back_the_latest_row(
-    repo: sr.SnapshotRepository[Cart], backend: Backend
+    repo: sr.SnapshotRepository[Cart],
 ):
     """A fault between the two table writes must leave neither written."""
     await repo.upsert_latest(snap("u1", "kept"))
-    async with repo.engine.begin() as conn:
-        if backend.name == "sqlite":
-            await conn.exec_driver_sql(
-                "CREATE TRIGGER refuse_history BEFORE INSERT ON snapshot_history "
-                "WHEN NEW.version = 2 BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
-            )
-        else:
-            await conn.exec_driver_sql(
-                "CREATE FUNCTION refuse_history() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                "BEGIN IF NEW.version = 2 THEN RAISE EXCEPTION 'injected fault'; END IF; "
-                "RETURN NEW; END $$"
-            )
-            await conn.exec_driver_sql(
-                "CREATE TRIGGER refuse_history BEFORE INSERT ON snapshot_history "
-                "FOR EACH ROW EXECUTE FUNCTION refuse_history()"
-            )
-    try:
+    async with refusing_history_insert(repo.engine, "NEW.version = 2"):
         failed = r"upsert_latest for user u1\.\.\. failed"
         with pytest.raises(sr.StorageError, match=failed) as caught:
             await repo.upsert_latest(snap("u1", "lost"))
@@ -307,12 +291,6 @@ async def test_failed_history_insert_rolls_back_the_latest_row(
         assert latest.version == 1
         assert latest.state.items == ["kept"]
         assert await stored_rows(repo, "u1") == (1, [1])
-    finally:
-        async with repo.engine.begin() as conn:
-            await conn.exec_driver_sql(
-                "DROP TRIGGER refuse_history"
-                + ("" if backend.name == "sqlite" else " ON snapshot_history")
-            )
     assert (await repo.upsert_latest(snap("u1", "next"))).version == 2
 
 
