@@ -1,34 +1,50 @@
 """snapshot_repo: typed, versioned per-user state snapshots on SQLite and Postgres."""
 
+from .changes import Change, ChangePage, ChangeStream, Subscription
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, JsonObject
 from .engine import EngineSettings, create_engine
+from .erasure import erase_user
 from .errors import (
     ConfigurationError,
+    ConnectionLostError,
     SchemaNotReadyError,
+    SchemaVersionError,
     SnapshotRepoError,
     SnapshotValidationError,
     StorageError,
     VersionConflictError,
 )
 from .health import HealthReport
+from .patch import apply_merge_patch, make_json_patch
 from .repository import MAX_BATCH_SIZE, MAX_HISTORY_LIMIT, RepositoryOptions, SnapshotRepository
 from .snapshot import Snapshot
+from .upgrades import Upgrader
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "MAX_BATCH_SIZE",
     "MAX_HISTORY_LIMIT",
+    "Change",
+    "ChangePage",
+    "ChangeStream",
     "ConfigurationError",
+    "ConnectionLostError",
     "EngineSettings",
     "HealthReport",
     "JsonObject",
     "RepositoryOptions",
     "SchemaNotReadyError",
+    "SchemaVersionError",
     "Snapshot",
     "SnapshotRepoError",
     "SnapshotRepository",
     "SnapshotValidationError",
     "StorageError",
+    "Subscription",
+    "Upgrader",
     "VersionConflictError",
+    "apply_merge_patch",
     "create_engine",
+    "erase_user",
+    "make_json_patch",
 ]

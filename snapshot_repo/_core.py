@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
@@ -27,6 +27,7 @@ from .engine import EngineSettings, install_sqlite_settings
 from .errors import ConfigurationError
 from .health import HealthReport, probe
 from .snapshot import Snapshot, StateT
+from .upgrades import PayloadUpgrades, Upgrader
 
 __all__ = ["DEFAULT_NAMESPACE", "RepositoryCore", "RepositoryOptions"]
 
@@ -53,9 +54,15 @@ class RepositoryOptions(TypedDict, total=False):
             "default"): repositories of different models share the tables
             under different namespaces, so one user can have a cart, preferences
             and an agent memory, each typed by its own model.
+        schema_version: the schema version of today's model (default 1);
+            writes are stored under it unless a snapshot names another.
+        upgraders: `{n: fn}` upgrading a state document from schema version
+            n to n + 1, applied when older rows are read (see `upgrades`).
     """
 
     namespace: str
+    schema_version: int
+    upgraders: Mapping[int, Upgrader]
     max_payload_bytes: int
     health_timeout: float
     operation_timeout: float | None
@@ -92,7 +99,9 @@ class RepositoryCore(Generic[StateT]):
         )
         self._owns_engine = False
         self._codec: StateCodec[StateT] = StateCodec(
-            state_type, options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES)
+            state_type,
+            options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES),
+            PayloadUpgrades(options.get("schema_version", 1), options.get("upgraders")),
         )
         self._snapshot_type: type[Snapshot[StateT]] = Snapshot[self._codec.state_type]  # type: ignore[name-defined]
         self._health_timeout = positive_seconds(
@@ -229,7 +238,7 @@ class RepositoryCore(Generic[StateT]):
         (user_id, version, schema_version, payload, created_at, key, actor, reason, meta) = row
         return self._snapshot_type.model_construct(
             user_id=user_id,
-            state=self._codec.decode(payload, user_id, version),
+            state=self._codec.decode(payload, user_id, version, schema_version),
             version=version,
             created_at=created_at,
             schema_version=schema_version,
@@ -238,6 +247,13 @@ class RepositoryCore(Generic[StateT]):
             reason=reason,
             metadata=decode_metadata(meta),
         )
+
+    def _schema_version_of(self, snapshot: Snapshot[Any]) -> int:
+        """The schema version a write is stored under: the snapshot's, else today's model's."""
+        if snapshot.schema_version is None:
+            return self._codec.upgrades.current
+        self._codec.upgrades.check_writable(snapshot.schema_version)
+        return snapshot.schema_version
 
     def _stored(self, write: PendingWrite, state: StateT, version: int) -> Snapshot[StateT]:
         """The snapshot a write stored, built from what was sent (no read back)."""

@@ -55,6 +55,8 @@ from ._dialects import (
     version_statement,
     write_mode,
 )
+from ._translate import describe
+from .errors import ConnectionLostError
 from .tables import latest_table
 
 __all__ = [
@@ -140,6 +142,12 @@ class Operations(Protocol):
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]: ...
     async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]: ...
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]: ...
+    async def execute_in_transaction(
+        self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
+    ) -> list[int]:
+        """Run the statements in order in one write transaction; their row counts."""
+        ...
+
     def decode_snapshot_row(self, raw: Sequence[Any]) -> Row: ...
 
 
@@ -203,12 +211,7 @@ def is_retryable(exc: BaseException) -> bool:
 
     Cancellation and timeouts are not: the caller asked to stop.
     """
-    if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-        return True
-    if isinstance(exc, asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
-        return True
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    return sqlstate.startswith(("57P", "08"))
+    return isinstance(exc, ConnectionLostError)
 
 
 def _is_disconnect(exc: BaseException, driver_connection: Any) -> bool:
@@ -238,9 +241,15 @@ async def _checkout(engine: AsyncEngine) -> AsyncIterator[Any]:
     try:
         yield fairy.driver_connection
     except BaseException as exc:
-        if _is_disconnect(exc, fairy.driver_connection):
-            await greenlet_spawn(pool._invalidate, fairy, exc)
-        raise
+        if not _is_disconnect(exc, fairy.driver_connection):
+            raise
+        await greenlet_spawn(pool._invalidate, fairy, exc)
+        if isinstance(exc, asyncio.CancelledError | TimeoutError):
+            raise  # the caller stopped us; say nothing else
+        raise ConnectionLostError(
+            f"the database connection was lost ({describe(exc)}); a write's outcome is "
+            "unknown: retry it with the same idempotency key"
+        ) from exc
     finally:
         await greenlet_spawn(fairy.close)
 
@@ -370,6 +379,18 @@ class _PostgresOperations(_SharedStatements):
         compiled = self._compiled(statement)
         async with _checkout(self._engine) as conn:
             return list(await conn.fetch(compiled.sql, *compiled.args(params)))
+
+    async def execute_in_transaction(
+        self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
+    ) -> list[int]:
+        counts = []
+        async with _checkout(self._engine) as conn, conn.transaction():
+            for statement, params in work:
+                compiled = self._compiled(statement)
+                status: str = await conn.execute(compiled.sql, *compiled.args(params))
+                last = status.rsplit(" ", 1)[-1]
+                counts.append(int(last) if last.isdigit() else 0)
+        return counts
 
     async def latest(self, scope: Scope, user_id: str) -> Row | None:
         async with _checkout(self._engine) as conn:
@@ -518,6 +539,16 @@ class _SqliteOperations(_SharedStatements):
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         return await self._fetch(self._compiled(statement), params)
+
+    async def execute_in_transaction(
+        self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
+    ) -> list[int]:
+        prepared = [(self._compiled(statement), params) for statement, params in work]
+
+        def run(conn: sqlite3.Connection) -> list[int]:
+            return [conn.execute(c.sql, c.args(params)).rowcount for c, params in prepared]
+
+        return await self._in_write_transaction(run)
 
     async def _fetch(self, statement: _Compiled, params: Mapping[str, Any]) -> list[Any]:
         async with _checkout(self._engine) as conn:

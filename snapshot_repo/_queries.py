@@ -15,12 +15,14 @@ from sqlalchemy import (
     BigInteger,
     Select,
     Text,
+    Update,
     bindparam,
     cast,
     exists,
     func,
     select,
     tuple_,
+    update,
 )
 
 from ._dialects import ROW_COLUMNS, DialectName
@@ -34,6 +36,9 @@ __all__ = [
     "exists_statement",
     "history_before_statement",
     "list_users_statement",
+    "namespaces_of_user_statement",
+    "outdated_rows_statement",
+    "rewrite_payload_statement",
     "version_row_statement",
     "versions_statement",
 ]
@@ -161,3 +166,61 @@ def changes_since_statement(dialect: DialectName) -> Select[Any]:
         .order_by(changes_table.c.seq)
         .limit(bindparam("limit"))
     )
+
+
+@cache
+def outdated_rows_statement(table_name: str, one_tenant: bool) -> Select[Any]:
+    """A page of rows stored under an older schema version, in key order (keyset paging).
+
+    Covers every tenant of the namespace (tenants share the model), or one
+    tenant when called through a tenant view.
+    """
+    table = history_table if table_name == "history" else latest_table
+    where = [table.c.namespace == bindparam("namespace")]
+    if one_tenant:
+        where.append(table.c.tenant == bindparam("tenant"))
+    return (
+        select(
+            table.c.tenant,
+            table.c.user_id,
+            table.c.version,
+            table.c.schema_version,
+            table.c.payload,
+        )
+        .where(
+            *where,
+            table.c.schema_version < bindparam("current"),
+            tuple_(table.c.tenant, table.c.user_id, table.c.version)
+            > tuple_(
+                bindparam("after_tenant"), bindparam("after_user"), bindparam("after_version")
+            ),
+        )
+        .order_by(table.c.tenant, table.c.user_id, table.c.version)
+        .limit(bindparam("limit"))
+    )
+
+
+@cache
+def rewrite_payload_statement(table_name: str) -> Update:
+    """Store an upgraded payload in place, only if the row is still the old version."""
+    table = history_table if table_name == "history" else latest_table
+    return (
+        update(table)
+        .where(
+            table.c.tenant == bindparam("tenant"),
+            table.c.namespace == bindparam("namespace"),
+            table.c.user_id == bindparam("user_id"),
+            table.c.version == bindparam("version"),
+            table.c.schema_version == bindparam("old_schema_version"),
+        )
+        .values(payload=bindparam("new_payload"), schema_version=bindparam("new_schema_version"))
+    )
+
+
+@cache
+def namespaces_of_user_statement() -> Select[Any]:
+    """Every (tenant, namespace) in which a user has a snapshot (for erasing them all)."""
+    statement = select(latest_table.c.tenant, latest_table.c.namespace).where(
+        latest_table.c.user_id == bindparam("user_id")
+    )
+    return statement.order_by(latest_table.c.tenant, latest_table.c.namespace)

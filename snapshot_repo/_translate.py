@@ -16,7 +16,13 @@ from contextlib import asynccontextmanager
 import asyncpg
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from .errors import SchemaNotReadyError, SnapshotRepoError, StorageError, redact
+from .errors import (
+    ConnectionLostError,
+    SchemaNotReadyError,
+    SnapshotRepoError,
+    StorageError,
+    redact,
+)
 
 __all__ = ["describe", "storage_errors"]
 
@@ -62,6 +68,8 @@ async def storage_errors(
     try:
         async with deadline:
             yield
+    except ConnectionLostError as exc:
+        raise ConnectionLostError(f"{operation}{subject} failed: {exc}") from exc.__cause__
     except SnapshotRepoError:
         raise
     except TimeoutError as exc:

@@ -14,10 +14,11 @@ from functools import lru_cache
 from typing import Any, Generic, cast
 
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticSerializationError, from_json
 
 from .errors import ConfigurationError, SnapshotValidationError, redact
 from .snapshot import StateT
+from .upgrades import PayloadUpgrades
 
 __all__ = [
     "DEFAULT_MAX_PAYLOAD_BYTES",
@@ -69,6 +70,7 @@ class StateCodec(Generic[StateT]):
         self,
         state_type: type[StateT] | None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        upgrades: PayloadUpgrades | None = None,
     ) -> None:
         if not 1 <= max_payload_bytes <= HARD_MAX_PAYLOAD_BYTES:
             raise ConfigurationError(
@@ -77,6 +79,7 @@ class StateCodec(Generic[StateT]):
             )
         self.state_type: Any = JsonObject if state_type is None else state_type
         self.max_payload_bytes = max_payload_bytes
+        self.upgrades = upgrades or PayloadUpgrades(1)
         self._adapter = _adapter(cast(Any, self.state_type))
 
     def validate(self, state: object, user_id: str) -> StateT:
@@ -125,15 +128,22 @@ class StateCodec(Generic[StateT]):
             )
         return payload
 
-    def decode(self, payload: bytes, user_id: str, version: int) -> StateT:
-        """Validate stored payload bytes into a state.
+    def decode(
+        self, payload: bytes, user_id: str, version: int, schema_version: int | None = None
+    ) -> StateT:
+        """Validate stored payload bytes into a state, upgrading an older schema first.
 
         Raises:
+            SchemaVersionError: the row's schema version cannot be brought to
+                the current one.
             SnapshotValidationError: the stored state no longer fits the model
                 (the model changed since it was written); names user and version.
         """
         try:
-            return cast(StateT, self._adapter.validate_json(payload))
+            if schema_version is None or schema_version == self.upgrades.current:
+                return cast(StateT, self._adapter.validate_json(payload))
+            document = self.upgrades.upgrade(from_json(payload), schema_version, user_id, version)
+            return cast(StateT, self._adapter.validate_python(document))
         except ValidationError as exc:
             raise SnapshotValidationError(
                 f"stored state of user {redact(user_id)} version {version} does not "

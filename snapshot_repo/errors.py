@@ -5,9 +5,11 @@ escape the public API unchained::
 
     SnapshotRepoError                      root of the hierarchy
     ├── SnapshotValidationError            bad input (also a ValueError); nothing was written
+    │   └── SchemaVersionError             a stored state's schema version the code cannot read
     ├── ConfigurationError                 bad URL, driver or setting (also a ValueError)
     ├── VersionConflictError               compare-and-set lost; nothing was written
     └── StorageError                       the database failed; the driver error is chained
+        ├── ConnectionLostError            the connection died mid-operation (server restart, kill)
         └── SchemaNotReadyError            tables missing: run `migrate()` first
 
 Messages never contain a state payload, and show user ids only redacted
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "ConnectionLostError",
     "SchemaNotReadyError",
+    "SchemaVersionError",
     "SnapshotRepoError",
     "SnapshotValidationError",
     "StorageError",
@@ -39,6 +43,14 @@ class SnapshotRepoError(Exception):
 
 class SnapshotValidationError(SnapshotRepoError, ValueError):
     """Input was refused before anything was written: bad user id, state, limit or size."""
+
+
+class SchemaVersionError(SnapshotValidationError):
+    """A stored state's schema version cannot be read by this code.
+
+    It is newer than the repository's `schema_version`, older than its
+    upgraders reach, or an upgrader failed on it.
+    """
 
 
 class ConfigurationError(SnapshotRepoError, ValueError):
@@ -70,6 +82,17 @@ class StorageError(SnapshotRepoError):
 
     The driver's exception is chained as ``__cause__``; the message says which
     operation failed. A failed write has been rolled back as a whole.
+    """
+
+
+class ConnectionLostError(StorageError):
+    """The connection to the database was lost during the operation.
+
+    The connection has been discarded (with every pooled connection of its
+    generation), so the next call gets a fresh one. Reads are repeated once
+    by the repository before this reaches you. For a write the outcome is
+    unknown: it may have committed. Retry it with the same idempotency key to
+    be safe.
     """
 
 

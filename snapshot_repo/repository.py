@@ -10,36 +10,25 @@ also queue on an `asyncio.Lock`, so concurrent tasks wait their turn in
 order instead of polling SQLite's lock (writers in other processes are
 handled by `BEGIN IMMEDIATE` and the busy timeout).
 
-This module holds the seed-002 contract (writes, latest, history, delete);
-the other capabilities are mixins in their own modules.
+The class is assembled from one module per capability: `_core` (settings,
+scope, error guard), `_feed` (change feed and listeners), `_contract` (seed
+002: writes, latest, history, delete), `_history_reads` (versions, moments,
+diffs, listing) and `_lifecycle` (restore, merge, purge, payload upgrades).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any, Unpack, cast, overload
+from typing import Any, Unpack, overload
 
 from sqlalchemy.engine import URL
 
-from ._checks import (
-    MAX_BATCH_SIZE,
-    check_batch_size,
-    check_int,
-    valid_actor,
-    valid_identifier,
-    valid_reason,
-    valid_user_id,
-)
-from ._core import DEFAULT_NAMESPACE, RepositoryOptions, logger
-from ._driver import PendingWrite
-from ._feed import ChangeFeed
-from ._history_reads import HistoryReads
-from ._queries import history_before_statement
-from .codec import JsonObject, encode_metadata
+from ._checks import MAX_BATCH_SIZE
+from ._contract import MAX_HISTORY_LIMIT
+from ._core import DEFAULT_NAMESPACE, RepositoryOptions
+from ._lifecycle import Lifecycle
+from .codec import JsonObject
 from .engine import EngineSettings, create_engine
-from .errors import SnapshotValidationError, VersionConflictError
-from .snapshot import MAX_IDEMPOTENCY_KEY_LENGTH, Snapshot, StateT
+from .snapshot import StateT
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -49,13 +38,8 @@ __all__ = [
     "SnapshotRepository",
 ]
 
-MAX_HISTORY_LIMIT = 10_000
-"""The most versions one `get_history` call returns; page or export for more."""
 
-_MAX_VERSION = 2**63 - 1  # the BIGINT version column
-
-
-class SnapshotRepository(HistoryReads[StateT], ChangeFeed[StateT]):
+class SnapshotRepository(Lifecycle[StateT]):
     """Latest state and full history of each user's snapshots, typed by one model.
 
     Args:
@@ -118,251 +102,3 @@ class SnapshotRepository(HistoryReads[StateT], ChangeFeed[StateT]):
             raise
         repository._owns_engine = True
         return repository
-
-    async def upsert_latest(
-        self,
-        snapshot: Snapshot[StateT] | Snapshot[Any],
-        *,
-        expected_version: int | None = None,
-        idempotency_key: str | None = None,
-        actor: str | None = None,
-        reason: str | None = None,
-        metadata: JsonObject | None = None,
-    ) -> Snapshot[StateT]:
-        """Store `snapshot` as the user's next version, in `latest` and `history` at once.
-
-        Args:
-            snapshot: the user id, the state and its schema version; the
-                snapshot's own `version` and `created_at` are ignored.
-            expected_version: compare-and-set. None writes unconditionally;
-                0 writes only if the user has no snapshot yet; N writes only if
-                the latest version is N.
-            idempotency_key: the caller's id for this write (1 to 255
-                characters). If this user already has a version written with
-                the same key, nothing is written and that version is returned,
-                so a write whose outcome was unknown (a timeout, a connection
-                lost during commit) can be retried safely.
-            actor: who or what made the write (1 to 255 characters), kept
-                with the version and returned with history.
-            reason: why, free text up to 4096 characters.
-            metadata: free JSON object describing the write (up to 64 KiB).
-
-        Returns:
-            The stored snapshot, with the `version` and `created_at` assigned
-            (for a replayed key: the snapshot the first attempt stored).
-
-        Raises:
-            SnapshotValidationError: bad user id, state, expected_version or
-                idempotency key, or a payload over the size limit. Nothing was written.
-            VersionConflictError: `expected_version` did not match. Nothing was written.
-            StorageError: the database failed or the operation timed out; the
-                write was rolled back whole, or (after a timeout during commit)
-                its outcome is unknown: retry with the same idempotency key.
-        """
-        if not isinstance(snapshot, Snapshot):
-            raise SnapshotValidationError(
-                f"upsert_latest takes a Snapshot, not {type(snapshot).__name__}"
-            )
-        user_id = valid_user_id(snapshot.user_id)
-        if expected_version is not None:
-            check_int("expected_version", expected_version, minimum=0, maximum=_MAX_VERSION)
-        if idempotency_key is not None:
-            valid_identifier("idempotency_key", idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
-        state = self._codec.validate(snapshot.state, user_id)
-        write = PendingWrite(
-            scope=self._scope,
-            user_id=user_id,
-            schema_version=snapshot.schema_version,
-            payload=self._codec.encode(state, user_id),
-            created_at=datetime.now(UTC),
-            expected_version=expected_version,
-            idempotency_key=idempotency_key,
-            actor=valid_actor(actor),
-            reason=valid_reason(reason),
-            metadata=encode_metadata(metadata),
-        )
-        async with self._guard("upsert_latest", user_id):
-            outcome = await self._ops.write(write)
-            if outcome is None:
-                actual = await self._ops.current_version(self._scope, user_id)
-        if outcome is None:
-            raise VersionConflictError(user_id, cast(int, expected_version), actual)
-        if isinstance(outcome, tuple):
-            return self._to_snapshot(outcome)  # the earlier write with this idempotency key
-        stored = self._stored(write, state, outcome)
-        self._publish(self._change("write", user_id, outcome, write.created_at, stored))
-        return stored
-
-    async def upsert_many(
-        self,
-        snapshots: Sequence[Snapshot[StateT] | Snapshot[Any]],
-        *,
-        actor: str | None = None,
-        reason: str | None = None,
-        metadata: JsonObject | None = None,
-    ) -> list[Snapshot[StateT]]:
-        """Store a batch of snapshots in one transaction: all of them, or none.
-
-        Each snapshot becomes its user's next version, as `upsert_latest`
-        without `expected_version` would make it; a user appearing several
-        times gets consecutive versions in batch order, and the last one is
-        the latest. On Postgres the batch is one statement.
-
-        Args:
-            snapshots: 1 to 10,000 snapshots. (Idempotency keys and
-                compare-and-set are per write: use `upsert_latest` for those.)
-            actor: who or what made the writes, recorded on each version.
-            reason: why, recorded on each version.
-            metadata: free JSON object recorded on each version.
-
-        Returns:
-            The stored snapshots, in the order given.
-
-        Raises:
-            SnapshotValidationError: any snapshot is invalid, or the batch is
-                empty or too large. Nothing was written.
-            StorageError: the database failed; nothing was written.
-        """
-        if isinstance(snapshots, Snapshot) or not isinstance(snapshots, Sequence):
-            raise SnapshotValidationError("upsert_many takes a sequence of Snapshots")
-        check_batch_size("snapshots", len(snapshots))
-        created_at = datetime.now(UTC)
-        actor, reason = valid_actor(actor), valid_reason(reason)
-        encoded_metadata = encode_metadata(metadata)
-        writes, states = [], []
-        for snapshot in snapshots:
-            if not isinstance(snapshot, Snapshot):
-                raise SnapshotValidationError(
-                    f"upsert_many takes Snapshots, not {type(snapshot).__name__}"
-                )
-            user_id = valid_user_id(snapshot.user_id)
-            state = self._codec.validate(snapshot.state, user_id)
-            states.append(state)
-            writes.append(
-                PendingWrite(
-                    scope=self._scope,
-                    user_id=user_id,
-                    schema_version=snapshot.schema_version,
-                    payload=self._codec.encode(state, user_id),
-                    created_at=created_at,
-                    actor=actor,
-                    reason=reason,
-                    metadata=encoded_metadata,
-                )
-            )
-        async with self._guard("upsert_many", None):
-            versions = await self._ops.write_many(writes)
-        stored = [
-            self._stored(write, state, version)
-            for write, state, version in zip(writes, states, versions, strict=True)
-        ]
-        for snapshot in stored:
-            self._publish(
-                self._change("write", snapshot.user_id, snapshot.version, created_at, snapshot)
-            )
-        return stored
-
-    async def get_latest_many(self, user_ids: Sequence[str]) -> dict[str, Snapshot[StateT]]:
-        """The newest snapshot of each of `user_ids` that has one, in one query.
-
-        Args:
-            user_ids: 1 to 10,000 user ids; repeats are read once.
-
-        Returns:
-            A dict from user id to its latest snapshot; users without one are absent.
-
-        Raises:
-            SnapshotValidationError: a bad user id, or the batch is empty or too
-                large, or a stored state no longer validates.
-            StorageError: the database failed.
-        """
-        if isinstance(user_ids, str) or not isinstance(user_ids, Sequence):
-            raise SnapshotValidationError("get_latest_many takes a sequence of user ids")
-        check_batch_size("user_ids", len(user_ids))
-        wanted = list(dict.fromkeys(valid_user_id(user_id) for user_id in user_ids))
-        async with self._guard("get_latest_many", None):
-            rows = await self._read(self._ops.latest_many, self._scope, wanted)
-        return {snapshot.user_id: snapshot for snapshot in map(self._to_snapshot, rows)}
-
-    async def get_latest(self, user_id: str) -> Snapshot[StateT] | None:
-        """The user's newest snapshot, or None if the user has none.
-
-        Raises:
-            SnapshotValidationError: bad user id, or the stored state no
-                longer validates against the model.
-            StorageError: the database failed or the operation timed out.
-        """
-        user_id = valid_user_id(user_id)
-        async with self._guard("get_latest", user_id):
-            row = await self._read(self._ops.latest, self._scope, user_id)
-        return None if row is None else self._to_snapshot(row)
-
-    async def get_history(
-        self,
-        user_id: str,
-        limit: int = 100,
-        *,
-        before_version: int | None = None,
-        skip_invalid: bool = False,
-    ) -> list[Snapshot[StateT]]:
-        """The user's newest `limit` versions, newest first (empty if none).
-
-        Costs O(limit) whatever the length of the history: a backward scan of
-        the history primary key.
-
-        Args:
-            user_id: whose history.
-            limit: how many versions at most, 1 to 10,000.
-            before_version: keyset paging: only versions below this one (pass
-                the last version of the previous page).
-            skip_invalid: leave out (and log a warning for) stored states that
-                no longer validate against the model, instead of raising.
-
-        Raises:
-            SnapshotValidationError: bad user id, `limit` outside 1 to 10,000,
-                or (unless `skip_invalid`) a stored state that no longer validates.
-            StorageError: the database failed or the operation timed out.
-        """
-        user_id = valid_user_id(user_id)
-        check_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
-        async with self._guard("get_history", user_id):
-            if before_version is None:
-                rows = await self._read(self._ops.history, self._scope, user_id, limit)
-            else:
-                check_int("before_version", before_version, minimum=1, maximum=_MAX_VERSION)
-                params = {
-                    **self._scope.key(user_id),
-                    "before_version": before_version,
-                    "limit": limit,
-                }
-                raw = await self._read(self._ops.fetch, history_before_statement(), params)
-                rows = [self._ops.decode_snapshot_row(row) for row in raw]
-        if not skip_invalid:
-            return [self._to_snapshot(row) for row in rows]
-        snapshots = []
-        for row in rows:
-            try:
-                snapshots.append(self._to_snapshot(row))
-            except SnapshotValidationError as exc:
-                logger.warning("snapshot_repo skipped a stored state: %s", exc)
-        return snapshots
-
-    async def delete(self, user_id: str) -> int:
-        """Erase the user's latest row and every history row, in one transaction.
-
-        Idempotent. A user written again afterwards starts at version 1.
-
-        Returns:
-            How many versions were erased (0 when the user had none).
-
-        Raises:
-            SnapshotValidationError: bad user id.
-            StorageError: the database failed; nothing was erased.
-        """
-        user_id = valid_user_id(user_id)
-        at = datetime.now(UTC)
-        async with self._guard("delete", user_id):
-            erased, last_version = await self._ops.delete(self._scope, user_id, at)
-        if erased:
-            self._publish(self._change("erase", user_id, last_version, at))
-        return erased

@@ -88,8 +88,9 @@ class Snapshot(BaseModel, Generic[StateT]):
             snapshot that has not been stored yet.
         created_at: when the repository stored this version (timezone-aware
             UTC); None on a snapshot that has not been stored yet.
-        schema_version: the version of the state's own schema, chosen by the
-            application; stored as given.
+        schema_version: the version of the state's own schema. None (the
+            default) means the repository's current `schema_version`; stored
+            snapshots always carry the version they were stored under.
         idempotency_key: the key the write was made with, if any.
         actor: who or what made the write, if given.
         reason: why, if given.
@@ -105,7 +106,7 @@ class Snapshot(BaseModel, Generic[StateT]):
     state: StateT
     version: Annotated[int, Field(ge=0)] = 0
     created_at: datetime | None = None
-    schema_version: Annotated[int, Field(ge=1)] = 1
+    schema_version: Annotated[int, Field(ge=1)] | None = None
     idempotency_key: str | None = None
     actor: str | None = None
     reason: str | None = None

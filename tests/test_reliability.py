@@ -259,3 +259,24 @@ async def test_upgrade_from_the_first_revision_keeps_rows(backend: Backend):
             assert (await repo.upsert_latest(snap("old", "new"), idempotency_key="k")).version == 3
     finally:
         await engine.dispose()
+
+
+async def test_a_write_on_a_killed_connection_is_connection_lost_then_recovers(
+    postgres_url: str,
+):
+    """Postgres by nature. Writes are not repeated on their own: the caller decides."""
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        await repo.upsert_latest(snap("u1", "a"))
+        async with repo.engine.connect() as conn:
+            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+        admin = await asyncpg.connect(_plain_dsn(postgres_url))
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+        finally:
+            await admin.close()
+        with pytest.raises(sr.ConnectionLostError, match="idempotency key") as caught:
+            await repo.upsert_latest(snap("u1", "b"), idempotency_key="retry-me")
+        assert isinstance(caught.value, sr.StorageError)
+        retried = await repo.upsert_latest(snap("u1", "b"), idempotency_key="retry-me")
+        assert retried.version == 2
+        assert (await repo.upsert_latest(snap("u1", "b"), idempotency_key="retry-me")) == retried

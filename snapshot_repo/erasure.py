@@ -1,0 +1,61 @@
+"""Erasing a person: every namespace (and tenant) at once, for a GDPR request.
+
+A repository's `delete` erases one user in one namespace. A person's data
+may sit in several namespaces (a cart, preferences, an agent memory) and,
+in multi-tenant services, under several tenants: `erase_user` finds them
+all and erases each as `delete` does.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._checks import valid_scope_name, valid_user_id
+from ._queries import namespaces_of_user_statement
+from .codec import JsonObject
+from .repository import SnapshotRepository
+
+__all__ = ["erase_user"]
+
+
+async def erase_user(
+    engine_or_url: AsyncEngine | str | URL, user_id: str, *, tenant: str | None = None
+) -> int:
+    """Erase `user_id` in every namespace (of every tenant, or only of `tenant`).
+
+    Each (tenant, namespace) is erased in its own transaction, exactly as
+    `SnapshotRepository.delete` does (change feed, listeners). Call it again
+    after a failure: it is idempotent.
+
+    Returns:
+        How many versions were erased in total (0 if the user had none).
+
+    Raises:
+        SnapshotValidationError: bad user id.
+        ConfigurationError: bad tenant or URL.
+        StorageError: the database failed; namespaces erased before stay erased.
+    """
+    user_id = valid_user_id(user_id)
+    if tenant is not None:
+        valid_scope_name("tenant", tenant)
+    finder: SnapshotRepository[JsonObject]
+    if isinstance(engine_or_url, AsyncEngine):
+        finder = SnapshotRepository(engine_or_url)  # the caller's engine stays open
+    else:
+        finder = SnapshotRepository.from_url(engine_or_url)
+    async with finder:
+        async with finder._guard("erase_user", user_id):
+            scopes = await finder._read(
+                finder._ops.fetch, namespaces_of_user_statement(), {"user_id": user_id}
+            )
+        erased = 0
+        for row_tenant, namespace in scopes:
+            if tenant is not None and row_tenant != tenant:
+                continue
+            repository: SnapshotRepository[JsonObject] = SnapshotRepository(
+                finder.engine, namespace=namespace
+            )
+            scoped = repository.for_tenant(row_tenant) if row_tenant else repository
+            erased += await scoped.delete(user_id)
+        return erased
