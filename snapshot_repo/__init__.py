@@ -15,6 +15,7 @@ from .errors import (
     VersionConflictError,
 )
 from .health import HealthReport
+from .kv import InMemoryStore, KeyValue, KeyValueStore
 from .patch import apply_merge_patch, make_json_patch
 from .repository import MAX_BATCH_SIZE, MAX_HISTORY_LIMIT, RepositoryOptions, SnapshotRepository
 from .snapshot import Snapshot
@@ -31,7 +32,10 @@ __all__ = [
     "ConnectionLostError",
     "EngineSettings",
     "HealthReport",
+    "InMemoryStore",
     "JsonObject",
+    "KeyValue",
+    "KeyValueStore",
     "RepositoryOptions",
     "SchemaNotReadyError",
     "SchemaVersionError",

@@ -123,6 +123,11 @@ class RepositoryCore(Generic[StateT]):
         return self._engine
 
     @property
+    def state_type(self) -> Any:
+        """The type states are validated against (`JsonObject` for a repository without one)."""
+        return self._codec.state_type
+
+    @property
     def namespace(self) -> str:
         """Which of a user's states this repository holds."""
         return self._scope.namespace
