@@ -13,6 +13,7 @@ from .errors import (
     SnapshotValidationError,
     StorageError,
     VersionConflictError,
+    set_redaction,
 )
 from .health import HealthReport
 from .kv import InMemoryStore, KeyValue, KeyValueStore
@@ -51,4 +52,5 @@ __all__ = [
     "create_engine",
     "erase_user",
     "make_json_patch",
+    "set_redaction",
 ]

@@ -5,6 +5,8 @@ Every check runs before any I/O, so a refused call has changed nothing.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from .errors import ConfigurationError, SnapshotValidationError
 from .snapshot import (
     MAX_ACTOR_LENGTH,
@@ -23,6 +25,7 @@ __all__ = [
     "valid_identifier",
     "valid_reason",
     "valid_scope_name",
+    "valid_ttl",
     "valid_user_id",
 ]
 
@@ -91,3 +94,12 @@ def check_int(name: str, value: object, *, minimum: int, maximum: int | None = N
         bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
         raise SnapshotValidationError(f"{name} must be {bound}, not {value}")
     return value
+
+
+def valid_ttl(ttl: object) -> timedelta:
+    """A time to live: a non-negative timedelta (0 means expired at once, never "forever")."""
+    if not isinstance(ttl, timedelta):
+        raise SnapshotValidationError(f"ttl must be a timedelta, not {type(ttl).__name__}")
+    if ttl < timedelta(0):
+        raise SnapshotValidationError(f"ttl must not be negative, not {ttl}")
+    return ttl

@@ -10,7 +10,7 @@ listeners afterwards (`_feed`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from ._checks import (
@@ -19,10 +19,11 @@ from ._checks import (
     valid_actor,
     valid_identifier,
     valid_reason,
+    valid_ttl,
     valid_user_id,
 )
 from ._core import logger
-from ._driver import PendingWrite
+from ._driver import Erasure, PendingWrite, Retention
 from ._feed import ChangeFeed
 from ._queries import history_before_statement
 from .codec import JsonObject, encode_metadata
@@ -49,6 +50,7 @@ class Contract(ChangeFeed[StateT]):
         actor: str | None = None,
         reason: str | None = None,
         metadata: JsonObject | None = None,
+        ttl: timedelta | None = None,
     ) -> Snapshot[StateT]:
         """Store `snapshot` as the user's next version, in `latest` and `history` at once.
 
@@ -67,6 +69,10 @@ class Contract(ChangeFeed[StateT]):
                 with the version and returned with history.
             reason: why, free text up to 4096 characters.
             metadata: free JSON object describing the write (up to 64 KiB).
+            ttl: the snapshot expires this long after the write (seed 004):
+                from then on it reads as absent, and `reap_expired` erases the
+                user. `timedelta(0)` expires at once; None (the default) never
+                expires, and a write without `ttl` cancels an earlier expiry.
 
         Returns:
             The stored snapshot, with the `version` and `created_at` assigned
@@ -90,17 +96,21 @@ class Contract(ChangeFeed[StateT]):
         if idempotency_key is not None:
             valid_identifier("idempotency_key", idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
         state = self._codec.validate(snapshot.state, user_id)
+        created_at = datetime.now(UTC)
         write = PendingWrite(
             scope=self._scope,
             user_id=user_id,
             schema_version=self._schema_version_of(snapshot),
             payload=self._codec.encode(state, user_id),
-            created_at=datetime.now(UTC),
+            created_at=created_at,
             expected_version=expected_version,
             idempotency_key=idempotency_key,
             actor=valid_actor(actor),
             reason=valid_reason(reason),
             metadata=encode_metadata(metadata),
+            expires_at=None if ttl is None else created_at + valid_ttl(ttl),
+            retention=self._retention_for(created_at),
+            notify=self._notify,
         )
         async with self._guard("upsert_latest", user_id):
             outcome = await self._ops.write(write)
@@ -169,6 +179,7 @@ class Contract(ChangeFeed[StateT]):
                     actor=actor,
                     reason=reason,
                     metadata=encoded_metadata,
+                    notify=self._notify,
                 )
             )
         async with self._guard("upsert_many", None):
@@ -202,7 +213,7 @@ class Contract(ChangeFeed[StateT]):
         check_batch_size("user_ids", len(user_ids))
         wanted = list(dict.fromkeys(valid_user_id(user_id) for user_id in user_ids))
         async with self._guard("get_latest_many", None):
-            rows = await self._read(self._ops.latest_many, self._scope, wanted)
+            rows = await self._read(self._ops.latest_many, self._scope, wanted, datetime.now(UTC))
         return {snapshot.user_id: snapshot for snapshot in map(self._to_snapshot, rows)}
 
     async def get_latest(self, user_id: str) -> Snapshot[StateT] | None:
@@ -215,7 +226,7 @@ class Contract(ChangeFeed[StateT]):
         """
         user_id = valid_user_id(user_id)
         async with self._guard("get_latest", user_id):
-            row = await self._read(self._ops.latest, self._scope, user_id)
+            row = await self._read(self._ops.latest, self._scope, user_id, datetime.now(UTC))
         return None if row is None else self._to_snapshot(row)
 
     async def get_history(
@@ -280,10 +291,27 @@ class Contract(ChangeFeed[StateT]):
             SnapshotValidationError: bad user id.
             StorageError: the database failed; nothing was erased.
         """
-        user_id = valid_user_id(user_id)
-        at = datetime.now(UTC)
-        async with self._guard("delete", user_id):
-            erased, last_version = await self._ops.delete(self._scope, user_id, at)
+        return await self._erase(valid_user_id(user_id), "delete")
+
+    async def _erase(self, user_id: str, cause: str, *, only_expired: bool = False) -> int:
+        """Erase one user of this scope (with its receipt, feed entry and notification)."""
+        erasure = Erasure(
+            scope=self._scope,
+            user_id=user_id,
+            at=datetime.now(UTC),
+            cause=cause,
+            receipt_subject=self._receipt_subject(user_id),
+            only_expired=only_expired,
+            notify=self._notify,
+        )
+        async with self._guard(cause, user_id):
+            erased, last_version = await self._ops.delete(erasure)
         if erased:
-            self._publish(self._change("erase", user_id, last_version, at))
+            self._publish(self._change("erase", user_id, last_version, erasure.at))
         return erased
+
+    def _retention_for(self, now: datetime) -> Retention | None:
+        policy = self._retention
+        if policy is None:
+            return None
+        return Retention(keep_last=policy.keep_last, cutoff=policy.cutoff(now))

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Generic, Self, TypedDict, TypeVar, Unpack
+from typing import Any, Generic, ParamSpec, Self, TypedDict, TypeVar, Unpack
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,6 +28,7 @@ from .codec import DEFAULT_MAX_PAYLOAD_BYTES, StateCodec, decode_metadata
 from .engine import EngineSettings, install_sqlite_settings
 from .errors import ConfigurationError
 from .health import HealthReport, probe
+from .retention import RetentionPolicy
 from .snapshot import Snapshot, StateT
 from .upgrades import PayloadUpgrades, Upgrader
 
@@ -39,6 +42,7 @@ _CLOSE_TIMEOUT = 5.0
 
 logger = logging.getLogger("snapshot_repo")
 _ResultT = TypeVar("_ResultT")
+_P = ParamSpec("_P")
 
 
 class RepositoryOptions(TypedDict, total=False):
@@ -54,6 +58,18 @@ class RepositoryOptions(TypedDict, total=False):
             "default"): repositories of different models share the tables
             under different namespaces, so one user can have a cart, preferences
             and an agent memory, each typed by its own model.
+        notify: on Postgres, send a NOTIFY with every write and erasure, so
+            listeners in other processes hear of it at once (default off).
+            NOTIFY holds a cluster-wide lock until commit, so notifying writes
+            cannot share WAL flushes: measured 4x fewer concurrent writes per
+            second. Without it, listeners hear of this process's changes only,
+            and other processes catch up through `changes_since`.
+        erasure_key: the secret (at least 16 bytes) that keys the HMAC of
+            user ids in erasure receipts. Without it no receipts are written.
+            Keep it outside the database: with it, a receipt confirms a
+            person was erased; without it, a receipt identifies no one.
+        retention: a `RetentionPolicy`; each write then drops the user's
+            history versions the policy no longer keeps, in the same transaction.
         schema_version: the schema version of today's model (default 1);
             writes are stored under it unless a snapshot names another.
         upgraders: `{n: fn}` upgrading a state document from schema version
@@ -61,6 +77,9 @@ class RepositoryOptions(TypedDict, total=False):
     """
 
     namespace: str
+    notify: bool
+    erasure_key: bytes | str
+    retention: RetentionPolicy
     schema_version: int
     upgraders: Mapping[int, Upgrader]
     max_payload_bytes: int
@@ -101,9 +120,18 @@ class RepositoryCore(Generic[StateT]):
         self._codec: StateCodec[StateT] = StateCodec(
             state_type,
             options.get("max_payload_bytes", DEFAULT_MAX_PAYLOAD_BYTES),
-            PayloadUpgrades(options.get("schema_version", 1), options.get("upgraders")),
+            PayloadUpgrades(
+                options.get("schema_version", 1),
+                options.get("upgraders"),
+                any_version=state_type is None,
+            ),
         )
         self._snapshot_type: type[Snapshot[StateT]] = Snapshot[self._codec.state_type]  # type: ignore[name-defined]
+        self._erasure_key = _erasure_key(options.get("erasure_key"))
+        self._notify = bool(options.get("notify", False)) and engine.dialect.name == "postgresql"
+        self._retention = options.get("retention")
+        if self._retention is not None and not isinstance(self._retention, RetentionPolicy):
+            raise ConfigurationError("retention must be a RetentionPolicy")
         self._health_timeout = positive_seconds(
             "health_timeout", options.get("health_timeout", DEFAULT_HEALTH_TIMEOUT)
         )
@@ -173,7 +201,7 @@ class RepositoryCore(Generic[StateT]):
         Never raises, never waits longer than `health_timeout` seconds, and
         never creates anything (a missing SQLite file is reported, not created).
         """
-        report = await probe(self._engine, self._health_timeout)
+        report = await probe(self._engine, self._ops, self._health_timeout)
         if not report.healthy:
             logger.warning(
                 "snapshot_repo is not ready: reachable=%s, schema %s of %s%s",
@@ -224,7 +252,9 @@ class RepositoryCore(Generic[StateT]):
         """Error translation plus the per-operation timeout, around one public call."""
         return storage_errors(operation, user_id, time_limit=self._operation_timeout)
 
-    async def _read(self, fetch: Callable[..., Awaitable[_ResultT]], *args: Any) -> _ResultT:
+    async def _read(
+        self, fetch: Callable[_P, Awaitable[_ResultT]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _ResultT:
         """Run a read; repeat it once if the connection turned out to be dead.
 
         A read is safe to repeat. This covers the first use of pooled
@@ -232,12 +262,12 @@ class RepositoryCore(Generic[StateT]):
         pool generation is invalidated, so the repeat gets a fresh one.
         """
         try:
-            return await fetch(*args)
+            return await fetch(*args, **kwargs)
         except Exception as exc:
             if not is_retryable(exc):
                 raise
             logger.info("snapshot_repo repeating a read on a new connection: %s", describe(exc))
-        return await fetch(*args)
+        return await fetch(*args, **kwargs)
 
     def _to_snapshot(self, row: Row) -> Snapshot[StateT]:
         (user_id, version, schema_version, payload, created_at, key, actor, reason, meta) = row
@@ -252,6 +282,12 @@ class RepositoryCore(Generic[StateT]):
             reason=reason,
             metadata=decode_metadata(meta),
         )
+
+    def _receipt_subject(self, user_id: str) -> str | None:
+        """The keyed hash that stands for `user_id` in erasure receipts (None: no receipts)."""
+        if self._erasure_key is None:
+            return None
+        return hmac.new(self._erasure_key, user_id.encode(), hashlib.sha256).hexdigest()
 
     def _schema_version_of(self, snapshot: Snapshot[Any]) -> int:
         """The schema version a write is stored under: the snapshot's, else today's model's."""
@@ -273,6 +309,16 @@ class RepositoryCore(Generic[StateT]):
             reason=write.reason,
             metadata=decode_metadata(write.metadata),
         )
+
+
+def _erasure_key(key: object) -> bytes | None:
+    if key is None:
+        return None
+    if isinstance(key, str):
+        key = key.encode()
+    if not isinstance(key, bytes) or len(key) < 16:
+        raise ConfigurationError("erasure_key must be bytes or str of at least 16 bytes")
+    return key
 
 
 async def _dispose_within(engine: AsyncEngine, seconds: float) -> None:

@@ -46,6 +46,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     update,
@@ -54,23 +55,30 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import ReturningDelete
 from sqlalchemy.sql.elements import BindParameter
 
-from .tables import changes_table, history_table, latest_table
+from .tables import changes_table, erasure_receipts_table, history_table, latest_table
 
 __all__ = [
     "CHANGE_COLUMNS",
+    "NOTIFY_CHANNEL",
     "ROW_COLUMNS",
     "STORED_COLUMNS",
     "WRITE_COLUMNS",
     "DialectName",
     "WriteMode",
+    "alive",
     "delete_statements",
     "erasure_feed_statements",
     "history_statement",
     "idempotent_write_statement",
     "latest_many_statement",
     "latest_statement",
+    "notify",
     "postgres_bulk_write_statement",
+    "postgres_erasure_notify_statement",
     "postgres_write_statement",
+    "prune_condition",
+    "prune_statement",
+    "receipt_statement",
     "sqlite_write_statements",
     "version_statement",
     "write_mode",
@@ -122,6 +130,8 @@ def _latest_write(dialect: DialectName, mode: WriteMode) -> Insert | Update:
     changed: dict[str, BindParameter[Any]] = {
         name: bindparam(f"w_{name}") for name in WRITE_COLUMNS if name not in _KEY_COLUMNS
     }
+    # Only the latest row expires; a write without a ttl clears an earlier expiry.
+    changed["expires_at"] = bindparam("w_expires_at", type_=latest_table.c.expires_at.type)
     if mode == "replace":
         return (
             update(latest_table)
@@ -132,7 +142,9 @@ def _latest_write(dialect: DialectName, mode: WriteMode) -> Insert | Update:
         )
     insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert_fn(latest_table).values(
-        version=1, **{name: bindparam(f"w_{name}") for name in WRITE_COLUMNS}
+        version=1,
+        expires_at=changed["expires_at"],
+        **{name: bindparam(f"w_{name}") for name in WRITE_COLUMNS},
     )
     key = [latest_table.c[name] for name in _KEY_COLUMNS]
     if mode == "create":
@@ -171,26 +183,91 @@ def _postgres_txid() -> ColumnElement[int]:
     return cast(cast(func.pg_current_xact_id(), Text), BigInteger)
 
 
+NOTIFY_CHANNEL = "snapshot_repo_changes"
+"""The Postgres channel writes with `notify` send to (see `changes`)."""
+
+
+def notify(source: Any, kind: str) -> ColumnElement[bool]:
+    """A condition that is always true and sends NOTIFY for the row (delivered at commit).
+
+    `pg_notify` returns void, which IS NOT NULL: filtering on it calls it once
+    per row. NOTIFY takes a cluster-wide lock held until commit, WAL flush
+    included, so notifying writers cannot share a flush: that is why it is
+    opt-in (see `RepositoryOptions.notify`).
+    """
+    payload = func.json_build_object(
+        "tenant",
+        source.c.tenant,
+        "namespace",
+        source.c.namespace,
+        "user_id",
+        source.c.user_id,
+        "version",
+        source.c.version,
+        "kind",
+        kind,
+    )
+    return func.pg_notify(NOTIFY_CHANNEL, cast(payload, Text)).isnot(None)
+
+
 @cache
-def postgres_write_statement(mode: WriteMode) -> Insert:
+def postgres_write_statement(
+    mode: WriteMode, prune: bool = False, notifying: bool = False
+) -> Insert:
     """Postgres: latest write, history append and feed entry in one statement.
 
+    With `prune`, the same statement also deletes the user's history versions
+    that the retention policy no longer keeps (see `prune_condition`); with
+    `notifying`, it sends a NOTIFY for the write.
     Returns the new version (no row when a compare-and-set found another version).
     """
     written = _latest_write("postgresql", mode).cte("written")
+    feed_rows = select(*(written.c[n] for n in CHANGE_COLUMNS), literal("write"), _postgres_txid())
+    if notifying:
+        feed_rows = feed_rows.where(notify(written, "write"))
     feed = (
-        insert(changes_table)
-        .from_select(
-            [*CHANGE_COLUMNS, "kind", "txid"],
-            select(*(written.c[n] for n in CHANGE_COLUMNS), literal("write"), _postgres_txid()),
-        )
-        .cte("feed")
+        insert(changes_table).from_select([*CHANGE_COLUMNS, "kind", "txid"], feed_rows).cte("feed")
     )
-    return (
+    statement = (
         insert(history_table)
         .from_select(list(STORED_COLUMNS), select(*(written.c[n] for n in STORED_COLUMNS)))
         .returning(history_table.c.version)
         .add_cte(feed)
+    )
+    if prune:
+        pruned = (
+            delete(history_table)
+            .where(
+                *(history_table.c[name] == written.c[name] for name in _KEY_COLUMNS),
+                prune_condition(written.c.version),
+            )
+            .cte("pruned")
+        )
+        statement = statement.add_cte(pruned)
+    return statement
+
+
+def prune_condition(newest: ColumnElement[int]) -> ColumnElement[bool]:
+    """History versions a retention policy drops, given the user's newest version.
+
+    Dropped: versions below `newest - keep_last + 1` and created before
+    `cutoff` (each bound may be NULL: no limit of that kind). The newest
+    version itself is never dropped.
+    """
+    keep_last = bindparam("keep_last", type_=BigInteger)
+    cutoff = bindparam("cutoff", type_=history_table.c.created_at.type)
+    return and_(
+        history_table.c.version < newest,
+        or_(keep_last.is_(None), history_table.c.version <= newest - keep_last),
+        or_(cutoff.is_(None), history_table.c.created_at < cutoff),
+    )
+
+
+@cache
+def prune_statement() -> Delete:
+    """Drop a user's history versions beyond the retention policy (see `prune_condition`)."""
+    return delete(history_table).where(
+        _is_key(history_table), prune_condition(bindparam("newest", type_=BigInteger))
     )
 
 
@@ -223,10 +300,15 @@ def erasure_feed_statements(dialect: DialectName) -> tuple[Delete, Insert]:
     return forget, record
 
 
+def alive(table: Table = latest_table) -> ColumnElement[bool]:
+    """Not expired at the bound `now`: an expired snapshot reads as absent."""
+    return or_(table.c.expires_at.is_(None), table.c.expires_at > bindparam("now"))
+
+
 @cache
 def latest_statement() -> Select[Any]:
-    """The user's latest row: a primary-key lookup."""
-    return select(*_row(latest_table)).where(_is_key(latest_table))
+    """The user's latest row, unless expired: a primary-key lookup."""
+    return select(*_row(latest_table)).where(_is_key(latest_table), alive())
 
 
 @cache
@@ -256,7 +338,7 @@ def history_statement() -> Select[Any]:
 
 
 @cache
-def delete_statements() -> tuple[ReturningDelete[Any], Delete]:
+def delete_statements(only_expired: bool = False) -> tuple[ReturningDelete[Any], Delete]:
     """Delete the latest row (returning its version), then history up to that version.
 
     Order matters on Postgres under READ COMMITTED. Deleting the latest row
@@ -267,8 +349,13 @@ def delete_statements() -> tuple[ReturningDelete[Any], Delete]:
     committed before the lock; bounding it by the deleted version keeps it
     from touching a newer user's rows. (One CTE would use one snapshot and
     could miss the history row of a writer it waited for.)
+
+    With `only_expired`, the latest row is deleted only if it expired by `now`.
     """
-    latest = delete(latest_table).where(_is_key(latest_table)).returning(latest_table.c.version)
+    which = delete(latest_table).where(_is_key(latest_table))
+    if only_expired:  # reaping: skip a user whose expiry a write cleared meanwhile
+        which = which.where(latest_table.c.expires_at <= bindparam("now"))
+    latest = which.returning(latest_table.c.version)
     history = delete(history_table).where(
         _is_key(history_table), history_table.c.version <= bindparam("version")
     )
@@ -276,7 +363,7 @@ def delete_statements() -> tuple[ReturningDelete[Any], Delete]:
 
 
 @cache
-def postgres_bulk_write_statement() -> TextClause:
+def postgres_bulk_write_statement(notifying: bool = False) -> TextClause:
     """Postgres: a whole batch of writes in one statement, gapless even for repeated users.
 
     The batch arrives as parallel arrays. Each user's rows are numbered in
@@ -287,6 +374,13 @@ def postgres_bulk_write_statement() -> TextClause:
     """
     columns = ", ".join(STORED_COLUMNS)
     feed_columns = ", ".join(CHANGE_COLUMNS)
+    notify_clause = (
+        f"WHERE pg_notify('{NOTIFY_CHANNEL}', json_build_object('tenant', tenant, "
+        "'namespace', namespace, 'user_id', user_id, 'version', version, "
+        "'kind', 'write')::text) IS NOT NULL"
+        if notifying
+        else ""
+    )
     shared = (
         "CAST(:created_at AS TIMESTAMPTZ), NULL, CAST(:actor AS VARCHAR), "
         "CAST(:reason AS TEXT), CAST(:metadata AS BYTEA)"
@@ -314,6 +408,7 @@ def postgres_bulk_write_statement() -> TextClause:
                 payload = excluded.payload,
                 created_at = excluded.created_at,
                 idempotency_key = NULL,
+                expires_at = NULL,
                 actor = excluded.actor,
                 reason = excluded.reason,
                 metadata = excluded.metadata
@@ -331,7 +426,8 @@ def postgres_bulk_write_statement() -> TextClause:
             INSERT INTO snapshot_changes ({feed_columns}, kind, txid)
             SELECT {feed_columns}, 'write',
                    CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)
-            FROM appended ORDER BY user_id, version
+            FROM appended {notify_clause}
+            ORDER BY user_id, version
         )
         SELECT user_id, version FROM appended
         """
@@ -363,4 +459,29 @@ def latest_many_statement(dialect: DialectName) -> Select[Any]:
     else:
         ids = func.json_each(bindparam("user_ids_json", type_=String)).table_valued("value")
         wanted = latest_table.c.user_id.in_(select(ids.c.value))
-    return select(*_row(latest_table)).where(_in_scope(latest_table), wanted)
+    return select(*_row(latest_table)).where(_in_scope(latest_table), wanted, alive())
+
+
+@cache
+def receipt_statement() -> Insert:
+    """Record an erasure receipt (see `tables.erasure_receipts_table`)."""
+    return insert(erasure_receipts_table).values(
+        subject=bindparam("subject"),
+        tenant=bindparam("tenant"),
+        namespace=bindparam("namespace"),
+        erased_at=bindparam("created_at"),
+        versions_erased=bindparam("versions_erased"),
+        cause=bindparam("cause"),
+    )
+
+
+@cache
+def postgres_erasure_notify_statement() -> Select[Any]:
+    """NOTIFY an erasure inside its transaction (delivered at commit)."""
+    erased = select(
+        bindparam("tenant", type_=Text).label("tenant"),
+        bindparam("namespace", type_=Text).label("namespace"),
+        bindparam("user_id", type_=Text).label("user_id"),
+        bindparam("version", type_=BigInteger).label("version"),
+    ).subquery("erased")
+    return select(literal(1)).select_from(erased).where(notify(erased, "erase"))

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
+from asyncpg.exceptions._base import InternalClientError
 from sqlalchemy import ClauseElement, ColumnElement, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -50,18 +51,23 @@ from ._dialects import (
     latest_many_statement,
     latest_statement,
     postgres_bulk_write_statement,
+    postgres_erasure_notify_statement,
     postgres_write_statement,
+    prune_statement,
+    receipt_statement,
     sqlite_write_statements,
     version_statement,
     write_mode,
 )
 from ._translate import describe
-from .errors import ConnectionLostError
+from .errors import ConnectionLostError, StorageError
 from .tables import latest_table
 
 __all__ = [
+    "Erasure",
     "Operations",
     "PendingWrite",
+    "Retention",
     "Row",
     "Scope",
     "is_retryable",
@@ -88,6 +94,53 @@ class Scope:
 
 
 @dataclass(frozen=True, slots=True)
+class Retention:
+    """Which history versions a write drops in its own transaction (see `prune_condition`)."""
+
+    keep_last: int | None
+    cutoff: Any
+
+    def params(self) -> dict[str, Any]:
+        return {"keep_last": self.keep_last, "cutoff": self.cutoff}
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """One user's erasure: where, when, why, and the receipt to record (if any)."""
+
+    scope: Scope
+    user_id: str
+    at: Any
+    cause: str = "delete"
+    receipt_subject: str | None = None
+    only_expired: bool = False
+    notify: bool = False
+
+    def key(self) -> dict[str, Any]:
+        return self.scope.key(self.user_id)
+
+    def feed_params(self, version: int) -> dict[str, Any]:
+        return {
+            **self.key(),
+            "version": version,
+            "created_at": self.at,
+            "actor": None,
+            "reason": None,
+            "metadata": None,
+        }
+
+    def receipt_params(self, versions_erased: int) -> dict[str, Any]:
+        return {
+            "subject": self.receipt_subject,
+            "tenant": self.scope.tenant,
+            "namespace": self.scope.namespace,
+            "created_at": self.at,
+            "versions_erased": versions_erased,
+            "cause": self.cause,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class PendingWrite:
     """One validated write, ready for the database."""
 
@@ -101,6 +154,9 @@ class PendingWrite:
     actor: str | None = None
     reason: str | None = None
     metadata: bytes | None = None
+    expires_at: Any = None
+    retention: Retention | None = None
+    notify: bool = False
 
     def params(self) -> dict[str, Any]:
         values = {
@@ -117,6 +173,9 @@ class PendingWrite:
         }
         params = {f"w_{name}": values[name] for name in WRITE_COLUMNS}
         params["expected_version"] = self.expected_version
+        params["w_expires_at"] = self.expires_at
+        if self.retention is not None:
+            params.update(self.retention.params())
         return params
 
     def keyed_params(self) -> dict[str, Any]:
@@ -132,15 +191,19 @@ class Operations(Protocol):
     """What the repository needs from a backend; each call is one transaction or statement."""
 
     async def write(self, write: PendingWrite) -> WriteOutcome: ...
-    async def latest(self, scope: Scope, user_id: str) -> Row | None: ...
+    async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None: ...
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]: ...
     async def current_version(self, scope: Scope, user_id: str) -> int: ...
-    async def delete(self, scope: Scope, user_id: str, at: Any) -> tuple[int, int]:
+    async def delete(self, erasure: Erasure) -> tuple[int, int]:
         """Erase the user; (versions erased, the last version) or (0, 0) if absent."""
         ...
 
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]: ...
-    async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]: ...
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]: ...
+    async def vacuum(self) -> None:
+        """Reclaim dead rows of the snapshot tables now (Postgres VACUUM; SQLite checkpoint)."""
+        ...
+
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]: ...
     async def execute_in_transaction(
         self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
@@ -220,6 +283,8 @@ def _is_disconnect(exc: BaseException, driver_connection: Any) -> bool:
         return True  # interrupted mid-protocol, or the socket failed: state unknown
     if isinstance(exc, asyncpg.InterfaceError | asyncpg.PostgresConnectionError):
         return True
+    if isinstance(exc, InternalClientError):  # the protocol state is corrupt
+        return True
     sqlstate = getattr(exc, "sqlstate", None) or ""
     if sqlstate.startswith(("57P", "08")):  # admin shutdown, crash, connection failure
         return True
@@ -237,15 +302,29 @@ async def _checkout(engine: AsyncEngine) -> AsyncIterator[Any]:
     stale connection is handed out again.
     """
     pool = engine.sync_engine.pool
-    fairy = await greenlet_spawn(engine.sync_engine.raw_connection)
+    try:
+        fairy = await greenlet_spawn(engine.sync_engine.raw_connection)
+    except engine.dialect.loaded_dbapi.Error as exc:
+        # Raised by the driver while connecting (refused, starting up, shutting
+        # down); SQLAlchemy's pool passes it on without wrapping it.
+        raise StorageError(f"cannot connect to the database: {describe(exc)}") from exc
     try:
         yield fairy.driver_connection
     except BaseException as exc:
         if not _is_disconnect(exc, fairy.driver_connection):
             raise
-        await greenlet_spawn(pool._invalidate, fairy, exc)
         if isinstance(exc, asyncio.CancelledError | TimeoutError):
+            # Interrupted mid-protocol: drop the socket now rather than let the pool
+            # close it politely, which waits on a server that may be frozen; and
+            # discard only this connection: the others may be fine, and recycling
+            # them would make the next callers wait on that polite close too.
+            terminate = getattr(fairy.driver_connection, "terminate", None)
+            if terminate is not None:
+                terminate()
+            await greenlet_spawn(fairy.invalidate, exc)
             raise  # the caller stopped us; say nothing else
+        # The server went away: its other pooled connections are dead too.
+        await greenlet_spawn(pool._invalidate, fairy, exc)
         raise ConnectionLostError(
             f"the database connection was lost ({describe(exc)}); a write's outcome is "
             "unknown: retry it with the same idempotency key"
@@ -285,7 +364,10 @@ class _SharedStatements:
     _history: _Compiled
     _version: _Compiled
     _delete_latest: _Compiled
+    _delete_expired: _Compiled
     _delete_history: _Compiled
+    _receipt: _Compiled
+    _prune: _Compiled
     _latest_many: _Compiled
     _forget_feed: _Compiled
     _erasure_entry: _Compiled
@@ -299,6 +381,9 @@ def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
     target._history = _compile(history_statement(), dialect)
     target._version = _compile(version_statement(), dialect)
     target._delete_latest, target._delete_history = _compile_all(delete_statements(), dialect)
+    target._delete_expired = _compile(delete_statements(only_expired=True)[0], dialect)
+    target._receipt = _compile(receipt_statement(), dialect)
+    target._prune = _compile(prune_statement(), dialect)
     target._latest_many = _compile(latest_many_statement(name), dialect)
     target._forget_feed, target._erasure_entry = _compile_all(
         erasure_feed_statements(name), dialect
@@ -307,17 +392,6 @@ def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
 
 def _compile_all(statements: Sequence[ClauseElement], dialect: Dialect) -> tuple[_Compiled, ...]:
     return tuple(_compile(statement, dialect) for statement in statements)
-
-
-def _erasure_params(key: Mapping[str, Any], version: int, at: Any) -> dict[str, Any]:
-    return {
-        **key,
-        "version": version,
-        "created_at": at,
-        "actor": None,
-        "reason": None,
-        "metadata": None,
-    }
 
 
 class _PostgresOperations(_SharedStatements):
@@ -348,19 +422,38 @@ class _PostgresOperations(_SharedStatements):
             "reason": first.reason,
             "metadata": first.metadata,
         }
+        statement = (
+            self._compiled(postgres_bulk_write_statement(notifying=True))
+            if first.notify
+            else self._write_many
+        )
         async with _checkout(self._engine) as conn:
-            rows = await conn.fetch(self._write_many.sql, *self._write_many.args(params))
+            rows = await conn.fetch(statement.sql, *statement.args(params))
         return _versions_in_input_order(writes, rows)
 
-    async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]:
-        params = {"tenant": scope.tenant, "namespace": scope.namespace, "user_ids": list(user_ids)}
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
+        params = {
+            "tenant": scope.tenant,
+            "namespace": scope.namespace,
+            "user_ids": list(user_ids),
+            "now": now,
+        }
         args = self._latest_many.args(params)
         async with _checkout(self._engine) as conn:
             rows = await conn.fetch(self._latest_many.sql, *args)
         return [self._decode(raw) for raw in rows]
 
     async def write(self, write: PendingWrite) -> WriteOutcome:
-        statement = self._writes[write_mode(write.expected_version)]
+        mode = write_mode(write.expected_version)
+        statement = (
+            self._writes[mode]
+            if write.retention is None and not write.notify
+            else self._compiled(
+                postgres_write_statement(
+                    mode, prune=write.retention is not None, notifying=write.notify
+                )
+            )
+        )
         async with _checkout(self._engine) as conn:
             try:
                 version = await conn.fetchval(statement.sql, *statement.args(write.params()))
@@ -392,9 +485,10 @@ class _PostgresOperations(_SharedStatements):
                 counts.append(int(last) if last.isdigit() else 0)
         return counts
 
-    async def latest(self, scope: Scope, user_id: str) -> Row | None:
+    async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
+        args = self._latest.args({**scope.key(user_id), "now": now})
         async with _checkout(self._engine) as conn:
-            raw = await conn.fetchrow(self._latest.sql, *self._latest.args(scope.key(user_id)))
+            raw = await conn.fetchrow(self._latest.sql, *args)
         return None if raw is None else self._decode(raw)
 
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
@@ -410,18 +504,34 @@ class _PostgresOperations(_SharedStatements):
             )
         return int(version or 0)
 
-    async def delete(self, scope: Scope, user_id: str, at: Any) -> tuple[int, int]:
-        key = scope.key(user_id)
+    async def delete(self, erasure: Erasure) -> tuple[int, int]:
+        key = erasure.key()
+        delete_latest = self._delete_expired if erasure.only_expired else self._delete_latest
         async with _checkout(self._engine) as conn, conn.transaction():
-            version = await conn.fetchval(self._delete_latest.sql, *self._delete_latest.args(key))
+            version = await conn.fetchval(
+                delete_latest.sql, *delete_latest.args({**key, "now": erasure.at})
+            )
             if version is None:
                 return 0, 0
             args = self._delete_history.args({**key, "version": version})
             status: str = await conn.execute(self._delete_history.sql, *args)
+            erased = int(status.rsplit(" ", 1)[-1])  # status: "DELETE <count>"
             await conn.execute(self._forget_feed.sql, *self._forget_feed.args(key))
-            entry = self._erasure_entry.args(_erasure_params(key, version, at))
+            entry = self._erasure_entry.args(erasure.feed_params(version))
             await conn.execute(self._erasure_entry.sql, *entry)
-        return int(status.rsplit(" ", 1)[-1]), int(version)  # status: "DELETE <count>"
+            if erasure.receipt_subject is not None:
+                receipt = self._receipt.args(erasure.receipt_params(erased))
+                await conn.execute(self._receipt.sql, *receipt)
+            if erasure.notify:
+                notify = self._compiled(postgres_erasure_notify_statement())
+                await conn.fetch(notify.sql, *notify.args({**key, "version": version}))
+        return erased, int(version)
+
+    async def vacuum(self) -> None:
+        async with _checkout(self._engine) as conn:
+            # Outside a transaction (asyncpg autocommits); removes the dead tuples that
+            # still hold erased rows' bytes until autovacuum would have.
+            await conn.execute("VACUUM snapshot_latest, snapshot_history, snapshot_changes")
 
 
 def _versions_in_input_order(writes: Sequence[PendingWrite], rows: Sequence[Any]) -> list[int]:
@@ -480,18 +590,19 @@ class _SqliteOperations(_SharedStatements):
 
         return await self._in_write_transaction(run)
 
-    async def latest_many(self, scope: Scope, user_ids: Sequence[str]) -> list[Row]:
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
         params = {
             "tenant": scope.tenant,
             "namespace": scope.namespace,
             "user_ids_json": json.dumps(list(user_ids)),
+            "now": now,
         }
         rows = await self._fetch(self._latest_many, params)
         return [self._decode(raw) for raw in rows]
 
     async def write(self, write: PendingWrite) -> WriteOutcome:
         latest_write, history_append, feed_entry = self._writes[write_mode(write.expected_version)]
-        keyed = self._keyed
+        keyed, prune = self._keyed, self._prune
 
         def run(conn: sqlite3.Connection) -> WriteOutcome:
             if write.idempotency_key is not None:
@@ -502,12 +613,20 @@ class _SqliteOperations(_SharedStatements):
             written = conn.execute(latest_write.sql, latest_write.args(write.params())).fetchone()
             if written is None:
                 return None
-            return _append_history(conn, history_append, feed_entry, written)
+            version = _append_history(conn, history_append, feed_entry, written)
+            if write.retention is not None:
+                params = {
+                    **write.scope.key(write.user_id),
+                    **write.retention.params(),
+                    "newest": version,
+                }
+                conn.execute(prune.sql, prune.args(params))
+            return version
 
         return await self._in_write_transaction(run)
 
-    async def latest(self, scope: Scope, user_id: str) -> Row | None:
-        rows = await self._fetch(self._latest, scope.key(user_id))
+    async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
+        rows = await self._fetch(self._latest, {**scope.key(user_id), "now": now})
         return self._decode(rows[0]) if rows else None
 
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
@@ -518,13 +637,14 @@ class _SqliteOperations(_SharedStatements):
         rows = await self._fetch(self._version, scope.key(user_id))
         return int(rows[0][0]) if rows else 0
 
-    async def delete(self, scope: Scope, user_id: str, at: Any) -> tuple[int, int]:
-        delete_latest, delete_history = self._delete_latest, self._delete_history
+    async def delete(self, erasure: Erasure) -> tuple[int, int]:
+        delete_latest = self._delete_expired if erasure.only_expired else self._delete_latest
+        delete_history, receipt = self._delete_history, self._receipt
         forget_feed, erasure_entry = self._forget_feed, self._erasure_entry
-        key = scope.key(user_id)
+        key = erasure.key()
 
         def run(conn: sqlite3.Connection) -> tuple[int, int]:
-            found = conn.execute(delete_latest.sql, delete_latest.args(key))
+            found = conn.execute(delete_latest.sql, delete_latest.args({**key, "now": erasure.at}))
             row = found.fetchone()
             found.close()
             if row is None:
@@ -532,10 +652,29 @@ class _SqliteOperations(_SharedStatements):
             args = delete_history.args({**key, "version": row[0]})
             erased: int = conn.execute(delete_history.sql, args).rowcount
             conn.execute(forget_feed.sql, forget_feed.args(key))
-            conn.execute(erasure_entry.sql, erasure_entry.args(_erasure_params(key, row[0], at)))
+            conn.execute(erasure_entry.sql, erasure_entry.args(erasure.feed_params(row[0])))
+            if erasure.receipt_subject is not None:
+                conn.execute(receipt.sql, receipt.args(erasure.receipt_params(erased)))
             return erased, int(row[0])
 
-        return await self._in_write_transaction(run)
+        outcome = await self._in_write_transaction(run)
+        if outcome[0]:
+            await self.vacuum()
+        return outcome
+
+    async def vacuum(self) -> None:
+        """Move the WAL into the database file and truncate it, so erased bytes leave the WAL.
+
+        With `secure_delete` on (see `engine`), the freed cells in the main
+        file are already zeroed; the WAL still holds the frames that wrote the
+        erased rows until this checkpoint.
+        """
+
+        def checkpoint(conn: sqlite3.Connection) -> None:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+        async with self._write_lock, _checkout(self._engine) as aconn:
+            await aconn._execute(checkpoint, aconn._conn)
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         return await self._fetch(self._compiled(statement), params)

@@ -85,9 +85,10 @@ class ChangeFeed(RepositoryCore[StateT]):
         """Call `callback(change)` after each committed write or erasure in this scope.
 
         `callback` may be a function or a coroutine function; its errors are
-        logged, never raised into writers. On Postgres, changes from other
-        processes arrive too (LISTEN/NOTIFY; one pooled connection is held
-        while anyone listens); on SQLite, only this process's changes.
+        logged, never raised into writers. Changes made through repositories
+        of this process arrive; on Postgres, so do those of other processes
+        whose repositories have `notify=True` (LISTEN/NOTIFY; one pooled
+        connection is held while anyone listens).
         Close the returned subscription to stop.
         """
         return await hub_for(self._engine).subscribe(
@@ -126,7 +127,10 @@ class ChangeFeed(RepositoryCore[StateT]):
         )
 
     def _publish(self, change: Change) -> None:
-        """Deliver an in-process commit to local listeners (SQLite; Postgres uses NOTIFY)."""
-        hub = hub_for(self._engine)
-        if not hub.listens_to_database:
-            hub.publish(change)
+        """Deliver a commit of this process to local listeners.
+
+        Skipped when the write sent a NOTIFY: the hub's LISTEN connection
+        delivers it, to this process as to every other.
+        """
+        if not self._notify:
+            hub_for(self._engine).publish(change)

@@ -5,7 +5,7 @@ Each is one indexed statement (see `_queries`).
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic_core import from_json
@@ -93,7 +93,8 @@ class HistoryReads(RepositoryCore[StateT]):
         """Whether the user has a snapshot here (in this namespace and tenant)."""
         user_id = valid_user_id(user_id)
         async with self._guard("exists", user_id):
-            rows = await self._read(self._ops.fetch, exists_statement(), self._scope.key(user_id))
+            params = {**self._scope.key(user_id), "now": datetime.now(UTC)}
+            rows = await self._read(self._ops.fetch, exists_statement(), params)
         return bool(rows[0][0])
 
     async def list_users(self, after: str | None = None, limit: int = 100) -> list[str]:
@@ -113,6 +114,7 @@ class HistoryReads(RepositoryCore[StateT]):
             "namespace": self._scope.namespace,
             "after": after_id,
             "limit": limit,
+            "now": datetime.now(UTC),
         }
         async with self._guard("list_users", None):
             rows = await self._read(self._ops.fetch, list_users_statement(), params)
@@ -120,7 +122,11 @@ class HistoryReads(RepositoryCore[StateT]):
 
     async def count_users(self) -> int:
         """How many users have a snapshot here."""
-        params = {"tenant": self._scope.tenant, "namespace": self._scope.namespace}
+        params = {
+            "tenant": self._scope.tenant,
+            "namespace": self._scope.namespace,
+            "now": datetime.now(UTC),
+        }
         async with self._guard("count_users", None):
             rows = await self._read(self._ops.fetch, count_users_statement(), params)
         return int(rows[0][0])

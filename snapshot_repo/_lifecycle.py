@@ -8,14 +8,15 @@ to listeners after commit.
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import JsonValue
 from pydantic_core import from_json
 
 from ._checks import check_int, valid_user_id
-from ._contract import Contract
 from ._history_reads import HistoryReads
+from ._privacy import Privacy
 from ._queries import outdated_rows_statement, rewrite_payload_statement, version_row_statement
 from .codec import JsonObject
 from .errors import SnapshotValidationError, VersionConflictError
@@ -30,7 +31,7 @@ MERGE_ATTEMPTS = 100
 _MAX_VERSION = 2**63 - 1
 
 
-class Lifecycle(Contract[StateT], HistoryReads[StateT]):
+class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
     """Operations that derive a new version from stored ones, and bulk maintenance."""
 
     async def restore(
@@ -94,7 +95,7 @@ class Lifecycle(Contract[StateT], HistoryReads[StateT]):
             raise SnapshotValidationError("merge takes a JSON object (a dict) as the patch")
         for _attempt in range(MERGE_ATTEMPTS):
             async with self._guard("merge", user_id):
-                row = await self._read(self._ops.latest, self._scope, user_id)
+                row = await self._read(self._ops.latest, self._scope, user_id, datetime.now(UTC))
             base_version = 0 if row is None else int(row[1])
             document: JsonValue = {} if row is None else self._current_document(row)
             merged = apply_merge_patch(document, partial)
@@ -136,7 +137,7 @@ class Lifecycle(Contract[StateT], HistoryReads[StateT]):
         erased = 0
         while users := await self.list_users(limit=500):
             for user_id in users:
-                if await self.delete(user_id):
+                if await self._erase(user_id, "purge"):
                     erased += 1
         return erased
 

@@ -25,8 +25,8 @@ from sqlalchemy import (
     update,
 )
 
-from ._dialects import ROW_COLUMNS, DialectName
-from .tables import changes_table, history_table, latest_table
+from ._dialects import ROW_COLUMNS, DialectName, alive
+from .tables import changes_table, erasure_receipts_table, history_table, latest_table
 
 __all__ = [
     "CHANGE_FEED_COLUMNS",
@@ -34,11 +34,14 @@ __all__ = [
     "changes_since_statement",
     "count_users_statement",
     "exists_statement",
+    "expired_users_statement",
     "history_before_statement",
     "list_users_statement",
     "namespaces_of_user_statement",
     "outdated_rows_statement",
+    "receipts_statement",
     "rewrite_payload_statement",
+    "users_page_statement",
     "version_row_statement",
     "versions_statement",
 ]
@@ -118,7 +121,7 @@ def history_before_statement() -> Select[Any]:
 @cache
 def exists_statement() -> Select[Any]:
     """Whether the user has a snapshot in the scope."""
-    return select(exists().where(_key(latest_table)))
+    return select(exists().where(_key(latest_table), alive()))
 
 
 @cache
@@ -126,7 +129,7 @@ def list_users_statement() -> Select[Any]:
     """Users of the scope in id order after `after` (keyset paging on the primary key)."""
     return (
         select(latest_table.c.user_id)
-        .where(_scope(latest_table), latest_table.c.user_id > bindparam("after"))
+        .where(_scope(latest_table), latest_table.c.user_id > bindparam("after"), alive())
         .order_by(latest_table.c.user_id)
         .limit(bindparam("limit"))
     )
@@ -135,7 +138,7 @@ def list_users_statement() -> Select[Any]:
 @cache
 def count_users_statement() -> Select[Any]:
     """How many users have a snapshot in the scope."""
-    return select(func.count()).select_from(latest_table).where(_scope(latest_table))
+    return select(func.count()).select_from(latest_table).where(_scope(latest_table), alive())
 
 
 @cache
@@ -224,3 +227,53 @@ def namespaces_of_user_statement() -> Select[Any]:
         latest_table.c.user_id == bindparam("user_id")
     )
     return statement.order_by(latest_table.c.tenant, latest_table.c.namespace)
+
+
+@cache
+def expired_users_statement(one_tenant: bool) -> Select[Any]:
+    """A page of users of the namespace whose snapshot expired by `now`, oldest expiry first."""
+    where = [
+        latest_table.c.namespace == bindparam("namespace"),
+        latest_table.c.expires_at <= bindparam("now"),
+    ]
+    if one_tenant:
+        where.append(latest_table.c.tenant == bindparam("tenant"))
+    return (
+        select(latest_table.c.tenant, latest_table.c.user_id)
+        .where(*where)
+        .order_by(latest_table.c.expires_at)
+        .limit(bindparam("limit"))
+    )
+
+
+@cache
+def receipts_statement() -> Select[Any]:
+    """The erasure receipts of a subject in a scope, newest first."""
+    table = erasure_receipts_table
+    return (
+        select(table.c.subject, table.c.erased_at, table.c.versions_erased, table.c.cause)
+        .where(
+            table.c.subject == bindparam("subject"),
+            table.c.tenant == bindparam("tenant"),
+            table.c.namespace == bindparam("namespace"),
+        )
+        .order_by(table.c.erased_at.desc(), table.c.id.desc())
+    )
+
+
+@cache
+def users_page_statement(one_tenant: bool) -> Select[Any]:
+    """Users of the namespace in key order after a (tenant, user_id) position, with versions."""
+    where = [latest_table.c.namespace == bindparam("namespace")]
+    if one_tenant:
+        where.append(latest_table.c.tenant == bindparam("tenant"))
+    return (
+        select(latest_table.c.tenant, latest_table.c.user_id, latest_table.c.version)
+        .where(
+            *where,
+            tuple_(latest_table.c.tenant, latest_table.c.user_id)
+            > tuple_(bindparam("after_tenant"), bindparam("after_user")),
+        )
+        .order_by(latest_table.c.tenant, latest_table.c.user_id)
+        .limit(bindparam("limit"))
+    )

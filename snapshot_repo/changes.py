@@ -6,9 +6,10 @@ Two ways to follow changes (seeds 003 and 004):
   resumable after a consumer was down. Use it for anything that must not
   miss a change.
 - `subscribe(callback)` / `changes()` deliver live notifications after
-  commit, never before and never for a rolled-back write. On Postgres they
-  come from LISTEN/NOTIFY, so changes made by other processes arrive too;
-  on SQLite they are in-process only. Live delivery is best effort (a slow
+  commit, never before and never for a rolled-back write: this process's
+  changes always; on Postgres also those of other processes whose
+  repositories set `notify=True` (LISTEN/NOTIFY). SQLite has no
+  cross-process notification. Live delivery is best effort (a slow
   consumer's queue drops its oldest entries, a dropped LISTEN connection
   loses what was sent meanwhile): catch up with `changes_since`.
 """
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 NOTIFY_CHANNEL = "snapshot_repo_changes"
-"""The Postgres channel the feed trigger (revision 0005) notifies."""
+"""The Postgres channel notifying writes send to (see `_dialects.notify`)."""
 
 logger = logging.getLogger("snapshot_repo")
 
@@ -57,13 +58,13 @@ class Change(BaseModel):
 
     Attributes:
         seq: the entry's position in the global feed sequence (None in live
-            notifications on SQLite, which are published before the feed is read).
+            notifications: they are sent before the feed row has its number).
         tenant: the tenant ("" for none) and namespace the change happened in.
         namespace: see `tenant`.
         user_id: whose state changed.
         version: the version written; for an erasure, the last version erased.
         kind: "write" or "erase".
-        created_at: when (absent from live Postgres notifications).
+        created_at: when (absent from notifications of other processes).
         actor: the write's actor, if any (feed reads only).
         reason: the write's reason, if any (feed reads only).
         metadata: the write's metadata, if any (feed reads only).
@@ -71,7 +72,7 @@ class Change(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    seq: int | None
+    seq: int | None = None
     tenant: str
     namespace: str
     user_id: str
@@ -164,7 +165,7 @@ class ChangeHub:
 
     @property
     def listens_to_database(self) -> bool:
-        """Whether changes arrive from the database itself (Postgres) rather than in-process."""
+        """Whether the hub also LISTENs for other processes' changes (Postgres)."""
         return self._engine.dialect.name == "postgresql"
 
     async def subscribe(

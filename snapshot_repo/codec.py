@@ -140,9 +140,10 @@ class StateCodec(Generic[StateT]):
                 (the model changed since it was written); names user and version.
         """
         try:
-            if schema_version is None or schema_version == self.upgrades.current:
+            upgrades = self.upgrades
+            if schema_version is None or schema_version == upgrades.current or upgrades.any_version:
                 return cast(StateT, self._adapter.validate_json(payload))
-            document = self.upgrades.upgrade(from_json(payload), schema_version, user_id, version)
+            document = upgrades.upgrade(from_json(payload), schema_version, user_id, version)
             return cast(StateT, self._adapter.validate_python(document))
         except ValidationError as exc:
             raise SnapshotValidationError(

@@ -66,6 +66,8 @@ class EngineSettings:
             makes every committed write survive power loss; NORMAL is faster
             and survives a crash of the process but may lose the last commits
             on power loss.
+        sqlite_secure_delete: overwrite deleted content with zeros (default
+            on), so an erased state leaves no bytes behind in the database file.
         pool_size: connections kept open per engine.
         max_overflow: extra connections opened under load.
         pool_timeout: seconds to wait for a free pooled connection.
@@ -75,6 +77,7 @@ class EngineSettings:
     command_timeout: float | None = 30.0
     busy_timeout: float = 10.0
     sqlite_synchronous: SqliteSynchronous = "FULL"
+    sqlite_secure_delete: bool = True
     pool_size: int = 10
     max_overflow: int = 5
     pool_timeout: float = 10.0
@@ -150,6 +153,7 @@ def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> No
     sync_engine._snapshot_repo_configured = True  # type: ignore[attr-defined]
     busy_ms = int(settings.busy_timeout * 1000)
     synchronous = settings.sqlite_synchronous
+    secure_delete = "ON" if settings.sqlite_secure_delete else "OFF"
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -161,6 +165,7 @@ def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> No
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
+            cursor.execute(f"PRAGMA secure_delete = {secure_delete}")
         finally:
             cursor.close()
 

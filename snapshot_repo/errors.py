@@ -28,12 +28,28 @@ __all__ = [
     "StorageError",
     "VersionConflictError",
     "redact",
+    "set_redaction",
 ]
+
+
+_redacting = True
+
+
+def set_redaction(enabled: bool) -> None:
+    """Turn the redaction of user ids in messages, reprs and logs on (default) or off.
+
+    Off is for development and for services whose user ids are not personal
+    data; payloads are never shown either way.
+    """
+    global _redacting
+    _redacting = bool(enabled)
 
 
 def redact(user_id: object) -> str:
     """Show enough of a user id to correlate log lines, not enough to identify anyone."""
     text = user_id if isinstance(user_id, str) else repr(user_id)
+    if not _redacting:
+        return text
     return text[:4] + "..." if len(text) > 4 else text + "..."
 
 

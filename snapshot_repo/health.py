@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 
+import asyncpg
 from pydantic import BaseModel, ConfigDict, computed_field
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import migrate
+from ._driver import Operations
 from ._translate import describe
 
 __all__ = ["HealthReport", "probe"]
@@ -47,7 +51,7 @@ class HealthReport(BaseModel):
         return self.reachable and self.database_revision == self.head_revision
 
 
-async def probe(engine: AsyncEngine, time_limit: float) -> HealthReport:
+async def probe(engine: AsyncEngine, ops: Operations, time_limit: float) -> HealthReport:
     """Measure one round trip and read the schema revision, within `time_limit` seconds.
 
     Never raises (but for cancellation) and never creates anything: a
@@ -67,7 +71,9 @@ async def probe(engine: AsyncEngine, time_limit: float) -> HealthReport:
     started = time.perf_counter()
     try:
         async with asyncio.timeout(time_limit):
-            revision = await migrate.current_revision(engine)
+            # On the driver path: a timed-out probe drops its connection at once
+            # instead of waiting for a polite close from a server that may be frozen.
+            revision = await _schema_revision(ops)
     except TimeoutError:
         error = f"no answer within {time_limit:g} s"
     except Exception as exc:
@@ -82,3 +88,17 @@ async def probe(engine: AsyncEngine, time_limit: float) -> HealthReport:
     return HealthReport(
         reachable=False, latency_ms=None, database_revision=None, head_revision=head, error=error
     )
+
+
+_REVISION = text(f"SELECT version_num FROM {migrate.VERSION_TABLE}")
+
+
+async def _schema_revision(ops: Operations) -> str | None:
+    """The revision recorded in the database; None when it was never migrated."""
+    try:
+        rows = await ops.fetch(_REVISION, {})
+    except (sqlite3.OperationalError, asyncpg.UndefinedTableError) as exc:
+        if "no such table" in str(exc) or isinstance(exc, asyncpg.UndefinedTableError):
+            return None
+        raise
+    return str(rows[0][0]) if rows else None

@@ -10,6 +10,7 @@ Two tables with the same columns:
   O(N) at any depth. A unique index on the key plus `idempotency_key` makes
   keyed writes idempotent.
 - `snapshot_changes`: the ordered feed of committed writes and erasures.
+- `snapshot_erasure_receipts`: proof of each erasure, keyed by an HMAC of the user id.
 
 Later capabilities (tenant, namespace, expiry, write metadata) add columns in
 new Alembic revisions; nothing here is created outside migrations.
@@ -43,7 +44,14 @@ from .snapshot import (
     MAX_USER_ID_LENGTH,
 )
 
-__all__ = ["UTCDateTime", "changes_table", "history_table", "latest_table", "metadata"]
+__all__ = [
+    "UTCDateTime",
+    "changes_table",
+    "erasure_receipts_table",
+    "history_table",
+    "latest_table",
+    "metadata",
+]
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -108,7 +116,11 @@ latest_table = Table(
     "snapshot_latest",
     metadata,
     *_snapshot_columns(),
+    # When the snapshot expires (seed 004's TTL): it then reads as absent until
+    # `reap_expired` erases it. NULL: never. Only the latest row expires.
+    Column("expires_at", UTCDateTime, nullable=True),
     PrimaryKeyConstraint("tenant", "namespace", "user_id"),
+    Index("ix_snapshot_latest_expires_at", "expires_at"),
 )
 
 history_table = Table(
@@ -165,4 +177,21 @@ changes_table = Table(
     # AUTOINCREMENT: never reuse a seq after the newest row is deleted (by an
     # erasure), which a consumer's cursor could already have passed.
     sqlite_autoincrement=True,
+)
+
+erasure_receipts_table = Table(
+    "snapshot_erasure_receipts",
+    metadata,
+    # Proof that a person's data was erased, without keeping the person: the
+    # subject is an HMAC of the user id under a key only the application holds.
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("subject", String(64), nullable=False),
+    Column("tenant", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("namespace", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("erased_at", UTCDateTime, nullable=False),
+    Column("versions_erased", BigInteger, nullable=False),
+    Column("cause", String(16), nullable=False),
+    Index("ix_snapshot_erasure_receipts_subject", "subject", "tenant", "namespace"),
 )

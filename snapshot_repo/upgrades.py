@@ -32,13 +32,21 @@ class PayloadUpgrades:
         steps: `{n: fn}` where `fn` upgrades a version-n document to n + 1.
             The steps must be consecutive and end at `current - 1`; rows
             older than the first step cannot be read.
+        any_version: accept documents of every schema version unchanged
+            (for repositories without a model, when no steps are given).
 
     Raises:
         ConfigurationError: `current` is not a positive int, or the steps do
             not form one chain ending at `current - 1`.
     """
 
-    def __init__(self, current: int, steps: Mapping[int, Upgrader] | None = None) -> None:
+    def __init__(
+        self,
+        current: int,
+        steps: Mapping[int, Upgrader] | None = None,
+        *,
+        any_version: bool = False,
+    ) -> None:
         if isinstance(current, bool) or not isinstance(current, int) or current < 1:
             raise ConfigurationError(f"schema_version must be an integer >= 1, not {current!r}")
         steps = dict(steps or {})
@@ -53,6 +61,9 @@ class PayloadUpgrades:
                 )
         self.current = current
         self._steps = steps
+        # A repository without a model has no schema to enforce: it reads and
+        # writes documents of every schema version as they are (operators' tools).
+        self.any_version = any_version and not steps
 
     @property
     def oldest_readable(self) -> int:
@@ -61,10 +72,9 @@ class PayloadUpgrades:
 
     def check_writable(self, schema_version: int) -> None:
         """Refuse to store a state under a schema version newer than today's model."""
-        if schema_version > self.current:
+        if schema_version > self.current and not self.any_version:
             raise SchemaVersionError(
-                f"schema_version {schema_version} is newer than this repository's "
-                f"{self.current}"
+                f"schema_version {schema_version} is newer than this repository's {self.current}"
             )
 
     def upgrade(self, document: Any, schema_version: int, user_id: str, version: int) -> Any:
@@ -74,6 +84,8 @@ class PayloadUpgrades:
             SchemaVersionError: the row is newer than the code, older than the
                 chain reaches, or an upgrader failed.
         """
+        if self.any_version:
+            return document
         where = f"stored state of user {redact(user_id)} version {version}"
         if schema_version > self.current:
             raise SchemaVersionError(

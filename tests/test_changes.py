@@ -202,7 +202,7 @@ async def test_changes_stream_in_a_plain_for_loop(repo: sr.SnapshotRepository[Ca
 
 
 async def test_postgres_listeners_hear_other_processes(postgres_url: str):
-    """Postgres by nature: LISTEN/NOTIFY carries another process's commit."""
+    """Postgres by nature: LISTEN/NOTIFY carries the commit of a notifying writer elsewhere."""
     async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
         heard = asyncio.Event()
         received: list[Change] = []
@@ -216,7 +216,8 @@ async def test_postgres_listeners_hear_other_processes(postgres_url: str):
                 f"""
                 import asyncio, snapshot_repo as sr
                 async def main():
-                    async with sr.SnapshotRepository.from_url({postgres_url!r}) as repo:
+                    url = {postgres_url!r}
+                    async with sr.SnapshotRepository.from_url(url, notify=True) as repo:
                         await repo.upsert_latest(sr.Snapshot(user_id="remote", state={{}}))
                 asyncio.run(main())
                 """
@@ -225,4 +226,23 @@ async def test_postgres_listeners_hear_other_processes(postgres_url: str):
             assert await asyncio.wait_for(process.wait(), timeout=60) == 0
             await asyncio.wait_for(heard.wait(), timeout=10)
         assert [(c.user_id, c.version, c.kind) for c in received] == [("remote", 1, "write")]
-        assert received[0].seq is not None
+        assert received[0].created_at is None  # live notifications carry the key only
+
+
+
+async def test_a_notifying_writer_is_heard_once_in_its_own_process(postgres_url: str):
+    """With notify=True the local copy is not published: LISTEN delivers it, exactly once."""
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart, notify=True) as repo:
+        async with repo.changes() as stream:
+            await repo.upsert_latest(snap("n1", "a"))
+            await repo.delete("n1")
+            await repo.upsert_latest(snap("n2", "b"))
+            got = [await asyncio.wait_for(anext(stream), timeout=10) for _ in range(3)]
+            assert [(c.user_id, c.version, c.kind) for c in got] == [
+                ("n1", 1, "write"),
+                ("n1", 1, "erase"),
+                ("n2", 1, "write"),
+            ]
+            await repo.upsert_latest(snap("n3", "c"))
+            fourth = await asyncio.wait_for(anext(stream), timeout=10)
+            assert fourth.user_id == "n3"  # not a duplicate of an earlier change

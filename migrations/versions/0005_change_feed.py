@@ -1,9 +1,5 @@
 """Add the change feed and an index for reading history as of a moment.
 
-On Postgres every insert into the feed also sends a NOTIFY on the channel
-`snapshot_repo_changes` (delivered at commit, never for a rolled-back
-write), so listeners in other processes learn of changes at once.
-
 Existing history is not back-filled into the feed: the feed starts at the
 upgrade, and consumers catch up on older state with `get_history`.
 
@@ -21,21 +17,6 @@ revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
-
-_NOTIFY_FUNCTION = """
-CREATE FUNCTION snapshot_repo_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify(
-        'snapshot_repo_changes',
-        json_build_object(
-            'seq', NEW.seq, 'tenant', NEW.tenant, 'namespace', NEW.namespace,
-            'user_id', NEW.user_id, 'version', NEW.version, 'kind', NEW.kind
-        )::text
-    );
-    RETURN NULL;
-END $$
-"""
-
 
 def upgrade() -> None:
     op.create_index(
@@ -70,17 +51,8 @@ def upgrade() -> None:
     op.create_index(
         "ix_snapshot_changes_user", "snapshot_changes", ["tenant", "namespace", "user_id"]
     )
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(_NOTIFY_FUNCTION)
-        op.execute(
-            "CREATE TRIGGER snapshot_repo_notify_change AFTER INSERT ON snapshot_changes "
-            "FOR EACH ROW EXECUTE FUNCTION snapshot_repo_notify_change()"
-        )
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("DROP TRIGGER snapshot_repo_notify_change ON snapshot_changes")
-        op.execute("DROP FUNCTION snapshot_repo_notify_change()")
     op.drop_table("snapshot_changes")
     op.drop_index("ix_snapshot_history_created_at", table_name="snapshot_history")
