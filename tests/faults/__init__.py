@@ -1,0 +1,1 @@
+"""Fault injection: real faults (killed processes and servers, network, disk) on real databases."""
