@@ -229,20 +229,21 @@ async def test_postgres_listeners_hear_other_processes(postgres_url: str):
         assert received[0].created_at is None  # live notifications carry the key only
 
 
-
 async def test_a_notifying_writer_is_heard_once_in_its_own_process(postgres_url: str):
     """With notify=True the local copy is not published: LISTEN delivers it, exactly once."""
-    async with sr.SnapshotRepository.from_url(postgres_url, Cart, notify=True) as repo:
-        async with repo.changes() as stream:
-            await repo.upsert_latest(snap("n1", "a"))
-            await repo.delete("n1")
-            await repo.upsert_latest(snap("n2", "b"))
-            got = [await asyncio.wait_for(anext(stream), timeout=10) for _ in range(3)]
-            assert [(c.user_id, c.version, c.kind) for c in got] == [
-                ("n1", 1, "write"),
-                ("n1", 1, "erase"),
-                ("n2", 1, "write"),
-            ]
-            await repo.upsert_latest(snap("n3", "c"))
-            fourth = await asyncio.wait_for(anext(stream), timeout=10)
-            assert fourth.user_id == "n3"  # not a duplicate of an earlier change
+    async with (
+        sr.SnapshotRepository.from_url(postgres_url, Cart, notify=True) as repo,
+        repo.changes() as stream,
+    ):
+        await repo.upsert_latest(snap("n1", "a"))
+        await repo.delete("n1")
+        await repo.upsert_latest(snap("n2", "b"))
+        got = [await asyncio.wait_for(anext(stream), timeout=10) for _ in range(3)]
+        assert [(c.user_id, c.version, c.kind) for c in got] == [
+            ("n1", 1, "write"),
+            ("n1", 1, "erase"),
+            ("n2", 1, "write"),
+        ]
+        await repo.upsert_latest(snap("n3", "c"))
+        fourth = await asyncio.wait_for(anext(stream), timeout=10)
+        assert fourth.user_id == "n3"  # not a duplicate of an earlier change
