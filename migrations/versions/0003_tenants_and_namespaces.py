@@ -32,9 +32,7 @@ def upgrade() -> None:
         # recreate="auto": SQLite copies the table (it cannot change a primary key
         # in place); Postgres alters it in place.
         with op.batch_alter_table(table) as batch:
-            batch.add_column(
-                sa.Column("tenant", sa.String(255), nullable=False, server_default="")
-            )
+            batch.add_column(sa.Column("tenant", sa.String(255), nullable=False, server_default=""))
             batch.add_column(
                 sa.Column("namespace", sa.String(255), nullable=False, server_default="default")
             )
