@@ -1,0 +1,155 @@
+"""Smoke tests of the benchmark harness (snapshot_repo.benchmark) on SQLite and Postgres.
+
+Tiny sizes, so each run takes a few seconds. They check that the harness
+runs every workload on every side and reports ops/s, p50, p99 and the
+library/raw ratios in its JSON; they never assert speed, which depends on
+the machine and on whatever else it is running.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import make_url
+
+import snapshot_repo as sr
+from snapshot_repo.benchmark import WORKLOADS, BenchConfig, main, run_benchmark
+
+from .conftest import Backend, Cart, run_blocking
+
+ROUNDS = 2
+TINY: dict[str, Any] = {
+    "ops": 3,
+    "read_ops": 4,
+    "rounds": ROUNDS,
+    "warmup_ops": 2,
+    "concurrency": 3,
+    "deep_versions": 150,
+    "history_versions": 12,
+    "history_users": 3,
+    "read_users": 8,
+    "write_users": 3,
+    "delete_versions": 2,
+    "bulk_size": 6,
+    "bulk_batches": 2,
+}
+RAW_SIDES = {"sqlite": ["aiosqlite", "sqlite3"], "postgres": ["asyncpg"]}
+BULK = {"bulk_write": "upsert_many", "bulk_read": "get_latest_many"}
+TINY_FLAGS = [
+    "--ops=3",
+    "--read-ops=4",
+    f"--rounds={ROUNDS}",
+    "--warmup-ops=1",
+    "--concurrency=3",
+    "--deep-versions=150",
+    "--history-versions=12",
+    "--bulk-size=6",
+    "--bulk-batches=1",
+    "--quiet",
+]
+
+
+def where(backend: Backend, url: str) -> dict[str, Any]:
+    """BenchConfig fields that run the benchmark in the database at `url`."""
+    if backend.name == "sqlite":
+        return {"backends": ("sqlite",), "sqlite_path": Path(str(make_url(url).database))}
+    return {"backends": ("postgres",), "postgres_url": url, "postgres_create_database": False}
+
+
+def where_flags(backend: Backend, url: str) -> list[str]:
+    if backend.name == "sqlite":
+        return ["--backends=sqlite", f"--sqlite-path={make_url(url).database}"]
+    return ["--backends=postgres", f"--postgres-url={url}", "--postgres-use-database"]
+
+
+def assert_complete(data: dict[str, Any], backend: str) -> None:
+    """Every workload has ops/s, p50, p99 per side and a ratio per raw side."""
+    result = data["backends"][backend]
+    assert result["sides"] == ["library", *RAW_SIDES[backend]]
+    assert list(result["workloads"]) == list(WORKLOADS)
+    for name, workload in result["workloads"].items():
+        assert workload["description"]
+        assert set(workload["results"]) == set(result["sides"])
+        for side, outcome in workload["results"].items():
+            if not outcome["available"]:
+                # Only the library's bulk calls may be missing, and only while they don't exist.
+                assert side == "library", (name, side)
+                assert name in BULK
+                assert not hasattr(sr.SnapshotRepository, BULK[name])
+                assert outcome["reason"]
+                assert outcome["ops_per_s"] is None
+                continue
+            assert outcome["ops_per_s"] > 0, (name, side)
+            assert 0 < outcome["p50_us"] <= outcome["p99_us"], (name, side)
+            assert len(outcome["rounds"]) == ROUNDS
+        library_available = workload["results"]["library"]["available"]
+        assert set(workload["ratio"]) == set(RAW_SIDES[backend])
+        for ratio in workload["ratio"].values():
+            assert (ratio is not None and ratio > 0) if library_available else ratio is None
+    for side in result["sides"]:
+        assert result["depth_ratio"][side] > 0
+    for kind in ("write", "read"):
+        speedups = result["bulk_speedup"][kind]
+        for raw in RAW_SIDES[backend]:
+            assert speedups[raw] > 0
+        library_has_bulk = result["workloads"][f"bulk_{kind}"]["results"]["library"]["available"]
+        assert (speedups["library"] is not None) == library_has_bulk
+
+
+async def test_report_has_every_workload_on_every_side(backend: Backend):
+    config = BenchConfig(**TINY, **where(backend, backend.fresh_url()))
+    report = await run_benchmark(config)
+    data = json.loads(json.dumps(report.to_dict()))  # the JSON round trip is part of the contract
+    assert list(data["backends"]) == [backend.name]
+    assert_complete(data, backend.name)
+    table = report.format_table()
+    for name in WORKLOADS:
+        assert name in table
+
+
+def test_main_prints_the_table_and_writes_json(
+    backend: Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    out = tmp_path / "results.json"
+    status = main([*TINY_FLAGS, *where_flags(backend, backend.fresh_url()), f"--json={out}"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "lib/raw" in printed
+    assert "depth ratio" in printed
+    assert_complete(json.loads(out.read_text()), backend.name)
+
+
+async def _write_then_history(url: str, user_id: str, write: bool) -> list[int]:
+    async with sr.SnapshotRepository.from_url(url, Cart) as repo:
+        if write:
+            await repo.upsert_latest(sr.Snapshot(user_id=user_id, state=Cart(items=["a"])))
+        return [s.version for s in await repo.get_history(user_id)]
+
+
+def test_refuses_a_database_that_holds_snapshots(backend: Backend, tmp_path: Path, capsys):
+    assert run_blocking(_write_then_history(backend.url, "keep-me", write=True)) == [1]
+    out = tmp_path / "results.json"
+    status = main([*TINY_FLAGS, *where_flags(backend, backend.url), f"--json={out}"])
+    assert status == 2
+    assert "already holds snapshots" in capsys.readouterr().err
+    assert not out.exists()
+    assert run_blocking(_write_then_history(backend.url, "keep-me", write=False)) == [1]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"backends": ()},
+        {"backends": ("mysql",)},
+        {"ops": 0},
+        {"read_users": 10, "bulk_size": 20},
+        {"history_limit": 60, "history_versions": 50},
+        {"postgres_synchronous_commit": "off", "postgres_create_database": False},
+    ],
+)
+def test_inconsistent_configurations_are_refused_before_any_io(fields: dict[str, Any]):
+    with pytest.raises(sr.ConfigurationError):
+        BenchConfig(**fields)
