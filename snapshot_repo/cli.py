@@ -3,9 +3,9 @@
 A thin shell over `SnapshotRepository` without a state model (states are JSON
 objects): each invocation parses its arguments, reads its input, makes one
 `asyncio.run` that opens the repository, calls one method and closes the
-repository, then prints the result. Snapshots are printed as one-line JSON
-objects (`user_id`, `state`, `version`, `created_at` in ISO-8601 UTC,
-`schema_version`), so the output can be piped into `jq` or another program.
+repository, then prints the result. A snapshot is printed as the `Snapshot`
+model's JSON on one line (`user_id`, `state`, `version`, `created_at` in
+ISO-8601 UTC, `schema_version`, ...), so output can be piped into `jq`.
 
 The database URL comes from `--url`, else the environment variable
 `SNAPSHOT_REPO_URL`, else `sqlite+aiosqlite:///snapshots.db` in the working
@@ -17,6 +17,7 @@ Exit status, distinct per outcome so that scripts and probes can branch on it:
     1  not found (`get` of a user without a snapshot) or unhealthy (`health`)
     2  usage error or bad input: arguments, JSON, user id, state, URL
     3  storage failure: database unreachable, timed out, or not migrated
+       (and any other error of the library)
     4  version conflict: `put --expected-version` lost; nothing was written
     130  interrupted (Ctrl-C)
 
@@ -28,29 +29,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TextIO
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
+from . import backup, benchmark
 from .codec import JsonObject
 from .engine import DEFAULT_URL
 from .errors import (
     ConfigurationError,
+    SnapshotRepoError,
     SnapshotValidationError,
-    StorageError,
     VersionConflictError,
     redact,
 )
 from .migrate import head_revision
-from .repository import SnapshotRepository
+from .repository import RepositoryOptions, SnapshotRepository
 from .snapshot import Snapshot
 
 __all__ = ["main"]
@@ -85,6 +91,25 @@ _Repository = SnapshotRepository[JsonObject]
 _Command = Callable[[_Repository], Awaitable[int]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Invocation:
+    """What one run needs: the repository's options and the call to make on it."""
+
+    command: _Command
+    options: RepositoryOptions = field(default_factory=lambda: RepositoryOptions())
+    tenant: str | None = None
+    model: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class _PutOptions:
+    expected_version: int | None
+    idempotency_key: str | None
+    actor: str | None
+    reason: str | None
+    ttl: timedelta | None
+
+
 class _InputError(Exception):
     """Input the CLI itself refuses before any I/O: unreadable file, invalid or non-object JSON."""
 
@@ -101,17 +126,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     Raises:
         SystemExit: from argparse, for `--help` (status 0) and usage errors (status 2).
     """
-    args = _parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        # The benchmark has its own options (it makes its own databases).
+        return benchmark.main(arguments[1:], prog=f"{_PROG} bench")
+    args = _parser().parse_args(arguments)
     try:
-        command = _command(args)
-        return asyncio.run(_run(_url(args), command))
+        invocation = _invocation(args)
+        return asyncio.run(_run(_url(args), invocation))
     except KeyboardInterrupt:
         return _EXIT_INTERRUPTED
     except (_InputError, SnapshotValidationError, ConfigurationError) as exc:
         return _fail(_EXIT_BAD_INPUT, str(exc))
     except VersionConflictError as exc:
         return _fail(_EXIT_CONFLICT, str(exc))
-    except StorageError as exc:
+    except SnapshotRepoError as exc:
+        # StorageError (SchemaNotReadyError included), and any failure of the
+        # library newer than this CLI.
         return _fail(_EXIT_STORAGE, str(exc))
 
 
@@ -123,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
         "--url",
         default=argparse.SUPPRESS,
         help=f"database URL (default: ${_URL_ENV}, else {DEFAULT_URL})",
+    )
+    url.add_argument(
+        "--namespace",
+        default=argparse.SUPPRESS,
+        help="which of a user's states (default: default)",
+    )
+    url.add_argument(
+        "--tenant", default=argparse.SUPPRESS, help="act within this tenant only (default: none)"
     )
     parser = argparse.ArgumentParser(
         prog=_PROG,
@@ -157,9 +196,18 @@ def _parser() -> argparse.ArgumentParser:
     put.add_argument(
         "--schema-version",
         type=int,
-        default=1,
         metavar="N",
         help="the version of your state's own schema, stored with it (default: 1)",
+    )
+    put.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="retry-safe write: a second put with the same KEY returns the first one's version",
+    )
+    put.add_argument("--actor", help="who or what makes the write, kept with the version")
+    put.add_argument("--reason", help="why, kept with the version")
+    put.add_argument(
+        "--ttl", type=float, metavar="SECONDS", help="the snapshot expires after SECONDS"
     )
 
     get = add("get", "print the user's latest snapshot")
@@ -178,7 +226,50 @@ def _parser() -> argparse.ArgumentParser:
     delete = add("delete", "erase every version of the user and print how many were erased")
     delete.add_argument("user_id", metavar="USER_ID")
 
-    add("health", 'exit 0 and print {"healthy": true} if the database is reachable and migrated')
+    add(
+        "health",
+        "print the readiness report as JSON; exit 0 if reachable and migrated to head, else 1",
+    )
+
+    export = add("export", "write everything stored about a user as JSON Lines (GDPR art. 15/20)")
+    export.add_argument("user_id", metavar="USER_ID")
+    export.add_argument("--output", metavar="PATH", help="write to PATH instead of stdout")
+
+    prune = add("prune", "delete old history versions (never the latest) of one user or all")
+    prune.add_argument("--user", metavar="USER_ID", help="only this user (default: all users)")
+    prune.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N versions")
+    prune.add_argument(
+        "--older-than", type=float, metavar="SECONDS", help="keep versions younger than this"
+    )
+
+    add("reap", "erase every user whose snapshot expired, and print how many")
+
+    upgrade = add("upgrade-payloads", "rewrite states stored under older schema versions")
+    upgrade.add_argument(
+        "--model",
+        metavar="MODULE:CLASS",
+        help="your state model (default: JSON objects, which no upgrade applies to)",
+    )
+    upgrade.add_argument(
+        "--upgraders",
+        metavar="MODULE:NAME",
+        required=True,
+        help="the mapping {n: function upgrading a state document from n to n + 1}",
+    )
+    upgrade.add_argument(
+        "--schema-version", type=int, required=True, metavar="N", help="your model's version"
+    )
+
+    dump = add("dump", "write every namespace, tenant, user and version as JSON Lines")
+    dump.add_argument("--output", metavar="PATH", help="write to PATH instead of stdout")
+    load = add("load", "load a dump into an empty, migrated database")
+    load.add_argument("--input", metavar="PATH", help="read PATH instead of stdin")
+
+    commands.add_parser(
+        "bench",
+        help="compare the library with hand-written SQL on the raw drivers (see bench --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -188,37 +279,67 @@ def _url(args: argparse.Namespace) -> str:
     return url
 
 
-def _command(args: argparse.Namespace) -> _Command:
+def _invocation(args: argparse.Namespace) -> _Invocation:
     """Do the synchronous part of a command (reading input) and return the part that needs I/O.
 
     Input is read and validated here, before the database is opened, so bad
     input fails without touching the database.
     """
     user_id: str = getattr(args, "user_id", "")
+    options = RepositoryOptions()
+    if getattr(args, "namespace", None) is not None:
+        options["namespace"] = args.namespace
+    tenant: str | None = getattr(args, "tenant", None)
     match args.command:
         case "migrate":
-            return _migrate
+            return _Invocation(_migrate, options, tenant)
         case "put":
             snapshot = _snapshot(user_id, _read_state(args.file), args.schema_version)
-            expected: int | None = args.expected_version
-            return lambda repo: _put(repo, snapshot, expected)
+            write = _PutOptions(
+                expected_version=args.expected_version,
+                idempotency_key=args.idempotency_key,
+                actor=args.actor,
+                reason=args.reason,
+                ttl=None if args.ttl is None else timedelta(seconds=args.ttl),
+            )
+            return _Invocation(lambda repo: _put(repo, snapshot, write), options, tenant)
         case "get":
-            return lambda repo: _get(repo, user_id)
+            return _Invocation(lambda repo: _get(repo, user_id), options, tenant)
         case "history":
             limit: int = args.limit
-            return lambda repo: _history(repo, user_id, limit)
+            return _Invocation(lambda repo: _history(repo, user_id, limit), options, tenant)
         case "delete":
-            return lambda repo: _delete(repo, user_id)
+            return _Invocation(lambda repo: _delete(repo, user_id), options, tenant)
         case "health":
-            return _health
+            return _Invocation(_health, options, tenant)
+        case "export":
+            output: str | None = args.output
+            return _Invocation(lambda repo: _export(repo, user_id, output), options, tenant)
+        case "prune":
+            prune = _prune_call(args)
+            return _Invocation(prune, options, tenant)
+        case "reap":
+            return _Invocation(_reap, options, tenant)
+        case "upgrade-payloads":
+            options["schema_version"] = args.schema_version
+            options["upgraders"] = _import(args.upgraders, "--upgraders")
+            model = None if args.model is None else _import(args.model, "--model")
+            return _Invocation(_upgrade_payloads, options, tenant, model)
+        case "dump":
+            destination: str | None = args.output
+            return _Invocation(lambda repo: _dump(repo, destination), options, tenant)
+        case "load":
+            source: str | None = args.input
+            return _Invocation(lambda repo: _load(repo, source), options, tenant)
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse allows no other
 
 
-async def _run(url: str, command: _Command) -> int:
+async def _run(url: str, invocation: _Invocation) -> int:
     threads_before = set(threading.enumerate())
     try:
-        async with SnapshotRepository.from_url(url) as repo:
-            return await command(repo)
+        async with SnapshotRepository.from_url(url, invocation.model, **invocation.options) as repo:
+            scoped = repo if invocation.tenant is None else repo.for_tenant(invocation.tenant)
+            return await invocation.command(scoped)
     finally:
         await _settle_sqlite_threads(threads_before)
 
@@ -252,8 +373,15 @@ async def _migrate(repo: _Repository) -> int:
     return _EXIT_OK
 
 
-async def _put(repo: _Repository, snapshot: Snapshot[Any], expected_version: int | None) -> int:
-    stored = await repo.upsert_latest(snapshot, expected_version=expected_version)
+async def _put(repo: _Repository, snapshot: Snapshot[Any], write: _PutOptions) -> int:
+    stored = await repo.upsert_latest(
+        snapshot,
+        expected_version=write.expected_version,
+        idempotency_key=write.idempotency_key,
+        actor=write.actor,
+        reason=write.reason,
+        ttl=write.ttl,
+    )
     _print_json(stored.model_dump(mode="json"))
     return _EXIT_OK
 
@@ -278,9 +406,103 @@ async def _delete(repo: _Repository, user_id: str) -> int:
 
 
 async def _health(repo: _Repository) -> int:
-    healthy = await repo.health_check()
-    _print_json({"healthy": healthy})
-    return _EXIT_OK if healthy else _EXIT_NOT_FOUND
+    report = await repo.health()
+    _print_json(report.model_dump(mode="json"))
+    return _EXIT_OK if report.healthy else _EXIT_NOT_FOUND
+
+
+async def _export(repo: _Repository, user_id: str, output: str | None) -> int:
+    with _opened(output, "w") as out:
+        async for line in repo.export_user_lines(user_id):
+            out.write(line)
+    return _EXIT_OK
+
+
+def _prune_call(args: argparse.Namespace) -> _Command:
+    keep_last: int | None = args.keep_last
+    older_than = None if args.older_than is None else timedelta(seconds=args.older_than)
+    user: str | None = args.user
+
+    async def prune(repo: _Repository) -> int:
+        with _Progress("pruned versions") as progress:
+            pruned = await repo.prune_history(
+                user, keep_last=keep_last, older_than=older_than, progress=progress
+            )
+        print(pruned)
+        return _EXIT_OK
+
+    return prune
+
+
+async def _reap(repo: _Repository) -> int:
+    with _Progress("reaped users") as progress:
+        print(await repo.reap_expired(progress=progress))
+    return _EXIT_OK
+
+
+async def _upgrade_payloads(repo: _Repository) -> int:
+    with _Progress("rewritten rows") as progress:
+        print(await repo.upgrade_payloads(progress=progress))
+    return _EXIT_OK
+
+
+async def _dump(repo: _Repository, output: str | None) -> int:
+    with _opened(output, "w") as out, _Progress("dumped versions") as progress:
+        count = await backup.dump(repo.engine, out, progress=progress)
+    print(f"dumped {count} versions", file=sys.stderr)
+    return _EXIT_OK
+
+
+async def _load(repo: _Repository, source: str | None) -> int:
+    with _opened(source, "r") as lines, _Progress("loaded versions") as progress:
+        count = await backup.load(repo.engine, lines, progress=progress)
+    print(f"loaded {count} versions", file=sys.stderr)
+    return _EXIT_OK
+
+
+@contextmanager
+def _opened(path: str | None, mode: Literal["r", "w"]) -> Iterator[TextIO]:
+    """`path` opened as UTF-8 text, or stdin/stdout when it is None."""
+    if path is None:
+        yield sys.stdin if mode == "r" else sys.stdout
+        return
+    try:
+        handle = open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise _InputError(f"cannot open {path}: {exc.strerror or exc}") from None
+    with handle:
+        yield handle
+
+
+class _Progress:
+    """A one-line progress counter on stderr, shown only on a terminal."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._shown = False
+
+    def __call__(self, done: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{self._what}: {done}", end="", file=sys.stderr, flush=True)
+            self._shown = True
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._shown:
+            print(file=sys.stderr)
+
+
+def _import(spec: str, flag: str) -> Any:
+    """The object named by "module:attribute" (for --model and --upgraders)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise _InputError(f"{flag} takes MODULE:NAME, not {spec!r}")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise _InputError(f"{flag} {spec}: {exc}") from None
 
 
 def _read_state(path: str | None) -> object:
@@ -290,9 +512,18 @@ def _read_state(path: str | None) -> object:
         _InputError: the file cannot be read, or the text is not JSON or not an object.
     """
     source = "stdin" if path is None else path
+    stdin: TextIO | None = sys.stdin  # None when the process was started with stdin closed
     try:
-        # Bytes from a file let `json` detect UTF-8/16/32 (and a UTF-8 BOM) itself.
-        text: str | bytes = sys.stdin.read() if path is None else Path(path).read_bytes()
+        if path is not None:
+            # Bytes let `json` detect UTF-8/16/32 (and a UTF-8 BOM) itself.
+            text: str | bytes = Path(path).read_bytes()
+        elif stdin is None:
+            raise _InputError("stdin is closed: pipe the state in, or use --file PATH")
+        else:
+            if stdin.isatty():
+                # Otherwise a user who forgot the pipe sees a command that seems to hang.
+                print(f"{_PROG}: reading the state from stdin (end with Ctrl-D)", file=sys.stderr)
+            text = stdin.read()
         state = json.loads(text)
     except OSError as exc:
         raise _InputError(f"cannot read {source}: {exc.strerror or exc}") from None
@@ -305,11 +536,11 @@ def _read_state(path: str | None) -> object:
     return state
 
 
-def _snapshot(user_id: str, state: object, schema_version: int) -> Snapshot[Any]:
-    """The snapshot to store; the model checks the user id and schema version.
+def _snapshot(user_id: str, state: object, schema_version: int | None) -> Snapshot[Any]:
+    """The snapshot to store; the model checks the user id.
 
     Raises:
-        SnapshotValidationError: the user id or schema version is refused.
+        SnapshotValidationError: the user id is refused.
     """
     try:
         return Snapshot(user_id=user_id, state=state, schema_version=schema_version)
