@@ -2,11 +2,13 @@
 
 from .changes import Change, ChangePage, ChangeStream, Subscription
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, JsonObject
+from .crypto import KeyProvider, LocalKeyProvider
 from .engine import EngineSettings, create_engine
 from .erasure import erase_user
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
+    DecryptionError,
     SchemaNotReadyError,
     SchemaVersionError,
     SnapshotRepoError,
@@ -19,6 +21,7 @@ from .health import HealthReport
 from .kv import InMemoryStore, KeyValue, KeyValueStore
 from .patch import apply_merge_patch, make_json_patch
 from .repository import MAX_BATCH_SIZE, MAX_HISTORY_LIMIT, RepositoryOptions, SnapshotRepository
+from .retention import RetentionPolicy
 from .snapshot import Snapshot
 from .upgrades import Upgrader
 
@@ -31,13 +34,17 @@ __all__ = [
     "ChangeStream",
     "ConfigurationError",
     "ConnectionLostError",
+    "DecryptionError",
     "EngineSettings",
     "HealthReport",
     "InMemoryStore",
     "JsonObject",
+    "KeyProvider",
     "KeyValue",
     "KeyValueStore",
+    "LocalKeyProvider",
     "RepositoryOptions",
+    "RetentionPolicy",
     "SchemaNotReadyError",
     "SchemaVersionError",
     "Snapshot",

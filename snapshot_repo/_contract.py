@@ -10,6 +10,7 @@ listeners afterwards (`_feed`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -113,13 +114,15 @@ class Contract(ChangeFeed[StateT]):
             notify=self._notify,
         )
         async with self._guard("upsert_latest", user_id):
+            if self._keys is not None:
+                write = replace(write, payload=await self._seal(user_id, write.payload))
             outcome = await self._ops.write(write)
             if outcome is None:
                 actual = await self._ops.current_version(self._scope, user_id)
+            elif isinstance(outcome, tuple):  # the earlier write with this idempotency key
+                return self._to_snapshot((await self._open([outcome]))[0])
         if outcome is None:
             raise VersionConflictError(user_id, cast(int, expected_version), actual)
-        if isinstance(outcome, tuple):
-            return self._to_snapshot(outcome)  # the earlier write with this idempotency key
         stored = self._stored(write, state, outcome)
         self._publish(self._change("write", user_id, outcome, write.created_at, stored))
         return stored
@@ -183,6 +186,11 @@ class Contract(ChangeFeed[StateT]):
                 )
             )
         async with self._guard("upsert_many", None):
+            if self._keys is not None:
+                writes = [
+                    replace(write, payload=await self._seal(write.user_id, write.payload))
+                    for write in writes
+                ]
             versions = await self._ops.write_many(writes)
         stored = [
             self._stored(write, state, version)
@@ -214,6 +222,7 @@ class Contract(ChangeFeed[StateT]):
         wanted = list(dict.fromkeys(valid_user_id(user_id) for user_id in user_ids))
         async with self._guard("get_latest_many", None):
             rows = await self._read(self._ops.latest_many, self._scope, wanted, datetime.now(UTC))
+            rows = await self._open(rows)
         return {snapshot.user_id: snapshot for snapshot in map(self._to_snapshot, rows)}
 
     async def get_latest(self, user_id: str) -> Snapshot[StateT] | None:
@@ -227,6 +236,8 @@ class Contract(ChangeFeed[StateT]):
         user_id = valid_user_id(user_id)
         async with self._guard("get_latest", user_id):
             row = await self._read(self._ops.latest, self._scope, user_id, datetime.now(UTC))
+            if row is not None:
+                row = (await self._open([row]))[0]
         return None if row is None else self._to_snapshot(row)
 
     async def get_history(
@@ -269,6 +280,7 @@ class Contract(ChangeFeed[StateT]):
                 }
                 raw = await self._read(self._ops.fetch, history_before_statement(), params)
                 rows = [self._ops.decode_snapshot_row(row) for row in raw]
+            rows = await self._open(rows)
         if not skip_invalid:
             return [self._to_snapshot(row) for row in rows]
         snapshots = []
@@ -303,9 +315,12 @@ class Contract(ChangeFeed[StateT]):
             receipt_subject=self._receipt_subject(user_id),
             only_expired=only_expired,
             notify=self._notify,
+            drop_data_key=self._keys is not None,
         )
         async with self._guard(cause, user_id):
             erased, last_version = await self._ops.delete(erasure)
+        if self._keys is not None:
+            self._keys.forget(self._scope, user_id)
         if erased:
             self._publish(self._change("erase", user_id, last_version, erasure.at))
         return erased

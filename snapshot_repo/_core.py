@@ -12,7 +12,7 @@ import copy
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Self, TypedDict, TypeVar, Unpack
@@ -22,9 +22,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import migrate as _migrate
 from ._checks import positive_seconds, valid_scope_name
 from ._driver import PendingWrite, Row, Scope, is_retryable, operations_for
+from ._encryption import DataKeys
 from ._translate import describe, storage_errors
 from .changes import hub_for
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, StateCodec, decode_metadata
+from .crypto import KeyProvider
 from .engine import EngineSettings, install_sqlite_settings
 from .errors import ConfigurationError
 from .health import HealthReport, probe
@@ -64,6 +66,9 @@ class RepositoryOptions(TypedDict, total=False):
             cannot share WAL flushes: measured 4x fewer concurrent writes per
             second. Without it, listeners hear of this process's changes only,
             and other processes catch up through `changes_since`.
+        encryption: a `KeyProvider` (e.g. `LocalKeyProvider`): payloads are
+            then encrypted under a per-user data key that erasure destroys
+            (crypto-shredding; needs the `snapshot-repo[crypto]` extra).
         erasure_key: the secret (at least 16 bytes) that keys the HMAC of
             user ids in erasure receipts. Without it no receipts are written.
             Keep it outside the database: with it, a receipt confirms a
@@ -78,6 +83,7 @@ class RepositoryOptions(TypedDict, total=False):
 
     namespace: str
     notify: bool
+    encryption: KeyProvider
     erasure_key: bytes | str
     retention: RetentionPolicy
     schema_version: int
@@ -144,6 +150,12 @@ class RepositoryCore(Generic[StateT]):
         if dialect == "sqlite":
             install_sqlite_settings(engine, EngineSettings())
         self._ops = operations_for(engine)
+        provider = options.get("encryption")
+        if provider is not None and not isinstance(provider, KeyProvider):
+            raise ConfigurationError("encryption must be a KeyProvider, e.g. LocalKeyProvider")
+        self._keys = (
+            None if provider is None else DataKeys(provider, self._ops, engine.dialect.name)
+        )
 
     @property
     def engine(self) -> AsyncEngine:
@@ -282,6 +294,18 @@ class RepositoryCore(Generic[StateT]):
             reason=reason,
             metadata=decode_metadata(meta),
         )
+
+    async def _seal(self, user_id: str, payload: bytes) -> bytes:
+        """The payload as stored: encrypted under the user's data key when encryption is on."""
+        if self._keys is None:
+            return payload
+        return await self._keys.seal(self._scope, user_id, payload)
+
+    async def _open(self, rows: Sequence[Row]) -> list[Row]:
+        """Rows with their payloads decrypted (unchanged when encryption is off)."""
+        if self._keys is None:
+            return list(rows)
+        return await self._keys.open_rows(self._scope, rows)
 
     def _receipt_subject(self, user_id: str) -> str | None:
         """The keyed hash that stands for `user_id` in erasure receipts (None: no receipts)."""

@@ -55,7 +55,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import ReturningDelete
 from sqlalchemy.sql.elements import BindParameter
 
-from .tables import changes_table, erasure_receipts_table, history_table, latest_table
+from .tables import (
+    changes_table,
+    data_keys_table,
+    erasure_receipts_table,
+    history_table,
+    latest_table,
+)
 
 __all__ = [
     "CHANGE_COLUMNS",
@@ -68,6 +74,7 @@ __all__ = [
     "alive",
     "delete_statements",
     "erasure_feed_statements",
+    "forget_key_statement",
     "history_statement",
     "idempotent_write_statement",
     "latest_many_statement",
@@ -485,3 +492,9 @@ def postgres_erasure_notify_statement() -> Select[Any]:
         bindparam("version", type_=BigInteger).label("version"),
     ).subquery("erased")
     return select(literal(1)).select_from(erased).where(notify(erased, "erase"))
+
+
+@cache
+def forget_key_statement() -> Delete:
+    """Destroy a user's data key (crypto-shredding; part of the erasure transaction)."""
+    return delete(data_keys_table).where(_is_key(data_keys_table))

@@ -46,6 +46,7 @@ from ._dialects import (
     DialectName,
     delete_statements,
     erasure_feed_statements,
+    forget_key_statement,
     history_statement,
     idempotent_write_statement,
     latest_many_statement,
@@ -115,6 +116,7 @@ class Erasure:
     receipt_subject: str | None = None
     only_expired: bool = False
     notify: bool = False
+    drop_data_key: bool = False
 
     def key(self) -> dict[str, Any]:
         return self.scope.key(self.user_id)
@@ -368,6 +370,7 @@ class _SharedStatements:
     _delete_history: _Compiled
     _receipt: _Compiled
     _prune: _Compiled
+    _forget_key: _Compiled
     _latest_many: _Compiled
     _forget_feed: _Compiled
     _erasure_entry: _Compiled
@@ -384,6 +387,7 @@ def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
     target._delete_expired = _compile(delete_statements(only_expired=True)[0], dialect)
     target._receipt = _compile(receipt_statement(), dialect)
     target._prune = _compile(prune_statement(), dialect)
+    target._forget_key = _compile(forget_key_statement(), dialect)
     target._latest_many = _compile(latest_many_statement(name), dialect)
     target._forget_feed, target._erasure_entry = _compile_all(
         erasure_feed_statements(name), dialect
@@ -522,6 +526,8 @@ class _PostgresOperations(_SharedStatements):
             if erasure.receipt_subject is not None:
                 receipt = self._receipt.args(erasure.receipt_params(erased))
                 await conn.execute(self._receipt.sql, *receipt)
+            if erasure.drop_data_key:
+                await conn.execute(self._forget_key.sql, *self._forget_key.args(key))
             if erasure.notify:
                 notify = self._compiled(postgres_erasure_notify_statement())
                 await conn.fetch(notify.sql, *notify.args({**key, "version": version}))
@@ -639,7 +645,7 @@ class _SqliteOperations(_SharedStatements):
 
     async def delete(self, erasure: Erasure) -> tuple[int, int]:
         delete_latest = self._delete_expired if erasure.only_expired else self._delete_latest
-        delete_history, receipt = self._delete_history, self._receipt
+        delete_history, receipt, forget_key = self._delete_history, self._receipt, self._forget_key
         forget_feed, erasure_entry = self._forget_feed, self._erasure_entry
         key = erasure.key()
 
@@ -655,6 +661,8 @@ class _SqliteOperations(_SharedStatements):
             conn.execute(erasure_entry.sql, erasure_entry.args(erasure.feed_params(row[0])))
             if erasure.receipt_subject is not None:
                 conn.execute(receipt.sql, receipt.args(erasure.receipt_params(erased)))
+            if erasure.drop_data_key:
+                conn.execute(forget_key.sql, forget_key.args(key))
             return erased, int(row[0])
 
         outcome = await self._in_write_transaction(run)

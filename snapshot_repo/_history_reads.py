@@ -45,7 +45,8 @@ class HistoryReads(RepositoryCore[StateT]):
         params = {**self._scope.key(user_id), "version": version}
         async with self._guard("get_version", user_id):
             rows = await self._read(self._ops.fetch, version_row_statement(), params)
-        return self._to_snapshot(self._ops.decode_snapshot_row(rows[0])) if rows else None
+            opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+        return self._to_snapshot(opened[0]) if opened else None
 
     async def get_as_of(self, user_id: str, at: datetime) -> Snapshot[StateT] | None:
         """The user's state as it was at `at`: the newest version stored at or before it.
@@ -63,7 +64,8 @@ class HistoryReads(RepositoryCore[StateT]):
         params = {**self._scope.key(user_id), "at": at}
         async with self._guard("get_as_of", user_id):
             rows = await self._read(self._ops.fetch, as_of_statement(), params)
-        return self._to_snapshot(self._ops.decode_snapshot_row(rows[0])) if rows else None
+            opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+        return self._to_snapshot(opened[0]) if opened else None
 
     async def diff(
         self, user_id: str, from_version: int, to_version: int
@@ -80,10 +82,8 @@ class HistoryReads(RepositoryCore[StateT]):
         params = {**self._scope.key(user_id), "first": from_version, "second": to_version}
         async with self._guard("diff", user_id):
             rows = await self._read(self._ops.fetch, versions_statement(), params)
-        states: dict[int, Any] = {}
-        for raw in rows:
-            row = self._ops.decode_snapshot_row(raw)
-            states[row[1]] = from_json(row[3])
+            opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+        states: dict[int, Any] = {row[1]: from_json(row[3]) for row in opened}
         missing = [v for v in (from_version, to_version) if v not in states]
         if missing:
             raise SnapshotValidationError(f"diff: version {missing[0]} of this user does not exist")

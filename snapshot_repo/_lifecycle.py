@@ -57,9 +57,10 @@ class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
         params = {**self._scope.key(user_id), "version": version}
         async with self._guard("restore", user_id):
             rows = await self._read(self._ops.fetch, version_row_statement(), params)
-        if not rows:
+            opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+        if not opened:
             raise SnapshotValidationError(f"restore: version {version} of this user does not exist")
-        old = self._to_snapshot(self._ops.decode_snapshot_row(rows[0]))
+        old = self._to_snapshot(opened[0])
         return await self.upsert_latest(
             Snapshot(user_id=user_id, state=old.state),
             actor=actor,
@@ -96,6 +97,8 @@ class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
         for _attempt in range(MERGE_ATTEMPTS):
             async with self._guard("merge", user_id):
                 row = await self._read(self._ops.latest, self._scope, user_id, datetime.now(UTC))
+                if row is not None:
+                    row = (await self._open([row]))[0]
             base_version = 0 if row is None else int(row[1])
             document: JsonValue = {} if row is None else self._current_document(row)
             merged = apply_merge_patch(document, partial)
@@ -190,7 +193,14 @@ class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
                     break
                 work: list[tuple[Any, dict[str, Any]]] = []
                 for tenant, user_id, version, schema_version, payload in rows:
-                    state = self._codec.decode(bytes(payload), user_id, version, schema_version)
+                    scoped = self if tenant == self._scope.tenant else self.for_tenant(tenant)
+                    async with self._guard("upgrade_payloads", user_id):
+                        opened = await scoped._open([(user_id, version, schema_version, payload)])
+                    state = self._codec.decode(opened[0][3], user_id, version, schema_version)
+                    async with self._guard("upgrade_payloads", user_id):
+                        new_payload = await scoped._seal(
+                            user_id, self._codec.encode(state, user_id)
+                        )
                     work.append(
                         (
                             rewrite,
@@ -200,7 +210,7 @@ class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
                                 "user_id": user_id,
                                 "version": version,
                                 "old_schema_version": schema_version,
-                                "new_payload": self._codec.encode(state, user_id),
+                                "new_payload": new_payload,
                                 "new_schema_version": current,
                             },
                         )

@@ -144,10 +144,10 @@ class Privacy(Contract[StateT]):
             params = {**self._scope.key(user_id), "before_version": before, "limit": _EXPORT_PAGE}
             async with self._guard("export_user", user_id):
                 rows = await self._read(self._ops.fetch, history_before_statement(), params)
-            if not rows:
+                opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+            if not opened:
                 return
-            for raw in rows:
-                row = self._ops.decode_snapshot_row(raw)
+            for row in opened:
                 _user, version, schema_version, payload, created_at, key, actor, reason, meta = row
                 yield {
                     "version": version,
@@ -160,6 +160,25 @@ class Privacy(Contract[StateT]):
                     "state": from_json(payload),
                 }
                 before = version
+
+    async def rotate_wrapping_key(self, progress: Callable[[int], None] | None = None) -> int:
+        """Re-wrap every data key under the key provider's active key, without touching payloads.
+
+        Run it after making a new key active; once it returns, the old
+        key-encryption key can be retired, and with it every backup's copy
+        of the data keys of users erased before the rotation.
+
+        Returns:
+            How many data keys were re-wrapped.
+
+        Raises:
+            ConfigurationError: the repository has no encryption.
+            DecryptionError: a data key is wrapped under a key the provider lacks.
+        """
+        if self._keys is None:
+            raise ConfigurationError("rotate_wrapping_key needs a repository with encryption")
+        async with self._guard("rotate_wrapping_key", None):
+            return await self._keys.rotate(progress)
 
     async def reap_expired(
         self, *, batch_size: int = 500, progress: Callable[[int], None] | None = None

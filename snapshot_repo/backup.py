@@ -63,6 +63,7 @@ from . import migrate
 from ._checks import MAX_BATCH_SIZE, check_int, valid_actor, valid_identifier, valid_reason
 from ._translate import storage_errors
 from .codec import HARD_MAX_PAYLOAD_BYTES, encode_metadata
+from .crypto import SEALED_PREFIX
 from .engine import WRITE_TRANSACTION, EngineSettings, install_sqlite_settings
 from .errors import ConfigurationError, SchemaNotReadyError, SnapshotValidationError
 from .snapshot import MAX_IDEMPOTENCY_KEY_LENGTH, MAX_SCOPE_LENGTH, MAX_USER_ID_LENGTH
@@ -393,6 +394,11 @@ def _stored_json(values: Mapping[str, Any], column: str) -> Any:
     stored = values[column]
     if stored is None:
         return None
+    if bytes(stored).startswith(SEALED_PREFIX):
+        raise SnapshotValidationError(
+            "dump found an encrypted (crypto-shredding) payload: dumps hold readable JSON "
+            "and no data keys, so stores with encryption cannot be dumped"
+        )
     try:
         return from_json(bytes(stored))
     except ValueError as exc:

@@ -8,6 +8,7 @@ escape the public API unchained::
     │   └── SchemaVersionError             a stored state's schema version the code cannot read
     ├── ConfigurationError                 bad URL, driver or setting (also a ValueError)
     ├── VersionConflictError               compare-and-set lost; nothing was written
+    ├── DecryptionError                    an encrypted state's key is missing (shredded) or wrong
     └── StorageError                       the database failed; the driver error is chained
         ├── ConnectionLostError            the connection died mid-operation (server restart, kill)
         └── SchemaNotReadyError            tables missing: run `migrate()` first
@@ -21,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "ConnectionLostError",
+    "DecryptionError",
     "SchemaNotReadyError",
     "SchemaVersionError",
     "SnapshotRepoError",
@@ -91,6 +93,14 @@ class VersionConflictError(SnapshotRepoError):
             f"version conflict for user {redact(user_id)}: expected version "
             f"{expected_version}, found {actual_version}; nothing was written"
         )
+
+
+class DecryptionError(SnapshotRepoError):
+    """An encrypted state cannot be opened: its data key was destroyed or is wrong.
+
+    After a crypto-shredding erasure this is the expected outcome for any
+    copy of the user's payloads.
+    """
 
 
 class StorageError(SnapshotRepoError):

@@ -11,6 +11,7 @@ Two tables with the same columns:
   keyed writes idempotent.
 - `snapshot_changes`: the ordered feed of committed writes and erasures.
 - `snapshot_erasure_receipts`: proof of each erasure, keyed by an HMAC of the user id.
+- `snapshot_data_keys`: per-user data keys for crypto-shredding, stored wrapped.
 
 Later capabilities (tenant, namespace, expiry, write metadata) add columns in
 new Alembic revisions; nothing here is created outside migrations.
@@ -47,6 +48,7 @@ from .snapshot import (
 __all__ = [
     "UTCDateTime",
     "changes_table",
+    "data_keys_table",
     "erasure_receipts_table",
     "history_table",
     "latest_table",
@@ -194,4 +196,18 @@ erasure_receipts_table = Table(
     Column("versions_erased", BigInteger, nullable=False),
     Column("cause", String(16), nullable=False),
     Index("ix_snapshot_erasure_receipts_subject", "subject", "tenant", "namespace"),
+)
+
+data_keys_table = Table(
+    "snapshot_data_keys",
+    metadata,
+    # Crypto-shredding: each user's data key, wrapped by a key-encryption key
+    # (`key_id` names which). Erasing the user deletes this row.
+    Column("tenant", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("namespace", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("user_id", String(MAX_USER_ID_LENGTH), nullable=False),
+    Column("key_id", String(255), nullable=False),
+    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant", "namespace", "user_id"),
 )

@@ -1,0 +1,160 @@
+"""The repository's use of crypto-shredding: sealing writes, opening reads, rotating keys.
+
+Data keys are created on a user's first encrypted write (an insert that
+ignores a concurrent creator's row, then a re-read, so racing writers agree
+on one key), cached unwrapped in memory (bounded), and deleted with the
+user's erasure. See `crypto` for the scheme and what it protects.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import Insert, Select, Update, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ._driver import Operations, Row, Scope
+from .crypto import KeyProvider, new_data_key, open_payload, seal_payload
+from .errors import redact
+from .tables import data_keys_table
+
+__all__ = ["DataKeys"]
+
+_CACHE_SIZE = 10_000
+_ROTATE_PAGE = 500
+
+_KEY = (
+    (data_keys_table.c.tenant == bindparam("tenant"))
+    & (data_keys_table.c.namespace == bindparam("namespace"))
+    & (data_keys_table.c.user_id == bindparam("user_id"))
+)
+
+
+@cache
+def _find_statement() -> Select[Any]:
+    return select(data_keys_table.c.key_id, data_keys_table.c.wrapped_key).where(_KEY)
+
+
+@cache
+def _create_statement(dialect: str) -> Insert:
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert_fn(data_keys_table).on_conflict_do_nothing()
+
+
+@cache
+def _page_statement() -> Select[Any]:
+    table = data_keys_table
+    return (
+        select(
+            table.c.tenant, table.c.namespace, table.c.user_id, table.c.key_id, table.c.wrapped_key
+        )
+        .where(table.c.key_id != bindparam("active"))
+        .order_by(table.c.tenant, table.c.namespace, table.c.user_id)
+        .limit(bindparam("limit"))
+    )
+
+
+@cache
+def _rewrap_statement() -> Update:
+    return (
+        update(data_keys_table)
+        .where(_KEY, data_keys_table.c.key_id == bindparam("old_key_id"))
+        .values(key_id=bindparam("new_key_id"), wrapped_key=bindparam("new_wrapped"))
+    )
+
+
+def _associated(scope: Scope, user_id: str) -> bytes:
+    return f"{scope.tenant}\x00{scope.namespace}\x00{user_id}".encode()
+
+
+class DataKeys:
+    """One repository's data keys: get or create, seal, open, forget, rotate."""
+
+    def __init__(self, provider: KeyProvider, ops: Operations, dialect: str) -> None:
+        self._provider = provider
+        self._ops = ops
+        self._dialect = dialect
+        self._cache: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+
+    async def seal(self, scope: Scope, user_id: str, payload: bytes) -> bytes:
+        """`payload` encrypted under the user's data key (created on first use)."""
+        key = await self._key(scope, user_id, create=True)
+        assert key is not None
+        return seal_payload(key, payload, _associated(scope, user_id))
+
+    async def open_rows(self, scope: Scope, rows: Sequence[Row]) -> list[Row]:
+        """Rows (in `ROW_COLUMNS` order) with their payloads decrypted."""
+        opened = []
+        for row in rows:
+            user_id, payload = row[0], row[3]
+            key = await self._key(scope, user_id, create=False)
+            where = f"the state of user {redact(user_id)} version {row[1]}"
+            plain = open_payload(key, bytes(payload), _associated(scope, user_id), where)
+            opened.append((*row[:3], plain, *row[4:]))
+        return opened
+
+    def forget(self, scope: Scope, user_id: str) -> None:
+        """Drop the cached key of an erased user."""
+        self._cache.pop((scope.tenant, scope.namespace, user_id), None)
+
+    async def rotate(self, progress: Callable[[int], None] | None = None) -> int:
+        """Re-wrap every data key not yet under the provider's active key; how many.
+
+        Payloads are untouched. Each page is one transaction; a key changed
+        meanwhile is skipped (the update checks the old key id), so the job
+        can be stopped and rerun.
+        """
+        active = self._provider.active_key_id
+        rewrapped = 0
+        while True:
+            rows = await self._ops.fetch(
+                _page_statement(), {"active": active, "limit": _ROTATE_PAGE}
+            )
+            if not rows:
+                return rewrapped
+            work = []
+            for tenant, namespace, user_id, key_id, wrapped in rows:
+                data_key = self._provider.unwrap(key_id, bytes(wrapped))
+                new_key_id, new_wrapped = self._provider.wrap(data_key)
+                params = {
+                    "tenant": tenant,
+                    "namespace": namespace,
+                    "user_id": user_id,
+                    "old_key_id": key_id,
+                    "new_key_id": new_key_id,
+                    "new_wrapped": new_wrapped,
+                }
+                work.append((_rewrap_statement(), params))
+            rewrapped += sum(await self._ops.execute_in_transaction(work))
+            if progress is not None:
+                progress(rewrapped)
+
+    async def _key(self, scope: Scope, user_id: str, *, create: bool) -> bytes | None:
+        cache_key = (scope.tenant, scope.namespace, user_id)
+        key = self._cache.get(cache_key)
+        if key is not None:
+            self._cache.move_to_end(cache_key)
+            return key
+        rows = await self._ops.fetch(_find_statement(), scope.key(user_id))
+        if not rows and create:
+            key_id, wrapped = self._provider.wrap(new_data_key())
+            values = {
+                **scope.key(user_id),
+                "key_id": key_id,
+                "wrapped_key": wrapped,
+                "created_at": datetime.now(UTC),
+            }
+            await self._ops.execute_in_transaction([(_create_statement(self._dialect), values)])
+            rows = await self._ops.fetch(_find_statement(), scope.key(user_id))  # a racer's wins
+        if not rows:
+            return None
+        key_id, wrapped = rows[0]
+        key = self._provider.unwrap(key_id, bytes(wrapped))
+        self._cache[cache_key] = key
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return key
