@@ -237,6 +237,7 @@ class RepositoryCore(Generic[StateT]):
 
         An engine passed to the constructor belongs to the caller and stays open.
         """
+        await self._ops.release()
         if self._owns_engine:
             await hub_for(self._engine).close()
             await _dispose_within(self._engine, _CLOSE_TIMEOUT)

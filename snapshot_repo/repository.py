@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL
 from ._checks import MAX_BATCH_SIZE
 from ._contract import MAX_HISTORY_LIMIT
 from ._core import DEFAULT_NAMESPACE, RepositoryOptions
+from ._driver import KEPT_CONNECTIONS
 from ._lifecycle import Lifecycle
 from .codec import JsonObject
 from .engine import EngineSettings, create_engine
@@ -101,4 +102,5 @@ class SnapshotRepository(Lifecycle[StateT]):
             engine.sync_engine.dispose(close=False)
             raise
         repository._owns_engine = True
+        repository._ops.keep_connections(KEPT_CONNECTIONS)  # released by close()
         return repository

@@ -215,6 +215,9 @@ async def test_read_retries_once_on_a_connection_killed_under_the_pool(postgres_
     """Postgres by nature: a server process killed under a pooled connection."""
     async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
         await repo.upsert_latest(snap("u1", "a"))
+        # Hand the repository's kept connection back, so that the pool's only
+        # connection, the one killed below, is the one its next call borrows.
+        await repo._ops.release()
         async with repo.engine.connect() as conn:
             pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
         admin = await asyncpg.connect(_plain_dsn(postgres_url))
@@ -267,6 +270,9 @@ async def test_a_write_on_a_killed_connection_is_connection_lost_then_recovers(
     """Postgres by nature. Writes are not repeated on their own: the caller decides."""
     async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
         await repo.upsert_latest(snap("u1", "a"))
+        # Hand the repository's kept connection back, so that the pool's only
+        # connection, the one killed below, is the one its next call borrows.
+        await repo._ops.release()
         async with repo.engine.connect() as conn:
             pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
         admin = await asyncpg.connect(_plain_dsn(postgres_url))

@@ -16,7 +16,7 @@ import snapshot_repo as sr
 
 from ..conftest import Backend, Cart
 from ..support.consistency import assert_consistent, payload_items, read_tables
-from ..support.pool import queue_pool
+from ..support.pool import leaked_connections, queue_pool
 
 pytestmark = pytest.mark.fault
 
@@ -69,7 +69,7 @@ async def test_sixteen_writers_lose_no_update(backend: Backend, compare_and_set:
                 i += 1
 
         await asyncio.gather(*(writer(n) for n in range(WRITERS)))
-        assert queue_pool(repo.engine).checkedout() == 0
+        assert leaked_connections(repo) == 0
 
     acknowledged = Counter(user for user, _version in written)
     users = await read_tables(backend.url)
@@ -117,8 +117,8 @@ async def test_cancelled_writes_leave_no_partial_write_and_no_leaked_connection(
             else:
                 outcomes["completed"] += 1
                 completed[(user, stored.version)] = [f"cancel{i}"]
-        pool = queue_pool(repo.engine)
-        assert pool.checkedout() == 0, f"{pool.checkedout()} connections leaked (seed {seed})"
+        leaked = leaked_connections(repo)
+        assert leaked == 0, f"{leaked} connections leaked (seed {seed})"
 
         assert_consistent(await read_tables(backend.url))
         loop = asyncio.get_running_loop()
@@ -132,7 +132,7 @@ async def test_cancelled_writes_leave_no_partial_write_and_no_leaked_connection(
             slowest = max(slowest, loop.time() - started)
             first_after.setdefault(user, stored.version)
             completed[(user, stored.version)] = [f"after{i}"]
-        assert pool.checkedout() == 0
+        assert leaked_connections(repo) == 0
 
     rows = await read_tables(backend.url)
     assert_consistent(rows)

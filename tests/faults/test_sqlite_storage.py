@@ -54,7 +54,10 @@ async def test_full_disk_fails_the_write_keeps_the_previous_state_and_recovers(s
     returns gets the next version, all on the same repository."""
     limit = DiskLimit()
     big = [f"{n:06d}-" + "x" * 90 for n in range(2000)]  # ~200 KB: needs new pages
-    async with sr.SnapshotRepository.from_url(sqlite_url, Cart) as repo:
+    # On a borrowed engine the repository keeps no connection between calls, so every
+    # call checks one out and meets the listener.
+    engine = sr.create_engine(sqlite_url)
+    async with sr.SnapshotRepository(engine, Cart) as repo:
         event.listen(repo.engine.sync_engine, "checkout", limit.on_checkout)
         await repo.upsert_latest(snap("disk", "one"))
         await repo.upsert_latest(snap("disk", "two"))
@@ -74,6 +77,7 @@ async def test_full_disk_fails_the_write_keeps_the_previous_state_and_recovers(s
         limit.full = False
         stored = await repo.upsert_latest(snap("disk", *big))
         assert stored.version == 3
+    await engine.dispose()
     rows = await read_tables(sqlite_url)
     assert_consistent(rows, expected_counts={"disk": 3})
     assert payload_items(rows["disk"].history[2]) == big

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
-__all__ = ["queue_pool"]
+from snapshot_repo import SnapshotRepository
+
+__all__ = ["leaked_connections", "queue_pool"]
 
 
 def queue_pool(engine: AsyncEngine) -> QueuePool:
@@ -17,3 +21,12 @@ def queue_pool(engine: AsyncEngine) -> QueuePool:
     pool = engine.sync_engine.pool
     assert isinstance(pool, QueuePool), f"expected a QueuePool, not {type(pool).__name__}"
     return pool
+
+
+def leaked_connections(repo: SnapshotRepository[Any]) -> int:
+    """Connections lent out by the pool and not returned, beyond those the repository keeps.
+
+    A repository keeps up to two idle connections checked out between its
+    operations (to skip the pool's greenlet round trip); those are not leaks.
+    """
+    return queue_pool(repo.engine).checkedout() - repo._ops.kept_connections
