@@ -16,7 +16,7 @@ import snapshot_repo as sr
 
 from ..conftest import Backend, Cart
 from ..support.consistency import assert_consistent, payload_items, read_tables
-from ..support.pool import leaked_connections, queue_pool
+from ..support.pool import leaked_connections
 
 pytestmark = pytest.mark.fault
 
