@@ -81,6 +81,7 @@ __all__ = [
     "latest_statement",
     "notify",
     "postgres_bulk_write_statement",
+    "postgres_erase_rest_statement",
     "postgres_erasure_notify_statement",
     "postgres_write_statement",
     "prune_condition",
@@ -498,3 +499,41 @@ def postgres_erasure_notify_statement() -> Select[Any]:
 def forget_key_statement() -> Delete:
     """Destroy a user's data key (crypto-shredding; part of the erasure transaction)."""
     return delete(data_keys_table).where(_is_key(data_keys_table))
+
+
+@cache
+def postgres_erase_rest_statement() -> TextClause:
+    """Postgres, after the latest row is deleted: history, feed and the erase entry at once.
+
+    One statement instead of three round trips. Its snapshot is taken after
+    the latest row's deletion locked out every writer of the user (see
+    `delete_statements`), so it sees all their history and feed rows.
+    Returns how many history versions were erased.
+    """
+    feed_columns = ", ".join(CHANGE_COLUMNS)
+    return text(
+        f"""
+        WITH erased AS (
+            DELETE FROM snapshot_history
+            WHERE tenant = :tenant AND namespace = :namespace AND user_id = :user_id
+              AND version <= :version
+            RETURNING 1
+        ),
+        forgotten AS (
+            DELETE FROM snapshot_changes
+            WHERE tenant = :tenant AND namespace = :namespace AND user_id = :user_id
+        ),
+        recorded AS (
+            INSERT INTO snapshot_changes ({feed_columns}, kind, txid)
+            VALUES (:tenant, :namespace, :user_id, :version, :created_at, NULL, NULL, NULL,
+                    'erase', CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT))
+        )
+        SELECT count(*) FROM erased
+        """
+    ).bindparams(
+        bindparam("tenant", type_=String),
+        bindparam("namespace", type_=String),
+        bindparam("user_id", type_=String),
+        bindparam("version", type_=BigInteger),
+        bindparam("created_at", type_=latest_table.c.created_at.type),
+    )

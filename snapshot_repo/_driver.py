@@ -52,6 +52,7 @@ from ._dialects import (
     latest_many_statement,
     latest_statement,
     postgres_bulk_write_statement,
+    postgres_erase_rest_statement,
     postgres_erasure_notify_statement,
     postgres_write_statement,
     prune_statement,
@@ -593,12 +594,8 @@ class _PostgresOperations(_SharedStatements):
             )
             if version is None:
                 return 0, 0
-            args = self._delete_history.args({**key, "version": version})
-            status: str = await conn.execute(self._delete_history.sql, *args)
-            erased = int(status.rsplit(" ", 1)[-1])  # status: "DELETE <count>"
-            await conn.execute(self._forget_feed.sql, *self._forget_feed.args(key))
-            entry = self._erasure_entry.args(erasure.feed_params(version))
-            await conn.execute(self._erasure_entry.sql, *entry)
+            rest = self._compiled(postgres_erase_rest_statement())
+            erased = int(await conn.fetchval(rest.sql, *rest.args(erasure.feed_params(version))))
             if erasure.receipt_subject is not None:
                 receipt = self._receipt.args(erasure.receipt_params(erased))
                 await conn.execute(self._receipt.sql, *receipt)

@@ -19,6 +19,7 @@ new Alembic revisions; nothing here is created outside migrations.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,6 +90,34 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         assert isinstance(value, datetime)
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        def to_text(value: datetime | None) -> str | None:
+            # SQLAlchemy's SQLite DATETIME format, written by the C isoformat rather
+            # than SQLAlchemy's Python formatting: on every read (the expiry bound)
+            # and write. Same text, so stored values compare as before.
+            if value is None:
+                return None
+            if value.tzinfo is None:
+                raise ValueError("UTCDateTime needs a timezone-aware datetime")
+            utc = value.astimezone(UTC).replace(tzinfo=None)
+            return utc.isoformat(sep=" ", timespec="microseconds")
+
+        return to_text
+
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+
+        def from_text(value: str | None) -> datetime | None:
+            # C `fromisoformat` instead of SQLAlchemy's regular expression: ten
+            # history rows carry ten timestamps.
+            return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+        return from_text
 
 
 def _snapshot_columns() -> list[Column[Any]]:
