@@ -14,13 +14,13 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from types import TracebackType
 from typing import Any, Generic, ParamSpec, Self, TypedDict, TypeVar, Unpack
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import migrate as _migrate
 from ._checks import positive_seconds, valid_scope_name
+from ._closing import AsyncClosing
 from ._driver import PendingWrite, Row, Scope, is_retryable, operations_for
 from ._encryption import DataKeys
 from ._translate import describe, storage_errors
@@ -93,20 +93,8 @@ class RepositoryOptions(TypedDict, total=False):
     operation_timeout: float | None
 
 
-class RepositoryCore(Generic[StateT]):
-    """Latest state and full history of each user's snapshots, typed by one model.
-
-    Args:
-        engine: an async engine on SQLite (aiosqlite) or Postgres (asyncpg).
-            The repository does not dispose an engine it was given; use
-            `from_url` to let it own one.
-        state_type: the pydantic model (or other pydantic-validatable type) of
-            the states; None stores plain JSON objects (`dict`).
-        **options: see `RepositoryOptions`: `namespace`, `max_payload_bytes`,
-            `health_timeout`, `operation_timeout`.
-
-    No I/O happens in the constructor.
-    """
+class RepositoryCore(AsyncClosing, Generic[StateT]):
+    """What every capability of `SnapshotRepository` builds on (arguments documented there)."""
 
     def __init__(
         self,
@@ -241,17 +229,6 @@ class RepositoryCore(Generic[StateT]):
         if self._owns_engine:
             await hub_for(self._engine).close()
             await _dispose_within(self._engine, _CLOSE_TIMEOUT)
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         url = self._engine.url.render_as_string(hide_password=True)

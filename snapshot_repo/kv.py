@@ -31,6 +31,7 @@ from typing import Protocol, Self, TypeVar, Unpack, runtime_checkable
 from sqlalchemy.engine import URL
 
 from ._checks import check_int, valid_user_id
+from ._closing import AsyncClosing
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, JsonObject, StateCodec
 from .engine import EngineSettings
 from .errors import ConfigurationError
@@ -96,7 +97,7 @@ class KeyValue(Protocol):
     ) -> None: ...
 
 
-class KeyValueStore(KeyValue):
+class KeyValueStore(AsyncClosing, KeyValue):
     """JSON objects keyed by a string, in the snapshot tables (seed 000's durable backend).
 
     A thin facade over a `SnapshotRepository` without a model: a key is a
@@ -290,17 +291,6 @@ class KeyValueStore(KeyValue):
         if self._owns_repository:
             await self._repository.close()
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     def __repr__(self) -> str:
         return f"KeyValueStore({self._repository!r})"
 
@@ -325,7 +315,7 @@ class _SharedMap:
         self.lock = threading.Lock()
 
 
-class InMemoryStore(KeyValue):
+class InMemoryStore(AsyncClosing, KeyValue):
     """JSON objects keyed by a string, in process memory: for tests, and as a non-durable default.
 
     Same interface and semantics as `KeyValueStore`, minus durability:
@@ -423,17 +413,6 @@ class InMemoryStore(KeyValue):
     async def close(self) -> None:
         """Flush; the data stays, for the other clones."""
         await self.flush()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def __repr__(self) -> str:
         # Keys are user ids: show how many, never which.

@@ -49,8 +49,8 @@ class SnapshotRepository(Lifecycle[StateT]):
             `from_url` to let it own one.
         state_type: the pydantic model (or other pydantic-validatable type) of
             the states; None stores plain JSON objects (`dict`).
-        **options: see `RepositoryOptions`: `namespace`, `max_payload_bytes`,
-            `health_timeout`, `operation_timeout`.
+        **options: see `RepositoryOptions` (namespace, timeouts, limits,
+            encryption, erasure receipts, retention, schema upgrades, notify).
 
     No I/O happens in the constructor.
     """
