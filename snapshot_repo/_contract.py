@@ -163,6 +163,7 @@ class Contract(ChangeFeed[StateT]):
         created_at = datetime.now(UTC)
         actor, reason = valid_actor(actor), valid_reason(reason)
         encoded_metadata = encode_metadata(metadata)
+        retention = self._retention_for(created_at)
         writes, states = [], []
         for snapshot in snapshots:
             if not isinstance(snapshot, Snapshot):
@@ -182,6 +183,7 @@ class Contract(ChangeFeed[StateT]):
                     actor=actor,
                     reason=reason,
                     metadata=encoded_metadata,
+                    retention=retention,
                     notify=self._notify,
                 )
             )
@@ -305,8 +307,19 @@ class Contract(ChangeFeed[StateT]):
         """
         return await self._erase(valid_user_id(user_id), "delete")
 
-    async def _erase(self, user_id: str, cause: str, *, only_expired: bool = False) -> int:
-        """Erase one user of this scope (with its receipt, feed entry and notification)."""
+    async def _erase(
+        self,
+        user_id: str,
+        cause: str,
+        *,
+        only_expired: bool = False,
+        drop_data_key: bool | None = None,
+    ) -> int:
+        """Erase one user of this scope (with its receipt, feed entry and notification).
+
+        The user's data key is destroyed when this repository encrypts, or
+        whenever `drop_data_key` says so (erasing a person everywhere).
+        """
         erasure = Erasure(
             scope=self._scope,
             user_id=user_id,
@@ -315,7 +328,7 @@ class Contract(ChangeFeed[StateT]):
             receipt_subject=self._receipt_subject(user_id),
             only_expired=only_expired,
             notify=self._notify,
-            drop_data_key=self._keys is not None,
+            drop_data_key=self._keys is not None if drop_data_key is None else drop_data_key,
         )
         async with self._guard(cause, user_id):
             erased, last_version = await self._ops.delete(erasure)

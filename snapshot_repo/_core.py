@@ -225,9 +225,11 @@ class RepositoryCore(AsyncClosing, Generic[StateT]):
 
         An engine passed to the constructor belongs to the caller and stays open.
         """
-        await self._ops.release()
         if self._owns_engine:
-            await hub_for(self._engine).close()
+            await self._ops.release()  # views share it with their repository: only the owner
+            hub = hub_for(self._engine, create=False)
+            if hub is not None:
+                await hub.close()
             await _dispose_within(self._engine, _CLOSE_TIMEOUT)
 
     def __repr__(self) -> str:

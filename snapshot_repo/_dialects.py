@@ -273,10 +273,13 @@ def prune_condition(newest: ColumnElement[int]) -> ColumnElement[bool]:
 
 @cache
 def prune_statement() -> Delete:
-    """Drop a user's history versions beyond the retention policy (see `prune_condition`)."""
-    return delete(history_table).where(
-        _is_key(history_table), prune_condition(bindparam("newest", type_=BigInteger))
-    )
+    """Drop a user's history versions beyond the retention policy (see `prune_condition`).
+
+    The newest version is read in the same statement, so a user erased and
+    written again meanwhile cannot lose the versions written since.
+    """
+    newest = select(latest_table.c.version).where(_is_key(latest_table)).scalar_subquery()
+    return delete(history_table).where(_is_key(history_table), prune_condition(newest))
 
 
 @cache
@@ -371,7 +374,7 @@ def delete_statements(only_expired: bool = False) -> tuple[ReturningDelete[Any],
 
 
 @cache
-def postgres_bulk_write_statement(notifying: bool = False) -> TextClause:
+def postgres_bulk_write_statement(notifying: bool = False, prune: bool = False) -> TextClause:
     """Postgres: a whole batch of writes in one statement, gapless even for repeated users.
 
     The batch arrives as parallel arrays. Each user's rows are numbered in
@@ -382,6 +385,21 @@ def postgres_bulk_write_statement(notifying: bool = False) -> TextClause:
     """
     columns = ", ".join(STORED_COLUMNS)
     feed_columns = ", ".join(CHANGE_COLUMNS)
+    # The retention policy's DELETE sees the rows before this statement (one
+    # snapshot), so it drops old versions and never the ones being appended.
+    prune_clause = (
+        """pruned AS (
+            DELETE FROM snapshot_history h USING written w
+            WHERE h.tenant = CAST(:tenant AS VARCHAR) AND h.namespace = CAST(:namespace AS VARCHAR)
+              AND h.user_id = w.user_id AND h.version < w.version
+              AND (CAST(:keep_last AS BIGINT) IS NULL
+                   OR h.version <= w.version - CAST(:keep_last AS BIGINT))
+              AND (CAST(:cutoff AS TIMESTAMPTZ) IS NULL
+                   OR h.created_at < CAST(:cutoff AS TIMESTAMPTZ))
+        ),"""
+        if prune
+        else ""
+    )
     notify_clause = (
         f"WHERE pg_notify('{NOTIFY_CHANNEL}', json_build_object('tenant', tenant, "
         "'namespace', namespace, 'user_id', user_id, 'version', version, "
@@ -430,6 +448,7 @@ def postgres_bulk_write_statement(notifying: bool = False) -> TextClause:
             FROM batch JOIN written USING (user_id)
             RETURNING tenant, namespace, user_id, version, created_at, actor, reason, metadata
         ),
+        {prune_clause}
         feed AS (
             INSERT INTO snapshot_changes ({feed_columns}, kind, txid)
             SELECT {feed_columns}, 'write',

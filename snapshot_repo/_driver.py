@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -79,6 +80,7 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+logger = logging.getLogger("snapshot_repo")
 
 Row = tuple[Any, ...]
 """A stored snapshot row, its values in `ROW_COLUMNS` order, already type-converted."""
@@ -329,7 +331,8 @@ class _Connections:
         return len(self._kept)
 
     async def release(self) -> None:
-        """Return every kept connection to SQLAlchemy's pool."""
+        """Return every kept connection to SQLAlchemy's pool, and keep none from now on."""
+        self.keep = 0
         while self._kept:
             await greenlet_spawn(self._kept.pop().close)
 
@@ -389,7 +392,8 @@ class _Connections:
             await greenlet_spawn(fairy.invalidate, exc)
             raise exc
         await greenlet_spawn(self._engine.sync_engine.pool._invalidate, fairy, exc)
-        await self.release()
+        while self._kept:  # same generation: dead too
+            await greenlet_spawn(self._kept.pop().close)
         raise ConnectionLostError(
             f"the database connection was lost ({describe(exc)}); a write's outcome is "
             "unknown: retry it with the same idempotency key"
@@ -503,9 +507,15 @@ class _PostgresOperations(_SharedStatements):
             "reason": first.reason,
             "metadata": first.metadata,
         }
+        if first.retention is not None:
+            params.update(first.retention.params())
         statement = (
-            self._compiled(postgres_bulk_write_statement(notifying=True))
-            if first.notify
+            self._compiled(
+                postgres_bulk_write_statement(
+                    notifying=first.notify, prune=first.retention is not None
+                )
+            )
+            if first.notify or first.retention is not None
             else self._write_many
         )
         async with self._connections.checkout() as conn:
@@ -658,6 +668,7 @@ class _SqliteOperations(_SharedStatements):
 
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
         latest_write, history_append, feed_entry = self._writes["upsert"]
+        prune = self._prune
 
         def run(conn: sqlite3.Connection) -> list[int]:
             versions = []
@@ -666,6 +677,9 @@ class _SqliteOperations(_SharedStatements):
                 versions.append(
                     _append_history(conn, history_append, feed_entry, written.fetchone())
                 )
+                if write.retention is not None:
+                    params = {**write.scope.key(write.user_id), **write.retention.params()}
+                    conn.execute(prune.sql, prune.args(params))
             return versions
 
         return await self._in_write_transaction(run)
@@ -695,11 +709,7 @@ class _SqliteOperations(_SharedStatements):
                 return None
             version = _append_history(conn, history_append, feed_entry, written)
             if write.retention is not None:
-                params = {
-                    **write.scope.key(write.user_id),
-                    **write.retention.params(),
-                    "newest": version,
-                }
+                params = {**write.scope.key(write.user_id), **write.retention.params()}
                 conn.execute(prune.sql, prune.args(params))
             return version
 
@@ -741,7 +751,11 @@ class _SqliteOperations(_SharedStatements):
 
         outcome = await self._in_write_transaction(run)
         if outcome[0]:
-            await self.vacuum()
+            try:
+                await self.vacuum()
+            except (sqlite3.Error, OSError) as exc:
+                # The erasure committed; only the WAL still holds the old bytes.
+                logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
         return outcome
 
     async def vacuum(self) -> None:
@@ -753,7 +767,14 @@ class _SqliteOperations(_SharedStatements):
         """
 
         def checkpoint(conn: sqlite3.Connection) -> None:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            for _attempt in range(3):
+                busy, _log, _moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                if not busy:
+                    return
+            logger.warning(
+                "snapshot_repo: readers kept the WAL from being truncated after an erasure; "
+                "the next erasure's checkpoint will try again"
+            )
 
         async with self._write_lock, self._connections.checkout() as aconn:
             await aconn._execute(checkpoint, aconn._conn)

@@ -81,8 +81,13 @@ class DataKeys:
         self._cache: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
 
     async def seal(self, scope: Scope, user_id: str, payload: bytes) -> bytes:
-        """`payload` encrypted under the user's data key (created on first use)."""
-        key = await self._key(scope, user_id, create=True)
+        """`payload` encrypted under the user's data key (created on first use).
+
+        Writes always read the key row, never the cache: another process may
+        have erased the user (and destroyed the key) since it was cached, and
+        a write sealed under a destroyed key could never be read.
+        """
+        key = await self._key(scope, user_id, create=True, cached=False)
         assert key is not None
         return seal_payload(key, payload, _associated(scope, user_id))
 
@@ -133,9 +138,11 @@ class DataKeys:
             if progress is not None:
                 progress(rewrapped)
 
-    async def _key(self, scope: Scope, user_id: str, *, create: bool) -> bytes | None:
+    async def _key(
+        self, scope: Scope, user_id: str, *, create: bool, cached: bool = True
+    ) -> bytes | None:
         cache_key = (scope.tenant, scope.namespace, user_id)
-        key = self._cache.get(cache_key)
+        key = self._cache.get(cache_key) if cached else None
         if key is not None:
             self._cache.move_to_end(cache_key)
             return key

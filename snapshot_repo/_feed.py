@@ -91,9 +91,10 @@ class ChangeFeed(RepositoryCore[StateT]):
         connection is held while anyone listens).
         Close the returned subscription to stop.
         """
-        return await hub_for(self._engine).subscribe(
-            self._scope.tenant, self._scope.namespace, callback
-        )
+        hub = hub_for(self._engine)
+        assert hub is not None
+        async with self._guard("subscribe", None):
+            return await hub.subscribe(self._scope.tenant, self._scope.namespace, callback)
 
     def changes(self) -> ChangeStream:
         """Live changes of this scope: `async with repo.changes() as stream: async for ...`.
@@ -101,9 +102,9 @@ class ChangeFeed(RepositoryCore[StateT]):
         Delivery is best effort (see `ChangeStream`); pair it with
         `changes_since` where nothing may be missed.
         """
-        return ChangeStream(
-            hub_for(self._engine), self._scope.tenant, self._scope.namespace, _LIVE_QUEUE
-        )
+        hub = hub_for(self._engine)
+        assert hub is not None
+        return ChangeStream(hub, self._scope.tenant, self._scope.namespace, _LIVE_QUEUE)
 
     def _change(
         self,
@@ -133,4 +134,6 @@ class ChangeFeed(RepositoryCore[StateT]):
         delivers it, to this process as to every other.
         """
         if not self._notify:
-            hub_for(self._engine).publish(change)
+            hub = hub_for(self._engine, create=False)  # no hub yet: nobody listens
+            if hub is not None:
+                hub.publish(change)

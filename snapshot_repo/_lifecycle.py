@@ -17,7 +17,12 @@ from pydantic_core import from_json
 from ._checks import check_int, valid_user_id
 from ._history_reads import HistoryReads
 from ._privacy import Privacy
-from ._queries import outdated_rows_statement, rewrite_payload_statement, version_row_statement
+from ._queries import (
+    outdated_rows_statement,
+    rewrite_payload_statement,
+    scope_users_statement,
+    version_row_statement,
+)
 from .codec import JsonObject
 from .errors import SnapshotValidationError, VersionConflictError
 from .patch import apply_merge_patch
@@ -138,11 +143,16 @@ class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
                 f"purge_all needs confirm={self.purge_label!r} to erase this scope"
             )
         erased = 0
-        while users := await self.list_users(limit=500):
-            for user_id in users:
+        scope = {"tenant": self._scope.tenant, "namespace": self._scope.namespace}
+        while True:
+            # Every user of the scope, expired ones included (list_users hides those).
+            async with self._guard("purge_all", None):
+                rows = await self._read(self._ops.fetch, scope_users_statement(), scope)
+            if not rows:
+                return erased
+            for (user_id,) in rows:
                 if await self._erase(user_id, "purge"):
                     erased += 1
-        return erased
 
     @property
     def purge_label(self) -> str:

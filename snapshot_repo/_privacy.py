@@ -241,19 +241,9 @@ class Privacy(Contract[StateT]):
         cutoff = policy.cutoff(datetime.now(UTC))
         if user_id is not None:
             user_id = valid_user_id(user_id)
+            one = self._prune_params(self._scope.tenant, user_id, policy.keep_last, cutoff)
             async with self._guard("prune_history", user_id):
-                latest = await self._ops.current_version(self._scope, user_id)
-                if not latest:
-                    return 0
-                work = [
-                    (
-                        prune_statement(),
-                        self._prune_params(
-                            self._scope.tenant, user_id, latest, policy.keep_last, cutoff
-                        ),
-                    )
-                ]
-                return sum(await self._ops.execute_in_transaction(work))
+                return sum(await self._ops.execute_in_transaction([(prune_statement(), one)]))
         pruned = 0
         after: tuple[str, str] = ("", "")
         while True:
@@ -273,9 +263,9 @@ class Privacy(Contract[StateT]):
                 work = [
                     (
                         prune_statement(),
-                        self._prune_params(tenant, uid, version, policy.keep_last, cutoff),
+                        self._prune_params(tenant, uid, policy.keep_last, cutoff),
                     )
-                    for tenant, uid, version in users
+                    for tenant, uid, _version in users
                 ]
                 pruned += sum(await self._ops.execute_in_transaction(work))
             if progress is not None:
@@ -283,13 +273,13 @@ class Privacy(Contract[StateT]):
             after = (users[-1][0], users[-1][1])
 
     def _prune_params(
-        self, tenant: str, user_id: str, newest: int, keep_last: int | None, cutoff: Any
+        self, tenant: str, user_id: str, keep_last: int | None, cutoff: Any
     ) -> dict[str, Any]:
+        # The statement reads the user's newest version itself (see prune_statement).
         return {
             "tenant": tenant,
             "namespace": self._scope.namespace,
             "user_id": user_id,
-            "newest": newest,
             "keep_last": keep_last,
             "cutoff": cutoff,
         }

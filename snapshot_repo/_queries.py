@@ -41,6 +41,7 @@ __all__ = [
     "outdated_rows_statement",
     "receipts_statement",
     "rewrite_payload_statement",
+    "scope_users_statement",
     "users_page_statement",
     "version_row_statement",
     "versions_statement",
@@ -276,4 +277,15 @@ def users_page_statement(one_tenant: bool) -> Select[Any]:
         )
         .order_by(latest_table.c.tenant, latest_table.c.user_id)
         .limit(bindparam("limit"))
+    )
+
+
+@cache
+def scope_users_statement() -> Select[Any]:
+    """A page of the scope's users, expired ones included (for purging)."""
+    return (
+        select(latest_table.c.user_id)
+        .where(_scope(latest_table))
+        .order_by(latest_table.c.user_id)
+        .limit(500)
     )

@@ -21,7 +21,6 @@ import contextlib
 import inspect
 import json
 import logging
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, JsonValue
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
+from ._dialects import NOTIFY_CHANNEL
 from .errors import SnapshotValidationError, redact
 
 __all__ = [
@@ -47,8 +47,7 @@ __all__ = [
     "hub_for",
 ]
 
-NOTIFY_CHANNEL = "snapshot_repo_changes"
-"""The Postgres channel notifying writes send to (see `_dialects.notify`)."""
+_CLOSE_SECONDS = 3.0
 
 logger = logging.getLogger("snapshot_repo")
 
@@ -161,6 +160,7 @@ class ChangeHub:
         self._engine = engine
         self._subscriptions: list[Subscription] = []
         self._listener: asyncio.Task[None] | None = None
+        self._ready: asyncio.Future[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -174,11 +174,14 @@ class ChangeHub:
         """Deliver the scope's changes to `callback` from now on (LISTEN is active on return)."""
         subscription = Subscription(self, tenant, namespace, callback)
         self._subscriptions.append(subscription)
-        if self.listens_to_database and self._listener is None:
-            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._listener = asyncio.create_task(self._listen(ready))
+        if self.listens_to_database:
+            if self._listener is None:
+                self._ready = asyncio.get_running_loop().create_future()
+                self._listener = asyncio.create_task(self._listen(self._ready))
             try:
-                await ready
+                # A later subscriber waits for the same LISTEN as the first one.
+                assert self._ready is not None
+                await asyncio.shield(self._ready)
             except BaseException:
                 self.unsubscribe(subscription)
                 raise
@@ -207,12 +210,13 @@ class ChangeHub:
                 task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Stop listening and drop every listener."""
+        """Stop listening and drop every listener, within a few seconds whatever the server does."""
         self._subscriptions.clear()
         if self._listener is not None:
             self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                async with asyncio.timeout(_CLOSE_SECONDS):
+                    await self._listener
             self._listener = None
 
     @staticmethod
@@ -247,8 +251,10 @@ class ChangeHub:
                 await lost
                 logger.warning("snapshot_repo lost its LISTEN connection; listening again")
             except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await connection.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+                # Drop the LISTEN connection rather than UNLISTEN politely: the
+                # server may be frozen, and a closed session listens no more.
+                connection.terminate()
+                _mark_lost(lost, connection)
                 raise
             except Exception as exc:
                 if not ready.done():
@@ -272,15 +278,19 @@ def _mark_lost(lost: asyncio.Future[None], _connection: object) -> None:
         lost.set_result(None)
 
 
-_hubs: weakref.WeakKeyDictionary[Any, ChangeHub] = weakref.WeakKeyDictionary()
+_HUB_ATTRIBUTE = "_snapshot_repo_change_hub"
 
 
-def hub_for(engine: AsyncEngine) -> ChangeHub:
-    """The one hub of `engine`'s database, shared by every repository and view on it."""
-    key = engine.sync_engine
-    hub = _hubs.get(key)
-    if hub is None:
-        hub = _hubs[key] = ChangeHub(engine)
+def hub_for(engine: AsyncEngine, *, create: bool = True) -> ChangeHub | None:
+    """The one hub of `engine`'s database, shared by every repository and view on it.
+
+    Stored on the engine itself, so it lives and dies with it. With
+    `create=False`, None when no hub was made yet.
+    """
+    hub: ChangeHub | None = getattr(engine.sync_engine, _HUB_ATTRIBUTE, None)
+    if hub is None and create:
+        hub = ChangeHub(engine)
+        setattr(engine.sync_engine, _HUB_ATTRIBUTE, hub)
     return hub
 
 

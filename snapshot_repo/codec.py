@@ -81,6 +81,7 @@ class StateCodec(Generic[StateT]):
         self.max_payload_bytes = max_payload_bytes
         self.upgrades = upgrades or PayloadUpgrades(1)
         self._adapter = _adapter(cast(Any, self.state_type))
+        self._field_names = _field_names(self.state_type)
 
     def validate(self, state: object, user_id: str) -> StateT:
         """Return `state` validated against the model (model instances pass as they are).
@@ -96,7 +97,9 @@ class StateCodec(Generic[StateT]):
             raise SnapshotValidationError(
                 f"state for user {redact(user_id)} does not validate against "
                 f"{_type_name(self.state_type)}: {exc.error_count()} error(s): "
-                + "; ".join(f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors())
+                + "; ".join(
+                    f"{_loc(e['loc'], self._field_names)}: {e['type']}" for e in exc.errors()
+                )
             ) from None
 
     def encode(self, state: StateT, user_id: str) -> bytes:
@@ -152,14 +155,31 @@ class StateCodec(Generic[StateT]):
             ) from None
 
 
+def _field_names(state_type: Any) -> frozenset[str]:
+    """Every field name of a model and of the models nested in it (not dict keys)."""
+    names: set[str] = set()
+    pending = [state_type]
+    while pending:
+        model = pending.pop()
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for name, field in model.model_fields.items():
+                if name not in names:
+                    names.add(name)
+                    pending.extend(getattr(field.annotation, "__args__", ()) or [field.annotation])
+    return frozenset(names)
+
+
 def _type_name(state_type: Any) -> str:
     if isinstance(state_type, type) and issubclass(state_type, BaseModel):
         return state_type.__name__
     return str(state_type)
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "<root>"
+def _loc(loc: tuple[int | str, ...], field_names: frozenset[str]) -> str:
+    # Only the model's own field names are shown: dict keys and list positions come
+    # from the state itself and may be personal data (an e-mail used as a key).
+    shown = [part if isinstance(part, str) and part in field_names else "*" for part in loc]
+    return ".".join(shown) or "<root>"
 
 
 def _first_line(text: str) -> str:

@@ -8,25 +8,33 @@ all and erases each as `delete` does.
 
 from __future__ import annotations
 
+from typing import Unpack, cast
+
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._checks import valid_scope_name, valid_user_id
 from ._queries import namespaces_of_user_statement
 from .codec import JsonObject
-from .repository import SnapshotRepository
+from .repository import RepositoryOptions, SnapshotRepository
 
 __all__ = ["erase_user"]
 
 
 async def erase_user(
-    engine_or_url: AsyncEngine | str | URL, user_id: str, *, tenant: str | None = None
+    engine_or_url: AsyncEngine | str | URL,
+    user_id: str,
+    *,
+    tenant: str | None = None,
+    **options: Unpack[RepositoryOptions],
 ) -> int:
     """Erase `user_id` in every namespace (of every tenant, or only of `tenant`).
 
-    Each (tenant, namespace) is erased in its own transaction, exactly as
-    `SnapshotRepository.delete` does (change feed, listeners). Call it again
-    after a failure: it is idempotent.
+    Each (tenant, namespace) is erased in its own transaction, as
+    `SnapshotRepository.erase` does (change feed, listeners), and the user's
+    data keys are always destroyed. Pass the repositories' `erasure_key` (for
+    receipts) and other options as keyword arguments. Call it again after a
+    failure: it is idempotent.
 
     Returns:
         How many versions were erased in total (0 if the user had none).
@@ -40,10 +48,13 @@ async def erase_user(
     if tenant is not None:
         valid_scope_name("tenant", tenant)
     finder: SnapshotRepository[JsonObject]
+    scoped_options: RepositoryOptions = cast(
+        RepositoryOptions, {k: v for k, v in options.items() if k != "namespace"}
+    )
     if isinstance(engine_or_url, AsyncEngine):
-        finder = SnapshotRepository(engine_or_url)  # the caller's engine stays open
+        finder = SnapshotRepository(engine_or_url, **scoped_options)  # caller's engine stays open
     else:
-        finder = SnapshotRepository.from_url(engine_or_url)
+        finder = SnapshotRepository.from_url(engine_or_url, **scoped_options)
     async with finder:
         async with finder._guard("erase_user", user_id):
             scopes = await finder._read(
@@ -53,9 +64,10 @@ async def erase_user(
         for row_tenant, namespace in scopes:
             if tenant is not None and row_tenant != tenant:
                 continue
+            per_namespace = cast(RepositoryOptions, {**scoped_options, "namespace": namespace})
             repository: SnapshotRepository[JsonObject] = SnapshotRepository(
-                finder.engine, namespace=namespace
+                finder.engine, **per_namespace
             )
             scoped = repository.for_tenant(row_tenant) if row_tenant else repository
-            erased += await scoped.delete(user_id)
+            erased += await scoped._erase(user_id, "erase", drop_data_key=True)
         return erased
