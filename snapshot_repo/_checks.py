@@ -18,6 +18,7 @@ from .snapshot import (
 
 __all__ = [
     "MAX_BATCH_SIZE",
+    "MAX_VERSION",
     "check_batch_size",
     "check_int",
     "positive_seconds",
@@ -31,6 +32,9 @@ __all__ = [
 
 MAX_BATCH_SIZE = 10_000
 """The most snapshots or user ids one batch call takes."""
+
+MAX_VERSION = 2**63 - 1
+"""The largest version the BIGINT `version` columns hold."""
 
 
 def valid_identifier(name: str, value: object, max_length: int) -> str:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from ._checks import (
+    MAX_VERSION,
     check_batch_size,
     check_int,
     valid_actor,
@@ -35,8 +36,6 @@ __all__ = ["MAX_HISTORY_LIMIT", "Contract"]
 
 MAX_HISTORY_LIMIT = 10_000
 """The most versions one `get_history` call returns; page or export for more."""
-
-_MAX_VERSION = 2**63 - 1  # the BIGINT version column
 
 
 class Contract(ChangeFeed[StateT]):
@@ -93,7 +92,7 @@ class Contract(ChangeFeed[StateT]):
             )
         user_id = valid_user_id(snapshot.user_id)
         if expected_version is not None:
-            check_int("expected_version", expected_version, minimum=0, maximum=_MAX_VERSION)
+            check_int("expected_version", expected_version, minimum=0, maximum=MAX_VERSION)
         if idempotency_key is not None:
             valid_identifier("idempotency_key", idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
         state = self._codec.validate(snapshot.state, user_id)
@@ -274,7 +273,7 @@ class Contract(ChangeFeed[StateT]):
             if before_version is None:
                 rows = await self._read(self._ops.history, self._scope, user_id, limit)
             else:
-                check_int("before_version", before_version, minimum=1, maximum=_MAX_VERSION)
+                check_int("before_version", before_version, minimum=1, maximum=MAX_VERSION)
                 params = {
                     **self._scope.key(user_id),
                     "before_version": before_version,

@@ -77,6 +77,8 @@ __all__ = [
     "forget_key_statement",
     "history_statement",
     "idempotent_write_statement",
+    "in_scope",
+    "is_key",
     "latest_many_statement",
     "latest_statement",
     "notify",
@@ -118,12 +120,12 @@ WRITE_COLUMNS = tuple(name for name in STORED_COLUMNS if name != "version")
 _KEY_COLUMNS = ("tenant", "namespace", "user_id")
 
 
-def _is_key(table: Table, prefix: str = "") -> ColumnElement[bool]:
+def is_key(table: Table, prefix: str = "") -> ColumnElement[bool]:
     """`tenant`, `namespace` and `user_id` equal to the bound values: the user's key in a scope."""
     return and_(*(table.c[name] == bindparam(prefix + name) for name in _KEY_COLUMNS))
 
 
-def _in_scope(table: Table) -> ColumnElement[bool]:
+def in_scope(table: Table) -> ColumnElement[bool]:
     return and_(*(table.c[name] == bindparam(name) for name in SCOPE_COLUMNS))
 
 
@@ -143,7 +145,7 @@ def _latest_write(dialect: DialectName, mode: WriteMode) -> Insert | Update:
     if mode == "replace":
         return (
             update(latest_table)
-            .where(_is_key(latest_table, "w_"))
+            .where(is_key(latest_table, "w_"))
             .where(latest_table.c.version == bindparam("expected_version"))
             .values(version=latest_table.c.version + 1, **changed)
             .returning(*returning)
@@ -278,8 +280,8 @@ def prune_statement() -> Delete:
     The newest version is read in the same statement, so a user erased and
     written again meanwhile cannot lose the versions written since.
     """
-    newest = select(latest_table.c.version).where(_is_key(latest_table)).scalar_subquery()
-    return delete(history_table).where(_is_key(history_table), prune_condition(newest))
+    newest = select(latest_table.c.version).where(is_key(latest_table)).scalar_subquery()
+    return delete(history_table).where(is_key(history_table), prune_condition(newest))
 
 
 @cache
@@ -304,7 +306,7 @@ def erasure_feed_statements(dialect: DialectName) -> tuple[Delete, Insert]:
     user's writes either, only one `erase` entry, so consumers learn to drop
     what they cached.
     """
-    forget = delete(changes_table).where(_is_key(changes_table))
+    forget = delete(changes_table).where(is_key(changes_table))
     record = _feed_entry("erase")
     if dialect == "postgresql":
         record = record.values(txid=_postgres_txid())
@@ -319,14 +321,14 @@ def alive(table: Table = latest_table) -> ColumnElement[bool]:
 @cache
 def latest_statement() -> Select[Any]:
     """The user's latest row, unless expired: a primary-key lookup."""
-    return select(*_row(latest_table)).where(_is_key(latest_table), alive())
+    return select(*_row(latest_table)).where(is_key(latest_table), alive())
 
 
 @cache
 def idempotent_write_statement() -> Select[Any]:
     """The history row a user's write with a given idempotency key produced, if any."""
     return select(*_row(history_table)).where(
-        _is_key(history_table),
+        is_key(history_table),
         history_table.c.idempotency_key == bindparam("idempotency_key"),
     )
 
@@ -334,7 +336,7 @@ def idempotent_write_statement() -> Select[Any]:
 @cache
 def version_statement() -> Select[Any]:
     """The user's current version alone (used to explain a lost compare-and-set)."""
-    return select(latest_table.c.version).where(_is_key(latest_table))
+    return select(latest_table.c.version).where(is_key(latest_table))
 
 
 @cache
@@ -342,7 +344,7 @@ def history_statement() -> Select[Any]:
     """The newest `limit` versions: a backward scan of the history primary key."""
     return (
         select(*_row(history_table))
-        .where(_is_key(history_table))
+        .where(is_key(history_table))
         .order_by(history_table.c.version.desc())
         .limit(bindparam("limit"))
     )
@@ -363,12 +365,12 @@ def delete_statements(only_expired: bool = False) -> tuple[ReturningDelete[Any],
 
     With `only_expired`, the latest row is deleted only if it expired by `now`.
     """
-    which = delete(latest_table).where(_is_key(latest_table))
+    which = delete(latest_table).where(is_key(latest_table))
     if only_expired:  # reaping: skip a user whose expiry a write cleared meanwhile
         which = which.where(latest_table.c.expires_at <= bindparam("now"))
     latest = which.returning(latest_table.c.version)
     history = delete(history_table).where(
-        _is_key(history_table), history_table.c.version <= bindparam("version")
+        is_key(history_table), history_table.c.version <= bindparam("version")
     )
     return latest, history
 
@@ -486,7 +488,7 @@ def latest_many_statement(dialect: DialectName) -> Select[Any]:
     else:
         ids = func.json_each(bindparam("user_ids_json", type_=String)).table_valued("value")
         wanted = latest_table.c.user_id.in_(select(ids.c.value))
-    return select(*_row(latest_table)).where(_in_scope(latest_table), wanted, alive())
+    return select(*_row(latest_table)).where(in_scope(latest_table), wanted, alive())
 
 
 @cache
@@ -517,7 +519,7 @@ def postgres_erasure_notify_statement() -> Select[Any]:
 @cache
 def forget_key_statement() -> Delete:
     """Destroy a user's data key (crypto-shredding; part of the erasure transaction)."""
-    return delete(data_keys_table).where(_is_key(data_keys_table))
+    return delete(data_keys_table).where(is_key(data_keys_table))
 
 
 @cache

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import Insert, Select, Update, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ._dialects import is_key
 from ._driver import Operations, Row, Scope
 from .crypto import KeyProvider, new_data_key, open_payload, seal_payload
 from .errors import redact
@@ -27,16 +28,12 @@ __all__ = ["DataKeys"]
 _CACHE_SIZE = 10_000
 _ROTATE_PAGE = 500
 
-_KEY = (
-    (data_keys_table.c.tenant == bindparam("tenant"))
-    & (data_keys_table.c.namespace == bindparam("namespace"))
-    & (data_keys_table.c.user_id == bindparam("user_id"))
-)
-
 
 @cache
 def _find_statement() -> Select[Any]:
-    return select(data_keys_table.c.key_id, data_keys_table.c.wrapped_key).where(_KEY)
+    return select(data_keys_table.c.key_id, data_keys_table.c.wrapped_key).where(
+        is_key(data_keys_table)
+    )
 
 
 @cache
@@ -62,7 +59,7 @@ def _page_statement() -> Select[Any]:
 def _rewrap_statement() -> Update:
     return (
         update(data_keys_table)
-        .where(_KEY, data_keys_table.c.key_id == bindparam("old_key_id"))
+        .where(is_key(data_keys_table), data_keys_table.c.key_id == bindparam("old_key_id"))
         .values(key_id=bindparam("new_key_id"), wrapped_key=bindparam("new_wrapped"))
     )
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic_core import from_json
 
-from ._checks import check_int, valid_user_id
+from ._checks import MAX_VERSION, check_int, valid_user_id
 from ._core import RepositoryCore
 from ._queries import (
     as_of_statement,
@@ -27,7 +27,6 @@ from .snapshot import Snapshot, StateT
 __all__ = ["MAX_LIST_LIMIT", "HistoryReads"]
 
 MAX_LIST_LIMIT = 10_000
-_MAX_VERSION = 2**63 - 1
 
 
 class HistoryReads(RepositoryCore[StateT]):
@@ -41,7 +40,7 @@ class HistoryReads(RepositoryCore[StateT]):
             StorageError: the database failed.
         """
         user_id = valid_user_id(user_id)
-        check_int("version", version, minimum=1, maximum=_MAX_VERSION)
+        check_int("version", version, minimum=1, maximum=MAX_VERSION)
         params = {**self._scope.key(user_id), "version": version}
         async with self._guard("get_version", user_id):
             rows = await self._read(self._ops.fetch, version_row_statement(), params)
@@ -77,8 +76,8 @@ class HistoryReads(RepositoryCore[StateT]):
             StorageError: the database failed.
         """
         user_id = valid_user_id(user_id)
-        check_int("from_version", from_version, minimum=1, maximum=_MAX_VERSION)
-        check_int("to_version", to_version, minimum=1, maximum=_MAX_VERSION)
+        check_int("from_version", from_version, minimum=1, maximum=MAX_VERSION)
+        check_int("to_version", to_version, minimum=1, maximum=MAX_VERSION)
         params = {**self._scope.key(user_id), "first": from_version, "second": to_version}
         async with self._guard("diff", user_id):
             rows = await self._read(self._ops.fetch, versions_statement(), params)

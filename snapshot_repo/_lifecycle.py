@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import JsonValue
 from pydantic_core import from_json
 
-from ._checks import check_int, valid_user_id
+from ._checks import MAX_VERSION, check_int, valid_user_id
 from ._history_reads import HistoryReads
 from ._privacy import Privacy
 from ._queries import (
@@ -32,8 +32,6 @@ __all__ = ["MERGE_ATTEMPTS", "Lifecycle"]
 
 MERGE_ATTEMPTS = 100
 """How often `merge` re-reads and retries when other writers keep winning the race."""
-
-_MAX_VERSION = 2**63 - 1
 
 
 class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
@@ -58,7 +56,7 @@ class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
             StorageError: the database failed.
         """
         user_id = valid_user_id(user_id)
-        check_int("version", version, minimum=1, maximum=_MAX_VERSION)
+        check_int("version", version, minimum=1, maximum=MAX_VERSION)
         params = {**self._scope.key(user_id), "version": version}
         async with self._guard("restore", user_id):
             rows = await self._read(self._ops.fetch, version_row_statement(), params)

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, JsonValue
 from pydantic_core import from_json, to_json
 
-from ._checks import check_int, valid_user_id
+from ._checks import MAX_VERSION, check_int, valid_user_id
 from ._contract import Contract
 from ._dialects import prune_statement
 from ._queries import (
@@ -31,7 +31,6 @@ from .snapshot import StateT
 __all__ = ["ErasureReceipt", "Privacy"]
 
 _EXPORT_PAGE = 500
-_MAX_VERSION = 2**63 - 1
 
 
 class ErasureReceipt(BaseModel):
@@ -139,7 +138,7 @@ class Privacy(Contract[StateT]):
             "namespace": self._scope.namespace,
             "exported_at": datetime.now(UTC).isoformat(),
         }
-        before = _MAX_VERSION
+        before = MAX_VERSION
         while True:
             params = {**self._scope.key(user_id), "before_version": before, "limit": _EXPORT_PAGE}
             async with self._guard("export_user", user_id):

@@ -25,7 +25,7 @@ from sqlalchemy import (
     update,
 )
 
-from ._dialects import ROW_COLUMNS, DialectName, alive
+from ._dialects import ROW_COLUMNS, DialectName, alive, in_scope, is_key
 from .tables import changes_table, erasure_receipts_table, history_table, latest_table
 
 __all__ = [
@@ -61,18 +61,6 @@ CHANGE_FEED_COLUMNS = (
 """What `changes_since_statement` returns, in this order."""
 
 
-def _key(table: Any) -> Any:
-    return (
-        (table.c.tenant == bindparam("tenant"))
-        & (table.c.namespace == bindparam("namespace"))
-        & (table.c.user_id == bindparam("user_id"))
-    )
-
-
-def _scope(table: Any) -> Any:
-    return (table.c.tenant == bindparam("tenant")) & (table.c.namespace == bindparam("namespace"))
-
-
 def _history_row() -> list[Any]:
     return [history_table.c[name] for name in ROW_COLUMNS]
 
@@ -81,7 +69,7 @@ def _history_row() -> list[Any]:
 def version_row_statement() -> Select[Any]:
     """One exact version of a user: a primary-key lookup."""
     return select(*_history_row()).where(
-        _key(history_table), history_table.c.version == bindparam("version")
+        is_key(history_table), history_table.c.version == bindparam("version")
     )
 
 
@@ -89,7 +77,7 @@ def version_row_statement() -> Select[Any]:
 def versions_statement() -> Select[Any]:
     """Two exact versions of a user (for a diff), in one primary-key probe each."""
     return select(*_history_row()).where(
-        _key(history_table),
+        is_key(history_table),
         history_table.c.version.in_([bindparam("first"), bindparam("second")]),
     )
 
@@ -102,7 +90,7 @@ def as_of_statement() -> Select[Any]:
     """
     return (
         select(*_history_row())
-        .where(_key(history_table), history_table.c.created_at <= bindparam("at"))
+        .where(is_key(history_table), history_table.c.created_at <= bindparam("at"))
         .order_by(history_table.c.created_at.desc(), history_table.c.version.desc())
         .limit(1)
     )
@@ -113,7 +101,7 @@ def history_before_statement() -> Select[Any]:
     """Keyset paging: the newest `limit` versions below `before_version`."""
     return (
         select(*_history_row())
-        .where(_key(history_table), history_table.c.version < bindparam("before_version"))
+        .where(is_key(history_table), history_table.c.version < bindparam("before_version"))
         .order_by(history_table.c.version.desc())
         .limit(bindparam("limit"))
     )
@@ -122,7 +110,7 @@ def history_before_statement() -> Select[Any]:
 @cache
 def exists_statement() -> Select[Any]:
     """Whether the user has a snapshot in the scope."""
-    return select(exists().where(_key(latest_table), alive()))
+    return select(exists().where(is_key(latest_table), alive()))
 
 
 @cache
@@ -130,7 +118,7 @@ def list_users_statement() -> Select[Any]:
     """Users of the scope in id order after `after` (keyset paging on the primary key)."""
     return (
         select(latest_table.c.user_id)
-        .where(_scope(latest_table), latest_table.c.user_id > bindparam("after"), alive())
+        .where(in_scope(latest_table), latest_table.c.user_id > bindparam("after"), alive())
         .order_by(latest_table.c.user_id)
         .limit(bindparam("limit"))
     )
@@ -139,7 +127,7 @@ def list_users_statement() -> Select[Any]:
 @cache
 def count_users_statement() -> Select[Any]:
     """How many users have a snapshot in the scope."""
-    return select(func.count()).select_from(latest_table).where(_scope(latest_table), alive())
+    return select(func.count()).select_from(latest_table).where(in_scope(latest_table), alive())
 
 
 @cache
@@ -153,7 +141,7 @@ def changes_since_statement(dialect: DialectName) -> Select[Any]:
     writers, so `seq` is already commit order.
     """
     columns = [changes_table.c[name] for name in CHANGE_FEED_COLUMNS]
-    statement = select(*columns).where(_scope(changes_table))
+    statement = select(*columns).where(in_scope(changes_table))
     if dialect == "postgresql":
         horizon = cast(cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
         return (
@@ -285,7 +273,7 @@ def scope_users_statement() -> Select[Any]:
     """A page of the scope's users, expired ones included (for purging)."""
     return (
         select(latest_table.c.user_id)
-        .where(_scope(latest_table))
+        .where(in_scope(latest_table))
         .order_by(latest_table.c.user_id)
         .limit(500)
     )

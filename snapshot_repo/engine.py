@@ -21,7 +21,6 @@ from .errors import ConfigurationError
 
 __all__ = [
     "DEFAULT_URL",
-    "READ_ONLY",
     "WRITE_TRANSACTION",
     "EngineSettings",
     "create_engine",
@@ -33,13 +32,6 @@ DEFAULT_URL = "sqlite+aiosqlite:///snapshots.db"
 
 WRITE_TRANSACTION = "snapshot_repo_write"
 """Execution option marking a connection whose next transaction writes (SQLite: BEGIN IMMEDIATE)."""
-
-READ_ONLY = "snapshot_repo_read"
-"""Execution option marking a SQLite connection that only runs single-statement reads.
-
-No BEGIN is sent: each SELECT is its own implicit transaction, which saves
-two thread hops per read and never blocks writers (WAL).
-"""
 
 SqliteSynchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
@@ -141,6 +133,24 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
     return engine
 
 
+def _use_wal(cursor: Any) -> None:
+    """Switch the database file to WAL journaling (a setting kept in the file).
+
+    Switching needs the file to itself, and SQLite does not wait on its busy
+    handler for that: when several processes open a new file at once, all but
+    one get "database is locked". The switch is then left to the one that got
+    it (every later connection sees WAL), rather than failing the connection.
+    """
+    cursor.execute("PRAGMA journal_mode")
+    if str(cursor.fetchone()[0]).lower() == "wal":
+        return
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+    except Exception as exc:  # the driver's OperationalError, wrapped by SQLAlchemy's adapter
+        if "locked" not in str(exc):
+            raise
+
+
 def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> None:
     """Set the pragmas and transaction handling on every connection of a SQLite engine.
 
@@ -163,7 +173,7 @@ def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> No
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cursor)
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute(f"PRAGMA secure_delete = {secure_delete}")
         finally:
@@ -171,8 +181,7 @@ def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> No
 
     @event.listens_for(sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        options = connection.get_execution_options()
-        if options.get(WRITE_TRANSACTION):
+        if connection.get_execution_options().get(WRITE_TRANSACTION):
             connection.exec_driver_sql("BEGIN IMMEDIATE")
-        elif not options.get(READ_ONLY):
+        else:
             connection.exec_driver_sql("BEGIN")
