@@ -61,6 +61,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import migrate
 from ._checks import MAX_BATCH_SIZE, check_int, valid_actor, valid_identifier, valid_reason
+from ._dialects import STORED_COLUMNS
 from ._translate import storage_errors
 from .codec import HARD_MAX_PAYLOAD_BYTES, encode_metadata
 from .crypto import SEALED_PREFIX
@@ -83,19 +84,7 @@ DEFAULT_BATCH_SIZE: Final = 1000
 Progress = Callable[[int], object]
 """Called with the number of history rows dumped or loaded so far, once per batch."""
 
-_COLUMNS: Final = (
-    "tenant",
-    "namespace",
-    "user_id",
-    "version",
-    "schema_version",
-    "payload",
-    "created_at",
-    "idempotency_key",
-    "actor",
-    "reason",
-    "metadata",
-)
+_COLUMNS: Final = STORED_COLUMNS  # every column of a history row, in table order
 _KEY: Final = ("tenant", "namespace", "user_id", "version")
 _ROW_FIELDS: Final = frozenset(
     {*(name for name in _COLUMNS if name != "payload"), "state", "expires_at"}

@@ -211,20 +211,25 @@ def test_timeouts_must_be_positive():
             sr.SnapshotRepository.from_url("sqlite:///x.db", health_timeout=bad)
 
 
+async def kill_the_next_connection(repo: sr.SnapshotRepository[Cart], url: str) -> None:
+    """Terminate, on the server, the pooled connection the repository's next call borrows."""
+    # Hand the repository's kept connection back, so that the pool's only
+    # connection, the one killed below, is the one its next call borrows.
+    await repo._ops.release()
+    async with repo.engine.connect() as conn:
+        pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+    admin = await asyncpg.connect(_plain_dsn(url))
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+    finally:
+        await admin.close()
+
+
 async def test_read_retries_once_on_a_connection_killed_under_the_pool(postgres_url: str):
     """Postgres by nature: a server process killed under a pooled connection."""
     async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
         await repo.upsert_latest(snap("u1", "a"))
-        # Hand the repository's kept connection back, so that the pool's only
-        # connection, the one killed below, is the one its next call borrows.
-        await repo._ops.release()
-        async with repo.engine.connect() as conn:
-            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
-        admin = await asyncpg.connect(_plain_dsn(postgres_url))
-        try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
-        finally:
-            await admin.close()
+        await kill_the_next_connection(repo, postgres_url)
         for _ in range(20):  # the dead connection is replaced, never handed out again
             latest = await repo.get_latest("u1")
             assert latest is not None
@@ -270,16 +275,7 @@ async def test_a_write_on_a_killed_connection_is_connection_lost_then_recovers(
     """Postgres by nature. Writes are not repeated on their own: the caller decides."""
     async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
         await repo.upsert_latest(snap("u1", "a"))
-        # Hand the repository's kept connection back, so that the pool's only
-        # connection, the one killed below, is the one its next call borrows.
-        await repo._ops.release()
-        async with repo.engine.connect() as conn:
-            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
-        admin = await asyncpg.connect(_plain_dsn(postgres_url))
-        try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
-        finally:
-            await admin.close()
+        await kill_the_next_connection(repo, postgres_url)
         with pytest.raises(sr.ConnectionLostError, match="idempotency key") as caught:
             await repo.upsert_latest(snap("u1", "b"), idempotency_key="retry-me")
         assert isinstance(caught.value, sr.StorageError)
