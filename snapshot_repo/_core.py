@@ -31,7 +31,7 @@ from .engine import EngineSettings, install_sqlite_settings
 from .errors import ConfigurationError
 from .health import HealthReport, probe
 from .retention import RetentionPolicy
-from .snapshot import Snapshot, StateT
+from .snapshot import Snapshot, StateT, stored_snapshot
 from .upgrades import PayloadUpgrades, Upgrader
 
 __all__ = ["DEFAULT_NAMESPACE", "RepositoryCore", "RepositoryOptions"]
@@ -263,16 +263,19 @@ class RepositoryCore(AsyncClosing, Generic[StateT]):
 
     def _to_snapshot(self, row: Row) -> Snapshot[StateT]:
         (user_id, version, schema_version, payload, created_at, key, actor, reason, meta) = row
-        return self._snapshot_type.model_construct(
-            user_id=user_id,
-            state=self._codec.decode(payload, user_id, version, schema_version),
-            version=version,
-            created_at=created_at,
-            schema_version=schema_version,
-            idempotency_key=key,
-            actor=actor,
-            reason=reason,
-            metadata=decode_metadata(meta),
+        return stored_snapshot(
+            self._snapshot_type,
+            {
+                "user_id": user_id,
+                "state": self._codec.decode(payload, user_id, version, schema_version),
+                "version": version,
+                "created_at": created_at,
+                "schema_version": schema_version,
+                "idempotency_key": key,
+                "actor": actor,
+                "reason": reason,
+                "metadata": decode_metadata(meta),
+            },
         )
 
     async def _seal(self, user_id: str, payload: bytes) -> bytes:
@@ -302,16 +305,19 @@ class RepositoryCore(AsyncClosing, Generic[StateT]):
 
     def _stored(self, write: PendingWrite, state: StateT, version: int) -> Snapshot[StateT]:
         """The snapshot a write stored, built from what was sent (no read back)."""
-        return self._snapshot_type.model_construct(
-            user_id=write.user_id,
-            state=state,
-            version=version,
-            created_at=write.created_at,
-            schema_version=write.schema_version,
-            idempotency_key=write.idempotency_key,
-            actor=write.actor,
-            reason=write.reason,
-            metadata=decode_metadata(write.metadata),
+        return stored_snapshot(
+            self._snapshot_type,
+            {
+                "user_id": write.user_id,
+                "state": state,
+                "version": version,
+                "created_at": write.created_at,
+                "schema_version": write.schema_version,
+                "idempotency_key": write.idempotency_key,
+                "actor": write.actor,
+                "reason": write.reason,
+                "metadata": decode_metadata(write.metadata),
+            },
         )
 
 

@@ -268,11 +268,15 @@ def row_decoder(
         column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
     ]
 
+    converting = [(index, process) for index, process in enumerate(processors) if process]
+
     def decode(raw: Sequence[Any]) -> Row:
-        return tuple(
-            value if process is None or value is None else process(value)
-            for process, value in zip(processors, raw, strict=True)
-        )
+        # Only the few columns with a processor are touched (per row, on the hot path).
+        values = list(raw)
+        for index, process in converting:
+            if values[index] is not None:
+                values[index] = process(values[index])
+        return tuple(values)
 
     return decode
 

@@ -247,3 +247,34 @@ def test_snapshot_repr_redacts_user_and_state():
     assert "alic..." in shown
     assert "alice@example.com" not in shown
     assert "s3cr3t" not in shown
+
+
+def test_stored_snapshots_behave_like_constructed_ones():
+    """The repository's fast constructor gives the same object as pydantic's model_construct."""
+    from datetime import UTC, datetime
+
+    from pydantic import ValidationError
+
+    from snapshot_repo.snapshot import stored_snapshot
+
+    values = {
+        "user_id": "u1",
+        "state": Cart(items=["a"]),
+        "version": 3,
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "schema_version": 1,
+        "idempotency_key": "k",
+        "actor": "svc",
+        "reason": None,
+        "metadata": {"n": 1},
+    }
+    fast = stored_snapshot(sr.Snapshot[Cart], dict(values))
+    slow = sr.Snapshot[Cart].model_construct(**values)
+    assert fast == slow
+    assert fast.model_dump() == slow.model_dump()
+    assert fast.model_dump_json() == slow.model_dump_json()
+    assert fast.model_fields_set == slow.model_fields_set
+    assert repr(fast) == repr(slow)
+    assert hash(fast.model_copy(update={"version": 4}).version) == 4
+    with pytest.raises(ValidationError):
+        fast.version = 9  # frozen like any Snapshot
