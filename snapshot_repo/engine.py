@@ -61,7 +61,11 @@ class EngineSettings:
         sqlite_secure_delete: overwrite deleted content with zeros (default
             on), so an erased state leaves no bytes behind in the database file.
         pool_size: connections kept open per engine.
-        max_overflow: extra connections opened under load.
+        max_overflow: extra connections opened under load beyond `pool_size`
+            (default 0). SQLAlchemy closes an overflow connection as soon as it
+            is returned, so bursts would pay for new connections again and again;
+            with 0 a burst waits for a pooled connection instead (up to
+            `pool_timeout`), as asyncpg's own pool does.
         pool_timeout: seconds to wait for a free pooled connection.
     """
 
@@ -71,7 +75,7 @@ class EngineSettings:
     sqlite_synchronous: SqliteSynchronous = "FULL"
     sqlite_secure_delete: bool = True
     pool_size: int = 10
-    max_overflow: int = 5
+    max_overflow: int = 0
     pool_timeout: float = 10.0
 
 
