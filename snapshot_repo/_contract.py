@@ -271,7 +271,8 @@ class Contract(ChangeFeed[StateT]):
         check_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
         async with self._guard("get_history", user_id):
             if before_version is None:
-                rows = await self._read(self._ops.history, self._scope, user_id, limit)
+                history = await self._read(self._ops.history, self._scope, user_id, limit)
+                rows = await self._open(history)
             else:
                 check_int("before_version", before_version, minimum=1, maximum=MAX_VERSION)
                 params = {
@@ -279,9 +280,7 @@ class Contract(ChangeFeed[StateT]):
                     "before_version": before_version,
                     "limit": limit,
                 }
-                raw = await self._read(self._ops.fetch, history_before_statement(), params)
-                rows = [self._ops.decode_snapshot_row(row) for row in raw]
-            rows = await self._open(rows)
+                rows = await self._snapshot_rows(history_before_statement(), params)
         if not skip_invalid:
             return [self._to_snapshot(row) for row in rows]
         snapshots = []

@@ -284,6 +284,11 @@ class RepositoryCore(AsyncClosing, Generic[StateT]):
             return payload
         return await self._keys.seal(self._scope, user_id, payload)
 
+    async def _snapshot_rows(self, statement: Any, params: dict[str, Any]) -> list[Row]:
+        """`ROW_COLUMNS` rows of a read statement: fetched (retried once), decoded, decrypted."""
+        raw = await self._read(self._ops.fetch, statement, params)
+        return await self._open([self._ops.decode_snapshot_row(row) for row in raw])
+
     async def _open(self, rows: Sequence[Row]) -> list[Row]:
         """Rows with their payloads decrypted (unchanged when encryption is off)."""
         if self._keys is None:

@@ -43,8 +43,7 @@ class HistoryReads(RepositoryCore[StateT]):
         check_int("version", version, minimum=1, maximum=MAX_VERSION)
         params = {**self._scope.key(user_id), "version": version}
         async with self._guard("get_version", user_id):
-            rows = await self._read(self._ops.fetch, version_row_statement(), params)
-            opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+            opened = await self._snapshot_rows(version_row_statement(), params)
         return self._to_snapshot(opened[0]) if opened else None
 
     async def get_as_of(self, user_id: str, at: datetime) -> Snapshot[StateT] | None:
@@ -62,8 +61,7 @@ class HistoryReads(RepositoryCore[StateT]):
             raise SnapshotValidationError("at must be a timezone-aware datetime")
         params = {**self._scope.key(user_id), "at": at}
         async with self._guard("get_as_of", user_id):
-            rows = await self._read(self._ops.fetch, as_of_statement(), params)
-            opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+            opened = await self._snapshot_rows(as_of_statement(), params)
         return self._to_snapshot(opened[0]) if opened else None
 
     async def diff(
@@ -80,8 +78,7 @@ class HistoryReads(RepositoryCore[StateT]):
         check_int("to_version", to_version, minimum=1, maximum=MAX_VERSION)
         params = {**self._scope.key(user_id), "first": from_version, "second": to_version}
         async with self._guard("diff", user_id):
-            rows = await self._read(self._ops.fetch, versions_statement(), params)
-            opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+            opened = await self._snapshot_rows(versions_statement(), params)
         states: dict[int, Any] = {row[1]: from_json(row[3]) for row in opened}
         missing = [v for v in (from_version, to_version) if v not in states]
         if missing:

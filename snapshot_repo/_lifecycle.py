@@ -14,14 +14,13 @@ from typing import Any
 from pydantic import JsonValue
 from pydantic_core import from_json
 
-from ._checks import MAX_VERSION, check_int, valid_user_id
+from ._checks import check_int, valid_user_id
 from ._history_reads import HistoryReads
 from ._privacy import Privacy
 from ._queries import (
     outdated_rows_statement,
     rewrite_payload_statement,
     scope_users_statement,
-    version_row_statement,
 )
 from .codec import JsonObject
 from .errors import SnapshotValidationError, VersionConflictError
@@ -55,17 +54,11 @@ class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
                 or its state no longer validates against the model.
             StorageError: the database failed.
         """
-        user_id = valid_user_id(user_id)
-        check_int("version", version, minimum=1, maximum=MAX_VERSION)
-        params = {**self._scope.key(user_id), "version": version}
-        async with self._guard("restore", user_id):
-            rows = await self._read(self._ops.fetch, version_row_statement(), params)
-            opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
-        if not opened:
+        old = await self.get_version(user_id, version)
+        if old is None:
             raise SnapshotValidationError(f"restore: version {version} of this user does not exist")
-        old = self._to_snapshot(opened[0])
         return await self.upsert_latest(
-            Snapshot(user_id=user_id, state=old.state),
+            Snapshot(user_id=old.user_id, state=old.state),
             actor=actor,
             reason=reason or f"restore of version {version}",
             metadata={"restored_from": version},

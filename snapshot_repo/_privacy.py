@@ -142,8 +142,7 @@ class Privacy(Contract[StateT]):
         while True:
             params = {**self._scope.key(user_id), "before_version": before, "limit": _EXPORT_PAGE}
             async with self._guard("export_user", user_id):
-                rows = await self._read(self._ops.fetch, history_before_statement(), params)
-                opened = await self._open([self._ops.decode_snapshot_row(raw) for raw in rows])
+                opened = await self._snapshot_rows(history_before_statement(), params)
             if not opened:
                 return
             for row in opened:

@@ -282,3 +282,19 @@ async def test_a_write_on_a_killed_connection_is_connection_lost_then_recovers(
         retried = await repo.upsert_latest(snap("u1", "b"), idempotency_key="retry-me")
         assert retried.version == 2
         assert (await repo.upsert_latest(snap("u1", "b"), idempotency_key="retry-me")) == retried
+
+
+async def test_an_exhausted_pool_fails_after_its_timeout_naming_the_limit(backend: Backend):
+    settings = sr.EngineSettings(pool_size=1, max_overflow=0, pool_timeout=0.5)
+    async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
+        await repo.upsert_latest(snap("u1", "a"))
+        await repo._ops.release()  # the pool's only connection goes back, then is held below
+        async with repo.engine.connect() as held:
+            await held.exec_driver_sql("SELECT 1")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(sr.StorageError, match=r"limit of size 1 overflow 0"):
+                await repo.get_latest("u1")
+            assert 0.4 < loop.time() - started < 2.0
+        latest = await repo.get_latest("u1")  # the connection is back: calls succeed again
+        assert latest is not None

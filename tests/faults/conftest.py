@@ -21,10 +21,8 @@ import asyncpg
 import pytest
 
 import snapshot_repo as sr
-from snapshot_repo.engine import create_engine
-from snapshot_repo.migrate import upgrade
 
-from ..conftest import IN_CI, run_blocking
+from ..conftest import IN_CI, _migrate, run_blocking
 from ..support.pg_cluster import ClusterUnavailableError, PgCluster
 
 
@@ -34,13 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-async def migrate_url(url: str) -> None:
-    """Upgrade the database at `url` to head with the library's own migrations."""
-    engine = create_engine(url)
-    try:
-        await upgrade(engine)
-    finally:
-        await engine.dispose()
+migrate_url = _migrate  # the shared suite's helper: upgrade `url` to head
 
 
 @pytest.fixture(scope="session")
