@@ -37,6 +37,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 
 from .snapshot import (
@@ -143,6 +144,12 @@ def _snapshot_columns() -> list[Column[Any]]:
     ]
 
 
+def _only_where_set(column: str) -> dict[str, Any]:
+    """Dialect options that make an index partial: only rows where `column` is not NULL."""
+    predicate = text(f"{column} IS NOT NULL")
+    return {"postgresql_where": predicate, "sqlite_where": predicate}
+
+
 latest_table = Table(
     "snapshot_latest",
     metadata,
@@ -151,7 +158,9 @@ latest_table = Table(
     # `reap_expired` erases it. NULL: never. Only the latest row expires.
     Column("expires_at", UTCDateTime, nullable=True),
     PrimaryKeyConstraint("tenant", "namespace", "user_id"),
-    Index("ix_snapshot_latest_expires_at", "expires_at"),
+    # Partial (revision 0008): most rows never expire, and a NULL entry would
+    # cost every write an index insert for nothing.
+    Index("ix_snapshot_latest_expires_at", "expires_at", **_only_where_set("expires_at")),
 )
 
 history_table = Table(
@@ -166,6 +175,7 @@ history_table = Table(
         "user_id",
         "idempotency_key",
         unique=True,
+        **_only_where_set("idempotency_key"),  # partial, as above (revision 0008)
     ),
 )
 

@@ -7,8 +7,14 @@ from datetime import UTC, datetime
 import pytest
 
 import snapshot_repo as sr
-from snapshot_repo._dialects import history_statement, latest_many_statement, latest_statement
+from snapshot_repo._dialects import (
+    history_statement,
+    idempotent_write_statement,
+    latest_many_statement,
+    latest_statement,
+)
 from snapshot_repo._driver import _compile
+from snapshot_repo._queries import expired_users_statement
 
 from .conftest import Backend, Cart
 
@@ -117,3 +123,57 @@ async def test_latest_reads_are_primary_key_lookups(
         assert "Seq Scan on snapshot_latest" not in plan, plan
     else:
         assert "SEARCH snapshot_latest USING INDEX sqlite_autoindex_snapshot_latest_1" in plan, plan
+
+
+async def index_definition(repo: sr.SnapshotRepository[Cart], backend: Backend, name: str) -> str:
+    query = (
+        "SELECT indexdef FROM pg_indexes WHERE indexname = $1"
+        if backend.name == "postgres"
+        else "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?"
+    )
+    async with repo.engine.connect() as conn:
+        driver = (await conn.get_raw_connection()).driver_connection
+        if backend.name == "postgres":
+            return str(await driver.fetchval(query, name))
+        cursor = await driver.execute(query, (name,))
+        return str((await cursor.fetchone())[0])
+
+
+@pytest.mark.parametrize(
+    ("index", "column"),
+    [
+        ("ux_snapshot_history_idempotency_key", "idempotency_key"),
+        ("ix_snapshot_latest_expires_at", "expires_at"),
+    ],
+)
+async def test_optional_columns_are_indexed_only_where_set(
+    repo: sr.SnapshotRepository[Cart], backend: Backend, index: str, column: str
+):
+    """Writes without an idempotency key or expiry add no entry to these indexes (0008)."""
+    definition = await index_definition(repo, backend, index)
+    assert f"WHERE ({column} IS NOT NULL)" in definition or (
+        f"WHERE {column} IS NOT NULL" in definition
+    ), definition
+
+
+async def test_idempotency_and_expiry_lookups_use_the_partial_indexes(
+    repo: sr.SnapshotRepository[Cart], backend: Backend
+):
+    await seed_deep_history(repo, backend)
+    keyed = await explain(
+        repo,
+        backend,
+        idempotent_write_statement(),
+        {**SCOPE, "user_id": "deep", "idempotency_key": "k"},
+    )
+    # A user with 100,000 versions: only the key's index finds the row without a scan.
+    assert "ux_snapshot_history_idempotency_key" in keyed, keyed
+    expired = await explain(
+        repo,
+        backend,
+        expired_users_statement(one_tenant=False),
+        {"namespace": "default", "now": datetime.now(UTC), "limit": 100},
+    )
+    assert "ix_snapshot_latest_expires_at" in expired, expired
+    assert "Seq Scan" not in expired, expired
+    assert "SCAN snapshot_latest" not in expired, expired
