@@ -123,7 +123,7 @@ class Contract(ChangeFeed[StateT]):
         if outcome is None:
             raise VersionConflictError(user_id, cast(int, expected_version), actual)
         stored = self._stored(write, state, outcome)
-        self._publish(self._change("write", user_id, outcome, write.created_at, stored))
+        self._announce("write", user_id, outcome, write.created_at, stored)
         return stored
 
     async def upsert_many(
@@ -198,9 +198,7 @@ class Contract(ChangeFeed[StateT]):
             for write, state, version in zip(writes, states, versions, strict=True)
         ]
         for snapshot in stored:
-            self._publish(
-                self._change("write", snapshot.user_id, snapshot.version, created_at, snapshot)
-            )
+            self._announce("write", snapshot.user_id, snapshot.version, created_at, snapshot)
         return stored
 
     async def get_latest_many(self, user_ids: Sequence[str]) -> dict[str, Snapshot[StateT]]:
@@ -333,7 +331,7 @@ class Contract(ChangeFeed[StateT]):
         if self._keys is not None:
             self._keys.forget(self._scope, user_id)
         if erased:
-            self._publish(self._change("erase", user_id, last_version, erasure.at))
+            self._announce("erase", user_id, last_version, erasure.at)
         return erased
 
     def _retention_for(self, now: datetime) -> Retention | None:

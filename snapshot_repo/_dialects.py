@@ -376,7 +376,9 @@ def delete_statements(only_expired: bool = False) -> tuple[ReturningDelete[Any],
 
 
 @cache
-def postgres_bulk_write_statement(notifying: bool = False, prune: bool = False) -> TextClause:
+def postgres_bulk_write_statement(
+    notifying: bool = False, prune: bool = False, distinct_users: bool = False
+) -> TextClause:
     """Postgres: a whole batch of writes in one statement, gapless even for repeated users.
 
     The batch arrives as parallel arrays. Each user's rows are numbered in
@@ -384,6 +386,9 @@ def postgres_bulk_write_statement(notifying: bool = False, prune: bool = False) 
     `version + n` (its last state), in user order so that concurrent batches
     lock rows in the same order; history gets `final - n + rn` for each row.
     The write's metadata (actor, reason, metadata) is the batch's.
+
+    With `distinct_users` (the caller checked that no user repeats, the usual
+    batch) every `rn` and `n` is 1, and the numbering's sort is skipped.
     """
     columns = ", ".join(STORED_COLUMNS)
     feed_columns = ", ".join(CHANGE_COLUMNS)
@@ -409,6 +414,12 @@ def postgres_bulk_write_statement(notifying: bool = False, prune: bool = False) 
         if notifying
         else ""
     )
+    numbering = (
+        "1 AS rn, 1 AS n"
+        if distinct_users
+        else "row_number() OVER (PARTITION BY b.user_id ORDER BY b.ord) AS rn, "
+        "count(*) OVER (PARTITION BY b.user_id) AS n"
+    )
     shared = (
         "CAST(:created_at AS TIMESTAMPTZ), NULL, CAST(:actor AS VARCHAR), "
         "CAST(:reason AS TEXT), CAST(:metadata AS BYTEA)"
@@ -416,13 +427,11 @@ def postgres_bulk_write_statement(notifying: bool = False, prune: bool = False) 
     return text(
         f"""
         WITH batch AS (
-            SELECT b.ord, b.user_id, b.schema_version, b.payload,
-                   row_number() OVER (PARTITION BY b.user_id ORDER BY b.ord) AS rn,
-                   count(*) OVER (PARTITION BY b.user_id) AS n
+            SELECT b.user_id, b.schema_version, b.payload, {numbering}
             FROM unnest(
-                CAST(:ords AS INTEGER[]), CAST(:user_ids AS VARCHAR[]),
-                CAST(:schema_versions AS INTEGER[]), CAST(:payloads AS BYTEA[])
-            ) AS b(ord, user_id, schema_version, payload)
+                CAST(:user_ids AS VARCHAR[]), CAST(:schema_versions AS INTEGER[]),
+                CAST(:payloads AS BYTEA[])
+            ) WITH ORDINALITY AS b(user_id, schema_version, payload, ord)
         ),
         written AS (
             INSERT INTO snapshot_latest ({columns})
@@ -461,7 +470,6 @@ def postgres_bulk_write_statement(notifying: bool = False, prune: bool = False) 
         SELECT user_id, version FROM appended
         """
     ).bindparams(
-        bindparam("ords", type_=postgresql.ARRAY(Integer)),
         bindparam("user_ids", type_=postgresql.ARRAY(String)),
         bindparam("schema_versions", type_=postgresql.ARRAY(Integer)),
         bindparam("payloads", type_=postgresql.ARRAY(LargeBinary)),

@@ -494,14 +494,14 @@ class _PostgresOperations(_SharedStatements):
             mode: _compile(postgres_write_statement(mode), dialect)
             for mode in ("upsert", "create", "replace")
         }
-        self._write_many = _compile(postgres_bulk_write_statement(), dialect)
+        self._write_many = _compile(postgres_bulk_write_statement(distinct_users=True), dialect)
         _compile_shared(self, dialect)
 
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
         first = writes[0]  # scope, time and write metadata are the batch's
+        user_ids = [w.user_id for w in writes]
         params = {
-            "ords": list(range(len(writes))),
-            "user_ids": [w.user_id for w in writes],
+            "user_ids": user_ids,
             "schema_versions": [w.schema_version for w in writes],
             "payloads": [w.payload for w in writes],
             "created_at": first.created_at,
@@ -513,14 +513,17 @@ class _PostgresOperations(_SharedStatements):
         }
         if first.retention is not None:
             params.update(first.retention.params())
+        distinct_users = len(set(user_ids)) == len(user_ids)
         statement = (
-            self._compiled(
+            self._write_many
+            if distinct_users and not first.notify and first.retention is None
+            else self._compiled(
                 postgres_bulk_write_statement(
-                    notifying=first.notify, prune=first.retention is not None
+                    notifying=first.notify,
+                    prune=first.retention is not None,
+                    distinct_users=distinct_users,
                 )
             )
-            if first.notify or first.retention is not None
-            else self._write_many
         )
         async with self._connections.checkout() as conn:
             rows = await conn.fetch(statement.sql, *statement.args(params))

@@ -106,34 +106,34 @@ class ChangeFeed(RepositoryCore[StateT]):
         assert hub is not None
         return ChangeStream(hub, self._scope.tenant, self._scope.namespace, _LIVE_QUEUE)
 
-    def _change(
+    def _announce(
         self,
         kind: Literal["write", "erase"],
         user_id: str,
         version: int,
         at: datetime,
         snapshot: Snapshot[StateT] | None = None,
-    ) -> Change:
-        return Change(
-            seq=None,
-            tenant=self._scope.tenant,
-            namespace=self._scope.namespace,
-            user_id=user_id,
-            version=version,
-            kind=kind,
-            created_at=at,
-            actor=snapshot.actor if snapshot else None,
-            reason=snapshot.reason if snapshot else None,
-            metadata=snapshot.metadata if snapshot else None,
-        )
-
-    def _publish(self, change: Change) -> None:
-        """Deliver a commit of this process to local listeners.
+    ) -> None:
+        """Deliver a commit of this process to local listeners, if there are any.
 
         Skipped when the write sent a NOTIFY: the hub's LISTEN connection
-        delivers it, to this process as to every other.
+        delivers it, to this process as to every other. When nobody listens to
+        the scope no `Change` is built (a bulk write would build thousands).
         """
-        if not self._notify:
-            hub = hub_for(self._engine, create=False)  # no hub yet: nobody listens
-            if hub is not None:
-                hub.publish(change)
+        hub = None if self._notify else hub_for(self._engine, create=False)
+        if hub is None or not hub.listens_to(self._scope.tenant, self._scope.namespace):
+            return
+        hub.publish(
+            Change(
+                seq=None,
+                tenant=self._scope.tenant,
+                namespace=self._scope.namespace,
+                user_id=user_id,
+                version=version,
+                kind=kind,
+                created_at=at,
+                actor=snapshot.actor if snapshot else None,
+                reason=snapshot.reason if snapshot else None,
+                metadata=snapshot.metadata if snapshot else None,
+            )
+        )

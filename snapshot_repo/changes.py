@@ -194,6 +194,13 @@ class ChangeHub:
             self._listener.cancel()
             self._listener = None
 
+    def listens_to(self, tenant: str, namespace: str) -> bool:
+        """Whether any listener of this process wants changes of the scope."""
+        return any(
+            (subscription.tenant, subscription.namespace) == (tenant, namespace)
+            for subscription in self._subscriptions
+        )
+
     def publish(self, change: Change) -> None:
         """Deliver `change` to the listeners of its scope (called after commit)."""
         for subscription in list(self._subscriptions):

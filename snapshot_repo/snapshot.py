@@ -57,6 +57,8 @@ def check_identifier(name: str, value: str, max_length: int) -> str:
         raise ValueError(f"{name} must not be empty")
     if len(value) > max_length:
         raise ValueError(f"{name} is {len(value)} characters long; at most {max_length}")
+    if value.isascii() and value.isprintable():
+        return value  # the common case, checked in C: no control character, no surrogate
     for char in value:
         category = unicodedata.category(char)
         if category == "Cc":
