@@ -235,7 +235,7 @@ class Contract(ChangeFeed[StateT]):
         user_id = valid_user_id(user_id)
         async with self._guard("get_latest", user_id):
             row = await self._read(self._ops.latest, self._scope, user_id, datetime.now(UTC))
-            if row is not None:
+            if row is not None and self._keys is not None:
                 row = (await self._open([row]))[0]
         return None if row is None else self._to_snapshot(row)
 

@@ -28,9 +28,9 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import asyncpg
@@ -340,19 +340,17 @@ class _Connections:
         while self._kept:
             await greenlet_spawn(self._kept.pop().close)
 
-    @asynccontextmanager
-    async def checkout(self) -> AsyncIterator[Any]:
-        """Yield a driver connection; see `_checkout_failed` for what a failure does to it."""
-        fairy = await self._take()
-        keep = False
+    def checkout(self) -> _Checkout:
+        """`async with` a driver connection; see `_checkout_failed` for what a failure does."""
+        return _Checkout(self)
+
+    async def _checkin(self, fairy: Any, exc: BaseException | None) -> None:
+        """Take back a connection after use: keep it, return it to the pool, or discard it."""
+        keep = exc is None or not _is_disconnect(exc, fairy.driver_connection)
         try:
-            yield fairy.driver_connection
-            keep = True
-        except BaseException as exc:
-            keep = not _is_disconnect(exc, fairy.driver_connection)
-            if keep:
-                raise
-            await self._checkout_failed(fairy, exc)
+            if not keep:
+                assert exc is not None
+                await self._checkout_failed(fairy, exc)
         finally:
             if keep and fairy.is_valid and len(self._kept) < self.keep:
                 self._kept.append(fairy)
@@ -402,6 +400,33 @@ class _Connections:
             f"the database connection was lost ({describe(exc)}); a write's outcome is "
             "unknown: retry it with the same idempotency key"
         ) from exc
+
+
+class _Checkout:
+    """One use of a connection of `_Connections`, as `async with`.
+
+    A class rather than an `asynccontextmanager`: every operation goes
+    through it, and the generator machinery costs a few microseconds a call.
+    """
+
+    __slots__ = ("_connections", "_fairy")
+
+    def __init__(self, connections: _Connections) -> None:
+        self._connections = connections
+        self._fairy: Any = None
+
+    async def __aenter__(self) -> Any:
+        self._fairy = await self._connections._take()
+        return self._fairy.driver_connection
+
+    async def __aexit__(
+        self,
+        _exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        # Returns None: an exception propagates (or `_checkin` raised the one replacing it).
+        await self._connections._checkin(self._fairy, exc)
 
 
 def operations_for(engine: AsyncEngine) -> Operations:

@@ -104,8 +104,9 @@ class UTCDateTime(TypeDecorator[datetime]):
                 return None
             if value.tzinfo is None:
                 raise ValueError("UTCDateTime needs a timezone-aware datetime")
-            utc = value.astimezone(UTC).replace(tzinfo=None)
-            return utc.isoformat(sep=" ", timespec="microseconds")
+            if value.tzinfo is not UTC:  # the library's own `now` is UTC already
+                value = value.astimezone(UTC)
+            return value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
         return to_text
 
