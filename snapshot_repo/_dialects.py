@@ -21,6 +21,7 @@ compiles each once per dialect and runs it on the driver's connection.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any, Literal
 
@@ -52,7 +53,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql.dml import ReturningDelete
+from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert
 from sqlalchemy.sql.elements import BindParameter
 
 from .tables import (
@@ -89,6 +90,7 @@ __all__ = [
     "prune_condition",
     "prune_statement",
     "receipt_statement",
+    "sqlite_bulk_write_statements",
     "sqlite_write_statements",
     "version_statement",
     "write_mode",
@@ -137,6 +139,11 @@ def _row(table: Table) -> list[Column[Any]]:
 def _latest_write(dialect: DialectName, mode: WriteMode) -> Insert | Update:
     """The statement that writes `snapshot_latest` and returns the whole row it wrote."""
     returning = [latest_table.c[name] for name in STORED_COLUMNS]
+    return _latest_write_of(dialect, mode).returning(*returning)
+
+
+def _latest_write_of(dialect: DialectName, mode: WriteMode) -> Insert | Update:
+    """The statement that writes `snapshot_latest`, returning nothing."""
     changed: dict[str, BindParameter[Any]] = {
         name: bindparam(f"w_{name}") for name in WRITE_COLUMNS if name not in _KEY_COLUMNS
     }
@@ -148,7 +155,6 @@ def _latest_write(dialect: DialectName, mode: WriteMode) -> Insert | Update:
             .where(is_key(latest_table, "w_"))
             .where(latest_table.c.version == bindparam("expected_version"))
             .values(version=latest_table.c.version + 1, **changed)
-            .returning(*returning)
         )
     insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert_fn(latest_table).values(
@@ -158,14 +164,14 @@ def _latest_write(dialect: DialectName, mode: WriteMode) -> Insert | Update:
     )
     key = [latest_table.c[name] for name in _KEY_COLUMNS]
     if mode == "create":
-        return stmt.on_conflict_do_nothing(index_elements=key).returning(*returning)
+        return stmt.on_conflict_do_nothing(index_elements=key)
     return stmt.on_conflict_do_update(
         index_elements=key,
         set_={
             "version": latest_table.c.version + 1,
             **{name: stmt.excluded[name] for name in changed},
         },
-    ).returning(*returning)
+    )
 
 
 def write_mode(expected_version: int | None) -> WriteMode:
@@ -289,6 +295,38 @@ def sqlite_write_statements(mode: WriteMode) -> tuple[Insert | Update, Insert, I
     """SQLite: the latest write (returning its row), the history append and the feed entry."""
     append = insert(history_table).values({name: bindparam(name) for name in STORED_COLUMNS})
     return _latest_write("sqlite", mode), append, _feed_entry("write")
+
+
+@cache
+def sqlite_bulk_write_statements() -> tuple[Insert | Update, ReturningInsert[Any], Insert]:
+    """SQLite: a batch of writes of distinct users in three statements, whatever its size.
+
+    The upsert (returning nothing) runs once per snapshot through
+    `executemany`, a loop in C. Then, under the same write lock, each batch
+    user's latest row is exactly the version just written: one statement
+    copies them all to history, returning user ids and versions, and one
+    records them in the feed. The user ids are bound
+    as one JSON array (`user_ids_json`). A user repeated in the batch would
+    be copied once: callers take this path only for distinct users.
+    """
+    batch = func.json_each(bindparam("user_ids_json", type_=String)).table_valued("value")
+    written = and_(in_scope(latest_table), latest_table.c.user_id.in_(select(batch.c.value)))
+
+    def copy_of(columns: Sequence[str], *extra: ColumnElement[Any]) -> Select[Any]:
+        # `IN (SELECT value FROM json_each(...))`: each user is found by key. (A join
+        # ordered by the array index sorted whole rows in a temporary b-tree, and
+        # without the ORDER BY the planner scanned the scope instead.)
+        return select(*(latest_table.c[name] for name in columns), *extra).where(written)
+
+    history = (
+        insert(history_table)
+        .from_select(list(STORED_COLUMNS), copy_of(STORED_COLUMNS))
+        .returning(history_table.c.user_id, history_table.c.version)
+    )
+    feed = insert(changes_table).from_select(
+        [*CHANGE_COLUMNS, "kind"], copy_of(CHANGE_COLUMNS, literal("write"))
+    )
+    return _latest_write_of("sqlite", "upsert"), history, feed
 
 
 @cache

@@ -58,11 +58,13 @@ from ._dialects import (
     postgres_write_statement,
     prune_statement,
     receipt_statement,
+    sqlite_bulk_write_statements,
     sqlite_write_statements,
     version_statement,
     write_mode,
 )
 from ._translate import describe
+from .engine import engine_settings
 from .errors import ConnectionLostError, StorageError
 from .tables import latest_table
 
@@ -234,6 +236,24 @@ class _Compiled:
     def stored_args(self, stored: Mapping[str, Any]) -> tuple[Any, ...]:
         """Positional values taken as they are: `stored` came from the database already."""
         return tuple(stored[n] if n in stored else self.defaults[n] for n in self.names)
+
+    def args_many(
+        self, shared: Mapping[str, Any], varying: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> list[tuple[Any, ...]]:
+        """Positional values of one execution per row of `rows` (for `executemany`).
+
+        The executions bind the same `shared` values except for the names in
+        `varying`, which take each row's values, in that order. Converting the
+        shared values once is what makes this cheaper than `args` per row.
+        """
+        template = list(self.args(shared))
+        slots = [(self.names.index(name), self.processors.get(name)) for name in varying]
+        executions = []
+        for row in rows:
+            for (position, process), value in zip(slots, row, strict=True):
+                template[position] = value if process is None or value is None else process(value)
+            executions.append(tuple(template))
+        return executions
 
     def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
         values = []
@@ -678,6 +698,34 @@ def _append_history(
     return int(stored["version"])
 
 
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database file and truncate the WAL to nothing.
+
+    With `secure_delete` on (see `engine`), the freed cells of an erasure are
+    zeroed in the pages it writes; the WAL still holds the frames that wrote
+    the erased rows, and the main file their old pages, until this checkpoint.
+    """
+    for _attempt in range(3):
+        busy, _log, _moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if not busy:
+            return
+    logger.warning(
+        "snapshot_repo: readers kept the WAL from being truncated after an erasure; "
+        "the next erasure's checkpoint will try again"
+    )
+
+
+def _checkpoint_after_erasure(conn: sqlite3.Connection, outcome: tuple[int, int]) -> None:
+    """`_checkpoint` once an erasure that removed rows has committed; a failure is logged."""
+    if not outcome[0]:
+        return
+    try:
+        _checkpoint(conn)
+    except (sqlite3.Error, OSError) as exc:
+        # The erasure committed; only the WAL still holds the old bytes.
+        logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
+
+
 class _SqliteOperations(_SharedStatements):
     """aiosqlite: every operation is one function on the connection's thread.
 
@@ -696,9 +744,14 @@ class _SqliteOperations(_SharedStatements):
             mode: _compile_all(sqlite_write_statements(mode), dialect)
             for mode in ("upsert", "create", "replace")
         }
+        self._bulk_writes = _compile_all(sqlite_bulk_write_statements(), dialect)
+        self._erase_without_trace = engine_settings(engine).sqlite_secure_delete
         _compile_shared(self, dialect)
 
     async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
+        user_ids = [write.user_id for write in writes]
+        if len(set(user_ids)) == len(user_ids):
+            return await self._write_distinct_users(writes, user_ids)
         latest_write, history_append, feed_entry = self._writes["upsert"]
         prune = self._prune
 
@@ -713,6 +766,35 @@ class _SqliteOperations(_SharedStatements):
                     params = {**write.scope.key(write.user_id), **write.retention.params()}
                     conn.execute(prune.sql, prune.args(params))
             return versions
+
+        return await self._in_write_transaction(run)
+
+    async def _write_distinct_users(
+        self, writes: Sequence[PendingWrite], user_ids: list[str]
+    ) -> list[int]:
+        """A batch without repeated users, set-based (see `sqlite_bulk_write_statements`)."""
+        upsert, history_copy, feed_copy = self._bulk_writes
+        first = writes[0]  # scope, time and write metadata are the batch's
+        upserts = upsert.args_many(
+            first.params(),
+            ("w_user_id", "w_schema_version", "w_payload"),
+            [(write.user_id, write.schema_version, write.payload) for write in writes],
+        )
+        copied = {**first.scope.key(first.user_id), "user_ids_json": json.dumps(user_ids)}
+        prune, retention = self._prune, first.retention
+        prunes = (
+            []
+            if retention is None
+            else [prune.args({**first.scope.key(user), **retention.params()}) for user in user_ids]
+        )
+
+        def run(conn: sqlite3.Connection) -> list[int]:
+            conn.executemany(upsert.sql, upserts)
+            versions = dict(conn.execute(history_copy.sql, history_copy.args(copied)).fetchall())
+            conn.execute(feed_copy.sql, feed_copy.args(copied))
+            if prunes:
+                conn.executemany(prune.sql, prunes)
+            return [int(versions[user_id]) for user_id in user_ids]
 
         return await self._in_write_transaction(run)
 
@@ -781,35 +863,15 @@ class _SqliteOperations(_SharedStatements):
                 conn.execute(forget_key.sql, forget_key.args(key))
             return erased, int(row[0])
 
-        outcome = await self._in_write_transaction(run)
-        if outcome[0]:
-            try:
-                await self.vacuum()
-            except (sqlite3.Error, OSError) as exc:
-                # The erasure committed; only the WAL still holds the old bytes.
-                logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
-        return outcome
+        # Checkpointing in the same hop, right after the commit and still under the
+        # write lock, saves a second thread hop and lock wait per erasure.
+        after_commit = _checkpoint_after_erasure if self._erase_without_trace else None
+        return await self._in_write_transaction(run, after_commit)
 
     async def vacuum(self) -> None:
-        """Move the WAL into the database file and truncate it, so erased bytes leave the WAL.
-
-        With `secure_delete` on (see `engine`), the freed cells in the main
-        file are already zeroed; the WAL still holds the frames that wrote the
-        erased rows until this checkpoint.
-        """
-
-        def checkpoint(conn: sqlite3.Connection) -> None:
-            for _attempt in range(3):
-                busy, _log, _moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-                if not busy:
-                    return
-            logger.warning(
-                "snapshot_repo: readers kept the WAL from being truncated after an erasure; "
-                "the next erasure's checkpoint will try again"
-            )
-
+        """Move the WAL into the database file and truncate it, so erased bytes leave the WAL."""
         async with self._write_lock, self._connections.checkout() as aconn:
-            await aconn._execute(checkpoint, aconn._conn)
+            await aconn._execute(_checkpoint, aconn._conn)
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         return await self._fetch(self._compiled(statement), params)
@@ -828,12 +890,17 @@ class _SqliteOperations(_SharedStatements):
         async with self._connections.checkout() as conn:
             return list(await conn.execute_fetchall(statement.sql, statement.args(params)))
 
-    async def _in_write_transaction(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def _in_write_transaction(
+        self,
+        work: Callable[[sqlite3.Connection], _T],
+        after_commit: Callable[[sqlite3.Connection, _T], None] | None = None,
+    ) -> _T:
         """Run `work` inside BEGIN IMMEDIATE ... COMMIT on the connection's thread, in one hop.
 
         Any failure, commit included, rolls the whole transaction back before
         it is raised: SQLite versions differ in what they roll back by themselves
-        (a full disk may end a transaction or only a statement).
+        (a full disk may end a transaction or only a statement). `after_commit`,
+        if given, runs next in the same hop with the result; it must not raise.
         """
 
         def transaction(conn: sqlite3.Connection) -> _T:
@@ -845,6 +912,8 @@ class _SqliteOperations(_SharedStatements):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            if after_commit is not None:
+                after_commit(conn, result)
             return result
 
         async with self._write_lock, self._connections.checkout() as aconn:

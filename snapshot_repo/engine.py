@@ -24,6 +24,7 @@ __all__ = [
     "WRITE_TRANSACTION",
     "EngineSettings",
     "create_engine",
+    "engine_settings",
     "install_sqlite_settings",
     "normalize_url",
 ]
@@ -58,8 +59,12 @@ class EngineSettings:
             makes every committed write survive power loss; NORMAL is faster
             and survives a crash of the process but may lose the last commits
             on power loss.
-        sqlite_secure_delete: overwrite deleted content with zeros (default
-            on), so an erased state leaves no bytes behind in the database file.
+        sqlite_secure_delete: erase without a trace (default on): SQLite
+            overwrites deleted content with zeros, and every erasure that
+            removed rows then checkpoints the WAL into the database file and
+            truncates it, so no byte of an erased state stays in either file.
+            Off: erasures cost one fsync instead of about four, and the
+            erased bytes stay in free pages and in the WAL until reused.
         pool_size: connections kept open per engine.
         max_overflow: extra connections opened under load beyond `pool_size`
             (default 0). SQLAlchemy closes an overflow connection as soon as it
@@ -155,6 +160,18 @@ def _use_wal(cursor: Any) -> None:
             raise
 
 
+_SETTINGS_ATTRIBUTE = "_snapshot_repo_settings"
+
+
+def engine_settings(engine: AsyncEngine) -> EngineSettings:
+    """The settings a SQLite engine was configured with (see `install_sqlite_settings`).
+
+    The defaults for an engine this library never configured.
+    """
+    settings = getattr(engine.sync_engine, _SETTINGS_ATTRIBUTE, None)
+    return settings if isinstance(settings, EngineSettings) else EngineSettings()
+
+
 def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> None:
     """Set the pragmas and transaction handling on every connection of a SQLite engine.
 
@@ -162,9 +179,9 @@ def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> No
     itself, since the write path depends on it. Idempotent.
     """
     sync_engine = engine.sync_engine
-    if getattr(sync_engine, "_snapshot_repo_configured", False):
+    if getattr(sync_engine, _SETTINGS_ATTRIBUTE, None) is not None:
         return
-    sync_engine._snapshot_repo_configured = True  # type: ignore[attr-defined]
+    setattr(sync_engine, _SETTINGS_ATTRIBUTE, settings)
     busy_ms = int(settings.busy_timeout * 1000)
     synchronous = settings.sqlite_synchronous
     secure_delete = "ON" if settings.sqlite_secure_delete else "OFF"

@@ -25,6 +25,10 @@ def sqlite_files(url: str) -> list[Path]:
     return [p for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
 
 
+def wal_size(database: Path) -> int:
+    return Path(f"{database}-wal").stat().st_size
+
+
 # --- erasure leaves no trace ---------------------------------------------------------
 
 
@@ -46,6 +50,25 @@ async def test_erased_state_cannot_be_found_in_the_sqlite_files(tmp_path, sqlite
         assert marker.encode() not in after
     after_close = b"".join(p.read_bytes() for p in sqlite_files(url))
     assert marker.encode() not in after_close
+
+
+async def test_without_secure_delete_erasure_is_faster_and_leaves_bytes(tmp_path, sqlite_template):
+    """The documented trade-off of `sqlite_secure_delete=False`: no zeroing, no checkpoint."""
+    path = tmp_path / "plain.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    url = f"sqlite+aiosqlite:///{path}"
+    marker = f"MARKER-{uuid.uuid4().hex}"
+    settings = sr.EngineSettings(sqlite_secure_delete=False)
+    async with sr.SnapshotRepository.from_url(url, Cart, settings=settings) as repo:
+        for n in range(5):
+            await repo.upsert_latest(snap("victim", f"{marker}-{n}"))
+        assert await repo.delete("victim") == 5
+        assert await repo.get_history("victim") == []
+        assert wal_size(path) > 0  # not checkpointed and truncated
+        leftover = b"".join(p.read_bytes() for p in sqlite_files(url))
+        assert marker.encode() in leftover
+        await repo.erase("victim", vacuum=True)  # the explicit checkpoint still works
+        assert wal_size(path) == 0
 
 
 async def test_erase_with_vacuum_on_postgres(postgres_url: str):
