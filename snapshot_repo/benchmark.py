@@ -117,6 +117,7 @@ WORKLOADS: tuple[str, ...] = (
     "get_history_shallow",
     "get_history_deep",
     "delete",
+    "delete_traceless",
     "bulk_write",
     "bulk_write_single",
     "bulk_read",
@@ -435,6 +436,15 @@ class _Side(abc.ABC):
     async def delete(self, user_id: str) -> int:
         """Erase the user; return how many versions were erased."""
 
+    def traceless_delete_unavailable(self) -> str | None:
+        """Why `traceless_delete` cannot run on this side, or None if it can."""
+        return "only SQLite erasures checkpoint the WAL (Postgres: see `delete`)"
+
+    async def traceless_delete(self, user_id: str) -> int:
+        """`delete`, then leave no byte of the user in the files, as the library's
+        SQLite erasure does: checkpoint the WAL into the database file and truncate it."""
+        raise NotImplementedError(self.traceless_delete_unavailable())
+
     def bulk_write_unavailable(self) -> str | None:
         """Why `bulk_write` cannot run on this side, or None if it can."""
         return None
@@ -486,6 +496,14 @@ class _LibrarySide(_Side):
     async def delete(self, user_id: str) -> int:
         return await self._repo.delete(user_id)
 
+    def traceless_delete_unavailable(self) -> str | None:
+        if self._repo.engine.dialect.name == "sqlite":
+            return None
+        return super().traceless_delete_unavailable()
+
+    async def traceless_delete(self, user_id: str) -> int:
+        return await self._repo.delete(user_id)  # its erasure checkpoints by itself
+
     def bulk_write_unavailable(self) -> str | None:
         return None if self._upsert_many else "SnapshotRepository has no upsert_many"
 
@@ -502,6 +520,9 @@ class _LibrarySide(_Side):
         assert self._get_latest_many is not None
         return await self._get_latest_many(list(user_ids))
 
+
+_CHECKPOINT = "PRAGMA wal_checkpoint(TRUNCATE)"
+"""What the library's SQLite erasure runs after its commit, so erased bytes leave the WAL."""
 
 _CORE = ("user_id", "version", "schema_version", "payload", "created_at")
 """The columns the raw baselines write and read; later columns stay at their defaults."""
@@ -833,6 +854,15 @@ class _AiosqliteSide(_Side):
             cursor = await conn.execute(self._sql.delete_history, (user_id, rows[0][0]))
         return cursor.rowcount
 
+    def traceless_delete_unavailable(self) -> str | None:
+        return None
+
+    async def traceless_delete(self, user_id: str) -> int:
+        erased = await self.delete(user_id)
+        async with self._lock:
+            await self._conn.execute(_CHECKPOINT)
+        return erased
+
     async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> int:
         user_ids = [user_id for user_id, _ in items]
         _distinct(user_ids)
@@ -932,6 +962,17 @@ class _Sqlite3Side(_Side):
 
     async def delete(self, user_id: str) -> int:
         return await self._thread.call(self._delete_sync, user_id)
+
+    def traceless_delete_unavailable(self) -> str | None:
+        return None
+
+    async def traceless_delete(self, user_id: str) -> int:
+        def work() -> int:
+            erased = self._delete_sync(user_id)
+            self._thread.conn.execute(_CHECKPOINT)
+            return erased
+
+        return await self._thread.call(work)
 
     async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> int:
         user_ids = [user_id for user_id, _ in items]
@@ -1302,6 +1343,12 @@ class _Workloads:
                 "call",
             ),
             "delete": (f"delete of users with {c.delete_versions} versions each", "call"),
+            "delete_traceless": (
+                "the same delete, the raw sides then checkpointing and truncating the WAL "
+                "as the library's erasure does, so no erased byte stays in the files "
+                "(SQLite only)",
+                "call",
+            ),
             "bulk_write": (
                 f"{c.bulk_size} snapshots of distinct users in one call "
                 "(library: upsert_many; raw: one statement / one transaction)",
@@ -1384,6 +1431,15 @@ class _Workloads:
             prefix = f"d-{tag}-{s}-"
             await self._seeder.seed(prefix, ops, c.delete_versions, self.seed_payload)
             return await _time_sequential(side.delete, [f"{prefix}{i}" for i in range(ops)])
+        if name == "delete_traceless":
+            reason = side.traceless_delete_unavailable()
+            if reason is not None:
+                return reason
+            prefix = f"t-{tag}-{s}-"
+            await self._seeder.seed(prefix, ops, c.delete_versions, self.seed_payload)
+            return await _time_sequential(
+                side.traceless_delete, [f"{prefix}{i}" for i in range(ops)]
+            )
 
         batch = [(f"b-{s}-{k}", self._state(offset + k)) for k in range(c.bulk_size)]
         readers = [f"r-{i}" for i in rng.sample(range(c.read_users), c.bulk_size)]

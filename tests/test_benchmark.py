@@ -74,6 +74,11 @@ def assert_complete(data: dict[str, Any], backend: str) -> None:
         assert workload["description"]
         assert set(workload["results"]) == set(result["sides"])
         for side, outcome in workload["results"].items():
+            if not outcome["available"] and name == "delete_traceless":
+                # Only SQLite erasures checkpoint the WAL; on Postgres no side runs it.
+                assert backend == "postgres", (name, side)
+                assert outcome["reason"]
+                continue
             if not outcome["available"]:
                 # Only the library's bulk calls may be missing, and only while they don't exist.
                 assert side == "library", (name, side)
