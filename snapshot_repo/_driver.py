@@ -30,6 +30,7 @@ import logging
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -492,6 +493,8 @@ class _SharedStatements:
 
     _keyed: _Compiled
     _latest: _Compiled
+    _expiry: Callable[[Any], Any]
+    _history_tail: tuple[Any, ...]
     _history: _Compiled
     _version: _Compiled
     _delete_latest: _Compiled
@@ -511,6 +514,13 @@ def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
     target._keyed = _compile(idempotent_write_statement(), dialect)
     target._latest = _compile(latest_statement(), dialect)
     target._history = _compile(history_statement(), dialect)
+    # The two hottest reads bind their values positionally, without a dict (see
+    # `latest`); what a dialect adds after them (SQLite: OFFSET 0) is constant.
+    history_names = target._history.names
+    if target._latest.names != _KEY_ARGS or history_names[:4] != (*_KEY_ARGS, "limit"):
+        raise AssertionError("latest/history statements bind other parameters than expected")
+    target._history_tail = tuple(target._history.defaults[n] for n in history_names[4:])
+    target._expiry = _result_processor(latest_table.c.expires_at, dialect)
     target._version = _compile(version_statement(), dialect)
     target._delete_latest, target._delete_history = _compile_all(delete_statements(), dialect)
     target._delete_expired = _compile(delete_statements(only_expired=True)[0], dialect)
@@ -521,6 +531,20 @@ def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
     target._forget_feed, target._erasure_entry = _compile_all(
         erasure_feed_statements(name), dialect
     )
+
+
+_KEY_ARGS = ("tenant", "namespace", "user_id")
+
+
+def _result_processor(column: ColumnElement[Any], dialect: Dialect) -> Callable[[Any], Any]:
+    """How `dialect` turns a raw value of `column` into its Python value."""
+    process = column.type.dialect_impl(dialect).result_processor(dialect, None)
+    return process if process is not None else (lambda value: value)
+
+
+def expired(expires_at: Any, now: datetime) -> bool:
+    """Whether a latest row with this (decoded) expiry reads as absent at `now`."""
+    return expires_at is not None and expires_at <= now
 
 
 def _compile_all(statements: Sequence[ClauseElement], dialect: Dialect) -> tuple[_Compiled, ...]:
@@ -629,15 +653,22 @@ class _PostgresOperations(_SharedStatements):
         return counts
 
     async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
-        args = self._latest.args({**scope.key(user_id), "now": now})
         async with self._connections.checkout() as conn:
-            raw = await conn.fetchrow(self._latest.sql, *args)
-        return None if raw is None else self._decode(raw)
+            raw = await conn.fetchrow(self._latest.sql, scope.tenant, scope.namespace, user_id)
+        if raw is None or expired(raw[-1], now):
+            return None
+        return self._decode(raw[:-1])
 
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
-        args = self._history.args({**scope.key(user_id), "limit": limit})
         async with self._connections.checkout() as conn:
-            rows = await conn.fetch(self._history.sql, *args)
+            rows = await conn.fetch(
+                self._history.sql,
+                scope.tenant,
+                scope.namespace,
+                user_id,
+                limit,
+                *self._history_tail,
+            )
         return [self._decode(raw) for raw in rows]
 
     async def current_version(self, scope: Scope, user_id: str) -> int:
@@ -830,11 +861,21 @@ class _SqliteOperations(_SharedStatements):
         return await self._in_write_transaction(run)
 
     async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
-        rows = await self._fetch(self._latest, {**scope.key(user_id), "now": now})
-        return self._decode(rows[0]) if rows else None
+        args = (scope.tenant, scope.namespace, user_id)
+        async with self._connections.checkout() as conn:
+            rows = await conn.execute_fetchall(self._latest.sql, args)
+        if not rows:
+            return None
+        raw = rows[0]
+        expires_at = raw[-1]
+        if expires_at is not None and expired(self._expiry(expires_at), now):
+            return None
+        return self._decode(raw[:-1])
 
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
-        rows = await self._fetch(self._history, {**scope.key(user_id), "limit": limit})
+        args = (scope.tenant, scope.namespace, user_id, limit, *self._history_tail)
+        async with self._connections.checkout() as conn:
+            rows = await conn.execute_fetchall(self._history.sql, args)
         return [self._decode(raw) for raw in rows]
 
     async def current_version(self, scope: Scope, user_id: str) -> int:
