@@ -203,6 +203,38 @@ async def test_operation_timeout_bounds_a_call_to_a_stalled_server():
         await server.wait_closed()
 
 
+async def test_the_callers_own_timeout_and_cancellation_pass_through_unchanged():
+    """Only the repository's deadline becomes a StorageError; a caller's stays the caller's."""
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def accept_and_stall(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        stalled.append(writer)
+
+    server = await asyncio.start_server(accept_and_stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    repo = sr.SnapshotRepository.from_url(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x",
+        settings=sr.EngineSettings(connect_timeout=60),
+        operation_timeout=30,
+    )
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await repo.get_latest("u1")
+        call = asyncio.create_task(repo.get_latest("u1"))
+        await asyncio.sleep(0.1)  # mid-call (any moment must end in CancelledError)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert asyncio.current_task().cancelling() == 0  # nothing leaked into this task
+    finally:
+        await repo.close()
+        for writer in stalled:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 def test_timeouts_must_be_positive():
     for bad in (0, -1, "1", True):
         with pytest.raises(sr.ConfigurationError):
