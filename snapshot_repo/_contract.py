@@ -25,7 +25,7 @@ from ._checks import (
     valid_user_id,
 )
 from ._core import logger
-from ._driver import Erasure, PendingWrite, Retention
+from ._driver import Erasure, PendingBatch, PendingWrite, Retention
 from ._feed import ChangeFeed
 from ._queries import history_before_statement
 from .codec import JsonObject, encode_metadata
@@ -162,41 +162,44 @@ class Contract(ChangeFeed[StateT]):
         created_at = datetime.now(UTC)
         actor, reason = valid_actor(actor), valid_reason(reason)
         encoded_metadata = encode_metadata(metadata)
-        retention = self._retention_for(created_at)
-        writes, states = [], []
+        user_ids, schema_versions, payloads, states = [], [], [], []
+        validate, encode, schema_version_of = (
+            self._codec.validate,
+            self._codec.encode,
+            self._schema_version_of,
+        )
         for snapshot in snapshots:
             if not isinstance(snapshot, Snapshot):
                 raise SnapshotValidationError(
                     f"upsert_many takes Snapshots, not {type(snapshot).__name__}"
                 )
             user_id = valid_user_id(snapshot.user_id)
-            state = self._codec.validate(snapshot.state, user_id)
+            state = validate(snapshot.state, user_id)
+            user_ids.append(user_id)
+            schema_versions.append(schema_version_of(snapshot))
+            payloads.append(encode(state, user_id))
             states.append(state)
-            writes.append(
-                PendingWrite(
-                    scope=self._scope,
-                    user_id=user_id,
-                    schema_version=self._schema_version_of(snapshot),
-                    payload=self._codec.encode(state, user_id),
-                    created_at=created_at,
-                    actor=actor,
-                    reason=reason,
-                    metadata=encoded_metadata,
-                    retention=retention,
-                    notify=self._notify,
-                )
-            )
+        batch = PendingBatch(
+            scope=self._scope,
+            user_ids=user_ids,
+            schema_versions=schema_versions,
+            payloads=payloads,
+            created_at=created_at,
+            actor=actor,
+            reason=reason,
+            metadata=encoded_metadata,
+            retention=self._retention_for(created_at),
+            notify=self._notify,
+        )
         async with self._guard("upsert_many", None):
             if self._keys is not None:
-                writes = [
-                    replace(write, payload=await self._seal(write.user_id, write.payload))
-                    for write in writes
+                sealed = [
+                    await self._seal(user_id, payload)
+                    for user_id, payload in zip(user_ids, payloads, strict=True)
                 ]
-            versions = await self._ops.write_many(writes)
-        stored = [
-            self._stored(write, state, version)
-            for write, state, version in zip(writes, states, versions, strict=True)
-        ]
+                batch = replace(batch, payloads=sealed)
+            versions = await self._ops.write_many(batch)
+        stored = self._stored_batch(batch, states, versions)
         for snapshot in stored:
             self._announce("write", snapshot.user_id, snapshot.version, created_at, snapshot)
         return stored

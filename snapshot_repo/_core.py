@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import migrate as _migrate
 from ._checks import positive_seconds, valid_scope_name
 from ._closing import AsyncClosing
-from ._driver import PendingWrite, Row, Scope, is_retryable, operations_for
+from ._driver import PendingBatch, PendingWrite, Row, Scope, is_retryable, operations_for
 from ._encryption import DataKeys
 from ._translate import describe, storage_errors
 from .changes import hub_for
@@ -307,6 +307,35 @@ class RepositoryCore(AsyncClosing, Generic[StateT]):
             return self._codec.upgrades.current
         self._codec.upgrades.check_writable(snapshot.schema_version)
         return snapshot.schema_version
+
+    def _stored_batch(
+        self, batch: PendingBatch, states: Sequence[StateT], versions: Sequence[int]
+    ) -> list[Snapshot[StateT]]:
+        """The snapshots a batch stored, in batch order (as `_stored`, the shared values once)."""
+        shared = {
+            "created_at": batch.created_at,
+            "idempotency_key": None,
+            "actor": batch.actor,
+            "reason": batch.reason,
+        }
+        metadata = batch.metadata  # decoded per snapshot: each gets a dict of its own
+        snapshot_type = self._snapshot_type
+        return [
+            stored_snapshot(
+                snapshot_type,
+                {
+                    "user_id": user_id,
+                    "state": state,
+                    "version": version,
+                    "schema_version": schema_version,
+                    "metadata": None if metadata is None else decode_metadata(metadata),
+                    **shared,
+                },
+            )
+            for user_id, state, version, schema_version in zip(
+                batch.user_ids, states, versions, batch.schema_versions, strict=True
+            )
+        ]
 
     def _stored(self, write: PendingWrite, state: StateT, version: int) -> Snapshot[StateT]:
         """The snapshot a write stored, built from what was sent (no read back)."""

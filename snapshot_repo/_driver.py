@@ -73,6 +73,7 @@ __all__ = [
     "KEPT_CONNECTIONS",
     "Erasure",
     "Operations",
+    "PendingBatch",
     "PendingWrite",
     "Retention",
     "Row",
@@ -191,6 +192,45 @@ class PendingWrite:
         return {**self.scope.key(self.user_id), "idempotency_key": self.idempotency_key}
 
 
+@dataclass(frozen=True, slots=True)
+class PendingBatch:
+    """Validated writes of many users (`upsert_many`), as parallel lists.
+
+    Everything but the user, the schema version and the payload is the
+    batch's, so nothing per write is built beyond the three values: at 500
+    writes a call, per-write objects were a visible share of the call.
+    """
+
+    scope: Scope
+    user_ids: list[str]
+    schema_versions: list[int]
+    payloads: list[bytes]
+    created_at: Any
+    actor: str | None = None
+    reason: str | None = None
+    metadata: bytes | None = None
+    retention: Retention | None = None
+    notify: bool = False
+
+    def write(self, index: int) -> PendingWrite:
+        """The batch's write number `index` on its own (for one-at-a-time paths)."""
+        return PendingWrite(
+            scope=self.scope,
+            user_id=self.user_ids[index],
+            schema_version=self.schema_versions[index],
+            payload=self.payloads[index],
+            created_at=self.created_at,
+            actor=self.actor,
+            reason=self.reason,
+            metadata=self.metadata,
+            retention=self.retention,
+            notify=self.notify,
+        )
+
+    def distinct_users(self) -> bool:
+        return len(set(self.user_ids)) == len(self.user_ids)
+
+
 WriteOutcome = int | Row | None
 """The new version; the earlier row when the idempotency key was used before; None on a
 compare-and-set that found another version."""
@@ -207,7 +247,10 @@ class Operations(Protocol):
         """Erase the user; (versions erased, the last version) or (0, 0) if absent."""
         ...
 
-    async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]: ...
+    async def write_many(self, batch: PendingBatch) -> list[int]:
+        """Store the batch in one transaction; the version of each write, in batch order."""
+        ...
+
     async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]: ...
     async def vacuum(self) -> None:
         """Reclaim dead rows of the snapshot tables now (Postgres VACUUM; SQLite checkpoint)."""
@@ -566,37 +609,35 @@ class _PostgresOperations(_SharedStatements):
         self._write_many = _compile(postgres_bulk_write_statement(distinct_users=True), dialect)
         _compile_shared(self, dialect)
 
-    async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
-        first = writes[0]  # scope, time and write metadata are the batch's
-        user_ids = [w.user_id for w in writes]
+    async def write_many(self, batch: PendingBatch) -> list[int]:
         params = {
-            "user_ids": user_ids,
-            "schema_versions": [w.schema_version for w in writes],
-            "payloads": [w.payload for w in writes],
-            "created_at": first.created_at,
-            "tenant": first.scope.tenant,
-            "namespace": first.scope.namespace,
-            "actor": first.actor,
-            "reason": first.reason,
-            "metadata": first.metadata,
+            "user_ids": batch.user_ids,
+            "schema_versions": batch.schema_versions,
+            "payloads": batch.payloads,
+            "created_at": batch.created_at,
+            "tenant": batch.scope.tenant,
+            "namespace": batch.scope.namespace,
+            "actor": batch.actor,
+            "reason": batch.reason,
+            "metadata": batch.metadata,
         }
-        if first.retention is not None:
-            params.update(first.retention.params())
-        distinct_users = len(set(user_ids)) == len(user_ids)
+        if batch.retention is not None:
+            params.update(batch.retention.params())
+        distinct_users = batch.distinct_users()
         statement = (
             self._write_many
-            if distinct_users and not first.notify and first.retention is None
+            if distinct_users and not batch.notify and batch.retention is None
             else self._compiled(
                 postgres_bulk_write_statement(
-                    notifying=first.notify,
-                    prune=first.retention is not None,
+                    notifying=batch.notify,
+                    prune=batch.retention is not None,
                     distinct_users=distinct_users,
                 )
             )
         )
         async with self._connections.checkout() as conn:
             rows = await conn.fetch(statement.sql, *statement.args(params))
-        return _versions_in_input_order(writes, rows)
+        return _versions_in_input_order(batch.user_ids, rows)
 
     async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
         params = {
@@ -706,14 +747,17 @@ class _PostgresOperations(_SharedStatements):
             await conn.execute("VACUUM snapshot_latest, snapshot_history, snapshot_changes")
 
 
-def _versions_in_input_order(writes: Sequence[PendingWrite], rows: Sequence[Any]) -> list[int]:
+def _versions_in_input_order(user_ids: Sequence[str], rows: Sequence[Any]) -> list[int]:
     """Give each write its version: a user's versions, ascending, in the order of its writes."""
+    if len(rows) == len(user_ids) and len(set(user_ids)) == len(user_ids):
+        by_id = dict(rows)  # one version per user
+        return [int(by_id[user_id]) for user_id in user_ids]
     by_user: dict[str, list[int]] = {}
     for user_id, version in rows:
         by_user.setdefault(user_id, []).append(int(version))
     for versions in by_user.values():
         versions.sort(reverse=True)
-    return [by_user[write.user_id].pop() for write in writes]
+    return [by_user[user_id].pop() for user_id in user_ids]
 
 
 def _append_history(
@@ -779,12 +823,12 @@ class _SqliteOperations(_SharedStatements):
         self._erase_without_trace = engine_settings(engine).sqlite_secure_delete
         _compile_shared(self, dialect)
 
-    async def write_many(self, writes: Sequence[PendingWrite]) -> list[int]:
-        user_ids = [write.user_id for write in writes]
-        if len(set(user_ids)) == len(user_ids):
-            return await self._write_distinct_users(writes, user_ids)
+    async def write_many(self, batch: PendingBatch) -> list[int]:
+        if batch.distinct_users():
+            return await self._write_distinct_users(batch)
         latest_write, history_append, feed_entry = self._writes["upsert"]
         prune = self._prune
+        writes = [batch.write(index) for index in range(len(batch.user_ids))]
 
         def run(conn: sqlite3.Connection) -> list[int]:
             versions = []
@@ -800,23 +844,21 @@ class _SqliteOperations(_SharedStatements):
 
         return await self._in_write_transaction(run)
 
-    async def _write_distinct_users(
-        self, writes: Sequence[PendingWrite], user_ids: list[str]
-    ) -> list[int]:
+    async def _write_distinct_users(self, batch: PendingBatch) -> list[int]:
         """A batch without repeated users, set-based (see `sqlite_bulk_write_statements`)."""
         upsert, history_copy, feed_copy = self._bulk_writes
-        first = writes[0]  # scope, time and write metadata are the batch's
+        user_ids, scope, retention = batch.user_ids, batch.scope, batch.retention
         upserts = upsert.args_many(
-            first.params(),
+            batch.write(0).params(),  # the values every write of the batch shares
             ("w_user_id", "w_schema_version", "w_payload"),
-            [(write.user_id, write.schema_version, write.payload) for write in writes],
+            list(zip(user_ids, batch.schema_versions, batch.payloads, strict=True)),
         )
-        copied = {**first.scope.key(first.user_id), "user_ids_json": json.dumps(user_ids)}
-        prune, retention = self._prune, first.retention
+        copied = {**scope.key(user_ids[0]), "user_ids_json": json.dumps(user_ids)}
+        prune = self._prune
         prunes = (
             []
             if retention is None
-            else [prune.args({**first.scope.key(user), **retention.params()}) for user in user_ids]
+            else [prune.args({**scope.key(user), **retention.params()}) for user in user_ids]
         )
 
         def run(conn: sqlite3.Connection) -> list[int]:
