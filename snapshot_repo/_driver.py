@@ -29,8 +29,9 @@ import json
 import logging
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from operator import itemgetter
 from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -44,7 +45,6 @@ from sqlalchemy.util import greenlet_spawn
 from ._dialects import (
     ROW_COLUMNS,
     STORED_COLUMNS,
-    WRITE_COLUMNS,
     DialectName,
     delete_statements,
     erasure_feed_statements,
@@ -169,21 +169,21 @@ class PendingWrite:
     notify: bool = False
 
     def params(self) -> dict[str, Any]:
-        values = {
-            "tenant": self.scope.tenant,
-            "namespace": self.scope.namespace,
-            "user_id": self.user_id,
-            "schema_version": self.schema_version,
-            "payload": self.payload,
-            "created_at": self.created_at,
-            "idempotency_key": self.idempotency_key,
-            "actor": self.actor,
-            "reason": self.reason,
-            "metadata": self.metadata,
+        scope = self.scope
+        params = {
+            "w_tenant": scope.tenant,
+            "w_namespace": scope.namespace,
+            "w_user_id": self.user_id,
+            "w_schema_version": self.schema_version,
+            "w_payload": self.payload,
+            "w_created_at": self.created_at,
+            "w_idempotency_key": self.idempotency_key,
+            "w_actor": self.actor,
+            "w_reason": self.reason,
+            "w_metadata": self.metadata,
+            "w_expires_at": self.expires_at,
+            "expected_version": self.expected_version,
         }
-        params = {f"w_{name}": values[name] for name in WRITE_COLUMNS}
-        params["expected_version"] = self.expected_version
-        params["w_expires_at"] = self.expires_at
         if self.retention is not None:
             params.update(self.retention.params())
         return params
@@ -276,6 +276,23 @@ class _Compiled:
     names: tuple[str, ...]
     defaults: Mapping[str, Any]
     processors: Mapping[str, Callable[[Any], Any]]
+    _pick: Callable[[Mapping[str, Any]], tuple[Any, ...]] = field(init=False, repr=False)
+    _converting: tuple[tuple[int, Callable[[Any], Any]], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        names = self.names
+        pick: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+        if len(names) > 1:
+            pick = itemgetter(*names)
+        else:  # itemgetter of one name returns the value itself, of none fails
+            pick = lambda values: tuple(values[name] for name in names)  # noqa: E731
+        converting = tuple(
+            (position, self.processors[name])
+            for position, name in enumerate(names)
+            if name in self.processors
+        )
+        object.__setattr__(self, "_pick", pick)
+        object.__setattr__(self, "_converting", converting)
 
     def stored_args(self, stored: Mapping[str, Any]) -> tuple[Any, ...]:
         """Positional values taken as they are: `stored` came from the database already."""
@@ -300,12 +317,20 @@ class _Compiled:
         return executions
 
     def args(self, params: Mapping[str, Any]) -> tuple[Any, ...]:
-        values = []
-        for name in self.names:
-            value = params[name] if name in params else self.defaults[name]
-            processor = self.processors.get(name)
-            values.append(value if processor is None or value is None else processor(value))
-        return tuple(values)
+        """Positional values for `params`, defaults filled in, converted for the driver.
+
+        Picked by one `itemgetter` from the defaults overlaid with `params`, then
+        only the few converting positions touched: a write binds 14 values, and
+        a Python loop over them was a tenth of the library's CPU per write.
+        """
+        values = self._pick({**self.defaults, **params})
+        if not self._converting:
+            return values
+        converted = list(values)
+        for position, process in self._converting:
+            if converted[position] is not None:
+                converted[position] = process(converted[position])
+        return tuple(converted)
 
 
 def _compile(statement: ClauseElement, dialect: Dialect) -> _Compiled:
