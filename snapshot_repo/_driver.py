@@ -38,7 +38,9 @@ from typing import Any, NoReturn, Protocol, TypeVar
 import asyncpg
 from asyncpg.exceptions._base import InternalClientError
 from sqlalchemy import ClauseElement, ColumnElement, Dialect
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
@@ -411,12 +413,86 @@ class _Connections:
     their engine keep connections (`from_url`): a repository made on a
     borrowed engine may be short-lived and never closed, and must not hold
     the caller's connections.
+
+    Operations are admitted first-come, first-served through a semaphore as
+    wide as the pool. Without it, when more tasks than connections ran at
+    once, the tasks holding connections took them again and again (from the
+    kept ones, or straight back from the pool's queue, which does not hand a
+    returned connection to the waiter it wakes) while the others waited:
+    16 writers on a pool of 10 had a p99 of 25 ms against 5 ms for asyncpg's
+    pool. A task admitted never waits inside SQLAlchemy's pool for a
+    connection held by this repository.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._kept: list[Any] = []
         self.keep = 0
+        self._gate: asyncio.Semaphore | None = None
+        pool = engine.sync_engine.pool
+        self._size = pool.size() if isinstance(pool, QueuePool) else 0
+        overflow: int = getattr(pool, "_max_overflow", -1)
+        # None: no limit to admit against (overflow unbounded, or not a queue pool).
+        self._capacity = self._size + overflow if self._size and overflow >= 0 else None
+        self._pool_timeout: float = getattr(pool, "_timeout", 30.0)
+        self._reap_every = max(self._pool_timeout / 4, 0.01)
+        self._waiting: dict[asyncio.Task[Any], float] = {}  # admissions waiting: deadlines
+        self._timed_out: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.TimerHandle | None = None
+
+    async def admit(self) -> None:
+        """Wait for this task's turn to use a connection (up to the pool timeout)."""
+        if self._capacity is None:
+            return
+        if self._gate is None:  # made inside the running loop it belongs to
+            self._gate = asyncio.Semaphore(self._capacity)
+        if not self._gate.locked():
+            await self._gate.acquire()  # returns at once
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        cancelling = task.cancelling()
+        self._waiting[task] = loop.time() + self._pool_timeout
+        if self._reaper is None:
+            self._reaper = loop.call_later(self._reap_every, self._reap)
+        try:
+            await self._gate.acquire()
+        except asyncio.CancelledError:
+            if task in self._timed_out:
+                self._timed_out.discard(task)
+                if task.uncancel() <= cancelling:  # nobody else asked to cancel it
+                    # As SQLAlchemy's pool says it, so callers see one message either way.
+                    raise PoolTimeoutError(
+                        f"QueuePool limit of size {self._size} overflow "
+                        f"{(self._capacity or 0) - self._size} reached, connection timed out, "
+                        f"timeout {self._pool_timeout:.2f}"
+                    ) from None
+            raise
+        finally:
+            self._waiting.pop(task, None)
+
+    def _reap(self) -> None:
+        """Cancel the admissions that have waited longer than the pool timeout.
+
+        One timer for all waiters, running only while some wait: a timer per
+        waiting call (`asyncio.timeout`) cost a fifth of the client CPU per
+        write when 16 writers shared 10 connections. A wait therefore ends
+        between one and one and a quarter pool timeouts.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for task, deadline in list(self._waiting.items()):
+            if deadline <= now:
+                del self._waiting[task]
+                self._timed_out.add(task)
+                task.cancel()
+        self._reaper = loop.call_later(self._reap_every, self._reap) if self._waiting else None
+
+    def leave(self) -> None:
+        """End a turn begun by `admit`."""
+        if self._gate is not None:
+            self._gate.release()
 
     @property
     def kept(self) -> int:
@@ -505,7 +581,13 @@ class _Checkout:
         self._fairy: Any = None
 
     async def __aenter__(self) -> Any:
-        self._fairy = await self._connections._take()
+        connections = self._connections
+        await connections.admit()
+        try:
+            self._fairy = await connections._take()
+        except BaseException:
+            connections.leave()
+            raise
         return self._fairy.driver_connection
 
     async def __aexit__(
@@ -515,7 +597,10 @@ class _Checkout:
         _traceback: TracebackType | None,
     ) -> None:
         # Returns None: an exception propagates (or `_checkin` raised the one replacing it).
-        await self._connections._checkin(self._fairy, exc)
+        try:
+            await self._connections._checkin(self._fairy, exc)
+        finally:
+            self._connections.leave()  # after the connection is back, for the next in line
 
 
 def operations_for(engine: AsyncEngine) -> Operations:

@@ -316,6 +316,44 @@ async def test_a_write_on_a_killed_connection_is_connection_lost_then_recovers(
         assert (await repo.upsert_latest(snap("u1", "b"), idempotency_key="retry-me")) == retried
 
 
+async def test_calls_take_connections_in_turn_when_more_run_than_the_pool_holds(
+    backend: Backend,
+):
+    """First come, first served: no call gets a third turn before every call had a first."""
+    settings = sr.EngineSettings(pool_size=2, max_overflow=0)
+    async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
+        for user in range(5):
+            await repo.upsert_latest(snap(f"u{user}", "a"))
+        # Open both connections first: a connection being opened is slow, not unfair.
+        await asyncio.gather(repo.get_latest("u0"), repo.get_latest("u1"))
+        finished: list[tuple[int, int]] = []
+
+        async def reader(user: int) -> None:
+            for turn in range(6):
+                await repo.get_latest(f"u{user}")
+                finished.append((user, turn))
+
+        await asyncio.gather(*(reader(user) for user in range(5)))
+        first_of_each = max(finished.index((user, 0)) for user in range(5))
+        third_of_any = min(finished.index((user, 2)) for user in range(5))
+        assert first_of_each < third_of_any, finished
+
+
+async def test_a_call_waiting_for_this_repositorys_connections_times_out_naming_the_limit(
+    backend: Backend,
+):
+    settings = sr.EngineSettings(pool_size=1, max_overflow=0, pool_timeout=0.3)
+    async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
+        await repo.upsert_latest(snap("u1", "a"))
+        loop = asyncio.get_running_loop()
+        async with repo._ops._connections.checkout():  # this repository's only connection
+            started = loop.time()
+            with pytest.raises(sr.StorageError, match=r"limit of size 1 overflow 0"):
+                await repo.get_latest("u1")
+            assert 0.25 < loop.time() - started < 1.0
+        assert await repo.get_latest("u1") is not None  # the turn passed on; calls work again
+
+
 async def test_an_exhausted_pool_fails_after_its_timeout_naming_the_limit(backend: Backend):
     settings = sr.EngineSettings(pool_size=1, max_overflow=0, pool_timeout=0.5)
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
