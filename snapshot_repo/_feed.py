@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from ._checks import check_int
 from ._core import RepositoryCore
@@ -65,10 +65,8 @@ class ChangeFeed(RepositoryCore[StateT]):
         for raw in raw_rows:
             seq, txid, user_id, version, kind, created_at, actor, reason, metadata = decode(raw)
             changes.append(
-                Change(
+                self._scoped_change(
                     seq=seq,
-                    tenant=self._scope.tenant,
-                    namespace=self._scope.namespace,
                     user_id=user_id,
                     version=version,
                     kind=kind,
@@ -124,10 +122,8 @@ class ChangeFeed(RepositoryCore[StateT]):
         if hub is None or not hub.listens_to(self._scope.tenant, self._scope.namespace):
             return
         hub.publish(
-            Change(
+            self._scoped_change(
                 seq=None,
-                tenant=self._scope.tenant,
-                namespace=self._scope.namespace,
                 user_id=user_id,
                 version=version,
                 kind=kind,
@@ -137,3 +133,7 @@ class ChangeFeed(RepositoryCore[StateT]):
                 metadata=snapshot.metadata if snapshot else None,
             )
         )
+
+    def _scoped_change(self, **fields: Any) -> Change:
+        """A `Change` of this repository's scope."""
+        return Change(tenant=self._scope.tenant, namespace=self._scope.namespace, **fields)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -172,7 +173,9 @@ async def test_skip_invalid_leaves_out_bad_rows_and_logs_them(
 # --- timeouts and dead connections ---------------------------------------------
 
 
-async def test_operation_timeout_bounds_a_call_to_a_stalled_server():
+@contextlib.asynccontextmanager
+async def stalled_server() -> AsyncIterator[str]:
+    """A TCP server that accepts connections and never answers: a URL to it."""
     stalled: list[asyncio.StreamWriter] = []
 
     async def accept_and_stall(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -181,10 +184,18 @@ async def test_operation_timeout_bounds_a_call_to_a_stalled_server():
     server = await asyncio.start_server(accept_and_stall, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x"
+    finally:
+        for writer in stalled:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_operation_timeout_bounds_a_call_to_a_stalled_server():
+    async with stalled_server() as url:
         repo = sr.SnapshotRepository.from_url(
-            f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x",
-            settings=sr.EngineSettings(connect_timeout=60),
-            operation_timeout=0.5,
+            url, settings=sr.EngineSettings(connect_timeout=60), operation_timeout=0.5
         )
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -196,28 +207,16 @@ async def test_operation_timeout_bounds_a_call_to_a_stalled_server():
         started = loop.time()
         await repo.close()
         assert loop.time() - started < 6
-    finally:
-        for writer in stalled:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def test_the_callers_own_timeout_and_cancellation_pass_through_unchanged():
     """Only the repository's deadline becomes a StorageError; a caller's stays the caller's."""
-    stalled: list[asyncio.StreamWriter] = []
-
-    async def accept_and_stall(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        stalled.append(writer)
-
-    server = await asyncio.start_server(accept_and_stall, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    repo = sr.SnapshotRepository.from_url(
-        f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x",
-        settings=sr.EngineSettings(connect_timeout=60),
-        operation_timeout=30,
-    )
-    try:
+    async with (
+        stalled_server() as url,
+        sr.SnapshotRepository.from_url(
+            url, settings=sr.EngineSettings(connect_timeout=60), operation_timeout=30
+        ) as repo,
+    ):
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
                 await repo.get_latest("u1")
@@ -227,12 +226,6 @@ async def test_the_callers_own_timeout_and_cancellation_pass_through_unchanged()
         with pytest.raises(asyncio.CancelledError):
             await call
         assert asyncio.current_task().cancelling() == 0  # nothing leaked into this task
-    finally:
-        await repo.close()
-        for writer in stalled:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 def test_timeouts_must_be_positive():
