@@ -44,6 +44,7 @@ from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.util import greenlet_spawn
 
+from . import _deadlines
 from ._dialects import (
     ROW_COLUMNS,
     STORED_COLUMNS,
@@ -435,10 +436,6 @@ class _Connections:
         # None: no limit to admit against (overflow unbounded, or not a queue pool).
         self._capacity = self._size + overflow if self._size and overflow >= 0 else None
         self._pool_timeout: float = getattr(pool, "_timeout", 30.0)
-        self._reap_every = max(self._pool_timeout / 4, 0.01)
-        self._waiting: dict[asyncio.Task[Any], float] = {}  # admissions waiting: deadlines
-        self._timed_out: set[asyncio.Task[Any]] = set()
-        self._reaper: asyncio.TimerHandle | None = None
 
     async def admit(self) -> None:
         """Wait for this task's turn to use a connection (up to the pool timeout)."""
@@ -449,45 +446,20 @@ class _Connections:
         if not self._gate.locked():
             await self._gate.acquire()  # returns at once
             return
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        cancelling = task.cancelling()
-        self._waiting[task] = loop.time() + self._pool_timeout
-        if self._reaper is None:
-            self._reaper = loop.call_later(self._reap_every, self._reap)
+        deadline = _deadlines.start(self._pool_timeout)
         try:
             await self._gate.acquire()
-        except asyncio.CancelledError:
-            if task in self._timed_out:
-                self._timed_out.discard(task)
-                if task.uncancel() <= cancelling:  # nobody else asked to cancel it
-                    # As SQLAlchemy's pool says it, so callers see one message either way.
-                    raise PoolTimeoutError(
-                        f"QueuePool limit of size {self._size} overflow "
-                        f"{(self._capacity or 0) - self._size} reached, connection timed out, "
-                        f"timeout {self._pool_timeout:.2f}"
-                    ) from None
+        except asyncio.CancelledError as cancelled:
+            _deadlines.stop(deadline)
+            if deadline.expired_for(type(cancelled)):
+                # As SQLAlchemy's pool says it, so callers see one message either way.
+                raise PoolTimeoutError(
+                    f"QueuePool limit of size {self._size} overflow "
+                    f"{(self._capacity or 0) - self._size} reached, connection timed out, "
+                    f"timeout {self._pool_timeout:.2f}"
+                ) from None
             raise
-        finally:
-            self._waiting.pop(task, None)
-
-    def _reap(self) -> None:
-        """Cancel the admissions that have waited longer than the pool timeout.
-
-        One timer for all waiters, running only while some wait: a timer per
-        waiting call (`asyncio.timeout`) cost a fifth of the client CPU per
-        write when 16 writers shared 10 connections. A wait therefore ends
-        between one and one and a quarter pool timeouts.
-        """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for task, deadline in list(self._waiting.items()):
-            if deadline <= now:
-                del self._waiting[task]
-                self._timed_out.add(task)
-                task.cancel()
-        self._reaper = loop.call_later(self._reap_every, self._reap) if self._waiting else None
+        _deadlines.stop(deadline)
 
     def leave(self) -> None:
         """End a turn begun by `admit`."""

@@ -8,13 +8,14 @@ SQL parameters (which would hold payloads).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from types import TracebackType
 
 import asyncpg
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from . import _deadlines
+from ._deadlines import Deadline
 from .errors import (
     ConnectionLostError,
     SchemaNotReadyError,
@@ -60,21 +61,11 @@ class storage_errors:  # lower case, like `contextlib.suppress`: used as `async 
     unchanged.
 
     It wraps every public call, so it is a class rather than an
-    `asynccontextmanager`, and it keeps its own deadline (one timer, with
-    `asyncio.timeout`'s rules for telling its cancellation from the caller's)
-    rather than an `asyncio.Timeout`: together a few microseconds a call,
-    which shows on SQLite reads of about 100 us.
+    `asynccontextmanager`, and its deadline is registered with `_deadlines`
+    rather than a timer of its own: together several microseconds a call.
     """
 
-    __slots__ = (
-        "_cancelling",
-        "_expired",
-        "_operation",
-        "_task",
-        "_time_limit",
-        "_timer",
-        "_user_id",
-    )
+    __slots__ = ("_deadline", "_operation", "_time_limit", "_user_id")
 
     def __init__(
         self, operation: str, user_id: str | None = None, *, time_limit: float | None = None
@@ -82,23 +73,11 @@ class storage_errors:  # lower case, like `contextlib.suppress`: used as `async 
         self._operation = operation
         self._user_id = user_id
         self._time_limit = time_limit
-        self._timer: asyncio.TimerHandle | None = None
-        self._expired = False
+        self._deadline: Deadline | None = None
 
     async def __aenter__(self) -> None:
-        if self._time_limit is None:
-            return
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("storage_errors with a time limit needs a running task")
-        self._task = task
-        self._cancelling = task.cancelling()
-        self._timer = task.get_loop().call_later(self._time_limit, self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        self._expired = True
-        self._task.cancel()
+        if self._time_limit is not None:
+            self._deadline = _deadlines.start(self._time_limit)
 
     async def __aexit__(
         self,
@@ -106,19 +85,13 @@ class storage_errors:  # lower case, like `contextlib.suppress`: used as `async 
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if (
-            self._expired
-            and self._task.uncancel() <= self._cancelling
-            and exc_type is asyncio.CancelledError
-        ):
-            # Our deadline cancelled the block, and nobody else asked to cancel the task.
-            subject = self._subject()
-            raise StorageError(
-                f"{self._operation}{subject} timed out after {self._time_limit:g} s"
-            ) from TimeoutError(f"operation_timeout of {self._time_limit:g} s")
+        deadline = self._deadline
+        if deadline is not None:
+            _deadlines.stop(deadline)
+            if deadline.expired_for(exc_type):
+                raise StorageError(
+                    f"{self._operation}{self._subject()} timed out after {self._time_limit:g} s"
+                ) from TimeoutError(f"operation_timeout of {self._time_limit:g} s")
         if exc is not None:
             self._translate(exc)  # returns when `exc` is to propagate as it is
 
