@@ -68,6 +68,7 @@ from ._dialects import (
     write_mode,
 )
 from ._translate import describe
+from ._turns import Turns
 from .engine import engine_settings
 from .errors import ConnectionLostError, StorageError
 from .tables import latest_table
@@ -400,6 +401,10 @@ KEPT_CONNECTIONS = 2
 """How many connections a repository that owns its engine keeps between its operations."""
 
 
+_TURN_PATIENCE = 0.002
+"""Seconds a call may wait for a connection before later calls stop going ahead of it."""
+
+
 class _Connections:
     """Borrows connections from SQLAlchemy's pool, keeping a few between operations.
 
@@ -415,21 +420,22 @@ class _Connections:
     borrowed engine may be short-lived and never closed, and must not hold
     the caller's connections.
 
-    Operations are admitted first-come, first-served through a semaphore as
-    wide as the pool. Without it, when more tasks than connections ran at
-    once, the tasks holding connections took them again and again (from the
-    kept ones, or straight back from the pool's queue, which does not hand a
-    returned connection to the waiter it wakes) while the others waited:
-    16 writers on a pool of 10 had a p99 of 25 ms against 5 ms for asyncpg's
-    pool. A task admitted never waits inside SQLAlchemy's pool for a
-    connection held by this repository.
+    Operations take turns (`Turns`, as many as the pool has connections):
+    first come, first served once anyone has waited `_TURN_PATIENCE`.
+    Without turns, when more tasks than connections ran at once, the tasks
+    holding connections took them again and again (from the kept ones, or
+    straight back from the pool's queue, which does not hand a returned
+    connection to the waiter it wakes) while the others waited: 16 writers
+    on a pool of 10 had a p99 of 25 ms against 5 ms for asyncpg's pool. A
+    task with a turn never waits inside SQLAlchemy's pool for a connection
+    held by this repository.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._kept: list[Any] = []
         self.keep = 0
-        self._gate: asyncio.Semaphore | None = None
+        self._turns: Turns | None = None
         pool = engine.sync_engine.pool
         self._size = pool.size() if isinstance(pool, QueuePool) else 0
         overflow: int = getattr(pool, "_max_overflow", -1)
@@ -441,14 +447,13 @@ class _Connections:
         """Wait for this task's turn to use a connection (up to the pool timeout)."""
         if self._capacity is None:
             return
-        if self._gate is None:  # made inside the running loop it belongs to
-            self._gate = asyncio.Semaphore(self._capacity)
-        if not self._gate.locked():
-            await self._gate.acquire()  # returns at once
+        if self._turns is None:  # made inside the running loop it belongs to
+            self._turns = Turns(self._capacity, patience=_TURN_PATIENCE)
+        if self._turns.try_take():
             return
         deadline = _deadlines.start(self._pool_timeout)
         try:
-            await self._gate.acquire()
+            await self._turns.take()
         except asyncio.CancelledError as cancelled:
             _deadlines.stop(deadline)
             if deadline.expired_for(type(cancelled)):
@@ -463,8 +468,8 @@ class _Connections:
 
     def leave(self) -> None:
         """End a turn begun by `admit`."""
-        if self._gate is not None:
-            self._gate.release()
+        if self._turns is not None:
+            self._turns.give_back()
 
     @property
     def kept(self) -> int:

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 import snapshot_repo as sr
-from snapshot_repo import migrate
+from snapshot_repo import _driver, migrate
 
 from .conftest import Backend, Cart, _plain_dsn
 from .test_repository import snap, stored_rows
@@ -310,9 +310,14 @@ async def test_a_write_on_a_killed_connection_is_connection_lost_then_recovers(
 
 
 async def test_calls_take_connections_in_turn_when_more_run_than_the_pool_holds(
-    backend: Backend,
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
 ):
-    """First come, first served: no call gets a third turn before every call had a first."""
+    """First come, first served: no call gets a third turn before every call had a first.
+
+    With no patience (strict turns); the default lets a caller go ahead of
+    waiters for up to 2 ms, which `tests/test_turns.py` checks on its own.
+    """
+    monkeypatch.setattr(_driver, "_TURN_PATIENCE", 0.0)
     settings = sr.EngineSettings(pool_size=2, max_overflow=0)
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         for user in range(5):
