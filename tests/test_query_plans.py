@@ -177,3 +177,37 @@ async def test_idempotency_and_expiry_lookups_use_the_partial_indexes(
     assert "ix_snapshot_latest_expires_at" in expired, expired
     assert "Seq Scan" not in expired, expired
     assert "SCAN snapshot_latest" not in expired, expired
+
+
+async def test_postgres_writes_update_the_latest_row_in_place(postgres_url: str):
+    """Revision 0009's free space per page makes a write a HOT update on its row's page.
+
+    With full pages (fillfactor 100) the new row version must move to another
+    page and add an entry to every index of the table; with room left it stays
+    on its page, which for an update of unindexed columns is a HOT update.
+    """
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        async with repo.engine.connect() as conn:
+            options = await conn.exec_driver_sql(
+                "SELECT reloptions FROM pg_class WHERE relname = 'snapshot_latest'"
+            )
+            assert options.scalar_one() == ["fillfactor=50"]
+        note = "n" * 600  # a few rows fill a page
+        await repo.upsert_many(
+            [sr.Snapshot(user_id=f"u{i:03}", state=Cart(note=note)) for i in range(100)]
+        )
+
+        async def pages() -> dict[str, int]:
+            async with repo.engine.connect() as conn:
+                rows = await conn.exec_driver_sql(
+                    "SELECT user_id, (ctid::text::point)[0]::int FROM snapshot_latest"
+                )
+                return {user_id: page for user_id, page in rows}
+
+        before = await pages()
+        assert max(before.values()) > 0, "the rows fit on one page: nothing is tested"
+        first_page = sorted(user for user, page in before.items() if page == 0)
+        for user_id in first_page:
+            await repo.upsert_latest(sr.Snapshot(user_id=user_id, state=Cart(note=note + "!")))
+        after = await pages()
+        assert {user: after[user] for user in first_page} == dict.fromkeys(first_page, 0)

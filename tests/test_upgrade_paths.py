@@ -23,7 +23,7 @@ def moment(backend: Backend, at: datetime) -> str:
     return f"'{text}'" if backend.name == "sqlite" else f"'{text}+00'::timestamptz"
 
 
-@pytest.mark.parametrize("previous", ["0003", "0004", "0005", "0006", "0007"])
+@pytest.mark.parametrize("previous", ["0003", "0004", "0005", "0006", "0007", "0008"])
 async def test_upgrade_from_each_previous_head_keeps_rows(backend: Backend, previous: str):
     """Rows written at `previous` (scoped keys exist from 0003 on) read the same at head."""
     engine = sr.create_engine(backend.fresh_url())
