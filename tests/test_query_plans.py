@@ -202,7 +202,7 @@ async def test_postgres_writes_update_the_latest_row_in_place(postgres_url: str)
                 rows = await conn.exec_driver_sql(
                     "SELECT user_id, (ctid::text::point)[0]::int FROM snapshot_latest"
                 )
-                return {user_id: page for user_id, page in rows}
+                return dict(rows.all())
 
         before = await pages()
         assert max(before.values()) > 0, "the rows fit on one page: nothing is tested"
