@@ -463,6 +463,9 @@ def postgres_bulk_write_statement(
         else "row_number() OVER (PARTITION BY b.user_id ORDER BY b.ord) AS rn, "
         "count(*) OVER (PARTITION BY b.user_id) AS n"
     )
+    # A repeated user's versions must take ascending feed seqs; one write per user
+    # needs no order, and sorting 500 rows was a fortieth of the statement.
+    feed_order = "" if distinct_users else "ORDER BY user_id, version"
     shared = (
         "CAST(:created_at AS TIMESTAMPTZ), NULL, CAST(:actor AS VARCHAR), "
         "CAST(:reason AS TEXT), CAST(:metadata AS BYTEA)"
@@ -508,7 +511,7 @@ def postgres_bulk_write_statement(
             SELECT {feed_columns}, 'write',
                    CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)
             FROM appended {notify_clause}
-            ORDER BY user_id, version
+            {feed_order}
         )
         SELECT user_id, version FROM appended
         """
