@@ -129,6 +129,9 @@ class Erasure:
     only_expired: bool = False
     notify: bool = False
     drop_data_key: bool = False
+    checkpoint: bool = True
+    """SQLite: checkpoint the WAL after this erasure's commit. A batch of erasures
+    clears it and calls `checkpoint_erasures` once instead."""
 
     def key(self) -> dict[str, Any]:
         return self.scope.key(self.user_id)
@@ -258,6 +261,14 @@ class Operations(Protocol):
     async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]: ...
     async def vacuum(self) -> None:
         """Reclaim dead rows of the snapshot tables now (Postgres VACUUM; SQLite checkpoint)."""
+        ...
+
+    async def checkpoint_erasures(self) -> None:
+        """Leave no trace of erasures committed with `checkpoint=False`.
+
+        SQLite (with `secure_delete`): the WAL checkpoint each erasure would have
+        run; a failure is logged, since the erasures stand. Postgres: nothing.
+        """
         ...
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]: ...
@@ -833,6 +844,9 @@ class _PostgresOperations(_SharedStatements):
             # still hold erased rows' bytes until autovacuum would have.
             await conn.execute("VACUUM snapshot_latest, snapshot_history, snapshot_changes")
 
+    async def checkpoint_erasures(self) -> None:
+        """Nothing: Postgres erasures leave dead tuples to VACUUM (`erase(vacuum=True)`)."""
+
 
 def _versions_in_input_order(user_ids: Sequence[str], rows: Sequence[Any]) -> list[int]:
     """Give each write its version: a user's versions, ascending, in the order of its writes."""
@@ -878,13 +892,17 @@ def _checkpoint(conn: sqlite3.Connection) -> None:
 
 
 def _checkpoint_after_erasure(conn: sqlite3.Connection, outcome: tuple[int, int]) -> None:
-    """`_checkpoint` once an erasure that removed rows has committed; a failure is logged."""
-    if not outcome[0]:
-        return
+    """`_checkpoint_committed_erasures` if the erasure that just committed removed rows."""
+    if outcome[0]:
+        _checkpoint_committed_erasures(conn)
+
+
+def _checkpoint_committed_erasures(conn: sqlite3.Connection) -> None:
+    """`_checkpoint` after erasures have committed; a failure is logged, not raised."""
     try:
         _checkpoint(conn)
     except (sqlite3.Error, OSError) as exc:
-        # The erasure committed; only the WAL still holds the old bytes.
+        # The erasures committed; only the WAL still holds the old bytes.
         logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
 
 
@@ -1035,13 +1053,22 @@ class _SqliteOperations(_SharedStatements):
 
         # Checkpointing in the same hop, right after the commit and still under the
         # write lock, saves a second thread hop and lock wait per erasure.
-        after_commit = _checkpoint_after_erasure if self._erase_without_trace else None
-        return await self._in_write_transaction(run, after_commit)
+        checkpoint = self._erase_without_trace and erasure.checkpoint
+        return await self._in_write_transaction(
+            run, _checkpoint_after_erasure if checkpoint else None
+        )
 
     async def vacuum(self) -> None:
         """Move the WAL into the database file and truncate it, so erased bytes leave the WAL."""
+        await self._run_checkpoint(_checkpoint)
+
+    async def checkpoint_erasures(self) -> None:
+        if self._erase_without_trace:
+            await self._run_checkpoint(_checkpoint_committed_erasures)
+
+    async def _run_checkpoint(self, checkpoint: Callable[[sqlite3.Connection], None]) -> None:
         async with self._write_lock, self._connections.checkout() as aconn:
-            await aconn._execute(_checkpoint, aconn._conn)
+            await aconn._execute(checkpoint, aconn._conn)
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         return await self._fetch(self._compiled(statement), params)

@@ -185,7 +185,8 @@ class Privacy(Contract[StateT]):
 
         Each user is erased as by `delete` (receipt, feed entry, listeners),
         unless a write cleared the expiry meanwhile. Covers every tenant of
-        the namespace (one tenant through a tenant view).
+        the namespace (one tenant through a tenant view). On SQLite each batch
+        of `batch_size` users shares one WAL checkpoint (see `_erase_batch`).
 
         Returns:
             How many users were erased.
@@ -205,10 +206,15 @@ class Privacy(Contract[StateT]):
                 )
             if not rows:
                 return reaped
-            for tenant, user_id in rows:
-                scoped = self if tenant == self._scope.tenant else self.for_tenant(tenant)
-                if await scoped._erase(user_id, "expired", only_expired=True):
-                    reaped += 1
+            erased = await self._erase_batch(
+                (
+                    (self if tenant == self._scope.tenant else self.for_tenant(tenant), user_id)
+                    for tenant, user_id in rows
+                ),
+                "expired",
+                only_expired=True,
+            )
+            reaped += sum(1 for versions in erased if versions)
             if progress is not None:
                 progress(reaped)
 

@@ -60,7 +60,7 @@ async def erase_user(
             scopes = await finder._read(
                 finder._ops.fetch, namespaces_of_user_statement(), {"user_id": user_id}
             )
-        erased = 0
+        views = []
         for row_tenant, namespace in scopes:
             if tenant is not None and row_tenant != tenant:
                 continue
@@ -68,6 +68,5 @@ async def erase_user(
             repository: SnapshotRepository[JsonObject] = SnapshotRepository(
                 finder.engine, **per_namespace
             )
-            scoped = repository.for_tenant(row_tenant) if row_tenant else repository
-            erased += await scoped._erase(user_id, "erase", drop_data_key=True)
-        return erased
+            views.append((repository.for_tenant(row_tenant) if row_tenant else repository, user_id))
+        return sum(await finder._erase_batch(views, "erase", drop_data_key=True))

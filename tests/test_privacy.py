@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import snapshot_repo as sr
+from snapshot_repo import _driver
 from snapshot_repo.retention import RetentionPolicy
 
 from .conftest import Backend, Cart
@@ -50,6 +52,81 @@ async def test_erased_state_cannot_be_found_in_the_sqlite_files(tmp_path, sqlite
         assert marker.encode() not in after
     after_close = b"".join(p.read_bytes() for p in sqlite_files(url))
     assert marker.encode() not in after_close
+
+
+def copy_of_template(tmp_path: Path, sqlite_template: Path) -> str:
+    path = tmp_path / "batch.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """Spy on the library's WAL checkpoint (it still runs): one entry per checkpoint."""
+    calls: list[None] = []
+    real = _driver._checkpoint
+
+    def spy(conn: sqlite3.Connection) -> None:
+        calls.append(None)
+        real(conn)
+
+    monkeypatch.setattr(_driver, "_checkpoint", spy)
+    return calls
+
+
+async def erase_as_batch(how: str, url: str, repo: sr.SnapshotRepository[Cart]) -> int:
+    if how == "reap":
+        return await repo.reap_expired(batch_size=100)
+    if how == "purge":
+        return await repo.purge_all(confirm="default")
+    return await sr.erase_user(url, "victim")  # the same person in every namespace
+
+
+@pytest.mark.parametrize("how", ["reap", "purge", "erase_user"])
+async def test_batch_erasures_leave_no_trace_after_one_checkpoint(
+    tmp_path, sqlite_template, monkeypatch, how
+):
+    """Reaping, purging and erasing a person everywhere share one checkpoint per batch."""
+    url = copy_of_template(tmp_path, sqlite_template)
+    marker = f"MARKER-{uuid.uuid4().hex}"
+    async with sr.SnapshotRepository.from_url(url, Cart) as repo:
+        for n in range(6):
+            if how == "erase_user":
+                namespace = sr.SnapshotRepository.from_url(url, Cart, namespace=f"ns{n}")
+                async with namespace:
+                    await namespace.upsert_latest(snap("victim", f"{marker}-{n}", "x" * 200))
+            else:
+                await repo.upsert_latest(
+                    snap(f"victim{n}", f"{marker}-{n}", "x" * 200), ttl=timedelta(0)
+                )
+        assert marker.encode() in b"".join(p.read_bytes() for p in sqlite_files(url))
+        checkpoints = counting_checkpoints(monkeypatch)
+        assert await erase_as_batch(how, url, repo) == 6
+        assert len(checkpoints) == 1  # not one per erasure
+        assert marker.encode() not in b"".join(p.read_bytes() for p in sqlite_files(url))
+
+
+async def test_a_batch_failing_part_way_leaves_no_trace_of_what_it_erased(
+    tmp_path, sqlite_template
+):
+    """The checkpoint also runs when an erasure fails: the erasures before it leave no trace."""
+    url = copy_of_template(tmp_path, sqlite_template)
+    marker = f"MARKER-{uuid.uuid4().hex}"
+    async with sr.SnapshotRepository.from_url(url, Cart) as repo:
+        for n in range(4):
+            await repo.upsert_latest(snap(f"u{n}", f"{marker}-{n}-", "x" * 200))
+        async with repo.engine.begin() as conn:
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_erasure BEFORE DELETE ON snapshot_history "
+                "WHEN OLD.user_id = 'u2' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+            )
+        with pytest.raises(sr.StorageError):
+            await repo.purge_all(confirm="default")
+        files = b"".join(p.read_bytes() for p in sqlite_files(url))
+        for n in (0, 1):  # erased before the failure
+            assert await repo.get_latest(f"u{n}") is None
+            assert f"{marker}-{n}-".encode() not in files
+        for n in (2, 3):  # the failed erasure rolled back; the rest never ran
+            assert await repo.get_latest(f"u{n}") is not None
 
 
 async def test_without_secure_delete_erasure_is_faster_and_leaves_bytes(tmp_path, sqlite_template):
