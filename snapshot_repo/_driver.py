@@ -482,6 +482,15 @@ class _Connections:
         if self._turns is not None:
             self._turns.give_back()
 
+    def keep_up_to(self, count: int) -> None:
+        """Keep up to `count` idle connections, but always leave the pool one.
+
+        The engine's other users (`migrate`, `dump`, your own `engine.connect()`)
+        take connections from the same pool: had an idle repository kept every
+        connection of a small pool, they would wait out `pool_timeout` and fail.
+        """
+        self.keep = count if self._capacity is None else max(0, min(count, self._capacity - 1))
+
     @property
     def kept(self) -> int:
         """How many idle connections are held for reuse (counted as checked out by the pool)."""
@@ -615,7 +624,7 @@ class _SharedStatements:
 
     def keep_connections(self, count: int) -> None:
         """Keep up to `count` idle connections between operations (see `_Connections`)."""
-        self._connections.keep = count
+        self._connections.keep_up_to(count)
 
     _decode: Callable[[Sequence[Any]], Row]
     _prepared: dict[int, tuple[ClauseElement, _Compiled]]

@@ -366,3 +366,18 @@ async def test_an_exhausted_pool_fails_after_its_timeout_naming_the_limit(backen
             assert 0.4 < loop.time() - started < 2.0
         latest = await repo.get_latest("u1")  # the connection is back: calls succeed again
         assert latest is not None
+
+
+@pytest.mark.parametrize("pool_size", [1, 2])
+async def test_connections_kept_between_calls_leave_the_engine_one(
+    backend: Backend, pool_size: int
+):
+    """An idle repository never holds a small pool's last connection (migrate needs one)."""
+    settings = sr.EngineSettings(pool_size=pool_size, max_overflow=0, pool_timeout=0.5)
+    async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
+        await repo.upsert_latest(snap("u1", "a"))
+        await asyncio.gather(*(repo.get_latest("u1") for _ in range(4)))  # all connections open
+        assert repo._ops.kept_connections == pool_size - 1
+        await repo.migrate()  # at head already: only needs a connection
+        async with repo.engine.connect() as conn:
+            assert (await conn.exec_driver_sql("SELECT 1")).scalar_one() == 1
