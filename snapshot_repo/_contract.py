@@ -352,7 +352,7 @@ class Contract(ChangeFeed[StateT]):
         """Erase each (view, user id), one transaction each, sharing one WAL checkpoint.
 
         On SQLite with `secure_delete` the checkpoint that makes an erasure
-        leave no trace costs about three fsyncs, more than the erasure itself;
+        leave no trace costs three fsyncs more than the erasure's commit;
         a batch (reaping, purging, a person across namespaces) runs it once at
         the end, also when an erasure fails part-way, so every erasure that
         committed has left no trace by the time this returns or raises.

@@ -116,8 +116,8 @@ class Lifecycle(Privacy[StateT], HistoryReads[StateT]):
         Each user is erased as by `delete` (one transaction per user, each
         recorded in the change feed), so a failure part-way leaves whole
         users erased or kept, never half of one; on SQLite each page of 500
-        users shares one WAL checkpoint (see `_erase_batch`). Users written while the purge
-        runs may survive it.
+        users shares one WAL checkpoint (see `_erase_batch`). Users written
+        while the purge runs may survive it.
 
         Args:
             confirm: must equal `purge_label`, e.g. "default" or "acme/cart",

@@ -8,7 +8,8 @@ user. With half of each page kept free the update is a heap-only tuple
 (HOT) update on the same page: no index entry, less WAL, and the page's dead
 versions are pruned by the next access instead of waiting for vacuum.
 Measured: 2,000 users after 5,000 writes took 5.5 MB instead of 11 MB, and a
-500-snapshot `upsert_many` spent a third less time in the latest table.
+500-snapshot `upsert_many` spent about 2 ms instead of 3.4 ms in the latest
+table (`EXPLAIN ANALYZE`).
 
 Pages written before this revision keep their layout until they are
 rewritten (by `VACUUM FULL`, or as rows move). SQLite has no fillfactor;
