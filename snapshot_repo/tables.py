@@ -173,6 +173,13 @@ history_table = Table(
     "snapshot_history",
     metadata,
     *_snapshot_columns(),
+    # Postgres (revision 0010): the version's place in the change feed, so that a
+    # write's feed entry is its history row rather than a row of its own in
+    # `snapshot_changes` (see that table). The writing transaction's id and a
+    # number from the feed's sequence, as `txid` and `seq` there. NULL on SQLite,
+    # for rows written before 0010, and for rows a `load` restored.
+    Column("feed_txid", BigInteger, nullable=True),
+    Column("feed_seq", BigInteger, nullable=True),
     PrimaryKeyConstraint("tenant", "namespace", "user_id", "version"),
     Index(
         "ux_snapshot_history_idempotency_key",
@@ -183,6 +190,16 @@ history_table = Table(
         unique=True,
         **_only_where_set("idempotency_key"),  # partial, as above (revision 0008)
     ),
+)
+
+# For changes_since on Postgres: the feed entries history rows carry, in feed order.
+Index(
+    "ix_snapshot_history_feed",
+    history_table.c.tenant,
+    history_table.c.namespace,
+    history_table.c.feed_txid,
+    history_table.c.feed_seq,
+    **_only_where_set("feed_seq"),
 )
 
 # For get_as_of: the newest version written at or before a moment, one index probe.
@@ -198,7 +215,12 @@ changes_table = Table(
     "snapshot_changes",
     metadata,
     # The global, ordered change feed (seed 004's transitions): one row per
-    # committed write or erasure, never a payload.
+    # committed write or erasure, never a payload. On Postgres, from revision
+    # 0010, a write's entry is carried by its history row (`feed_txid`,
+    # `feed_seq`) and this table holds erasures, writes from before 0010, and
+    # the entries of versions that retention pruned (moved here, same txid and
+    # seq): one heap row and three index entries fewer per write. Readers merge
+    # both in (txid, seq) order.
     Column(
         "seq",
         BigInteger().with_variant(Integer, "sqlite"),  # SQLite: an alias of the rowid

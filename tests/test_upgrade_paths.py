@@ -10,6 +10,7 @@ import snapshot_repo as sr
 from snapshot_repo import migrate
 
 from .conftest import Backend, Cart
+from .test_changes import read_all
 
 KEY = b"an application secret of 32 bytes"
 
@@ -23,7 +24,7 @@ def moment(backend: Backend, at: datetime) -> str:
     return f"'{text}'" if backend.name == "sqlite" else f"'{text}+00'::timestamptz"
 
 
-@pytest.mark.parametrize("previous", ["0003", "0004", "0005", "0006", "0007", "0008"])
+@pytest.mark.parametrize("previous", ["0003", "0004", "0005", "0006", "0007", "0008", "0009"])
 async def test_upgrade_from_each_previous_head_keeps_rows(backend: Backend, previous: str):
     """Rows written at `previous` (scoped keys exist from 0003 on) read the same at head."""
     engine = sr.create_engine(backend.fresh_url())
@@ -100,3 +101,39 @@ async def test_a_populated_database_goes_down_to_0005_and_back(backend: Backend)
         await repo.migrate()
         assert [s.version for s in await repo.get_history("u1")] == [2, 1]
         assert await repo.health_check() is True
+
+
+async def test_the_feed_reads_the_same_across_0010_both_ways(backend: Backend):
+    """0010 moves write entries onto history rows (Postgres): entries from before it,
+    and entries carried by history, read as one feed, and a downgrade keeps them all."""
+    engine = sr.create_engine(backend.fresh_url())
+    txid = "CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)"
+    try:
+        await migrate.upgrade(engine, "0009")
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(
+                "INSERT INTO snapshot_changes (txid, tenant, namespace, user_id, version, kind, "
+                f"created_at) VALUES ({txid if backend.name == 'postgres' else 'NULL'}, '', "
+                f"'default', 'old', 1, 'write', {moment(backend, datetime.now(UTC))})"
+            )
+        await migrate.upgrade(engine)
+        async with sr.SnapshotRepository(engine, Cart) as repo:
+            for items in (["a"], ["b"], ["c"]):
+                await repo.upsert_latest(sr.Snapshot(user_id="new", state=Cart(items=items)))
+            assert await repo.prune_history("new", keep_last=1) == 2
+            before, _ = await read_all(repo, expect=4)
+        assert [(c.user_id, c.version) for c in before] == [("old", 1)] + [
+            ("new", v) for v in (1, 2, 3)
+        ]
+        await migrate.downgrade(engine, "0009")
+        async with engine.connect() as conn:
+            stored = await conn.exec_driver_sql(
+                "SELECT seq, user_id, version FROM snapshot_changes ORDER BY seq"
+            )
+            assert [tuple(row) for row in stored] == [(c.seq, c.user_id, c.version) for c in before]
+        await migrate.upgrade(engine)
+        async with sr.SnapshotRepository(engine, Cart) as repo:
+            after, _ = await read_all(repo, expect=4)
+        assert after == before
+    finally:
+        await engine.dispose()
