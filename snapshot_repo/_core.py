@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import migrate as _migrate
 from ._checks import positive_seconds, valid_scope_name
 from ._closing import AsyncClosing
+from ._dialects import DialectName
 from ._driver import PendingBatch, PendingWrite, Row, Scope, is_retryable, operations_for
 from ._encryption import DataKeys
 from ._translate import describe, storage_errors
@@ -106,6 +107,7 @@ class RepositoryCore(AsyncClosing, Generic[StateT]):
         if dialect not in ("sqlite", "postgresql"):
             raise ConfigurationError(f"unsupported database {dialect!r}: use SQLite or Postgres")
         self._engine = engine
+        self._dialect_name: DialectName = "postgresql" if dialect == "postgresql" else "sqlite"
         self._scope = Scope(
             tenant=NO_TENANT,
             namespace=valid_scope_name("namespace", options.get("namespace", DEFAULT_NAMESPACE)),

@@ -47,6 +47,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -226,29 +227,43 @@ def notify(source: Any, kind: str) -> ColumnElement[bool]:
     return func.pg_notify(NOTIFY_CHANNEL, cast(payload, Text)).isnot(None)
 
 
+FEED_SEQUENCE = "snapshot_changes_seq_seq"
+"""The sequence numbering feed entries: `snapshot_changes.seq`'s, shared by history rows."""
+
+FEED_POSITION_COLUMNS = ("feed_txid", "feed_seq")
+"""Postgres: the history columns that make a history row its write's feed entry."""
+
+
+def _feed_position() -> tuple[ColumnElement[int], ColumnElement[int]]:
+    """Postgres: the writing transaction's id and the next feed sequence number.
+
+    The sequence is named in the SQL text, so Postgres resolves it once per
+    prepared statement rather than per call, as a bound name would make it.
+    """
+    sequence: ColumnElement[Any] = literal_column(f"'{FEED_SEQUENCE}'::regclass")
+    return _postgres_txid(), func.nextval(sequence, type_=BigInteger)
+
+
 @cache
 def postgres_write_statement(
     mode: WriteMode, prune: bool = False, notifying: bool = False
 ) -> Insert:
-    """Postgres: latest write, history append and feed entry in one statement.
+    """Postgres: latest write and history append (the write's feed entry) in one statement.
 
     With `prune`, the same statement also deletes the user's history versions
-    that the retention policy no longer keeps (see `prune_condition`); with
-    `notifying`, it sends a NOTIFY for the write.
+    that the retention policy no longer keeps (see `prune_condition`) and
+    moves their feed entries to `snapshot_changes`; with `notifying`, it
+    sends a NOTIFY for the write.
     Returns the new version (no row when a compare-and-set found another version).
     """
     written = _latest_write("postgresql", mode).cte("written")
-    feed_rows = select(*(written.c[n] for n in CHANGE_COLUMNS), literal("write"), _postgres_txid())
+    appended = select(*(written.c[n] for n in STORED_COLUMNS), *_feed_position())
     if notifying:
-        feed_rows = feed_rows.where(notify(written, "write"))
-    feed = (
-        insert(changes_table).from_select([*CHANGE_COLUMNS, "kind", "txid"], feed_rows).cte("feed")
-    )
+        appended = appended.where(notify(written, "write"))
     statement = (
         insert(history_table)
-        .from_select(list(STORED_COLUMNS), select(*(written.c[n] for n in STORED_COLUMNS)))
+        .from_select([*STORED_COLUMNS, *FEED_POSITION_COLUMNS], appended)
         .returning(history_table.c.version)
-        .add_cte(feed)
     )
     if prune:
         pruned = (
@@ -257,10 +272,37 @@ def postgres_write_statement(
                 *(history_table.c[name] == written.c[name] for name in _KEY_COLUMNS),
                 prune_condition(written.c.version),
             )
+            .returning(*_moved_entry_columns(history_table))
             .cte("pruned")
         )
-        statement = statement.add_cte(pruned)
+        statement = statement.add_cte(pruned).add_cte(_move_feed_entries(pruned))
     return statement
+
+
+def _moved_entry_columns(source: Any) -> list[ColumnElement[Any]]:
+    """What a pruned history row's feed entry needs: `CHANGE_COLUMNS` and its position."""
+    return [source.c[name] for name in (*CHANGE_COLUMNS, *FEED_POSITION_COLUMNS)]
+
+
+def _move_feed_entries(pruned: Any) -> Any:
+    """Postgres: a CTE that keeps pruned versions' feed entries in `snapshot_changes`.
+
+    A pruned version leaves history, but its write stays in the feed: the
+    entry moves with its txid and seq, so it keeps its place and no cursor
+    can skip it or see it twice. Rows from before revision 0010 carry no
+    position; their entries are in `snapshot_changes` already.
+    """
+    entries = select(
+        *(pruned.c[name] for name in CHANGE_COLUMNS),
+        literal("write"),
+        pruned.c.feed_txid,
+        pruned.c.feed_seq,
+    ).where(pruned.c.feed_seq.isnot(None))
+    return (
+        insert(changes_table)
+        .from_select([*CHANGE_COLUMNS, "kind", "txid", "seq"], entries)
+        .cte("moved")
+    )
 
 
 def prune_condition(newest: ColumnElement[int]) -> ColumnElement[bool]:
@@ -280,14 +322,44 @@ def prune_condition(newest: ColumnElement[int]) -> ColumnElement[bool]:
 
 
 @cache
-def prune_statement() -> Delete:
+def prune_statement(dialect: DialectName) -> Delete:
     """Drop a user's history versions beyond the retention policy (see `prune_condition`).
 
     The newest version is read in the same statement, so a user erased and
     written again meanwhile cannot lose the versions written since.
+
+    Postgres also moves the pruned versions' feed entries to
+    `snapshot_changes` (see `_move_feed_entries`). It first locks the user's
+    latest row against erasure (FOR KEY SHARE: writers still pass), so an
+    erasure never misses an entry moved while it ran; an erased user has no
+    latest row left and nothing is pruned. The doomed versions are locked
+    FOR UPDATE, so a version a concurrent write's retention is deleting is
+    moved by one of the two only. The DELETE's row count is the result.
     """
-    newest = select(latest_table.c.version).where(is_key(latest_table)).scalar_subquery()
-    return delete(history_table).where(is_key(history_table), prune_condition(newest))
+    if dialect != "postgresql":
+        newest = select(latest_table.c.version).where(is_key(latest_table)).scalar_subquery()
+        return delete(history_table).where(is_key(history_table), prune_condition(newest))
+    locked = (
+        select(latest_table.c.version)
+        .where(is_key(latest_table))
+        .with_for_update(read=True, key_share=True)
+        .cte("newest")
+    )
+    doomed = (
+        select(*_moved_entry_columns(history_table))
+        .where(is_key(history_table), prune_condition(select(locked.c.version).scalar_subquery()))
+        .with_for_update()
+        .cte("doomed")
+    )
+    return (
+        delete(history_table)
+        .where(
+            is_key(history_table),
+            history_table.c.version == doomed.c.version,
+        )
+        .add_cte(doomed)
+        .add_cte(_move_feed_entries(doomed))
+    )
 
 
 @cache
@@ -427,7 +499,8 @@ def postgres_bulk_write_statement(
     The batch arrives as parallel arrays. Each user's rows are numbered in
     input order (`rn` of `n`); the user's latest row is upserted once with
     `version + n` (its last state), in user order so that concurrent batches
-    lock rows in the same order; history gets `final - n + rn` for each row.
+    lock rows in the same order; history gets `final - n + rn` for each row,
+    each history row being its write's feed entry (see `_feed_position`).
     The write's metadata (actor, reason, metadata) is the batch's.
 
     With `distinct_users` (the caller checked that no user repeats, the usual
@@ -435,10 +508,13 @@ def postgres_bulk_write_statement(
     """
     columns = ", ".join(STORED_COLUMNS)
     feed_columns = ", ".join(CHANGE_COLUMNS)
+    position_columns = ", ".join(FEED_POSITION_COLUMNS)
+    pruned_columns = ", ".join(f"h.{name}" for name in (*CHANGE_COLUMNS, *FEED_POSITION_COLUMNS))
     # The retention policy's DELETE sees the rows before this statement (one
     # snapshot), so it drops old versions and never the ones being appended.
+    # Pruned versions' feed entries move to snapshot_changes (see `_move_feed_entries`).
     prune_clause = (
-        """pruned AS (
+        f"""pruned AS (
             DELETE FROM snapshot_history h USING written w
             WHERE h.tenant = CAST(:tenant AS VARCHAR) AND h.namespace = CAST(:namespace AS VARCHAR)
               AND h.user_id = w.user_id AND h.version < w.version
@@ -446,6 +522,12 @@ def postgres_bulk_write_statement(
                    OR h.version <= w.version - CAST(:keep_last AS BIGINT))
               AND (CAST(:cutoff AS TIMESTAMPTZ) IS NULL
                    OR h.created_at < CAST(:cutoff AS TIMESTAMPTZ))
+            RETURNING {pruned_columns}
+        ),
+        moved AS (
+            INSERT INTO snapshot_changes ({feed_columns}, kind, txid, seq)
+            SELECT {feed_columns}, 'write', feed_txid, feed_seq FROM pruned
+            WHERE feed_seq IS NOT NULL
         ),"""
         if prune
         else ""
@@ -463,8 +545,9 @@ def postgres_bulk_write_statement(
         else "row_number() OVER (PARTITION BY b.user_id ORDER BY b.ord) AS rn, "
         "count(*) OVER (PARTITION BY b.user_id) AS n"
     )
-    # A repeated user's versions must take ascending feed seqs; one write per user
-    # needs no order, and sorting 500 rows was a fortieth of the statement.
+    # A repeated user's versions must take ascending feed seqs, drawn in this order;
+    # one write per user needs no order, and sorting 500 rows was a fortieth of the
+    # statement.
     feed_order = "" if distinct_users else "ORDER BY user_id, version"
     shared = (
         "CAST(:created_at AS TIMESTAMPTZ), NULL, CAST(:actor AS VARCHAR), "
@@ -497,21 +580,22 @@ def postgres_bulk_write_statement(
                 metadata = excluded.metadata
             RETURNING user_id, version
         ),
-        appended AS (
-            INSERT INTO snapshot_history ({columns})
-            SELECT CAST(:tenant AS VARCHAR), CAST(:namespace AS VARCHAR), batch.user_id,
-                   written.version - batch.n + batch.rn, batch.schema_version, batch.payload,
-                   {shared}
-            FROM batch JOIN written USING (user_id)
-            RETURNING tenant, namespace, user_id, version, created_at, actor, reason, metadata
-        ),
         {prune_clause}
-        feed AS (
-            INSERT INTO snapshot_changes ({feed_columns}, kind, txid)
-            SELECT {feed_columns}, 'write',
-                   CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)
-            FROM appended {notify_clause}
-            {feed_order}
+        appended AS (
+            INSERT INTO snapshot_history ({columns}, {position_columns})
+            SELECT tenant, namespace, user_id, version, schema_version, payload, {shared},
+                   CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT),
+                   nextval('{FEED_SEQUENCE}')
+            FROM (
+                SELECT CAST(:tenant AS VARCHAR) AS tenant,
+                       CAST(:namespace AS VARCHAR) AS namespace, batch.user_id,
+                       written.version - batch.n + batch.rn AS version,
+                       batch.schema_version, batch.payload
+                FROM batch JOIN written USING (user_id)
+                {feed_order}
+            ) AS appending
+            {notify_clause}
+            RETURNING user_id, version
         )
         SELECT user_id, version FROM appended
         """

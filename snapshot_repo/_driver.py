@@ -675,7 +675,7 @@ def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
     target._delete_latest, target._delete_history = _compile_all(delete_statements(), dialect)
     target._delete_expired = _compile(delete_statements(only_expired=True)[0], dialect)
     target._receipt = _compile(receipt_statement(), dialect)
-    target._prune = _compile(prune_statement(), dialect)
+    target._prune = _compile(prune_statement(name), dialect)
     target._forget_key = _compile(forget_key_statement(), dialect)
     target._latest_many = _compile(latest_many_statement(name), dialect)
     target._forget_feed, target._erasure_entry = _compile_all(

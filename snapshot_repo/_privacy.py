@@ -246,8 +246,9 @@ class Privacy(Contract[StateT]):
         if user_id is not None:
             user_id = valid_user_id(user_id)
             one = self._prune_params(self._scope.tenant, user_id, policy.keep_last, cutoff)
+            work = [(prune_statement(self._dialect_name), one)]
             async with self._guard("prune_history", user_id):
-                return sum(await self._ops.execute_in_transaction([(prune_statement(), one)]))
+                return sum(await self._ops.execute_in_transaction(work))
         pruned = 0
         after: tuple[str, str] = ("", "")
         while True:
@@ -266,7 +267,7 @@ class Privacy(Contract[StateT]):
                     return pruned
                 work = [
                     (
-                        prune_statement(),
+                        prune_statement(self._dialect_name),
                         self._prune_params(tenant, uid, policy.keep_last, cutoff),
                     )
                     for tenant, uid, _version in users

@@ -3,7 +3,7 @@
 Each is one statement on an index (see `tables`): the history primary key for
 versions and paging, the `created_at` index for as-of reads, the latest
 table's primary key for listing users with keyset paging (never OFFSET), and
-the feed index for `changes_since`.
+the feed indexes for `changes_since`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from sqlalchemy import (
     cast,
     exists,
     func,
+    literal_column,
     select,
     tuple_,
+    union_all,
     update,
 )
 
@@ -137,25 +139,49 @@ def changes_since_statement(dialect: DialectName) -> Select[Any]:
     Postgres orders by (txid, seq) and returns only entries of transactions
     older than every transaction still running (`pg_snapshot_xmin`): those
     can no longer change, and every later entry sorts after them, so a
-    cursor never skips an entry that committed late. SQLite serializes
-    writers, so `seq` is already commit order.
+    cursor never skips an entry that committed late. Its entries live in two
+    tables (see `tables.changes_table`): both are read on their feed index
+    in that order and merged, the limit applying to the merged stream.
+    SQLite serializes writers, so `seq` is already commit order.
     """
     columns = [changes_table.c[name] for name in CHANGE_FEED_COLUMNS]
     statement = select(*columns).where(in_scope(changes_table))
-    if dialect == "postgresql":
-        horizon = cast(cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
+    if dialect != "postgresql":
         return (
-            statement.where(
-                tuple_(changes_table.c.txid, changes_table.c.seq)
-                > tuple_(bindparam("after_txid"), bindparam("after_seq")),
-                changes_table.c.txid < horizon,
-            )
-            .order_by(changes_table.c.txid, changes_table.c.seq)
+            statement.where(changes_table.c.seq > bindparam("after_seq"))
+            .order_by(changes_table.c.seq)
             .limit(bindparam("limit"))
         )
+    horizon = cast(cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
+    after = tuple_(bindparam("after_txid"), bindparam("after_seq"))
+    recorded = statement.where(
+        tuple_(changes_table.c.txid, changes_table.c.seq) > after,
+        changes_table.c.txid < horizon,
+    )
+    history = history_table.c
+    carried = select(
+        history.feed_seq.label("seq"),
+        history.feed_txid.label("txid"),
+        history.user_id,
+        history.version,
+        literal_column("'write'", changes_table.c.kind.type).label("kind"),
+        history.created_at,
+        history.actor,
+        history.reason,
+        history.metadata,
+    ).where(
+        in_scope(history_table),
+        history.feed_seq.isnot(None),  # the partial index's predicate
+        tuple_(history.feed_txid, history.feed_seq) > after,
+        history.feed_txid < horizon,
+    )
+    merged = union_all(
+        recorded.order_by(changes_table.c.txid, changes_table.c.seq).limit(bindparam("limit")),
+        carried.order_by(history.feed_txid, history.feed_seq).limit(bindparam("limit")),
+    ).subquery("feed")
     return (
-        statement.where(changes_table.c.seq > bindparam("after_seq"))
-        .order_by(changes_table.c.seq)
+        select(*(merged.c[name] for name in CHANGE_FEED_COLUMNS))
+        .order_by(merged.c.txid, merged.c.seq)
         .limit(bindparam("limit"))
     )
 

@@ -2,7 +2,7 @@
 
 Two ways to follow changes (seeds 003 and 004):
 
-- `changes_since(cursor)` reads the durable feed table: ordered, complete,
+- `changes_since(cursor)` reads the durable feed: ordered, complete,
   resumable after a consumer was down. Use it for anything that must not
   miss a change.
 - `subscribe(callback)` / `changes()` deliver live notifications after

@@ -9,7 +9,9 @@ Two tables with the same columns:
   makes "the newest N versions of a user" a backward range scan costing
   O(N) at any depth. A unique index on the key plus `idempotency_key` makes
   keyed writes idempotent.
-- `snapshot_changes`: the ordered feed of committed writes and erasures.
+- `snapshot_changes`: the ordered feed of committed writes and erasures
+  (on Postgres, from revision 0010, a write's entry is carried by its history
+  row instead; see the table).
 - `snapshot_erasure_receipts`: proof of each erasure, keyed by an HMAC of the user id.
 - `snapshot_data_keys`: per-user data keys for crypto-shredding, stored wrapped.
 

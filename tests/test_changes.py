@@ -7,11 +7,15 @@ import sys
 import textwrap
 
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 import snapshot_repo as sr
+from snapshot_repo._dialects import prune_statement
 from snapshot_repo.changes import Change
 
 from .conftest import Backend, Cart, refusing_history_insert
+from .support.feed import feed_entries
 from .test_repository import snap
 
 
@@ -247,3 +251,158 @@ async def test_a_notifying_writer_is_heard_once_in_its_own_process(postgres_url:
         await repo.upsert_latest(snap("n3", "c"))
         fourth = await asyncio.wait_for(anext(stream), timeout=10)
         assert fourth.user_id == "n3"  # not a duplicate of an earlier change
+
+
+# --- retention keeps the feed whole -------------------------------------------------------
+
+
+async def test_pruned_versions_keep_their_feed_entries(repo: sr.SnapshotRepository[Cart]):
+    """Pruning history takes no write out of the feed, nor moves one in it."""
+    for n in range(5):
+        await repo.upsert_latest(snap("a", str(n)), actor="svc")
+        await repo.upsert_latest(snap("b", str(n)))
+    before, _ = await read_all(repo, limit=4, expect=10)
+    assert await repo.prune_history("a", keep_last=2) == 3
+    assert await repo.prune_history(keep_last=1) == 1 + 4
+    after, cursor = await read_all(repo, limit=4, expect=10)
+    assert after == before  # every field, the seq included
+    assert [c.actor for c in after if c.user_id == "a"] == ["svc"] * 5
+    await repo.upsert_latest(snap("a", "later"))
+    later, _ = await read_all(repo, cursor, expect=1)
+    assert [(c.user_id, c.version) for c in later] == [("a", 6)]
+
+
+async def test_writes_that_prune_keep_every_feed_entry(backend: Backend):
+    """A retention policy prunes in the write's own statement; the feed keeps every write."""
+    policy = sr.RetentionPolicy(keep_last=1)
+    async with sr.SnapshotRepository.from_url(backend.url, Cart, retention=policy) as repo:
+        await repo.upsert_latest(snap("a", "1"))
+        await repo.upsert_latest(snap("a", "2"))
+        await repo.upsert_many([snap("a", "3"), snap("b", "1")])
+        await repo.upsert_many([snap("b", "2"), snap("a", "4"), snap("b", "3")])
+        assert [s.version for s in await repo.get_history("a")] == [4]
+        changes, _ = await read_all(repo, limit=2, expect=7)
+    # Within one transaction the order of different users' entries is the backend's.
+    by_user = {user: [c.version for c in changes if c.user_id == user] for user in "ab"}
+    assert by_user == {"a": [1, 2, 3, 4], "b": [1, 2, 3]}
+    assert len(changes) == 7
+    seqs = [c.seq for c in changes]
+    assert seqs == sorted(seqs)
+
+
+async def test_erasure_forgets_the_entries_of_pruned_versions(repo: sr.SnapshotRepository[Cart]):
+    for n in range(4):
+        await repo.upsert_latest(snap("gone", str(n)))
+    await repo.prune_history("gone", keep_last=1)
+    await repo.upsert_latest(snap("kept", "x"))
+    assert await repo.delete("gone") == 1
+    changes, _ = await read_all(repo, expect=2)
+    assert [(c.user_id, c.version, c.kind) for c in changes] == [
+        ("kept", 1, "write"),
+        ("gone", 4, "erase"),
+    ]
+
+
+async def test_an_erasure_during_a_prune_forgets_what_the_prune_moved(postgres_url: str):
+    """Postgres by nature: a prune moving feed entries and an erasure of the same user
+    serialize, so the erasure cannot miss an entry the prune moved while it ran."""
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        for n in range(3):
+            await repo.upsert_latest(snap("gone", str(n)))
+        engine = repo.engine
+        async with engine.connect() as pruning, engine.connect() as observer:
+            params = {"tenant": "", "namespace": "default", "user_id": "gone"}
+            pruned = await pruning.execute(
+                prune_statement("postgresql"), {**params, "keep_last": 1, "cutoff": None}
+            )
+            assert pruned.rowcount == 2  # moved, not yet committed
+            erasing = asyncio.create_task(repo.delete("gone"))
+            await until_a_backend_waits_on_a_lock(observer)
+            await pruning.commit()
+            assert await erasing == 1
+            assert await feed_entries(observer) == [("gone", 3, "erase")]
+
+
+async def test_concurrent_prunes_of_one_user_move_each_entry_once(postgres_url: str):
+    """Postgres by nature: the second prune waits for the first's doomed versions and
+    finds them gone, rather than moving their entries a second time."""
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        for n in range(3):
+            await repo.upsert_latest(snap("u", str(n)))
+        engine = repo.engine
+        async with engine.connect() as pruning, engine.connect() as observer:
+            params = {"tenant": "", "namespace": "default", "user_id": "u"}
+            pruned = await pruning.execute(
+                prune_statement("postgresql"), {**params, "keep_last": 1, "cutoff": None}
+            )
+            assert pruned.rowcount == 2
+            second = asyncio.create_task(repo.prune_history("u", keep_last=1))
+            await until_a_backend_waits_on_a_lock(observer)
+            await pruning.commit()
+            assert await second == 0
+            assert await feed_entries(observer) == [("u", v, "write") for v in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("retention", [None, sr.RetentionPolicy(keep_last=1)])
+async def test_notifying_writes_are_heard_once_each(
+    postgres_url: str, retention: sr.RetentionPolicy | None
+):
+    """Postgres by nature: with notify=True each write sends one NOTIFY, in bulk (distinct
+    and repeated users) and alone, with or without a retention policy."""
+    async with (
+        sr.SnapshotRepository.from_url(
+            postgres_url, Cart, notify=True, retention=retention
+        ) as repo,
+        repo.changes() as stream,
+    ):
+        await repo.upsert_many([snap("a", "1"), snap("b", "1")])
+        await repo.upsert_many([snap("a", "2"), snap("b", "2"), snap("a", "3")])
+        await repo.upsert_latest(snap("b", "3"))
+        got = [await asyncio.wait_for(anext(stream), timeout=10) for _ in range(6)]
+        assert sorted((c.user_id, c.version, c.kind) for c in got) == [
+            ("a", 1, "write"),
+            ("a", 2, "write"),
+            ("a", 3, "write"),
+            ("b", 1, "write"),
+            ("b", 2, "write"),
+            ("b", 3, "write"),
+        ]
+        changes, _ = await read_all(repo, expect=6)
+        assert len(changes) == 6
+
+
+async def test_postgres_writes_carry_their_feed_entry_on_the_history_row(postgres_url: str):
+    """Postgres by nature (0010): a write adds no row to snapshot_changes; its history
+    row holds the entry's transaction id and seq, which the feed returns."""
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        await repo.upsert_latest(snap("a", "1"))
+        await repo.upsert_many([snap("b", "1"), snap("a", "2")])
+        async with repo.engine.connect() as conn:
+            recorded = await conn.exec_driver_sql("SELECT count(*) FROM snapshot_changes")
+            assert recorded.scalar_one() == 0
+            carried = await conn.exec_driver_sql(
+                "SELECT user_id, version, feed_txid, feed_seq FROM snapshot_history "
+                "ORDER BY feed_seq"
+            )
+            rows = carried.all()
+        written = [(user, version) for user, version, _txid, _seq in rows]
+        assert written[0] == ("a", 1)
+        assert set(written[1:]) == {("b", 1), ("a", 2)}  # one batch, in the order it drew
+        assert rows[1][2] == rows[2][2] != rows[0][2]  # the batch is one transaction
+        changes, _ = await read_all(repo, expect=3)
+        assert [(c.user_id, c.version, c.seq) for c in changes] == [
+            (user, version, seq) for user, version, _txid, seq in rows
+        ]
+
+
+async def until_a_backend_waits_on_a_lock(conn: AsyncConnection) -> None:
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = asyncio.get_running_loop().time() + 10
+    while not (await conn.execute(waiting)).scalar():
+        await conn.rollback()  # a fresh snapshot of pg_stat_activity next time
+        assert asyncio.get_running_loop().time() < deadline, "nothing ever waited"
+        await asyncio.sleep(0.01)
+    await conn.rollback()

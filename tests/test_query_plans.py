@@ -14,7 +14,7 @@ from snapshot_repo._dialects import (
     latest_statement,
 )
 from snapshot_repo._driver import _compile
-from snapshot_repo._queries import expired_users_statement
+from snapshot_repo._queries import changes_since_statement, expired_users_statement
 
 from .conftest import Backend, Cart
 
@@ -144,12 +144,14 @@ async def index_definition(repo: sr.SnapshotRepository[Cart], backend: Backend, 
     [
         ("ux_snapshot_history_idempotency_key", "idempotency_key"),
         ("ix_snapshot_latest_expires_at", "expires_at"),
+        ("ix_snapshot_history_feed", "feed_seq"),
     ],
 )
 async def test_optional_columns_are_indexed_only_where_set(
     repo: sr.SnapshotRepository[Cart], backend: Backend, index: str, column: str
 ):
-    """Writes without an idempotency key or expiry add no entry to these indexes (0008)."""
+    """Writes without an idempotency key or expiry add no entry to these indexes (0008);
+    history rows carry a feed position only on Postgres, from 0010."""
     definition = await index_definition(repo, backend, index)
     assert f"WHERE ({column} IS NOT NULL)" in definition or (
         f"WHERE {column} IS NOT NULL" in definition
@@ -211,3 +213,37 @@ async def test_postgres_writes_update_the_latest_row_in_place(postgres_url: str)
             await repo.upsert_latest(sr.Snapshot(user_id=user_id, state=Cart(note=note + "!")))
         after = await pages()
         assert {user: after[user] for user in first_page} == dict.fromkeys(first_page, 0)
+
+
+async def test_postgres_feed_reads_merge_two_index_scans_without_sort(postgres_url: str):
+    """The feed's two homes (0010) are each read in feed order on their index and merged:
+    a page costs its size, whatever the length of the feed or of the history."""
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        async with repo.engine.begin() as conn:
+            txid = "CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)"
+            await conn.exec_driver_sql(
+                "INSERT INTO snapshot_history (user_id, version, schema_version, payload, "
+                f"created_at, feed_txid, feed_seq) SELECT 'u' || u, 1, 1, '\\x7b7d'::bytea, "
+                f"now(), {txid}, nextval('snapshot_changes_seq_seq') "
+                "FROM generate_series(1, 50000) AS u"
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO snapshot_changes (txid, tenant, namespace, user_id, version, kind, "
+                f"created_at) SELECT {txid}, '', 'default', 'e' || u, 1, 'erase', now() "
+                "FROM generate_series(1, 50000) AS u"
+            )
+        async with repo.engine.connect() as conn:
+            await conn.exec_driver_sql("ANALYZE")
+            await conn.commit()
+        backend = Backend(name="postgres", url=postgres_url, fresh_url=lambda: postgres_url)
+        plan = await explain(
+            repo,
+            backend,
+            changes_since_statement("postgresql"),
+            {**SCOPE, "after_txid": 0, "after_seq": 0, "limit": 100},
+        )
+        assert "Merge Append" in plan, plan
+        assert "ix_snapshot_changes_feed" in plan, plan
+        assert "ix_snapshot_history_feed" in plan, plan
+        assert "Sort  (" not in plan, plan  # a Sort node (Merge Append names its keys only)
+        assert "Seq Scan" not in plan, plan
