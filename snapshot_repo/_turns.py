@@ -25,10 +25,16 @@ class Turns:
     """`width` turns, taken with `try_take` or `take` and returned with `give_back`."""
 
     def __init__(self, width: int, patience: float) -> None:
+        self._width = width
         self._free = width
         self._patience = patience
         self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()
         self._wake_scheduled = False
+
+    @property
+    def others_active(self) -> bool:
+        """Whether anyone besides one turn holder holds or waits for a turn."""
+        return self._width - self._free > 1 or bool(self._waiters)
 
     def try_take(self) -> bool:
         """Take a free turn unless a waiter has waited `patience`; False: call `take`."""

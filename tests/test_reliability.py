@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
+from sqlalchemy import event
 
 import snapshot_repo as sr
 from snapshot_repo import _driver, migrate
 
 from .conftest import Backend, Cart, _plain_dsn
+from .support.pool import queue_pool
 from .test_repository import snap, stored_rows
 
 # --- idempotency keys ----------------------------------------------------------
@@ -381,3 +383,30 @@ async def test_connections_kept_between_calls_leave_the_engine_one(
         await repo.migrate()  # at head already: only needs a connection
         async with repo.engine.connect() as conn:
             assert (await conn.exec_driver_sql("SELECT 1")).scalar_one() == 1
+
+
+async def test_concurrent_calls_pass_connections_on_and_return_the_extra_ones_after(
+    backend: Backend,
+):
+    """Under concurrency calls reuse the repository's connections instead of going
+    through SQLAlchemy's pool each time; once the burst ends only two stay kept."""
+    settings = sr.EngineSettings(pool_size=10, max_overflow=0)
+    async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
+        checkouts = 0
+
+        def count_checkout(*_args: object) -> None:
+            nonlocal checkouts
+            checkouts += 1
+
+        event.listen(repo.engine.sync_engine.pool, "checkout", count_checkout)
+
+        async def worker(number: int) -> None:
+            for n in range(10):
+                await repo.upsert_latest(snap(f"w{number}", str(n)))
+                assert await repo.get_latest(f"w{number}") is not None
+
+        await asyncio.gather(*(worker(number) for number in range(16)))
+        assert checkouts <= 20, f"{checkouts} pool checkouts for 320 calls"  # was 52
+        assert repo._ops.kept_connections == _driver.KEPT_CONNECTIONS
+        assert queue_pool(repo.engine).checkedout() == _driver.KEPT_CONNECTIONS
+        assert [s.version for s in await repo.get_history("w3", limit=10)] == list(range(10, 0, -1))
