@@ -422,11 +422,12 @@ class _Connections:
     Each borrow and return through SQLAlchemy's async pool runs in a greenlet
     (a switch in and out each time): measured at about a third of a
     `get_latest`'s client CPU. Keeping up to `keep` connections checked out
-    between operations skips both for sequential callers; any further
-    concurrent operation borrows from the pool as usual, so pool limits and
-    timeouts still apply. A kept connection is checked against the pool's
-    invalidation time before reuse, and `release()` (called by the
-    repository's `close()`) returns them all. Only repositories that own
+    between operations skips both for sequential callers, and while calls
+    overlap up to all but one of the pool's connections stay with the
+    repository (see `_checkin`); other borrowing goes through the pool as
+    usual, so pool limits and timeouts still apply. A kept connection is
+    checked against the pool's invalidation time before reuse, and
+    `release()` (called by the repository's `close()`) returns them all. Only repositories that own
     their engine keep connections (`from_url`): a repository made on a
     borrowed engine may be short-lived and never closed, and must not hold
     the caller's connections.
