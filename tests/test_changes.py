@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
@@ -303,44 +305,49 @@ async def test_erasure_forgets_the_entries_of_pruned_versions(repo: sr.SnapshotR
     ]
 
 
+@contextlib.asynccontextmanager
+async def a_prune_in_progress(
+    repo: sr.SnapshotRepository[Cart], user_id: str
+) -> AsyncIterator[tuple[AsyncConnection, AsyncConnection]]:
+    """Three versions of `user_id`, two of them pruned (entries moved) by a transaction
+    left open; yields it and a second connection to watch and read with."""
+    for n in range(3):
+        await repo.upsert_latest(snap(user_id, str(n)))
+    async with repo.engine.connect() as pruning, repo.engine.connect() as observer:
+        params = {"tenant": "", "namespace": "default", "user_id": user_id}
+        pruned = await pruning.execute(
+            prune_statement("postgresql"), {**params, "keep_last": 1, "cutoff": None}
+        )
+        assert pruned.rowcount == 2  # deleted and moved, not yet committed
+        yield pruning, observer
+
+
 async def test_an_erasure_during_a_prune_forgets_what_the_prune_moved(postgres_url: str):
     """Postgres by nature: a prune moving feed entries and an erasure of the same user
     serialize, so the erasure cannot miss an entry the prune moved while it ran."""
-    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
-        for n in range(3):
-            await repo.upsert_latest(snap("gone", str(n)))
-        engine = repo.engine
-        async with engine.connect() as pruning, engine.connect() as observer:
-            params = {"tenant": "", "namespace": "default", "user_id": "gone"}
-            pruned = await pruning.execute(
-                prune_statement("postgresql"), {**params, "keep_last": 1, "cutoff": None}
-            )
-            assert pruned.rowcount == 2  # moved, not yet committed
-            erasing = asyncio.create_task(repo.delete("gone"))
-            await until_a_backend_waits_on_a_lock(observer)
-            await pruning.commit()
-            assert await erasing == 1
-            assert await feed_entries(observer) == [("gone", 3, "erase")]
+    async with (
+        sr.SnapshotRepository.from_url(postgres_url, Cart) as repo,
+        a_prune_in_progress(repo, "gone") as (pruning, observer),
+    ):
+        erasing = asyncio.create_task(repo.delete("gone"))
+        await until_a_backend_waits_on_a_lock(observer)
+        await pruning.commit()
+        assert await erasing == 1
+        assert await feed_entries(observer) == [("gone", 3, "erase")]
 
 
 async def test_concurrent_prunes_of_one_user_move_each_entry_once(postgres_url: str):
     """Postgres by nature: the second prune waits for the first's doomed versions and
     finds them gone, rather than moving their entries a second time."""
-    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
-        for n in range(3):
-            await repo.upsert_latest(snap("u", str(n)))
-        engine = repo.engine
-        async with engine.connect() as pruning, engine.connect() as observer:
-            params = {"tenant": "", "namespace": "default", "user_id": "u"}
-            pruned = await pruning.execute(
-                prune_statement("postgresql"), {**params, "keep_last": 1, "cutoff": None}
-            )
-            assert pruned.rowcount == 2
-            second = asyncio.create_task(repo.prune_history("u", keep_last=1))
-            await until_a_backend_waits_on_a_lock(observer)
-            await pruning.commit()
-            assert await second == 0
-            assert await feed_entries(observer) == [("u", v, "write") for v in (1, 2, 3)]
+    async with (
+        sr.SnapshotRepository.from_url(postgres_url, Cart) as repo,
+        a_prune_in_progress(repo, "u") as (pruning, observer),
+    ):
+        second = asyncio.create_task(repo.prune_history("u", keep_last=1))
+        await until_a_backend_waits_on_a_lock(observer)
+        await pruning.commit()
+        assert await second == 0
+        assert await feed_entries(observer) == [("u", v, "write") for v in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("retention", [None, sr.RetentionPolicy(keep_last=1)])
