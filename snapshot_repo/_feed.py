@@ -47,7 +47,6 @@ class ChangeFeed(RepositoryCore[StateT]):
         """
         after_txid, after_seq = decode_cursor(cursor)
         check_int("limit", limit, minimum=1, maximum=MAX_FEED_PAGE)
-        dialect = "postgresql" if self._engine.dialect.name == "postgresql" else "sqlite"
         params = {
             "tenant": self._scope.tenant,
             "namespace": self._scope.namespace,
@@ -55,8 +54,9 @@ class ChangeFeed(RepositoryCore[StateT]):
             "after_seq": after_seq,
             "limit": limit,
         }
+        statement = changes_since_statement(self._dialect_name)
         async with self._guard("changes_since", None):
-            raw_rows = await self._read(self._ops.fetch, changes_since_statement(dialect), params)
+            raw_rows = await self._read(self._ops.fetch, statement, params)
         decode = row_decoder(
             self._engine.dialect, [changes_table.c[name] for name in CHANGE_FEED_COLUMNS]
         )

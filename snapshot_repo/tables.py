@@ -1,6 +1,7 @@
 """The schema: the only `MetaData` Alembic compares the database against.
 
-Two tables with the same columns:
+The snapshot tables share their columns (`snapshot_history` adds a feed
+position, `snapshot_latest` an expiry); with them:
 
 - `snapshot_latest`: one row per user and scope, the newest version
   (primary key `(tenant, namespace, user_id)`).
