@@ -427,10 +427,10 @@ class _Connections:
     repository (see `_checkin`); other borrowing goes through the pool as
     usual, so pool limits and timeouts still apply. A kept connection is
     checked against the pool's invalidation time before reuse, and
-    `release()` (called by the repository's `close()`) returns them all. Only repositories that own
-    their engine keep connections (`from_url`): a repository made on a
-    borrowed engine may be short-lived and never closed, and must not hold
-    the caller's connections.
+    `release()` (called by the repository's `close()`) returns them all.
+    Only repositories that own their engine keep connections (`from_url`): a
+    repository made on a borrowed engine may be short-lived and never
+    closed, and must not hold the caller's connections.
 
     Operations take turns (`Turns`, as many as the pool has connections):
     first come, first served once anyone has waited `_TURN_PATIENCE`.
