@@ -668,7 +668,6 @@ class _SharedStatements:
     _delete_expired: _Compiled
     _delete_history: _Compiled
     _receipt: _Compiled
-    _prune: _Compiled
     _forget_key: _Compiled
     _latest_many: _Compiled
     _forget_feed: _Compiled
@@ -692,7 +691,6 @@ def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
     target._delete_latest, target._delete_history = _compile_all(delete_statements(), dialect)
     target._delete_expired = _compile(delete_statements(only_expired=True)[0], dialect)
     target._receipt = _compile(receipt_statement(), dialect)
-    target._prune = _compile(prune_statement(name), dialect)
     target._forget_key = _compile(forget_key_statement(), dialect)
     target._latest_many = _compile(latest_many_statement(name), dialect)
     target._forget_feed, target._erasure_entry = _compile_all(
@@ -951,6 +949,8 @@ class _SqliteOperations(_SharedStatements):
             for mode in ("upsert", "create", "replace")
         }
         self._bulk_writes = _compile_all(sqlite_bulk_write_statements(), dialect)
+        # A write's retention runs as its own statement here (Postgres: inside the write).
+        self._prune = _compile(prune_statement("sqlite"), dialect)
         self._erase_without_trace = engine_settings(engine).sqlite_secure_delete
         _compile_shared(self, dialect)
 
