@@ -51,3 +51,18 @@ async def test_a_waiter_cancelled_as_it_is_handed_a_turn_passes_it_on():
     await asyncio.wait_for(behind, 1)  # the turn went on, not lost
     turns.give_back()
     assert turns.try_take()
+
+
+async def test_others_active_counts_other_holders_and_waiters_but_not_the_asker():
+    turns = Turns(2, patience=math.inf)
+    assert turns.try_take()
+    assert not turns.others_active  # only the caller asking holds a turn
+    assert turns.try_take()
+    assert turns.others_active  # a second holder
+    waiter = asyncio.create_task(turns.take())
+    await asyncio.sleep(0)
+    turns.give_back()
+    assert turns.others_active  # one holder left, and a waiter about to be handed a turn
+    await asyncio.wait_for(waiter, 1)
+    turns.give_back()
+    assert not turns.others_active  # the waiter now holds the only turn taken
