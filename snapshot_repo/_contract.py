@@ -200,8 +200,7 @@ class Contract(ChangeFeed[StateT]):
                 batch = replace(batch, payloads=sealed)
             versions = await self._ops.write_many(batch)
         stored = self._stored_batch(batch, states, versions)
-        for snapshot in stored:
-            self._announce("write", snapshot.user_id, snapshot.version, created_at, snapshot)
+        self._announce_writes(stored, created_at)
         return stored
 
     async def get_latest_many(self, user_ids: Sequence[str]) -> dict[str, Snapshot[StateT]]:

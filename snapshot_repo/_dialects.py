@@ -91,6 +91,7 @@ __all__ = [
     "prune_condition",
     "prune_statement",
     "receipt_statement",
+    "sorted_batch",
     "sqlite_bulk_write_statements",
     "sqlite_write_statements",
     "version_statement",
@@ -496,15 +497,22 @@ def postgres_bulk_write_statement(
 ) -> TextClause:
     """Postgres: a whole batch of writes in one statement, gapless even for repeated users.
 
-    The batch arrives as parallel arrays. Each user's rows are numbered in
-    input order (`rn` of `n`); the user's latest row is upserted once with
-    `version + n` (its last state), in user order so that concurrent batches
-    lock rows in the same order; history gets `final - n + rn` for each row,
-    each history row being its write's feed entry (see `_feed_position`).
-    The write's metadata (actor, reason, metadata) is the batch's.
+    The batch arrives as parallel arrays; the write's metadata (actor,
+    reason, metadata) is the batch's. Each history row is its write's feed
+    entry (see `_feed_position`). Concurrent batches lock users' latest rows
+    in one order, code point order of the user ids, so that two batches
+    sharing users cannot deadlock. There are two shapes:
 
-    With `distinct_users` (the caller checked that no user repeats, the usual
-    batch) every `rn` and `n` is 1, and the numbering's sort is skipped.
+    - `distinct_users` (the caller checked that no user repeats, the usual
+      batch, and sorted the arrays by user id, `sorted_batch`): each row is
+      upserted with `version + 1` in array order, and history is appended
+      from the upsert's `RETURNING`, as hand-written SQL would do it. Sorting
+      in Python rather than in the statement saved a Sort node that copied
+      every payload, and the join back to the batch (1.5 ms of 17 for 500).
+    - otherwise, each user's rows are numbered in input order (`rn` of `n`);
+      the user's latest row is upserted once with `version + n` (its last
+      state), sorted by `COLLATE "C"` (code point order, as Python sorts),
+      and history gets `final - n + rn` for each row.
     """
     columns = ", ".join(STORED_COLUMNS)
     feed_columns = ", ".join(CHANGE_COLUMNS)
@@ -539,36 +547,16 @@ def postgres_bulk_write_statement(
         if notifying
         else ""
     )
-    numbering = (
-        "1 AS rn, 1 AS n"
-        if distinct_users
-        else "row_number() OVER (PARTITION BY b.user_id ORDER BY b.ord) AS rn, "
-        "count(*) OVER (PARTITION BY b.user_id) AS n"
-    )
-    # A repeated user's versions must take ascending feed seqs, drawn in this order;
-    # one write per user needs no order, and sorting 500 rows was a fortieth of the
-    # statement.
-    feed_order = "" if distinct_users else "ORDER BY user_id, version"
+    scope = "CAST(:tenant AS VARCHAR), CAST(:namespace AS VARCHAR)"
     shared = (
         "CAST(:created_at AS TIMESTAMPTZ), NULL, CAST(:actor AS VARCHAR), "
         "CAST(:reason AS TEXT), CAST(:metadata AS BYTEA)"
     )
-    return text(
-        f"""
-        WITH batch AS (
-            SELECT b.user_id, b.schema_version, b.payload, {numbering}
-            FROM unnest(
-                CAST(:user_ids AS VARCHAR[]), CAST(:schema_versions AS INTEGER[]),
-                CAST(:payloads AS BYTEA[])
-            ) WITH ORDINALITY AS b(user_id, schema_version, payload, ord)
-        ),
-        written AS (
-            INSERT INTO snapshot_latest ({columns})
-            SELECT CAST(:tenant AS VARCHAR), CAST(:namespace AS VARCHAR), user_id, n,
-                   schema_version, payload, {shared}
-            FROM batch WHERE rn = n
-            ORDER BY user_id
-            ON CONFLICT (tenant, namespace, user_id) DO UPDATE SET
+    arrays = (
+        "unnest(CAST(:user_ids AS VARCHAR[]), CAST(:schema_versions AS INTEGER[]), "
+        "CAST(:payloads AS BYTEA[]))"
+    )
+    upsert_set = """ON CONFLICT (tenant, namespace, user_id) DO UPDATE SET
                 version = snapshot_latest.version + excluded.version,
                 schema_version = excluded.schema_version,
                 payload = excluded.payload,
@@ -577,9 +565,40 @@ def postgres_bulk_write_statement(
                 expires_at = NULL,
                 actor = excluded.actor,
                 reason = excluded.reason,
-                metadata = excluded.metadata
-            RETURNING user_id, version
+                metadata = excluded.metadata"""
+    if distinct_users:
+        leading = f"""written AS (
+            INSERT INTO snapshot_latest ({columns})
+            SELECT {scope}, b.user_id, 1, b.schema_version, b.payload, {shared}
+            FROM {arrays} AS b(user_id, schema_version, payload)
+            {upsert_set}
+            RETURNING user_id, version, schema_version, payload
+        ),"""
+        appending = f"SELECT {scope}, user_id, version, schema_version, payload FROM written"
+    else:
+        leading = f"""batch AS (
+            SELECT b.user_id, b.schema_version, b.payload,
+                   row_number() OVER (PARTITION BY b.user_id ORDER BY b.ord) AS rn,
+                   count(*) OVER (PARTITION BY b.user_id) AS n
+            FROM {arrays} WITH ORDINALITY AS b(user_id, schema_version, payload, ord)
         ),
+        written AS (
+            INSERT INTO snapshot_latest ({columns})
+            SELECT {scope}, user_id, n, schema_version, payload, {shared}
+            FROM batch WHERE rn = n
+            ORDER BY user_id COLLATE "C"
+            {upsert_set}
+            RETURNING user_id, version
+        ),"""
+        # A repeated user's versions must take ascending feed seqs, drawn in this order.
+        appending = f"""SELECT {scope}, batch.user_id,
+                   written.version - batch.n + batch.rn AS version,
+                   batch.schema_version, batch.payload
+                FROM batch JOIN written USING (user_id)
+                ORDER BY user_id, version"""
+    return text(
+        f"""
+        WITH {leading}
         {prune_clause}
         appended AS (
             INSERT INTO snapshot_history ({columns}, {position_columns})
@@ -587,13 +606,8 @@ def postgres_bulk_write_statement(
                    CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT),
                    nextval('{FEED_SEQUENCE}')
             FROM (
-                SELECT CAST(:tenant AS VARCHAR) AS tenant,
-                       CAST(:namespace AS VARCHAR) AS namespace, batch.user_id,
-                       written.version - batch.n + batch.rn AS version,
-                       batch.schema_version, batch.payload
-                FROM batch JOIN written USING (user_id)
-                {feed_order}
-            ) AS appending
+                {appending}
+            ) AS appending(tenant, namespace, user_id, version, schema_version, payload)
             {notify_clause}
             RETURNING user_id, version
         )
@@ -610,6 +624,16 @@ def postgres_bulk_write_statement(
         bindparam("reason", type_=String),
         bindparam("metadata", type_=LargeBinary),
     )
+
+
+def sorted_batch(
+    user_ids: Sequence[str], schema_versions: Sequence[int], payloads: Sequence[bytes]
+) -> tuple[list[str], list[int], list[bytes]]:
+    """A batch of distinct users in code point order of their ids, the lock order of
+    `postgres_bulk_write_statement` (Python compares strings by code point, as
+    `COLLATE "C"` compares UTF-8)."""
+    rows = sorted(zip(user_ids, schema_versions, payloads, strict=True))  # ids are distinct
+    return [row[0] for row in rows], [row[1] for row in rows], [row[2] for row in rows]
 
 
 @cache

@@ -62,6 +62,7 @@ from ._dialects import (
     postgres_write_statement,
     prune_statement,
     receipt_statement,
+    sorted_batch,
     sqlite_bulk_write_statements,
     sqlite_write_statements,
     version_statement,
@@ -732,10 +733,16 @@ class _PostgresOperations(_SharedStatements):
         _compile_shared(self, dialect)
 
     async def write_many(self, batch: PendingBatch) -> list[int]:
+        distinct_users = batch.distinct_users()
+        user_ids, schema_versions, payloads = (
+            sorted_batch(batch.user_ids, batch.schema_versions, batch.payloads)
+            if distinct_users  # the statement upserts in array order: the lock order
+            else (batch.user_ids, batch.schema_versions, batch.payloads)
+        )
         params = {
-            "user_ids": batch.user_ids,
-            "schema_versions": batch.schema_versions,
-            "payloads": batch.payloads,
+            "user_ids": user_ids,
+            "schema_versions": schema_versions,
+            "payloads": payloads,
             "created_at": batch.created_at,
             "tenant": batch.scope.tenant,
             "namespace": batch.scope.namespace,
@@ -745,7 +752,6 @@ class _PostgresOperations(_SharedStatements):
         }
         if batch.retention is not None:
             params.update(batch.retention.params())
-        distinct_users = batch.distinct_users()
         statement = (
             self._write_many
             if distinct_users and not batch.notify and batch.retention is None

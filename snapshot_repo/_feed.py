@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from ._queries import CHANGE_FEED_COLUMNS, changes_since_statement
 from .changes import (
     Change,
     ChangeCallback,
+    ChangeHub,
     ChangePage,
     ChangeStream,
     Subscription,
@@ -118,8 +120,8 @@ class ChangeFeed(RepositoryCore[StateT]):
         delivers it, to this process as to every other. When nobody listens to
         the scope no `Change` is built (a bulk write would build thousands).
         """
-        hub = None if self._notify else hub_for(self._engine, create=False)
-        if hub is None or not hub.listens_to(self._scope.tenant, self._scope.namespace):
+        hub = self._local_hub()
+        if hub is None:
             return
         hub.publish(
             self._scoped_change(
@@ -133,6 +135,21 @@ class ChangeFeed(RepositoryCore[StateT]):
                 metadata=snapshot.metadata if snapshot else None,
             )
         )
+
+    def _announce_writes(self, snapshots: Sequence[Snapshot[StateT]], at: datetime) -> None:
+        """`_announce` each write of a batch; whether anyone listens is asked once."""
+        if self._local_hub() is None:
+            return
+        for snapshot in snapshots:
+            self._announce("write", snapshot.user_id, snapshot.version, at, snapshot)
+
+    def _local_hub(self) -> ChangeHub | None:
+        """The hub to publish this process's commits to: None when the write sent a
+        NOTIFY (see `_announce`) or when nobody here listens to the scope."""
+        hub = None if self._notify else hub_for(self._engine, create=False)
+        if hub is None or not hub.listens_to(self._scope.tenant, self._scope.namespace):
+            return None
+        return hub
 
     def _scoped_change(self, **fields: Any) -> Change:
         """A `Change` of this repository's scope."""

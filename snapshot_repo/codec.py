@@ -10,6 +10,7 @@ any I/O, with a `SnapshotValidationError`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Generic, cast
 
@@ -81,6 +82,9 @@ class StateCodec(Generic[StateT]):
         self.max_payload_bytes = max_payload_bytes
         self.upgrades = upgrades or PayloadUpgrades(1)
         self._adapter = _adapter(cast(Any, self.state_type))
+        # The serializer itself: `TypeAdapter.dump_json` spends a third of a 1 KB
+        # state's serialization passing its keyword defaults on (0.5 of 1.8 µs).
+        self._to_json: Callable[[Any], bytes] = self._adapter.serializer.to_json
         self._field_names = _field_names(self.state_type)
 
     def validate(self, state: object, user_id: str) -> StateT:
@@ -112,7 +116,7 @@ class StateCodec(Generic[StateT]):
                 serializes to more than `max_payload_bytes`.
         """
         try:
-            payload = self._adapter.dump_json(state)
+            payload = self._to_json(state)
         except PydanticSerializationError as exc:
             raise SnapshotValidationError(
                 f"state for user {redact(user_id)} cannot be serialized to JSON: "

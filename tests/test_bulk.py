@@ -101,6 +101,25 @@ async def test_concurrent_batches_and_single_writes_stay_gapless(
         assert await stored_rows(repo, user) == (50, list(range(1, 51)))
 
 
+async def test_concurrent_batches_of_the_same_users_in_any_order_never_deadlock(
+    repo: sr.SnapshotRepository[Cart],
+):
+    """Batches lock users' rows in one order (code point order of the ids), whatever the
+    order they were given in and whether users repeat, so overlapping batches queue
+    instead of deadlocking (Postgres aborts one of two batches locking in opposite orders)."""
+    users = [f"u{n:03d}" for n in range(150)] + ["B", "a", "_", "\u00e9", "Z9", "z"]
+
+    async def batches(order: list[str], repeat: int) -> None:
+        for round_ in range(6):
+            await repo.upsert_many([snap(u, f"r{round_}") for u in order] * repeat)
+
+    await asyncio.gather(
+        batches(users, 1), batches(users[::-1], 1), batches(users[::-1], 2), batches(users, 1)
+    )
+    for user in (users[0], "\u00e9", users[-1]):
+        assert await stored_rows(repo, user) == (30, list(range(1, 31)))
+
+
 async def test_get_latest_many_returns_only_existing_users(repo: sr.SnapshotRepository[Cart]):
     await repo.upsert_latest(snap("a", "1"))
     await repo.upsert_latest(snap("a", "2"))
