@@ -507,8 +507,9 @@ def postgres_bulk_write_statement(
       batch, and sorted the arrays by user id, `sorted_batch`): each row is
       upserted with `version + 1` in array order, and history is appended
       from the upsert's `RETURNING`, as hand-written SQL would do it. Sorting
-      in Python rather than in the statement saved a Sort node that copied
-      every payload, and the join back to the batch (1.5 ms of 17 for 500).
+      in Python rather than in the statement saves a Sort node that copied
+      every payload, and the join back to the batch: 500 snapshots took 17.1
+      ms instead of 18.7 (p50 of 40 runs each, statement and driver alone).
     - otherwise, each user's rows are numbered in input order (`rn` of `n`);
       the user's latest row is upserted once with `version + n` (its last
       state), sorted by `COLLATE "C"` (code point order, as Python sorts),
