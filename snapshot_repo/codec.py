@@ -82,9 +82,11 @@ class StateCodec(Generic[StateT]):
         self.max_payload_bytes = max_payload_bytes
         self.upgrades = upgrades or PayloadUpgrades(1)
         self._adapter = _adapter(cast(Any, self.state_type))
-        # The serializer itself: `TypeAdapter.dump_json` spends a third of a 1 KB
-        # state's serialization passing its keyword defaults on (0.5 of 1.8 µs).
+        # The serializer and validator themselves: `TypeAdapter.dump_json` spends a third
+        # of a 1 KB state's serialization passing its keyword defaults on (0.5 of 1.8 µs),
+        # and `validate_json` a seventh of its validation (0.3 of 2.35 µs).
         self._to_json: Callable[[Any], bytes] = self._adapter.serializer.to_json
+        self._from_json: Callable[[bytes], Any] = self._adapter.validator.validate_json
         self._field_names = _field_names(self.state_type)
 
     def validate(self, state: object, user_id: str) -> StateT:
@@ -149,7 +151,7 @@ class StateCodec(Generic[StateT]):
         try:
             upgrades = self.upgrades
             if schema_version is None or schema_version == upgrades.current or upgrades.any_version:
-                return cast(StateT, self._adapter.validate_json(payload))
+                return cast(StateT, self._from_json(payload))
             document = upgrades.upgrade(from_json(payload), schema_version, user_id, version)
             return cast(StateT, self._adapter.validate_python(document))
         except ValidationError as exc:
