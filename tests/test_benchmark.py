@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
+from snapshot_repo import benchmark
 from snapshot_repo.benchmark import WORKLOADS, BenchConfig, main, run_benchmark
 
 from .conftest import Backend, Cart, run_blocking
@@ -113,6 +114,33 @@ async def test_report_has_every_workload_on_every_side(backend: Backend):
     table = report.format_table()
     for name in WORKLOADS:
         assert name in table
+
+
+async def test_sqlite_phases_start_from_an_empty_wal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite by nature: every timed phase of every side starts with the WAL checkpointed
+    and emptied, so no side's commit pays to checkpoint another side's writes."""
+    path = tmp_path / "bench.db"
+    wal = Path(f"{path}-wal")
+    sizes: list[int] = []
+
+    def wal_size() -> int:  # a stat of a local file, between timed phases
+        return wal.stat().st_size if wal.exists() else 0
+
+    def observing(timed: Any) -> Any:
+        async def observed(*args: Any, **kwargs: Any) -> Any:
+            sizes.append(wal_size())
+            return await timed(*args, **kwargs)
+
+        return observed
+
+    monkeypatch.setattr(benchmark, "_time_sequential", observing(benchmark._time_sequential))
+    monkeypatch.setattr(benchmark, "_time_concurrent", observing(benchmark._time_concurrent))
+    await run_benchmark(BenchConfig(**TINY, backends=("sqlite",), sqlite_path=path))
+    sides = 1 + len(RAW_SIDES["sqlite"])
+    assert len(sizes) >= len(WORKLOADS) * sides * ROUNDS  # warm-ups come on top
+    assert sizes == [0] * len(sizes)
 
 
 def test_main_prints_the_table_and_writes_json(
