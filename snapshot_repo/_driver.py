@@ -765,7 +765,7 @@ class _PostgresOperations(_SharedStatements):
         )
         async with self._connections.checkout() as conn:
             rows = await conn.fetch(statement.sql, *statement.args(params))
-        return _versions_in_input_order(batch.user_ids, rows)
+        return _versions_in_input_order(batch.user_ids, rows, distinct_users)
 
     async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
         params = {
@@ -878,9 +878,11 @@ class _PostgresOperations(_SharedStatements):
         """Nothing: Postgres erasures leave dead tuples to VACUUM (`erase(vacuum=True)`)."""
 
 
-def _versions_in_input_order(user_ids: Sequence[str], rows: Sequence[Any]) -> list[int]:
+def _versions_in_input_order(
+    user_ids: Sequence[str], rows: Sequence[Any], distinct_users: bool
+) -> list[int]:
     """Give each write its version: a user's versions, ascending, in the order of its writes."""
-    if len(rows) == len(user_ids) and len(set(user_ids)) == len(user_ids):
+    if distinct_users:
         by_id = dict(rows)  # one version per user
         return [int(by_id[user_id]) for user_id in user_ids]
     by_user: dict[str, list[int]] = {}
