@@ -166,6 +166,30 @@ async def test_listeners_get_committed_writes_and_erasures(repo: sr.SnapshotRepo
     ]
 
 
+async def test_listeners_get_every_write_of_a_batch(repo: sr.SnapshotRepository[Cart]):
+    """A batch announces each of its writes to local listeners, with the batch's metadata."""
+    received: list[Change] = []
+    arrived = asyncio.Event()
+
+    async def on_change(change: Change) -> None:
+        received.append(change)
+        if len(received) == 5:
+            arrived.set()
+
+    with await repo.subscribe(on_change):
+        await repo.upsert_many([snap("b", "1"), snap("a", "1")], actor="import", reason="r")
+        await repo.upsert_many([snap("a", "2"), snap("c", "1"), snap("a", "3")])
+        await asyncio.wait_for(arrived.wait(), timeout=5)
+    assert sorted((c.user_id, c.version, c.actor) for c in received) == [
+        ("a", 1, "import"),
+        ("a", 2, None),
+        ("a", 3, None),
+        ("b", 1, "import"),
+        ("c", 1, None),
+    ]
+    assert {c.reason for c in received[:2]} == {"r"}
+
+
 async def test_listeners_never_see_a_rolled_back_write(repo: sr.SnapshotRepository[Cart]):
     received: list[Change] = []
     done = asyncio.Event()
