@@ -13,8 +13,11 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Integer,
     Select,
+    String,
     Text,
+    TextClause,
     Update,
     bindparam,
     cast,
@@ -22,6 +25,7 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
+    text,
     tuple_,
     union_all,
     update,
@@ -133,7 +137,7 @@ def count_users_statement() -> Select[Any]:
 
 
 @cache
-def changes_since_statement(dialect: DialectName) -> Select[Any]:
+def changes_since_statement(dialect: DialectName) -> Select[Any] | TextClause:
     """The scope's feed entries after a cursor, in feed order.
 
     Postgres orders by (txid, seq) and returns only entries of transactions
@@ -142,16 +146,12 @@ def changes_since_statement(dialect: DialectName) -> Select[Any]:
     cursor never skips an entry that committed late. Its entries live in two
     tables (see `tables.changes_table`): both are read on their feed index
     in that order and merged, the limit applying to the merged stream.
-    SQLite serializes writers, so `seq` is already commit order.
+    SQLite serializes writers, so `seq` is already commit order there.
     """
+    if dialect != "postgresql":
+        return _sqlite_changes_since_statement()
     columns = [changes_table.c[name] for name in CHANGE_FEED_COLUMNS]
     statement = select(*columns).where(in_scope(changes_table))
-    if dialect != "postgresql":
-        return (
-            statement.where(changes_table.c.seq > bindparam("after_seq"))
-            .order_by(changes_table.c.seq)
-            .limit(bindparam("limit"))
-        )
     horizon = cast(cast(func.pg_snapshot_xmin(func.pg_current_snapshot()), Text), BigInteger)
     after = tuple_(bindparam("after_txid"), bindparam("after_seq"))
     recorded = statement.where(
@@ -183,6 +183,35 @@ def changes_since_statement(dialect: DialectName) -> Select[Any]:
         select(*(merged.c[name] for name in CHANGE_FEED_COLUMNS))
         .order_by(merged.c.txid, merged.c.seq)
         .limit(bindparam("limit"))
+    )
+
+
+def _sqlite_changes_since_statement() -> TextClause:
+    """SQLite: the page after `after_seq`, a range of the feed index in `seq` order.
+
+    Every SQLite entry has a NULL `txid`, so `txid IS NULL` lets the scope
+    and `seq` both bound the range of `ix_snapshot_changes_feed` (tenant,
+    namespace, txid, seq): a page costs its own rows, however long the feed.
+    `INDEXED BY` holds that plan whatever `sqlite_stat1` says. Without it,
+    and without statistics, SQLite took the user index and sorted the
+    scope's whole feed for every page; with statistics taken while the feed
+    was small, it scanned the table from its first entry. SQLAlchemy's
+    SQLite dialect renders no index hints, hence the text.
+    """
+    columns = ", ".join(CHANGE_FEED_COLUMNS)
+    return text(
+        f"""
+        SELECT {columns} FROM snapshot_changes INDEXED BY ix_snapshot_changes_feed
+        WHERE tenant = :tenant AND namespace = :namespace AND txid IS NULL
+          AND seq > :after_seq
+        ORDER BY seq
+        LIMIT :limit
+        """
+    ).bindparams(
+        bindparam("tenant", type_=String),
+        bindparam("namespace", type_=String),
+        bindparam("after_seq", type_=BigInteger),
+        bindparam("limit", type_=Integer),
     )
 
 

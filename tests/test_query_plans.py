@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
 import snapshot_repo as sr
 from snapshot_repo._dialects import (
+    erasure_feed_statements,
     history_statement,
     idempotent_write_statement,
     latest_many_statement,
@@ -16,7 +18,7 @@ from snapshot_repo._dialects import (
 from snapshot_repo._driver import _compile
 from snapshot_repo._queries import changes_since_statement, expired_users_statement
 
-from .conftest import Backend, Cart
+from .conftest import Backend, Cart, _sqlite_backend
 
 DEEP = 100_000
 SCOPE = {"tenant": "", "namespace": "default"}
@@ -247,3 +249,47 @@ async def test_postgres_feed_reads_merge_two_index_scans_without_sort(postgres_u
         assert "ix_snapshot_history_feed" in plan, plan
         assert "Sort  (" not in plan, plan  # a Sort node (Merge Append names its keys only)
         assert "Seq Scan" not in plan, plan
+
+
+@pytest.mark.parametrize("statistics", ["none", "stale"])
+async def test_sqlite_feed_statements_keep_their_index_whatever_the_statistics(
+    tmp_path: Path, sqlite_template: Path, statistics: str
+):
+    """SQLite plans from `sqlite_stat1` as last written, or from guesses without it.
+
+    Without statistics it read a feed page by sorting the scope's whole feed;
+    with statistics taken while the feed held one entry, it scanned the whole
+    table for every page and every erasure. Both statements now name their index.
+    """
+    backend = _sqlite_backend(tmp_path, sqlite_template)
+    async with sr.SnapshotRepository.from_url(backend.url, Cart) as repo:
+        await repo.upsert_latest(sr.Snapshot(user_id="first", state=Cart()))
+        if statistics == "stale":
+            async with repo.engine.connect() as conn:
+                await conn.exec_driver_sql("ANALYZE")
+                await conn.commit()
+        for _round in range(2):
+            await repo.upsert_many(
+                [sr.Snapshot(user_id=f"u{i}", state=Cart()) for i in range(2000)]
+            )
+    async with sr.SnapshotRepository.from_url(backend.url, Cart) as repo:  # plans anew
+        forget = await explain(
+            repo, backend, erasure_feed_statements("sqlite")[0], {**SCOPE, "user_id": "u7"}
+        )
+        assert "SEARCH snapshot_changes USING INDEX ix_snapshot_changes_user" in forget, forget
+        page = await explain(
+            repo,
+            backend,
+            changes_since_statement("sqlite"),
+            {**SCOPE, "after_txid": 0, "after_seq": 3990, "limit": 100},
+        )
+        assert "SEARCH snapshot_changes USING INDEX ix_snapshot_changes_feed" in page, page
+        assert "seq>?" in page, page
+        assert "TEMP B-TREE" not in page, page
+        changes = await repo.changes_since(limit=10_000)
+        assert [c.seq for c in changes.changes] == list(range(1, 4002))
+        await repo.delete("u7")
+        tail = await repo.changes_since(changes.cursor)
+        assert [(c.user_id, c.kind) for c in tail.changes] == [("u7", "erase")]
+        everything = await repo.changes_since(limit=10_000)
+        assert [c.user_id for c in everything.changes].count("u7") == 1
