@@ -20,6 +20,12 @@ Only the execution is the driver's:
   thread: one hop. This uses aiosqlite's `_execute`, its internal "run this on
   the connection thread" entry point, because its public API has no way to
   run several statements in one hop; tests cover it on every supported version.
+- SQLite reads run on the event loop's thread, on the same checked-out
+  connection's `sqlite3.Connection` (aiosqlite's `_conn`), with no hop at all
+  (`EngineSettings.sqlite_inline_reads`). The checkout gives this call the
+  connection alone, so its thread is idle meanwhile; SQLAlchemy opens file
+  connections with `check_same_thread=False` (for its QueuePool), and a
+  connection opened without it makes reads fall back to the hop.
 """
 
 from __future__ import annotations
@@ -939,7 +945,7 @@ def _checkpoint_committed_erasures(conn: sqlite3.Connection) -> None:
 
 
 class _SqliteOperations(_SharedStatements):
-    """aiosqlite: every operation is one function on the connection's thread.
+    """aiosqlite: every write is one function on the connection's thread; reads run inline.
 
     Writes of one repository queue on an `asyncio.Lock` so that concurrent
     tasks take turns in order instead of polling SQLite's lock; writers in
@@ -959,7 +965,9 @@ class _SqliteOperations(_SharedStatements):
         self._bulk_writes = _compile_all(sqlite_bulk_write_statements(), dialect)
         # A write's retention runs as its own statement here (Postgres: inside the write).
         self._prune = _compile(prune_statement("sqlite"), dialect)
-        self._erase_without_trace = engine_settings(engine).sqlite_secure_delete
+        settings = engine_settings(engine)
+        self._erase_without_trace = settings.sqlite_secure_delete
+        self._inline_reads = settings.sqlite_inline_reads
         _compile_shared(self, dialect)
 
     async def write_many(self, batch: PendingBatch) -> list[int]:
@@ -1042,9 +1050,7 @@ class _SqliteOperations(_SharedStatements):
         return await self._in_write_transaction(run)
 
     async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
-        args = (scope.tenant, scope.namespace, user_id)
-        async with self._connections.checkout() as conn:
-            rows = await conn.execute_fetchall(self._latest.sql, args)
+        rows = await self._rows(self._latest.sql, (scope.tenant, scope.namespace, user_id))
         if not rows:
             return None
         raw = rows[0]
@@ -1055,9 +1061,7 @@ class _SqliteOperations(_SharedStatements):
 
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
         args = (scope.tenant, scope.namespace, user_id, limit, *self._history_tail)
-        async with self._connections.checkout() as conn:
-            rows = await conn.execute_fetchall(self._history.sql, args)
-        return [self._decode(raw) for raw in rows]
+        return [self._decode(raw) for raw in await self._rows(self._history.sql, args)]
 
     async def current_version(self, scope: Scope, user_id: str) -> int:
         rows = await self._fetch(self._version, scope.key(user_id))
@@ -1118,8 +1122,43 @@ class _SqliteOperations(_SharedStatements):
         return await self._in_write_transaction(run)
 
     async def _fetch(self, statement: _Compiled, params: Mapping[str, Any]) -> list[Any]:
+        return await self._rows(statement.sql, statement.args(params))
+
+    async def _rows(self, sql: str, args: Sequence[Any]) -> list[Any]:
+        """Every row of the read `sql`: on the loop's thread if allowed (see the module doc).
+
+        Why it may hold the loop: the hop costs the loop more than the read.
+        Measured for `get_latest`'s statement (1 KB states, warm cache): 16 to
+        18 µs of the loop thread's CPU per read in all when inline, against 42
+        to 43 µs of its CPU (74 µs of latency) for the hop to the connection's
+        thread and back. In WAL mode a reader never waits for writers or
+        checkpoints: it waits (on the busy handler) only while another process
+        holds the file exclusively, to recover it after a crash or in
+        `locking_mode=EXCLUSIVE`.
+
+        An inline read still yields to the loop once, after giving the
+        connection back (3 µs), as the hop did: a task reading in a loop
+        cannot starve the others, and a cancellation lands there.
+        """
         async with self._connections.checkout() as conn:
-            return list(await conn.execute_fetchall(statement.sql, statement.args(params)))
+            rows = self._inline_rows(conn, sql, args) if self._inline_reads else None
+            if rows is None:
+                return list(await conn.execute_fetchall(sql, args))
+        await asyncio.sleep(0)
+        return rows
+
+    def _inline_rows(self, conn: Any, sql: str, args: Sequence[Any]) -> list[Any] | None:
+        """`sql`'s rows, read on this thread; None if the connection is bound to its own."""
+        try:
+            rows: list[Any] = conn._conn.execute(sql, args).fetchall()
+        except sqlite3.ProgrammingError as exc:
+            if "thread" not in str(exc):
+                raise
+            # Opened with check_same_thread (an application's engine, or SQLAlchemy's
+            # for :memory:): this engine's reads hop from now on.
+            self._inline_reads = False
+            return None
+        return rows
 
     async def _in_write_transaction(
         self,

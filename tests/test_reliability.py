@@ -320,7 +320,8 @@ async def test_calls_take_connections_in_turn_when_more_run_than_the_pool_holds(
     waiters for up to 2 ms, which `tests/test_turns.py` checks on its own.
     """
     monkeypatch.setattr(_driver, "_TURN_PATIENCE", 0.0)
-    settings = sr.EngineSettings(pool_size=2, max_overflow=0)
+    # SQLite reads hop, to hold their connection across a suspension (see the next test).
+    settings = sr.EngineSettings(pool_size=2, max_overflow=0, sqlite_inline_reads=False)
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         for user in range(5):
             await repo.upsert_latest(snap(f"u{user}", "a"))
@@ -389,8 +390,13 @@ async def test_concurrent_calls_pass_connections_on_and_return_the_extra_ones_af
     backend: Backend,
 ):
     """Under concurrency calls reuse the repository's connections instead of going
-    through SQLAlchemy's pool each time; once the burst ends only two stay kept."""
-    settings = sr.EngineSettings(pool_size=10, max_overflow=0)
+    through SQLAlchemy's pool each time; once the burst ends only two stay kept.
+
+    SQLite reads hop here (`sqlite_inline_reads=False`): inline ones never hold a
+    connection across a suspension, and SQLite writes queue before they take one,
+    so only hopping reads make SQLite calls overlap on connections.
+    """
+    settings = sr.EngineSettings(pool_size=10, max_overflow=0, sqlite_inline_reads=False)
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         checkouts = 0
 
