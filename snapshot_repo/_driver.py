@@ -1128,10 +1128,10 @@ class _SqliteOperations(_SharedStatements):
         """Every row of the read `sql`: on the loop's thread if allowed (see the module doc).
 
         Why it may hold the loop: the hop costs the loop more than the read.
-        Measured for `get_latest`'s statement (1 KB states, warm cache): 16 to
+        Measured for `get_latest`'s statement (1 KB states, warm cache): 17 to
         18 µs of the loop thread's CPU per read in all when inline, against 42
-        to 43 µs of its CPU (74 µs of latency) for the hop to the connection's
-        thread and back. In WAL mode a reader never waits for writers or
+        to 43 µs of its CPU (70 to 75 µs of latency) for the hop to the
+        connection's thread and back. In WAL mode a reader never waits for writers or
         checkpoints: it waits (on the busy handler) only while another process
         holds the file exclusively, to recover it after a crash or in
         `locking_mode=EXCLUSIVE`.
