@@ -85,6 +85,15 @@ async def explain(repo: sr.SnapshotRepository[Cart], backend: Backend, statement
         return "\n".join(str(row[-1]) for row in await cursor.fetchall())
 
 
+async def explain_feed_page(
+    repo: sr.SnapshotRepository[Cart], backend: Backend, after_seq: int
+) -> str:
+    """The plan of `changes_since` for a page of 100 after `after_seq`."""
+    dialect = "postgresql" if backend.name == "postgres" else "sqlite"
+    params = {**SCOPE, "after_txid": 0, "after_seq": after_seq, "limit": 100}
+    return await explain(repo, backend, changes_since_statement(dialect), params)
+
+
 async def test_history_reads_are_an_index_range_scan_without_sort(
     repo: sr.SnapshotRepository[Cart], backend: Backend
 ):
@@ -238,12 +247,7 @@ async def test_postgres_feed_reads_merge_two_index_scans_without_sort(postgres_u
             await conn.exec_driver_sql("ANALYZE")
             await conn.commit()
         backend = Backend(name="postgres", url=postgres_url, fresh_url=lambda: postgres_url)
-        plan = await explain(
-            repo,
-            backend,
-            changes_since_statement("postgresql"),
-            {**SCOPE, "after_txid": 0, "after_seq": 0, "limit": 100},
-        )
+        plan = await explain_feed_page(repo, backend, after_seq=0)
         assert "Merge Append" in plan, plan
         assert "ix_snapshot_changes_feed" in plan, plan
         assert "ix_snapshot_history_feed" in plan, plan
@@ -277,12 +281,7 @@ async def test_sqlite_feed_statements_keep_their_index_whatever_the_statistics(
             repo, backend, erasure_feed_statements("sqlite")[0], {**SCOPE, "user_id": "u7"}
         )
         assert "SEARCH snapshot_changes USING INDEX ix_snapshot_changes_user" in forget, forget
-        page = await explain(
-            repo,
-            backend,
-            changes_since_statement("sqlite"),
-            {**SCOPE, "after_txid": 0, "after_seq": 3990, "limit": 100},
-        )
+        page = await explain_feed_page(repo, backend, after_seq=3990)
         assert "SEARCH snapshot_changes USING INDEX ix_snapshot_changes_feed" in page, page
         assert "seq>?" in page, page
         assert "TEMP B-TREE" not in page, page
