@@ -1131,10 +1131,10 @@ class _SqliteOperations(_SharedStatements):
         Measured for `get_latest`'s statement (1 KB states, warm cache): 17 to
         18 µs of the loop thread's CPU per read in all when inline, against 42
         to 43 µs of its CPU (70 to 75 µs of latency) for the hop to the
-        connection's thread and back. In WAL mode a reader never waits for writers or
-        checkpoints: it waits (on the busy handler) only while another process
-        holds the file exclusively, to recover it after a crash or in
-        `locking_mode=EXCLUSIVE`.
+        connection's thread and back. In WAL mode a reader never waits for
+        writers or checkpoints: it waits (on the busy handler) only while
+        another process holds the file exclusively, to recover it after a
+        crash or in `locking_mode=EXCLUSIVE`.
 
         An inline read still yields to the loop once, after giving the
         connection back (3 µs), as the hop did: a task reading in a loop
