@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     ColumnElement,
     Delete,
@@ -75,7 +76,6 @@ __all__ = [
     "WriteMode",
     "alive",
     "delete_statements",
-    "erasure_feed_statements",
     "forget_key_statement",
     "history_statement",
     "idempotent_write_statement",
@@ -85,14 +85,14 @@ __all__ = [
     "latest_statement",
     "notify",
     "postgres_bulk_write_statement",
-    "postgres_erase_rest_statement",
-    "postgres_erasure_notify_statement",
+    "postgres_erase_statement",
     "postgres_write_statement",
     "prune_condition",
     "prune_statement",
     "receipt_statement",
     "sorted_batch",
     "sqlite_bulk_write_statements",
+    "sqlite_erasure_feed_statements",
     "sqlite_write_statements",
     "version_statement",
     "write_mode",
@@ -410,19 +410,14 @@ def _feed_entry(kind: str) -> Insert:
 
 
 @cache
-def erasure_feed_statements(dialect: DialectName) -> tuple[Delete | TextClause, Insert]:
-    """Forget the erased user's earlier feed entries, then record the erasure itself.
+def sqlite_erasure_feed_statements() -> tuple[TextClause, Insert]:
+    """SQLite: forget the erased user's earlier feed entries, then record the erasure itself.
 
     The feed never held payloads; after an erasure it no longer holds the
     user's writes either, only one `erase` entry, so consumers learn to drop
-    what they cached.
+    what they cached. (Postgres does the same inside `snapshot_repo_erase`.)
     """
-    record = _feed_entry("erase")
-    if dialect == "postgresql":
-        return delete(changes_table).where(is_key(changes_table)), record.values(
-            txid=_postgres_txid()
-        )
-    return _sqlite_forget_feed_statement(), record
+    return _sqlite_forget_feed_statement(), _feed_entry("erase")
 
 
 def _sqlite_forget_feed_statement() -> TextClause:
@@ -493,7 +488,9 @@ def history_statement() -> Select[Any]:
 def delete_statements(only_expired: bool = False) -> tuple[ReturningDelete[Any], Delete]:
     """Delete the latest row (returning its version), then history up to that version.
 
-    Order matters on Postgres under READ COMMITTED. Deleting the latest row
+    SQLite runs these in one write transaction. Postgres runs the same
+    order inside `snapshot_repo_erase` (revision 0011), for this reason:
+    order matters on Postgres under READ COMMITTED. Deleting the latest row
     first waits for, and then excludes, every writer of the user: a writer
     updating the row holds its lock, and a writer re-creating it waits on the
     deleted row in the unique index until the erasure commits. The history
@@ -691,54 +688,35 @@ def receipt_statement() -> Insert:
 
 
 @cache
-def postgres_erasure_notify_statement() -> Select[Any]:
-    """NOTIFY an erasure inside its transaction (delivered at commit)."""
-    erased = select(
-        bindparam("tenant", type_=Text).label("tenant"),
-        bindparam("namespace", type_=Text).label("namespace"),
-        bindparam("user_id", type_=Text).label("user_id"),
-        bindparam("version", type_=BigInteger).label("version"),
-    ).subquery("erased")
-    return select(literal(1)).select_from(erased).where(notify(erased, "erase"))
-
-
-@cache
 def forget_key_statement() -> Delete:
     """Destroy a user's data key (crypto-shredding; part of the erasure transaction)."""
     return delete(data_keys_table).where(is_key(data_keys_table))
 
 
 @cache
-def postgres_erase_rest_statement() -> TextClause:
-    """Postgres, after the latest row is deleted: history, feed and the erase entry at once.
+def postgres_erase_statement() -> TextClause:
+    """Postgres: one user's whole erasure, one call of `snapshot_repo_erase` (revision 0011).
 
-    One statement instead of three round trips. Its snapshot is taken after
-    the latest row's deletion locked out every writer of the user (see
-    `delete_statements`), so it sees all their history and feed rows.
-    Returns how many history versions were erased.
+    The function deletes the latest row first and the rest in later
+    statements, each with a new snapshot (see `delete_statements` for why),
+    then records the erase entry, the receipt if `subject` is set, drops the
+    data key and notifies if asked: all in one round trip, atomic as one
+    statement. Returns (versions erased, the erased latest version), (0, 0)
+    if there was nothing to erase.
     """
-    feed_columns = ", ".join(CHANGE_COLUMNS)
     return text(
-        f"""
-        WITH erased AS (
-            DELETE FROM snapshot_history
-            WHERE tenant = :tenant AND namespace = :namespace AND user_id = :user_id
-              AND version <= :version
-            RETURNING 1
-        ),
-        forgotten AS (
-            DELETE FROM snapshot_changes
-            WHERE tenant = :tenant AND namespace = :namespace AND user_id = :user_id
-        ),
-        recorded AS (
-            INSERT INTO snapshot_changes ({feed_columns}, kind, txid)
-            VALUES (:tenant, :namespace, :user_id, :version, :created_at, NULL, NULL, NULL,
-                    'erase', CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT))
-        )
-        SELECT count(*) FROM erased
+        """
+        SELECT erased, erased_version FROM snapshot_repo_erase(
+            :tenant, :namespace, :user_id, :now, :only_expired, :created_at, :subject,
+            :cause, :drop_data_key, :notify)
         """
     ).bindparams(
         *_key_binds(),
-        bindparam("version", type_=BigInteger),
+        bindparam("now", type_=latest_table.c.created_at.type),
+        bindparam("only_expired", type_=Boolean),
         bindparam("created_at", type_=latest_table.c.created_at.type),
+        bindparam("subject", type_=String),
+        bindparam("cause", type_=String),
+        bindparam("drop_data_key", type_=Boolean),
+        bindparam("notify", type_=Boolean),
     )

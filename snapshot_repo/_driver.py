@@ -56,20 +56,19 @@ from ._dialects import (
     STORED_COLUMNS,
     DialectName,
     delete_statements,
-    erasure_feed_statements,
     forget_key_statement,
     history_statement,
     idempotent_write_statement,
     latest_many_statement,
     latest_statement,
     postgres_bulk_write_statement,
-    postgres_erase_rest_statement,
-    postgres_erasure_notify_statement,
+    postgres_erase_statement,
     postgres_write_statement,
     prune_statement,
     receipt_statement,
     sorted_batch,
     sqlite_bulk_write_statements,
+    sqlite_erasure_feed_statements,
     sqlite_write_statements,
     version_statement,
     write_mode,
@@ -671,14 +670,7 @@ class _SharedStatements:
     _history_tail: tuple[Any, ...]
     _history: _Compiled
     _version: _Compiled
-    _delete_latest: _Compiled
-    _delete_expired: _Compiled
-    _delete_history: _Compiled
-    _receipt: _Compiled
-    _forget_key: _Compiled
     _latest_many: _Compiled
-    _forget_feed: _Compiled
-    _erasure_entry: _Compiled
 
 
 def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
@@ -695,14 +687,7 @@ def _compile_shared(target: _SharedStatements, dialect: Dialect) -> None:
     target._history_tail = tuple(target._history.defaults[n] for n in history_names[4:])
     target._expiry = _result_processor(latest_table.c.expires_at, dialect)
     target._version = _compile(version_statement(), dialect)
-    target._delete_latest, target._delete_history = _compile_all(delete_statements(), dialect)
-    target._delete_expired = _compile(delete_statements(only_expired=True)[0], dialect)
-    target._receipt = _compile(receipt_statement(), dialect)
-    target._forget_key = _compile(forget_key_statement(), dialect)
     target._latest_many = _compile(latest_many_statement(name), dialect)
-    target._forget_feed, target._erasure_entry = _compile_all(
-        erasure_feed_statements(name), dialect
-    )
 
 
 _KEY_ARGS = ("tenant", "namespace", "user_id")
@@ -736,6 +721,7 @@ class _PostgresOperations(_SharedStatements):
             for mode in ("upsert", "create", "replace")
         }
         self._write_many = _compile(postgres_bulk_write_statement(distinct_users=True), dialect)
+        self._erase = _compile(postgres_erase_statement(), dialect)
         _compile_shared(self, dialect)
 
     async def write_many(self, batch: PendingBatch) -> list[int]:
@@ -854,25 +840,20 @@ class _PostgresOperations(_SharedStatements):
         return int(version or 0)
 
     async def delete(self, erasure: Erasure) -> tuple[int, int]:
-        key = erasure.key()
-        delete_latest = self._delete_expired if erasure.only_expired else self._delete_latest
-        async with self._connections.checkout() as conn, conn.transaction():
-            version = await conn.fetchval(
-                delete_latest.sql, *delete_latest.args({**key, "now": erasure.at})
-            )
-            if version is None:
-                return 0, 0
-            rest = self._compiled(postgres_erase_rest_statement())
-            erased = int(await conn.fetchval(rest.sql, *rest.args(erasure.feed_params(version))))
-            if erasure.receipt_subject is not None:
-                receipt = self._receipt.args(erasure.receipt_params(erased))
-                await conn.execute(self._receipt.sql, *receipt)
-            if erasure.drop_data_key:
-                await conn.execute(self._forget_key.sql, *self._forget_key.args(key))
-            if erasure.notify:
-                notify = self._compiled(postgres_erasure_notify_statement())
-                await conn.fetch(notify.sql, *notify.args({**key, "version": version}))
-        return erased, int(version)
+        params = {
+            **erasure.key(),
+            "now": erasure.at,
+            "only_expired": erasure.only_expired,
+            "created_at": erasure.at,
+            "subject": erasure.receipt_subject,
+            "cause": erasure.cause,
+            "drop_data_key": erasure.drop_data_key,
+            "notify": erasure.notify,
+        }
+        async with self._connections.checkout() as conn:
+            # One statement under autocommit: the function's work commits or rolls back whole.
+            erased, version = await conn.fetchrow(self._erase.sql, *self._erase.args(params))
+        return (int(erased), int(version)) if version else (0, 0)
 
     async def vacuum(self) -> None:
         async with self._connections.checkout() as conn:
@@ -968,6 +949,14 @@ class _SqliteOperations(_SharedStatements):
         settings = engine_settings(engine)
         self._erase_without_trace = settings.sqlite_secure_delete
         self._inline_reads = settings.sqlite_inline_reads
+        # An erasure's statements (Postgres: one function call, see `postgres_erase_statement`).
+        self._delete_latest, self._delete_history = _compile_all(delete_statements(), dialect)
+        self._delete_expired = _compile(delete_statements(only_expired=True)[0], dialect)
+        self._receipt = _compile(receipt_statement(), dialect)
+        self._forget_key = _compile(forget_key_statement(), dialect)
+        self._forget_feed, self._erasure_entry = _compile_all(
+            sqlite_erasure_feed_statements(), dialect
+        )
         _compile_shared(self, dialect)
 
     async def write_many(self, batch: PendingBatch) -> list[int]:

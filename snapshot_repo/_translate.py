@@ -34,6 +34,7 @@ _DRIVER_ERRORS = (
     asyncpg.InterfaceError,
 )
 _UNDEFINED_TABLE = "42P01"
+_UNDEFINED_FUNCTION = "42883"
 
 
 def describe(exc: BaseException) -> str:
@@ -47,9 +48,12 @@ def describe(exc: BaseException) -> str:
     return f"{type(orig).__name__}: {lines[0]}" if lines else type(orig).__name__
 
 
-def _is_missing_table(exc: BaseException) -> bool:
+def _is_missing_schema(exc: BaseException) -> bool:
+    """Whether `exc` says a table or function of this library's schema does not exist."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if code == _UNDEFINED_FUNCTION:  # ours (0011 on): a database migrated by an older release
+        return "snapshot_repo_" in str(orig)
     return code == _UNDEFINED_TABLE or "no such table" in str(orig)
 
 
@@ -109,9 +113,10 @@ class storage_errors:  # lower case, like `contextlib.suppress`: used as `async 
         if isinstance(exc, TimeoutError):  # a driver's own timeout (e.g. command_timeout)
             raise StorageError(f"{operation}{subject} failed: {describe(exc)}") from exc
         if isinstance(exc, _DRIVER_ERRORS):
-            if _is_missing_table(exc):
+            if _is_missing_schema(exc):
                 raise SchemaNotReadyError(
-                    f"{operation}{subject} failed: the snapshot tables do not exist; run "
-                    f"`await repo.migrate()` or `snapshot-repo migrate` ({describe(exc)})"
+                    f"{operation}{subject} failed: the snapshot schema is missing or older "
+                    "than this package; run `await repo.migrate()` or `snapshot-repo "
+                    f"migrate` ({describe(exc)})"
                 ) from exc
             raise StorageError(f"{operation}{subject} failed: {describe(exc)}") from exc

@@ -123,4 +123,4 @@ class ConnectionLostError(StorageError):
 
 
 class SchemaNotReadyError(StorageError):
-    """The snapshot tables do not exist: the database has not been migrated."""
+    """The snapshot schema is missing or older than this package: migrate the database."""

@@ -9,11 +9,11 @@ import pytest
 
 import snapshot_repo as sr
 from snapshot_repo._dialects import (
-    erasure_feed_statements,
     history_statement,
     idempotent_write_statement,
     latest_many_statement,
     latest_statement,
+    sqlite_erasure_feed_statements,
 )
 from snapshot_repo._driver import _compile
 from snapshot_repo._queries import changes_since_statement, expired_users_statement
@@ -278,7 +278,7 @@ async def test_sqlite_feed_statements_keep_their_index_whatever_the_statistics(
             )
     async with sr.SnapshotRepository.from_url(backend.url, Cart) as repo:  # plans anew
         forget = await explain(
-            repo, backend, erasure_feed_statements("sqlite")[0], {**SCOPE, "user_id": "u7"}
+            repo, backend, sqlite_erasure_feed_statements()[0], {**SCOPE, "user_id": "u7"}
         )
         assert "SEARCH snapshot_changes USING INDEX ix_snapshot_changes_user" in forget, forget
         page = await explain_feed_page(repo, backend, after_seq=3990)

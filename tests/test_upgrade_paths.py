@@ -9,7 +9,7 @@ import pytest
 import snapshot_repo as sr
 from snapshot_repo import migrate
 
-from .conftest import Backend, Cart
+from .conftest import Backend, Cart, PostgresServer
 from .test_changes import read_all
 
 KEY = b"an application secret of 32 bytes"
@@ -24,7 +24,9 @@ def moment(backend: Backend, at: datetime) -> str:
     return f"'{text}'" if backend.name == "sqlite" else f"'{text}+00'::timestamptz"
 
 
-@pytest.mark.parametrize("previous", ["0003", "0004", "0005", "0006", "0007", "0008", "0009"])
+@pytest.mark.parametrize(
+    "previous", ["0003", "0004", "0005", "0006", "0007", "0008", "0009", "0010"]
+)
 async def test_upgrade_from_each_previous_head_keeps_rows(backend: Backend, previous: str):
     """Rows written at `previous` (scoped keys exist from 0003 on) read the same at head."""
     engine = sr.create_engine(backend.fresh_url())
@@ -137,3 +139,28 @@ async def test_the_feed_reads_the_same_across_0010_both_ways(backend: Backend):
         assert after == before
     finally:
         await engine.dispose()
+
+
+async def test_a_postgres_erasure_before_0011_is_refused_and_erases_nothing(
+    postgres_server: PostgresServer,
+):
+    """0011 brings the function a Postgres erasure calls: a database migrated by an
+    older release gets `SchemaNotReadyError` naming `migrate`, and keeps every row."""
+    url = postgres_server.create_database()
+    async with sr.SnapshotRepository.from_url(url, Cart, erasure_key=KEY) as repo:
+        await migrate.upgrade(repo.engine, "0010")
+        await repo.upsert_latest(sr.Snapshot(user_id="u1", state=Cart(items=["a"])))
+        with pytest.raises(sr.SchemaNotReadyError, match="migrate"):
+            await repo.delete("u1")
+        assert [s.version for s in await repo.get_history("u1")] == [1]
+        assert await repo.erasure_receipt("u1") is None
+        await repo.migrate()
+        assert await repo.delete("u1") == 1
+        assert await repo.get_latest("u1") is None
+        receipt = await repo.erasure_receipt("u1")
+        assert receipt is not None
+        assert receipt.versions_erased == 1
+        await migrate.downgrade(repo.engine, "0010")  # drops the function again
+        await repo.upsert_latest(sr.Snapshot(user_id="u2", state=Cart()))
+        with pytest.raises(sr.SchemaNotReadyError):
+            await repo.delete("u2")
