@@ -707,14 +707,13 @@ def postgres_erase_statement() -> TextClause:
     return text(
         """
         SELECT erased, erased_version FROM snapshot_repo_erase(
-            :tenant, :namespace, :user_id, :now, :only_expired, :created_at, :subject,
-            :cause, :drop_data_key, :notify)
+            :tenant, :namespace, :user_id, :at, :only_expired, :subject, :cause,
+            :drop_data_key, :notify)
         """
     ).bindparams(
         *_key_binds(),
-        bindparam("now", type_=latest_table.c.created_at.type),
+        bindparam("at", type_=latest_table.c.created_at.type),
         bindparam("only_expired", type_=Boolean),
-        bindparam("created_at", type_=latest_table.c.created_at.type),
         bindparam("subject", type_=String),
         bindparam("cause", type_=String),
         bindparam("drop_data_key", type_=Boolean),

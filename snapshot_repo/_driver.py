@@ -842,9 +842,8 @@ class _PostgresOperations(_SharedStatements):
     async def delete(self, erasure: Erasure) -> tuple[int, int]:
         params = {
             **erasure.key(),
-            "now": erasure.at,
+            "at": erasure.at,
             "only_expired": erasure.only_expired,
-            "created_at": erasure.at,
             "subject": erasure.receipt_subject,
             "cause": erasure.cause,
             "drop_data_key": erasure.drop_data_key,

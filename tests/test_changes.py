@@ -140,16 +140,24 @@ async def test_a_late_committing_write_is_not_skipped(
     assert [c.user_id for c in seen] == ["slow", "fast"]
 
 
+class Collector:
+    """A listener that keeps every change and says when `count` of them arrived."""
+
+    def __init__(self, count: int) -> None:
+        self.received: list[Change] = []
+        self.arrived = asyncio.Event()
+        self._count = count
+
+    async def __call__(self, change: Change) -> None:
+        self.received.append(change)
+        if len(self.received) == self._count:
+            self.arrived.set()
+
+
 async def test_listeners_get_committed_writes_and_erasures(repo: sr.SnapshotRepository[Cart]):
-    received: list[Change] = []
-    arrived = asyncio.Event()
-
-    async def on_change(change: Change) -> None:
-        received.append(change)
-        if len(received) == 3:
-            arrived.set()
-
-    subscription = await repo.subscribe(on_change)
+    collector = Collector(3)
+    received, arrived = collector.received, collector.arrived
+    subscription = await repo.subscribe(collector)
     try:
         await repo.upsert_latest(snap("u1", "a"))
         with pytest.raises(sr.VersionConflictError):
@@ -168,15 +176,9 @@ async def test_listeners_get_committed_writes_and_erasures(repo: sr.SnapshotRepo
 
 async def test_listeners_get_every_write_of_a_batch(repo: sr.SnapshotRepository[Cart]):
     """A batch announces each of its writes to local listeners, with the batch's metadata."""
-    received: list[Change] = []
-    arrived = asyncio.Event()
-
-    async def on_change(change: Change) -> None:
-        received.append(change)
-        if len(received) == 5:
-            arrived.set()
-
-    with await repo.subscribe(on_change):
+    collector = Collector(5)
+    received, arrived = collector.received, collector.arrived
+    with await repo.subscribe(collector):
         await repo.upsert_many([snap("b", "1"), snap("a", "1")], actor="import", reason="r")
         await repo.upsert_many([snap("a", "2"), snap("c", "1"), snap("a", "3")])
         await asyncio.wait_for(arrived.wait(), timeout=5)

@@ -87,7 +87,10 @@ async def test_reads_run_on_the_loop_thread_unless_turned_off(
     loop_thread = threading.get_ident()
     assert loop_thread not in threads_of(trace, is_write)  # a commit waits for the disk
     read_threads = threads_of(trace, is_read)
-    assert read_threads == {loop_thread} if inline else loop_thread not in read_threads
+    if inline:
+        assert read_threads == {loop_thread}
+    else:
+        assert loop_thread not in read_threads
 
 
 async def test_reads_hop_on_connections_bound_to_their_thread(

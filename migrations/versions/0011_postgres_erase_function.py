@@ -32,14 +32,13 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 _SIGNATURE = (
-    "snapshot_repo_erase(text, text, text, timestamptz, boolean, timestamptz, text, text, "
-    "boolean, boolean)"
+    "snapshot_repo_erase(text, text, text, timestamptz, boolean, text, text, boolean, boolean)"
 )
 
 _CREATE = """
 CREATE FUNCTION snapshot_repo_erase(
-    p_tenant text, p_namespace text, p_user_id text, p_now timestamptz,
-    p_only_expired boolean, p_at timestamptz, p_receipt_subject text, p_cause text,
+    p_tenant text, p_namespace text, p_user_id text, p_at timestamptz,
+    p_only_expired boolean, p_receipt_subject text, p_cause text,
     p_drop_data_key boolean, p_notify boolean,
     OUT erased bigint, OUT erased_version bigint
 ) LANGUAGE plpgsql VOLATILE AS $erase$
@@ -47,7 +46,7 @@ BEGIN
     -- First, alone: waits out and then excludes every writer of the user.
     DELETE FROM snapshot_latest
     WHERE tenant = p_tenant AND namespace = p_namespace AND user_id = p_user_id
-      AND (NOT p_only_expired OR expires_at <= p_now)
+      AND (NOT p_only_expired OR expires_at <= p_at)  -- reaping: expired by then
     RETURNING version INTO erased_version;
     IF NOT FOUND THEN
         erased := 0;
