@@ -5,7 +5,10 @@ through the public `SnapshotRepository` API and through a careful
 hand-written implementation on the bare driver (asyncpg on Postgres;
 aiosqlite, and stdlib `sqlite3` on one worker thread, on SQLite), against the
 same tables and with the same semantics and durability, so that the ratio
-library/raw isolates the library's own overhead.
+library/raw isolates the library's own overhead. A fourth kind of side, the
+peer (`sqlalchemy`, see `_bench_peer`), runs the same workloads in plain
+SQLAlchemy Core on the same drivers: the alternative a user would otherwise
+write, so library/peer says what choosing the library buys.
 
 What keeps the comparison fair:
 
@@ -55,7 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -67,9 +70,10 @@ from typing import Any, Literal, Protocol, TypeVar, cast, get_args
 import aiosqlite
 import asyncpg
 from pydantic import BaseModel
-from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ._bench_peer import PEER, PeerStatements, peer_engine
 from .engine import EngineSettings, SqliteSynchronous, normalize_url
 from .errors import ConfigurationError, SnapshotRepoError
 from .repository import SnapshotRepository
@@ -108,7 +112,8 @@ POSTGRES_URL_ENV = "SNAPSHOT_REPO_BENCH_POSTGRES_URL"
 DEFAULT_JSON_PATH = "benchmark-results.json"
 
 LIBRARY = "library"
-"""The name of the library's side in reports; the raw sides are named after their driver."""
+"""The name of the library's side in reports; the raw sides are named after their driver,
+the plain-SQLAlchemy peer `PEER` ("sqlalchemy")."""
 
 WORKLOADS: tuple[str, ...] = (
     "write",
@@ -205,6 +210,10 @@ class BenchConfig:
         settings: the library's engine settings; the raw baselines take their
             pool size, timeouts and SQLite pragmas from the same object.
         seed: seeds the random choice of users, so runs are repeatable.
+        peer: also run the peer, plain SQLAlchemy Core (`_bench_peer`). Off by
+            default: its calls are 2 to 10 times slower than the other sides',
+            so it more than doubles the run (both backends on 2 cores, one run
+            each: 62 s without, 151 s with).
     """
 
     backends: tuple[BackendName, ...] = ("sqlite", "postgres")
@@ -228,6 +237,7 @@ class BenchConfig:
     sqlite_path: Path | None = None
     settings: EngineSettings = field(default_factory=EngineSettings)
     seed: int = 1
+    peer: bool = False
 
     def __post_init__(self) -> None:
         if not self.backends:
@@ -988,6 +998,89 @@ class _Sqlite3Side(_Side):
         return [_decode(row) for row in rows]
 
 
+class _PeerSide(_Side):
+    """The peer: plain SQLAlchemy Core on its own async engine (see `_bench_peer`)."""
+
+    name = PEER
+
+    def __init__(self, engine: AsyncEngine, statements: PeerStatements) -> None:
+        self._engine = engine
+        self._sql = statements
+
+    async def write(self, user_id: str, state: BenchState) -> int:
+        params = {
+            "user_id": user_id,
+            "schema_version": 1,
+            "payload": _payload(state),
+            "created_at": datetime.now(UTC),
+        }
+        async with self._engine.begin() as conn:
+            if self._sql.write is not None:  # Postgres: one statement
+                return int((await conn.execute(self._sql.write, params)).scalar_one())
+            version = int((await conn.execute(self._sql.upsert_returning, params)).one()[1])
+            await conn.execute(self._sql.append, {**params, "version": version})
+        return version
+
+    async def get_latest(self, user_id: str) -> _RawSnapshot | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(self._sql.latest, {"user_id": user_id})).first()
+        return None if row is None else _decode(row)
+
+    async def get_history(self, user_id: str, limit: int) -> list[_RawSnapshot]:
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._sql.history, {"user_id": user_id, "limit": limit})
+            rows = result.all()
+        return [_decode(row) for row in rows]
+
+    async def delete(self, user_id: str) -> int:
+        async with self._engine.begin() as conn:
+            version = (await conn.execute(self._sql.delete_latest, {"user_id": user_id})).scalar()
+            if version is None:
+                return 0
+            params = {"user_id": user_id, "up_to": version}
+            erased: int = (await conn.execute(self._sql.delete_history, params)).rowcount
+        return erased
+
+    def traceless_delete_unavailable(self) -> str | None:
+        return (
+            None
+            if self._engine.dialect.name == "sqlite"
+            else super().traceless_delete_unavailable()
+        )
+
+    async def traceless_delete(self, user_id: str) -> int:
+        erased = await self.delete(user_id)
+        async with self._engine.connect() as conn:
+            await conn.exec_driver_sql(_CHECKPOINT)
+        return erased
+
+    async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> int:
+        user_ids = [user_id for user_id, _ in items]
+        _distinct(user_ids)
+        created_at = datetime.now(UTC)
+        rows = [
+            {
+                "user_id": user_id,
+                "schema_version": 1,
+                "payload": _payload(state),
+                "created_at": created_at,
+            }
+            for user_id, state in items
+        ]
+        async with self._engine.begin() as conn:
+            written = (await conn.execute(self._sql.upsert_returning, rows)).all()
+            for row, (_user_id, version) in zip(rows, written, strict=True):
+                row["version"] = version
+            await conn.execute(self._sql.append, rows)
+        return len(written)
+
+    async def bulk_read(self, user_ids: Sequence[str]) -> list[_RawSnapshot]:
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._sql.latest_many, {"user_ids": list(user_ids)})
+            rows = result.all()
+        return [_decode(row) for row in rows]
+
+
 # --- seeding: untimed bulk SQL, so deep histories cost one statement, not 100k calls ---
 
 
@@ -1138,19 +1231,38 @@ async def _postgres(config: BenchConfig) -> AsyncIterator[_Setup]:
         repo = SnapshotRepository.from_url(url, BenchState, settings=settings)
         stack.push_async_callback(repo.close)
         await repo.migrate()
-        sql = _statements("postgres", await _scope_of(repo, pool.fetchrow))
-        async with repo.engine.connect() as conn:
-            library_commit = str((await conn.execute(text("SHOW synchronous_commit"))).scalar())
+        scope = await _scope_of(repo, pool.fetchrow)
+        sql = _statements("postgres", scope)
+        sides: list[_Side] = [_LibrarySide(repo), _AsyncpgSide(pool, sql)]
+        engines = {LIBRARY: repo.engine}
+        if config.peer:
+            peer = peer_engine(url, settings, ())
+            stack.push_async_callback(peer.dispose)
+            sides.append(_PeerSide(peer, PeerStatements("postgresql", scope)))
+            engines[PEER] = peer
+        commits = await _engine_answers(engines, ("SHOW synchronous_commit",))
         raw_commit = str(await pool.fetchval("SHOW synchronous_commit"))
-        if library_commit != raw_commit:
-            raise RuntimeError(f"synchronous_commit differs: {library_commit} vs {raw_commit}")
+        commits["asyncpg"] = [raw_commit]
+        if any(values != [raw_commit] for values in commits.values()):
+            raise RuntimeError(f"synchronous_commit differs between sides: {commits}")
         server = "PostgreSQL " + str(await pool.fetchval("SHOW server_version"))
         yield _Setup(
             server=server,
-            sides=[_LibrarySide(repo), _AsyncpgSide(pool, sql)],
+            sides=sides,
             seeder=_PostgresSeeder(pool, sql),
             durability={"synchronous_commit": raw_commit},
         )
+
+
+async def _engine_answers(
+    engines: Mapping[str, AsyncEngine], queries: Sequence[str]
+) -> dict[str, list[str]]:
+    """Each SQLAlchemy side's answers to `queries` (settings), read on one of its connections."""
+    answers: dict[str, list[str]] = {}
+    for name, engine in engines.items():
+        async with engine.connect() as conn:
+            answers[name] = [str((await conn.exec_driver_sql(query)).scalar()) for query in queries]
+    return answers
 
 
 async def _drop_database(url: URL, name: str, connect_timeout: float) -> None:
@@ -1224,16 +1336,27 @@ async def _sqlite(config: BenchConfig) -> AsyncIterator[_Setup]:
             rows: list[Any] = await thread.call(thread.fetch, query)
             return tuple(rows[0])
 
-        sql = _statements("sqlite", await _scope_of(repo, first_row))
+        scope = await _scope_of(repo, first_row)
+        sql = _statements("sqlite", scope)
         aconn = await aiosqlite.connect(path, timeout=settings.busy_timeout, isolation_level=None)
         stack.push_async_callback(aconn.close)
         for pragma in _sqlite_pragmas(settings):
             await aconn.execute(pragma)
 
-        observed: dict[str, list[str]] = {LIBRARY: [], "aiosqlite": [], "sqlite3": []}
-        async with repo.engine.connect() as conn:
-            for query in _DURABILITY_QUERIES:
-                observed[LIBRARY].append(str((await conn.exec_driver_sql(query)).scalar()))
+        sides: list[_Side] = [
+            _LibrarySide(repo),
+            _AiosqliteSide(aconn, sql),
+            _Sqlite3Side(thread, sql),
+        ]
+        engines = {LIBRARY: repo.engine}
+        if config.peer:
+            peer = peer_engine(url, settings, _sqlite_pragmas(settings))
+            stack.push_async_callback(peer.dispose)
+            sides.append(_PeerSide(peer, PeerStatements("sqlite", scope)))
+            engines[PEER] = peer
+        observed = await _engine_answers(engines, _DURABILITY_QUERIES)
+        observed["aiosqlite"] = []
+        observed["sqlite3"] = []
         for query in _DURABILITY_QUERIES:
             observed["aiosqlite"].append(str(next(iter(await aconn.execute_fetchall(query)))[0]))
             observed["sqlite3"].append(str((await thread.call(thread.fetch, query))[0][0]))
@@ -1242,7 +1365,7 @@ async def _sqlite(config: BenchConfig) -> AsyncIterator[_Setup]:
         journal_mode, synchronous, busy_ms, secure_delete = observed[LIBRARY]
         yield _Setup(
             server=f"SQLite {sqlite3.sqlite_version}",
-            sides=[_LibrarySide(repo), _AiosqliteSide(aconn, sql), _Sqlite3Side(thread, sql)],
+            sides=sides,
             seeder=_SqliteSeeder(thread, sql),
             durability={
                 "journal_mode": journal_mode,
@@ -1349,8 +1472,8 @@ class _Workloads:
             "write_concurrent": (
                 f"{c.concurrency} concurrent writers, each on its own users "
                 f"(library pool_size {c.settings.pool_size} + max_overflow "
-                f"{c.settings.max_overflow}; asyncpg pool {c.settings.pool_size}; "
-                "SQLite raw: one connection)",
+                f"{c.settings.max_overflow}, as the sqlalchemy peer's; asyncpg pool "
+                f"{c.settings.pool_size}; SQLite raw: one connection)",
                 "call, queueing included",
             ),
             "get_latest": (f"get_latest of random users among {c.read_users}", "call"),
@@ -1373,7 +1496,8 @@ class _Workloads:
             ),
             "bulk_write": (
                 f"{c.bulk_size} snapshots of distinct users in one call "
-                "(library: upsert_many; raw: one statement / one transaction)",
+                "(library: upsert_many; raw: one statement / one transaction; "
+                "sqlalchemy: two executemany calls in one transaction)",
                 bulk,
             ),
             "bulk_write_single": (
@@ -1723,12 +1847,13 @@ def _format_report(report: BenchReport) -> str:
     lines: list[str] = []
     config = report.config
     header = (
-        f"{'workload':<21} {'side':<10} {'ops/s':>11} {'p50 ms':>9} {'p99 ms':>9}  {'lib/raw':>7}"
+        f"{'workload':<21} {'side':<10} {'ops/s':>11} {'p50 ms':>9} {'p99 ms':>9}  {'lib/side':>8}"
     )
     env = report.environment
     lines.append(
-        f"snapshot_repo {env['packages']['snapshot-repo']} vs raw drivers; Python "
-        f"{env['python']}; states of {env['payload_bytes']} bytes of JSON"
+        f"snapshot_repo {env['packages']['snapshot-repo']} vs raw drivers"
+        f"{' and plain SQLAlchemy' if config.peer else ''}; Python {env['python']}; "
+        f"states of {env['payload_bytes']} bytes of JSON"
     )
     lines.append("")
     for backend, result in report.backends.items():
@@ -1752,7 +1877,7 @@ def _format_report(report: BenchReport) -> str:
                         f"{_fmt_number(_ms(outcome.p99_us), digits=3):>9}"
                     )
                     if side != LIBRARY:
-                        row += f"  {_fmt_ratio(workload.ratio[side]):>7}"
+                        row += f"  {_fmt_ratio(workload.ratio[side]):>8}"
                 lines.append(row)
                 label = ""
         lines.append("")
@@ -1770,8 +1895,9 @@ def _format_report(report: BenchReport) -> str:
             )
         lines.append("")
     lines.append(
-        "ops/s counts snapshots for bulk_* workloads; p50/p99 are per call. lib/raw = library "
-        "ops/s / raw ops/s, median of per-round ratios (above 1: the library is faster)."
+        "ops/s counts snapshots for bulk_* workloads; p50/p99 are per call. lib/side = library "
+        "ops/s / that side's ops/s (a raw driver, or the plain-SQLAlchemy peer), median of "
+        "per-round ratios (above 1: the library is faster)."
     )
     load = report.environment.get("loadavg_start"), report.environment.get("loadavg_end")
     lines.append(
@@ -1872,6 +1998,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.seed,
         help="seed of the random user choice (default %(default)s)",
     )
+    sides = parser.add_argument_group("sides")
+    sides.add_argument(
+        "--peer",
+        action="store_true",
+        help="also run the same workloads in plain SQLAlchemy Core, the alternative to "
+        "this library (about doubles the run time)",
+    )
     where = parser.add_argument_group("databases")
     where.add_argument(
         "--backends",
@@ -1945,6 +2078,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         sqlite_path=args.sqlite_path,
         settings=replace(EngineSettings(), sqlite_synchronous=args.sqlite_synchronous),
         seed=args.seed,
+        peer=args.peer,
     )
 
 

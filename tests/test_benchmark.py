@@ -17,7 +17,10 @@ from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
 from snapshot_repo import benchmark
+from snapshot_repo._bench_peer import PeerStatements, peer_engine
 from snapshot_repo.benchmark import WORKLOADS, BenchConfig, main, run_benchmark
+from snapshot_repo.engine import normalize_url
+from snapshot_repo.repository import DEFAULT_NAMESPACE
 
 from .conftest import Backend, Cart, run_blocking
 
@@ -38,6 +41,7 @@ TINY: dict[str, Any] = {
     "bulk_batches": 2,
 }
 RAW_SIDES = {"sqlite": ["aiosqlite", "sqlite3"], "postgres": ["asyncpg"]}
+PEER = "sqlalchemy"  # plain SQLAlchemy Core, run with `peer=True` / `--peer`
 BULK = {"bulk_write": "upsert_many", "bulk_read": "get_latest_many"}
 TINY_FLAGS = [
     "--ops=3",
@@ -66,10 +70,16 @@ def where_flags(backend: Backend, url: str) -> list[str]:
     return ["--backends=postgres", f"--postgres-url={url}", "--postgres-use-database"]
 
 
+def other_sides(backend: str, peer: bool) -> list[str]:
+    """Every side the library is compared with: the raw drivers, then the peer if asked for."""
+    return [*RAW_SIDES[backend], *([PEER] if peer else [])]
+
+
 def assert_complete(data: dict[str, Any], backend: str) -> None:
-    """Every workload has ops/s, p50, p99 per side and a ratio per raw side."""
+    """Every workload has ops/s, p50, p99 per side and a ratio per other side."""
     result = data["backends"][backend]
-    assert result["sides"] == ["library", *RAW_SIDES[backend]]
+    others = other_sides(backend, data["config"]["peer"])
+    assert result["sides"] == ["library", *others]
     assert list(result["workloads"]) == list(WORKLOADS)
     for name, workload in result["workloads"].items():
         assert workload["description"]
@@ -92,21 +102,21 @@ def assert_complete(data: dict[str, Any], backend: str) -> None:
             assert 0 < outcome["p50_us"] <= outcome["p99_us"], (name, side)
             assert len(outcome["rounds"]) == ROUNDS
         library_available = workload["results"]["library"]["available"]
-        assert set(workload["ratio"]) == set(RAW_SIDES[backend])
+        assert set(workload["ratio"]) == set(others)
         for ratio in workload["ratio"].values():
             assert (ratio is not None and ratio > 0) if library_available else ratio is None
     for side in result["sides"]:
         assert result["depth_ratio"][side] > 0
     for kind in ("write", "read"):
         speedups = result["bulk_speedup"][kind]
-        for raw in RAW_SIDES[backend]:
-            assert speedups[raw] > 0
+        for other in others:
+            assert speedups[other] > 0
         library_has_bulk = result["workloads"][f"bulk_{kind}"]["results"]["library"]["available"]
         assert (speedups["library"] is not None) == library_has_bulk
 
 
-async def test_report_has_every_workload_on_every_side(backend: Backend):
-    config = BenchConfig(**TINY, **where(backend, backend.fresh_url()))
+async def test_report_has_every_workload_on_every_side(backend: Backend) -> None:
+    config = BenchConfig(**TINY, **where(backend, backend.fresh_url()), peer=True)
     report = await run_benchmark(config)
     data = json.loads(json.dumps(report.to_dict()))  # the JSON round trip is part of the contract
     assert list(data["backends"]) == [backend.name]
@@ -137,8 +147,9 @@ async def test_sqlite_phases_start_from_an_empty_wal(
 
     monkeypatch.setattr(benchmark, "_time_sequential", observing(benchmark._time_sequential))
     monkeypatch.setattr(benchmark, "_time_concurrent", observing(benchmark._time_concurrent))
-    await run_benchmark(BenchConfig(**TINY, backends=("sqlite",), sqlite_path=path))
-    sides = 1 + len(RAW_SIDES["sqlite"])
+    # With the peer: its pooled connections must not hold the WAL either.
+    await run_benchmark(BenchConfig(**TINY, backends=("sqlite",), sqlite_path=path, peer=True))
+    sides = 1 + len(other_sides("sqlite", peer=True))
     assert len(sizes) >= len(WORKLOADS) * sides * ROUNDS  # warm-ups come on top
     assert sizes == [0] * len(sizes)
 
@@ -150,7 +161,8 @@ def test_main_prints_the_table_and_writes_json(
     status = main([*TINY_FLAGS, *where_flags(backend, backend.fresh_url()), f"--json={out}"])
     printed = capsys.readouterr().out
     assert status == 0
-    assert "lib/raw" in printed
+    assert "lib/side" in printed
+    assert PEER not in printed  # only with --peer
     assert "depth ratio" in printed
     assert_complete(json.loads(out.read_text()), backend.name)
 
@@ -186,3 +198,43 @@ def test_refuses_a_database_that_holds_snapshots(backend: Backend, tmp_path: Pat
 def test_inconsistent_configurations_are_refused_before_any_io(fields: dict[str, Any]):
     with pytest.raises(sr.ConfigurationError):
         BenchConfig(**fields)
+
+
+async def test_the_peer_stores_what_the_library_reads_back(backend: Backend) -> None:
+    """The plain-SQLAlchemy peer's writes, single and batched, are the library's rows:
+    versions in order, history appended, its delete erasing every version."""
+    settings = sr.EngineSettings()
+    url = normalize_url(backend.url)
+    pragmas = benchmark._sqlite_pragmas(settings) if backend.name == "sqlite" else ()
+    engine = peer_engine(url, settings, pragmas)
+    scope = {"tenant": "", "namespace": DEFAULT_NAMESPACE}  # a repository's default scope
+    peer = benchmark._PeerSide(engine, PeerStatements(engine.dialect.name, scope))
+    states = benchmark._make_states(3)
+    try:
+        async with sr.SnapshotRepository.from_url(url, benchmark.BenchState) as repo:
+            assert await peer.write("solo", states[0]) == 1
+            assert await peer.write("solo", states[1]) == 2
+            await repo.upsert_latest(sr.Snapshot(user_id="b", state=states[2]))
+            for batch in (
+                [("a", states[0]), ("b", states[1])],
+                [("b", states[2]), ("a", states[1])],
+            ):
+                assert await peer.bulk_write(batch) == 2
+            history = {user: await repo.get_history(user) for user in ("solo", "a", "b")}
+            assert [(s.version, s.state) for s in history["solo"]] == [
+                (2, states[1]),
+                (1, states[0]),
+            ]
+            assert [(s.version, s.state) for s in history["a"]] == [(2, states[1]), (1, states[0])]
+            assert [(s.version, s.state) for s in history["b"]] == [
+                (3, states[2]),
+                (2, states[1]),
+                (1, states[2]),
+            ]
+            latest = {s.user_id: s.version for s in await peer.bulk_read(["a", "b", "none"])}
+            assert latest == {"a": 2, "b": 3}
+            assert await peer.delete("b") == 3
+            assert await repo.get_history("b") == []
+            assert await peer.get_latest("b") is None
+    finally:
+        await engine.dispose()

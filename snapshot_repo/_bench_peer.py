@@ -1,0 +1,159 @@
+"""The benchmark's peer: the same workloads in plain SQLAlchemy Core, as an application would
+write them without this library.
+
+The raw sides of `snapshot_repo.benchmark` say how close the library comes to
+hand-written SQL on the bare driver. This side answers the other question a
+user asks before picking a library: is it faster than the obvious
+alternative, SQLAlchemy Core used directly on the same async driver? It is
+that alternative written well, not a strawman:
+
+- statements are built once, from the library's own tables (same schema and
+  column types), so SQLAlchemy's compiled cache serves every call;
+- a Postgres write is one statement (the upsert as a data-modifying CTE, the
+  history row inserted from its `RETURNING`), a SQLite write two statements
+  in one transaction;
+- a batch is one transaction of two `executemany` calls, the upserts with
+  `RETURNING` (SQLAlchemy's "insertmanyvalues" turns each into a few
+  multi-row statements);
+- the pool has the library's size and overflow, and SQLite connections get
+  the library's durability pragmas.
+
+What it keeps is what plain SQLAlchemy does by itself: a pool checkout and
+return per call (with the pool's reset-on-return rollback), a transaction
+begun around every statement, reads included (BEGIN and ROLLBACK round trips
+on asyncpg), the `Result` machinery, the async adapter's greenlet switches,
+and on SQLite the driver's own deferred transactions on a pool of connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Delete, Select, bindparam, delete, event, insert, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql.dml import Insert, ReturningDelete
+
+from .engine import EngineSettings
+from .tables import history_table, latest_table
+
+__all__ = ["PEER", "PeerStatements", "peer_engine"]
+
+PEER = "sqlalchemy"
+"""The name of the peer's side in reports."""
+
+_STORED = ("user_id", "version", "schema_version", "payload", "created_at")
+"""The columns the peer writes and reads (as the raw sides); later columns keep their defaults."""
+
+
+def peer_engine(url: URL, settings: EngineSettings, sqlite_pragmas: Sequence[str]) -> AsyncEngine:
+    """A plain SQLAlchemy async engine on `url`, with the library's pool sizes.
+
+    On SQLite each new connection runs `sqlite_pragmas` (the library's
+    durability settings) and nothing else: transactions stay the driver's.
+    """
+    pool = {
+        "pool_size": settings.pool_size,
+        "max_overflow": settings.max_overflow,
+        "pool_timeout": settings.pool_timeout,
+    }
+    if url.get_backend_name() == "postgresql":
+        connect_args: dict[str, Any] = {
+            "timeout": settings.connect_timeout,
+            "command_timeout": settings.command_timeout,
+        }
+        return create_async_engine(url, connect_args=connect_args, **pool)
+    engine = create_async_engine(url, connect_args={"timeout": settings.busy_timeout}, **pool)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _set_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in sqlite_pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    return engine
+
+
+class PeerStatements:
+    """Every statement the peer runs, built once for one dialect and one scope.
+
+    `scope` holds the values of the key columns before `user_id` (tenant,
+    namespace), written as literals, as the raw sides do.
+    """
+
+    def __init__(self, dialect: str, scope: Mapping[str, str]) -> None:
+        self.postgres = dialect == "postgresql"
+        latest, history = latest_table, history_table
+        in_scope = [latest.c[name] == value for name, value in scope.items()]
+        in_history_scope = [history.c[name] == value for name, value in scope.items()]
+        fixed = {name: literal(value) for name, value in scope.items()}
+        make_insert = postgresql.insert if self.postgres else sqlite.insert
+        values = {
+            **fixed,
+            "user_id": bindparam("user_id"),
+            "version": literal(1),
+            "schema_version": bindparam("schema_version"),
+            "payload": bindparam("payload"),
+            "created_at": bindparam("created_at"),
+        }
+        stmt = make_insert(latest).values(values)
+        self.upsert = stmt.on_conflict_do_update(
+            index_elements=[*scope, "user_id"],
+            set_={
+                "version": latest.c.version + 1,
+                "schema_version": stmt.excluded.schema_version,
+                "payload": stmt.excluded.payload,
+                "created_at": stmt.excluded.created_at,
+            },
+        )
+        self.append: Insert = insert(history).values(
+            {**fixed, **{name: bindparam(name) for name in _STORED}}
+        )
+        self.write: Insert | None = None
+        if self.postgres:
+            # One statement: the upsert runs as a CTE and history takes its RETURNING.
+            written = self.upsert.returning(latest.c.version).cte("written")
+            # Typed binds: Postgres cannot infer the type of a bare parameter in a select list.
+            copied = select(
+                *(literal(value) for value in scope.values()),
+                *(
+                    written.c.version
+                    if name == "version"
+                    else bindparam(name, type_=history.c[name].type)
+                    for name in _STORED
+                ),
+            )
+            self.write = (
+                insert(history)
+                .add_cte(written)
+                .from_select([*scope, *_STORED], copied)
+                .returning(history.c.version)
+            )
+        self.upsert_returning = self.upsert.returning(
+            latest.c.user_id, latest.c.version, sort_by_parameter_order=True
+        )
+        row = [latest.c[name] for name in _STORED]
+        user = latest.c.user_id == bindparam("user_id")
+        self.latest: Select[Any] = select(*row).where(*in_scope, user)
+        self.latest_many: Select[Any] = select(*row).where(
+            *in_scope, latest.c.user_id.in_(bindparam("user_ids", expanding=True))
+        )
+        self.history: Select[Any] = (
+            select(*(history.c[name] for name in _STORED))
+            .where(*in_history_scope, history.c.user_id == bindparam("user_id"))
+            .order_by(history.c.version.desc())
+            .limit(bindparam("limit"))
+        )
+        self.delete_latest: ReturningDelete[Any] = (
+            delete(latest).where(*in_scope, user).returning(latest.c.version)
+        )
+        self.delete_history: Delete = delete(history).where(
+            *in_history_scope,
+            history.c.user_id == bindparam("user_id"),
+            history.c.version <= bindparam("up_to"),
+        )
