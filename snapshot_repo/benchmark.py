@@ -212,8 +212,8 @@ class BenchConfig:
         seed: seeds the random choice of users, so runs are repeatable.
         peer: also run the peer, plain SQLAlchemy Core (`_bench_peer`). Off by
             default: its calls are 2 to 10 times slower than the other sides',
-            so it more than doubles the run (both backends on 2 cores, one run
-            each: 62 s without, 151 s with).
+            so it about doubles the run (both backends on 2 cores: 78 to 91 s
+            without, 177 to 184 s with).
     """
 
     backends: tuple[BackendName, ...] = ("sqlite", "postgres")
@@ -354,8 +354,10 @@ class BackendReport:
         sides: side names, the library first.
         durability: the durability settings every side was checked to run with.
         workloads: per workload name, in `WORKLOADS` order.
-        depth_ratio: per side, p50 of `get_history_deep` / p50 of
-            `get_history_shallow`; about 1 when reads are O(limit) at any depth.
+        depth_ratio: per side, p50 of `get_history` on the deep user / p50 on
+            shallow users, the two kinds of call alternating in one timed
+            phase per round (`_Workloads.depth`); median over rounds. About 1
+            when reads are O(limit) at any depth.
         bulk_speedup: for "write" and "read", per side, bulk throughput divided
             by the throughput of the same snapshots done one call each; None
             when the side has no bulk call.
@@ -1551,6 +1553,25 @@ class _Workloads:
         await self._seeder.level()
         return await _time_concurrent(op, args, workers)
 
+    async def depth(self, side: _Side, tag: str) -> float:
+        """p50 of `get_history` on the deep user / p50 on shallow users, calls alternating.
+
+        One timed phase of `read_ops` calls, deep and shallow in turn, so both
+        halves run under the same conditions. Timed as separate workloads,
+        seconds apart, they did not: on this project's 2-vCPU machine the same
+        read took either about 130 or about 250 µs depending on the moment,
+        and the quotient of the two workloads' p50s swung from 0.49 to 1.65
+        between runs of one build (SQLite, library side).
+        """
+        c = self._config
+        rng = random.Random(f"{c.seed}-depth-{tag}")
+        users: list[str] = []
+        for _ in range(max(1, c.read_ops // 2)):
+            users += ["deep-0", f"h-{rng.randrange(c.history_users)}"]
+        sample = await self._sequential(lambda user: side.get_history(user, c.history_limit), users)
+        deep, shallow = sorted(sample.latencies_ns[0::2]), sorted(sample.latencies_ns[1::2])
+        return _percentile(deep, 50) / _percentile(shallow, 50)
+
     async def run(self, name: str, side: _Side, tag: str, warmup: bool) -> _Sample | str:
         """Time `side` on workload `name`; return the sample, or why the side cannot run it.
 
@@ -1716,6 +1737,7 @@ async def _run_backend(
         samples: dict[str, dict[str, list[_Sample | str]]] = {
             name: {side.name: [] for side in sides} for name in WORKLOADS
         }
+        depth: dict[str, list[float]] = {side.name: [] for side in sides}
         for round_index in range(config.rounds):
             # Rotate who goes first so no side always runs on a warmer (or colder) machine.
             order = sides[round_index % len(sides) :] + sides[: round_index % len(sides)]
@@ -1724,6 +1746,8 @@ async def _run_backend(
                 for side in order:
                     sample = await workloads.run(name, side, f"r{round_index}", warmup=False)
                     samples[name][side.name].append(sample)
+            for side in order:
+                depth[side.name].append(await workloads.depth(side, f"r{round_index}"))
         results: dict[str, WorkloadResult] = {}
         for name in WORKLOADS:
             per_side = {side: _summarize(samples[name][side]) for side in names}
@@ -1741,13 +1765,7 @@ async def _run_backend(
         sides=names,
         durability=durability,
         workloads=results,
-        depth_ratio={
-            side: _quotient(
-                results["get_history_deep"].results[side].p50_us,
-                results["get_history_shallow"].results[side].p50_us,
-            )
-            for side in names
-        },
+        depth_ratio={side: _median(ratios) for side, ratios in depth.items()},
         bulk_speedup={
             kind: {
                 side: _quotient(
@@ -1882,7 +1900,7 @@ def _format_report(report: BenchReport) -> str:
                 label = ""
         lines.append("")
         lines.append(
-            f"depth ratio, p50 get_history(limit={config.history_limit}) at "
+            f"depth ratio, p50 get_history(limit={config.history_limit}), alternating calls, at "
             f"{config.deep_versions:,} / at {config.history_versions} versions: "
             + ", ".join(f"{side} {_fmt_ratio(v)}" for side, v in result.depth_ratio.items())
         )

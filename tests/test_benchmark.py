@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -238,3 +238,36 @@ async def test_the_peer_stores_what_the_library_reads_back(backend: Backend) -> 
             assert await peer.get_latest("b") is None
     finally:
         await engine.dispose()
+
+
+class _ClockedHistory:
+    """Answers get_history instantly, advancing a fake clock: 3 µs for the deep user, 1 µs
+    for any other, and records who was asked."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.asked: list[str] = []
+
+    async def get_history(self, user_id: str, limit: int) -> list[object]:
+        self.asked.append(user_id)
+        self.now += 3000 if user_id == "deep-0" else 1000
+        return []
+
+    async def level(self) -> None:
+        """The seeder's pre-phase leveling: nothing to level here."""
+
+
+async def test_depth_ratio_comes_from_alternating_deep_and_shallow_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Harness logic, no database: one phase alternates the deep user with shallow ones,
+    and the ratio is p50 of the deep calls over p50 of the shallow calls."""
+    clocked = _ClockedHistory()
+    monkeypatch.setattr(benchmark.time, "perf_counter_ns", lambda: clocked.now)
+    config = BenchConfig(**{**TINY, "read_ops": 10})
+    workloads = benchmark._Workloads(config, cast(benchmark._Seeder, clocked))
+    ratio = await workloads.depth(cast(benchmark._Side, clocked), "r0")
+    assert ratio == 3.0
+    assert clocked.asked[0::2] == ["deep-0"] * 5
+    assert all(user.startswith("h-") for user in clocked.asked[1::2])
+    assert len(clocked.asked) == 10
