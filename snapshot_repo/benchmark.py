@@ -1019,9 +1019,9 @@ class _PeerSide(_Side):
         async with self._engine.begin() as conn:
             if self._sql.write is not None:  # Postgres: one statement
                 return int((await conn.execute(self._sql.write, params)).scalar_one())
-            version = int((await conn.execute(self._sql.upsert_returning, params)).one()[1])
+            _user_id, version = (await conn.execute(self._sql.upsert_returning, params)).one()
             await conn.execute(self._sql.append, {**params, "version": version})
-        return version
+        return int(version)
 
     async def get_latest(self, user_id: str) -> _RawSnapshot | None:
         async with self._engine.connect() as conn:
@@ -1474,8 +1474,8 @@ class _Workloads:
             "write_concurrent": (
                 f"{c.concurrency} concurrent writers, each on its own users "
                 f"(library pool_size {c.settings.pool_size} + max_overflow "
-                f"{c.settings.max_overflow}, as the sqlalchemy peer's; asyncpg pool "
-                f"{c.settings.pool_size}; SQLite raw: one connection)",
+                f"{c.settings.max_overflow}{', as the sqlalchemy peer' if c.peer else ''}; "
+                f"asyncpg pool {c.settings.pool_size}; SQLite raw: one connection)",
                 "call, queueing included",
             ),
             "get_latest": (f"get_latest of random users among {c.read_users}", "call"),
@@ -1498,8 +1498,8 @@ class _Workloads:
             ),
             "bulk_write": (
                 f"{c.bulk_size} snapshots of distinct users in one call "
-                "(library: upsert_many; raw: one statement / one transaction; "
-                "sqlalchemy: two executemany calls in one transaction)",
+                "(library: upsert_many; raw: one statement / one transaction"
+                f"{'; sqlalchemy: two executemany calls in one transaction' if c.peer else ''})",
                 bulk,
             ),
             "bulk_write_single": (
@@ -2105,7 +2105,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Compare snapshot_repo with hand-written SQL on the raw drivers "
-        "(asyncpg; aiosqlite and sqlite3) and print ops/s, p50, p99 and library/raw ratios.",
+        "(asyncpg; aiosqlite and sqlite3) and, with --peer, with plain SQLAlchemy Core, and "
+        "print ops/s, p50, p99 and the library's ratio to each.",
     )
     add_arguments(parser)
     return parser
