@@ -39,13 +39,13 @@ from sqlalchemy.sql.dml import Insert, ReturningDelete
 from .engine import EngineSettings
 from .tables import history_table, latest_table
 
-__all__ = ["PEER", "PeerStatements", "peer_engine"]
+__all__ = ["BASELINE_COLUMNS", "PEER", "PeerStatements", "peer_engine"]
 
 PEER = "sqlalchemy"
 """The name of the peer's side in reports."""
 
-_STORED = ("user_id", "version", "schema_version", "payload", "created_at")
-"""The columns the peer writes and reads (as the raw sides); later columns keep their defaults."""
+BASELINE_COLUMNS = ("user_id", "version", "schema_version", "payload", "created_at")
+"""The columns the raw sides and the peer write and read; later columns keep their defaults."""
 
 
 def peer_engine(url: URL, settings: EngineSettings, sqlite_pragmas: Sequence[str]) -> AsyncEngine:
@@ -87,12 +87,12 @@ class PeerStatements:
     """
 
     def __init__(self, dialect: str, scope: Mapping[str, str]) -> None:
-        self.postgres = dialect == "postgresql"
+        postgres = dialect == "postgresql"
         latest, history = latest_table, history_table
         in_scope = [latest.c[name] == value for name, value in scope.items()]
         in_history_scope = [history.c[name] == value for name, value in scope.items()]
         fixed = {name: literal(value) for name, value in scope.items()}
-        make_insert = postgresql.insert if self.postgres else sqlite.insert
+        make_insert = postgresql.insert if postgres else sqlite.insert
         values = {
             **fixed,
             "user_id": bindparam("user_id"),
@@ -112,10 +112,10 @@ class PeerStatements:
             },
         )
         self.append: Insert = insert(history).values(
-            {**fixed, **{name: bindparam(name) for name in _STORED}}
+            {**fixed, **{name: bindparam(name) for name in BASELINE_COLUMNS}}
         )
         self.write: Insert | None = None
-        if self.postgres:
+        if postgres:
             # One statement: the upsert runs as a CTE and history takes its RETURNING.
             written = self.upsert.returning(latest.c.version).cte("written")
             # Typed binds: Postgres cannot infer the type of a bare parameter in a select list.
@@ -125,26 +125,26 @@ class PeerStatements:
                     written.c.version
                     if name == "version"
                     else bindparam(name, type_=history.c[name].type)
-                    for name in _STORED
+                    for name in BASELINE_COLUMNS
                 ),
             )
             self.write = (
                 insert(history)
                 .add_cte(written)
-                .from_select([*scope, *_STORED], copied)
+                .from_select([*scope, *BASELINE_COLUMNS], copied)
                 .returning(history.c.version)
             )
         self.upsert_returning = self.upsert.returning(
             latest.c.user_id, latest.c.version, sort_by_parameter_order=True
         )
-        row = [latest.c[name] for name in _STORED]
+        row = [latest.c[name] for name in BASELINE_COLUMNS]
         user = latest.c.user_id == bindparam("user_id")
         self.latest: Select[Any] = select(*row).where(*in_scope, user)
         self.latest_many: Select[Any] = select(*row).where(
             *in_scope, latest.c.user_id.in_(bindparam("user_ids", expanding=True))
         )
         self.history: Select[Any] = (
-            select(*(history.c[name] for name in _STORED))
+            select(*(history.c[name] for name in BASELINE_COLUMNS))
             .where(*in_history_scope, history.c.user_id == bindparam("user_id"))
             .order_by(history.c.version.desc())
             .limit(bindparam("limit"))

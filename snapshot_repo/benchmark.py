@@ -73,7 +73,7 @@ from pydantic import BaseModel
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._bench_peer import PEER, PeerStatements, peer_engine
+from ._bench_peer import BASELINE_COLUMNS, PEER, PeerStatements, peer_engine
 from .engine import EngineSettings, SqliteSynchronous, normalize_url
 from .errors import ConfigurationError, SnapshotRepoError
 from .repository import SnapshotRepository
@@ -536,9 +536,6 @@ class _LibrarySide(_Side):
 _CHECKPOINT = "PRAGMA wal_checkpoint(TRUNCATE)"
 """What the library's SQLite erasure runs after its commit, so erased bytes leave the WAL."""
 
-_CORE = ("user_id", "version", "schema_version", "payload", "created_at")
-"""The columns the raw baselines write and read; later columns stay at their defaults."""
-
 
 @dataclass(frozen=True, slots=True)
 class _Sql:
@@ -570,8 +567,8 @@ def _literal(value: str) -> str:
 
 def _statements(backend: BackendName, scope: dict[str, str]) -> _Sql:
     """Build every raw statement for `backend`, with the scope columns inlined as constants."""
-    columns = ", ".join([*(f'"{name}"' for name in scope), *_CORE])
-    selected = ", ".join(_CORE)
+    columns = ", ".join([*(f'"{name}"' for name in scope), *BASELINE_COLUMNS])
+    selected = ", ".join(BASELINE_COLUMNS)
     fixed = "".join(f"{_literal(value)}, " for value in scope.values())  # scope values first
     where = "".join(f'"{name}" = {_literal(value)} AND ' for name, value in scope.items())
     key = ", ".join([*(f'"{name}"' for name in scope), "user_id"])
@@ -688,7 +685,7 @@ def _scope_columns() -> list[str]:
     for table in (latest_table, history_table):
         for column in table.columns:
             required = not column.nullable and column.server_default is None
-            if required and column.name not in (*_CORE, *scope):
+            if required and column.name not in (*BASELINE_COLUMNS, *scope):
                 raise RuntimeError(
                     f"{table.name}.{column.name} is required and the raw baselines do not "
                     "write it: update snapshot_repo/benchmark.py with the schema"
