@@ -123,6 +123,7 @@ WORKLOADS: tuple[str, ...] = (
     "get_history_deep",
     "delete",
     "delete_traceless",
+    "delete_plain",
     "bulk_write",
     "bulk_write_single",
     "bulk_read",
@@ -457,6 +458,15 @@ class _Side(abc.ABC):
         SQLite erasure does: checkpoint the WAL into the database file and truncate it."""
         raise NotImplementedError(self.traceless_delete_unavailable())
 
+    def plain_delete_unavailable(self) -> str | None:
+        """Why `plain_delete` cannot run on this side, or None if it can."""
+        return self.traceless_delete_unavailable()  # both exist to split SQLite's erasure cost
+
+    async def plain_delete(self, user_id: str) -> int:
+        """`delete` without the checkpoint that makes the library's SQLite erasure
+        traceless: what `delete` is on every side but the library's."""
+        return await self.delete(user_id)
+
     def bulk_write_unavailable(self) -> str | None:
         """Why `bulk_write` cannot run on this side, or None if it can."""
         return None
@@ -483,8 +493,14 @@ class _LibrarySide(_Side):
 
     name = LIBRARY
 
-    def __init__(self, repo: SnapshotRepository[BenchState]) -> None:
+    def __init__(
+        self,
+        repo: SnapshotRepository[BenchState],
+        untraced: SnapshotRepository[BenchState] | None = None,
+    ) -> None:
+        """`untraced`: the same database opened with `sqlite_secure_delete=False` (SQLite)."""
         self._repo = repo
+        self._untraced = untraced
         # The bulk calls may not exist yet: detected, never assumed.
         upsert_many = getattr(repo, "upsert_many", None)
         get_latest_many = getattr(repo, "get_latest_many", None)
@@ -515,6 +531,15 @@ class _LibrarySide(_Side):
 
     async def traceless_delete(self, user_id: str) -> int:
         return await self._repo.delete(user_id)  # its erasure checkpoints by itself
+
+    def plain_delete_unavailable(self) -> str | None:
+        if self._untraced is None:
+            return super().plain_delete_unavailable() or "no repository with secure delete off"
+        return None
+
+    async def plain_delete(self, user_id: str) -> int:
+        assert self._untraced is not None
+        return await self._untraced.delete(user_id)  # the opt-out: no checkpoint
 
     def bulk_write_unavailable(self) -> str | None:
         return None if self._upsert_many else "SnapshotRepository has no upsert_many"
@@ -1330,6 +1355,9 @@ async def _sqlite(config: BenchConfig) -> AsyncIterator[_Setup]:
         repo = SnapshotRepository.from_url(url, BenchState, settings=settings)
         stack.push_async_callback(repo.close)
         await repo.migrate()
+        untraced_settings = replace(settings, sqlite_secure_delete=False)
+        untraced = SnapshotRepository.from_url(url, BenchState, settings=untraced_settings)
+        stack.push_async_callback(untraced.close)
 
         async def first_row(query: str) -> Sequence[Any]:
             rows: list[Any] = await thread.call(thread.fetch, query)
@@ -1343,7 +1371,7 @@ async def _sqlite(config: BenchConfig) -> AsyncIterator[_Setup]:
             await aconn.execute(pragma)
 
         sides: list[_Side] = [
-            _LibrarySide(repo),
+            _LibrarySide(repo, untraced),
             _AiosqliteSide(aconn, sql),
             _Sqlite3Side(thread, sql),
         ]
@@ -1493,6 +1521,12 @@ class _Workloads:
                 "(SQLite only)",
                 "call",
             ),
+            "delete_plain": (
+                "the same delete, the library opened with "
+                "EngineSettings(sqlite_secure_delete=False), so no side checkpoints "
+                "(SQLite only)",
+                "call",
+            ),
             "bulk_write": (
                 f"{c.bulk_size} snapshots of distinct users in one call "
                 "(library: upsert_many; raw: one statement / one transaction"
@@ -1621,6 +1655,13 @@ class _Workloads:
             return await self._sequential(
                 side.traceless_delete, [f"{prefix}{i}" for i in range(ops)]
             )
+        if name == "delete_plain":
+            reason = side.plain_delete_unavailable()
+            if reason is not None:
+                return reason
+            prefix = f"p-{tag}-{s}-"
+            await self._seeder.seed(prefix, ops, c.delete_versions, self.seed_payload)
+            return await self._sequential(side.plain_delete, [f"{prefix}{i}" for i in range(ops)])
 
         batch = [(f"b-{s}-{k}", self._state(offset + k)) for k in range(c.bulk_size)]
         readers = [f"r-{i}" for i in rng.sample(range(c.read_users), c.bulk_size)]

@@ -85,8 +85,8 @@ def assert_complete(data: dict[str, Any], backend: str) -> None:
         assert workload["description"]
         assert set(workload["results"]) == set(result["sides"])
         for side, outcome in workload["results"].items():
-            if not outcome["available"] and name == "delete_traceless":
-                # Only SQLite erasures checkpoint the WAL; on Postgres no side runs it.
+            if not outcome["available"] and name in ("delete_traceless", "delete_plain"):
+                # Only SQLite erasures checkpoint the WAL; on Postgres no side runs these.
                 assert backend == "postgres", (name, side)
                 assert outcome["reason"]
                 continue
@@ -154,6 +154,38 @@ async def test_sqlite_phases_start_from_an_empty_wal(
     sides = 1 + len(other_sides("sqlite", peer=True))
     assert len(sizes) >= len(WORKLOADS) * sides  # and one depth phase per side
     assert sizes == [0] * len(sizes)
+
+
+async def test_sqlite_delete_workloads_differ_only_in_the_erasure_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """SQLite by nature: `delete` and `delete_traceless` leave the WAL empty on the library
+    side, `delete_plain` (the library opened with secure delete off) leaves it holding
+    the erasure; the raw sides checkpoint only in `delete_traceless`. So the three rows
+    split the erasure's cost from the library's own."""
+    path = tmp_path / "bench.db"
+    wal = Path(f"{path}-wal")
+    config = BenchConfig(**TINY, backends=("sqlite",), sqlite_path=path, peer=True)
+    state = benchmark._make_states(1)[0]
+    async with benchmark._sqlite(config) as setup:
+        checkpointed: dict[tuple[str, str], bool] = {}
+        for side in setup.sides:
+            for kind in ("delete", "traceless_delete", "plain_delete"):
+                user = f"{kind}-{side.name}"
+                assert await side.write(user, state) == 1
+                assert await side.write(user, state) == 2
+                assert await getattr(side, kind)(user) == 2
+                assert await side.get_latest(user) is None
+                checkpointed[side.name, kind] = wal.stat().st_size == 0
+    library_checkpoints = {"delete": True, "traceless_delete": True, "plain_delete": False}
+    raw_checkpoints = {"delete": False, "traceless_delete": True, "plain_delete": False}
+    assert checkpointed == {
+        (side.name, kind): (library_checkpoints if side.name == "library" else raw_checkpoints)[
+            kind
+        ]
+        for side in setup.sides
+        for kind in library_checkpoints
+    }
 
 
 def test_main_prints_the_table_and_writes_json(
