@@ -167,6 +167,10 @@ async def test_sqlite_delete_workloads_differ_only_in_the_erasure_checkpoint(
     wal = Path(f"{path}-wal")
     config = BenchConfig(**TINY, backends=("sqlite",), sqlite_path=path, peer=True)
     state = benchmark._make_states(1)[0]
+
+    def wal_is_empty() -> bool:  # a stat of a local file, after the side's call returned
+        return wal.stat().st_size == 0
+
     async with benchmark._sqlite(config) as setup:
         checkpointed: dict[tuple[str, str], bool] = {}
         for side in setup.sides:
@@ -176,7 +180,7 @@ async def test_sqlite_delete_workloads_differ_only_in_the_erasure_checkpoint(
                 assert await side.write(user, state) == 2
                 assert await getattr(side, kind)(user) == 2
                 assert await side.get_latest(user) is None
-                checkpointed[side.name, kind] = wal.stat().st_size == 0
+                checkpointed[side.name, kind] = wal_is_empty()
     library_checkpoints = {"delete": True, "traceless_delete": True, "plain_delete": False}
     raw_checkpoints = {"delete": False, "traceless_delete": True, "plain_delete": False}
     assert checkpointed == {
@@ -305,3 +309,17 @@ async def test_depth_ratio_comes_from_alternating_deep_and_shallow_calls(
     assert clocked.asked[0::2] == ["deep-0"] * 5
     assert all(user.startswith("h-") for user in clocked.asked[1::2])
     assert len(clocked.asked) == 10
+
+
+def test_percentiles_pool_every_round_and_throughput_is_the_median_round() -> None:
+    """Rounds are short (70 calls by default), so a round's own p99 is about its slowest
+    call: the reported p50 and p99 are over every round's calls, ops/s the median round."""
+    rounds = [
+        benchmark._Sample(items=100, wall_ns=100 * latency, latencies_ns=[latency] * 100)
+        for latency in (1_000, 2_000, 3_000)
+    ]
+    result = benchmark._summarize(rounds)
+    assert result.ops_per_s == pytest.approx(500_000)  # the middle round: 100 calls in 200 µs
+    assert result.p50_us == pytest.approx(2.0)
+    assert result.p99_us == pytest.approx(3.0)  # the median of the rounds' p99s would be 2.0
+    assert [r.p99_us for r in result.rounds] == pytest.approx([1.0, 2.0, 3.0])
