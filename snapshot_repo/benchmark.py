@@ -365,8 +365,8 @@ class BackendReport:
             phase per round (`_Workloads.depth`); median over rounds. About 1
             when reads are O(limit) at any depth.
         bulk_speedup: for "write" and "read", per side, bulk throughput divided
-            by the throughput of the same snapshots done one call each; None
-            when the side has no bulk call.
+            by the throughput of the same snapshots done one call each, in the
+            same round; median over rounds. None when the side has no bulk call.
         seconds: wall time for this backend, setup and seeding included.
     """
 
@@ -1747,19 +1747,26 @@ def _summarize(samples: Sequence[_Sample | str]) -> SideResult:
     )
 
 
-def _paired_ratio(library: SideResult, raw: SideResult) -> float | None:
-    """Median over rounds of library/raw ops/s measured in the same round."""
-    if not (library.available and raw.available):
+def _paired_ratio(numerator: SideResult, denominator: SideResult) -> float | None:
+    """Median over rounds of the two results' ops/s quotient, each measured in one round:
+    library/raw for a workload, or one side's bulk/single throughput."""
+    if not (numerator.available and denominator.available):
         return None
-    return _median(
-        [lib.ops_per_s / r.ops_per_s for lib, r in zip(library.rounds, raw.rounds, strict=True)]
-    )
+    pairs = zip(numerator.rounds, denominator.rounds, strict=True)
+    return _median([top.ops_per_s / bottom.ops_per_s for top, bottom in pairs])
 
 
-def _quotient(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator == 0:
-        return None
-    return numerator / denominator
+def _bulk_speedups(
+    results: Mapping[str, WorkloadResult], sides: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
+    """Per kind ("write", "read") and side: bulk over single-call throughput, round by round."""
+    return {
+        kind: {
+            side: _paired_ratio(results[bulk].results[side], results[single].results[side])
+            for side in sides
+        }
+        for kind, (bulk, single) in _BULK_PAIRS.items()
+    }
 
 
 async def _run_backend(
@@ -1811,15 +1818,7 @@ async def _run_backend(
         durability=durability,
         workloads=results,
         depth_ratio={side: _median(ratios) for side, ratios in depth.items()},
-        bulk_speedup={
-            kind: {
-                side: _quotient(
-                    results[bulk].results[side].ops_per_s, results[single].results[side].ops_per_s
-                )
-                for side in names
-            }
-            for kind, (bulk, single) in _BULK_PAIRS.items()
-        },
+        bulk_speedup=_bulk_speedups(results, names),
         seconds=time.perf_counter() - started,
     )
 

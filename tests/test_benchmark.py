@@ -323,3 +323,26 @@ def test_percentiles_pool_every_round_and_throughput_is_the_median_round() -> No
     assert result.p50_us == pytest.approx(2.0)
     assert result.p99_us == pytest.approx(3.0)  # the median of the rounds' p99s would be 2.0
     assert [r.p99_us for r in result.rounds] == pytest.approx([1.0, 2.0, 3.0])
+
+
+def test_bulk_speedup_pairs_the_bulk_and_single_phases_of_each_round() -> None:
+    """The speedup is a median of per-round quotients, as every library/raw ratio is,
+    so a round where the machine was slow for both phases does not skew it."""
+
+    def side(ops_per_s: list[float]) -> benchmark.SideResult:
+        rounds = tuple(benchmark.RoundResult(ops, 1.0, 1.0, 1) for ops in ops_per_s)
+        return benchmark.SideResult(True, None, float(sorted(ops_per_s)[1]), 1.0, 1.0, rounds)
+
+    def workload(result: benchmark.SideResult) -> benchmark.WorkloadResult:
+        return benchmark.WorkloadResult("", "call", {"library": result}, {})
+
+    results = {
+        "bulk_write": workload(side([10.0, 100.0, 30.0])),
+        "bulk_write_single": workload(side([1.0, 20.0, 2.0])),
+        "bulk_read": workload(side([8.0, 8.0, 8.0])),
+        "bulk_read_single": workload(side([2.0, 4.0, 1.0])),
+    }
+    speedups = benchmark._bulk_speedups(results, ["library"])
+    # Per round 10, 5 and 15: median 10 (the quotient of the medians would be 30 / 2 = 15).
+    assert speedups["write"]["library"] == pytest.approx(10.0)
+    assert speedups["read"]["library"] == pytest.approx(4.0)
