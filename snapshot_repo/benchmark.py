@@ -213,8 +213,8 @@ class BenchConfig:
         seed: seeds the random choice of users, so runs are repeatable.
         peer: also run the peer, plain SQLAlchemy Core (`_bench_peer`). Off by
             default: its calls are 2 to 10 times slower than the other sides',
-            so it about doubles the run (both backends on 2 cores: 78 to 91 s
-            without, 177 to 184 s with).
+            so it about doubles the run (both backends on 2 cores: 64 to 68 s
+            without, 138 s with).
     """
 
     backends: tuple[BackendName, ...] = ("sqlite", "postgres")
