@@ -1647,26 +1647,19 @@ class _Workloads:
             return await self._sequential(
                 lambda user: side.get_history(user, c.history_limit), ["deep-0"] * read_ops
             )
-        if name == "delete":
-            prefix = f"d-{tag}-{s}-"
+        erasures: dict[str, tuple[str, str | None, Callable[[str], Awaitable[int]]]] = {
+            # name: (user prefix, why the side cannot run it, the call)
+            "delete": ("d", None, side.delete),
+            "delete_traceless": ("t", side.traceless_delete_unavailable(), side.traceless_delete),
+            "delete_plain": ("p", side.plain_delete_unavailable(), side.plain_delete),
+        }
+        if name in erasures:
+            letter, unavailable, erase = erasures[name]
+            if unavailable is not None:
+                return unavailable
+            prefix = f"{letter}-{tag}-{s}-"
             await self._seeder.seed(prefix, ops, c.delete_versions, self.seed_payload)
-            return await self._sequential(side.delete, [f"{prefix}{i}" for i in range(ops)])
-        if name == "delete_traceless":
-            reason = side.traceless_delete_unavailable()
-            if reason is not None:
-                return reason
-            prefix = f"t-{tag}-{s}-"
-            await self._seeder.seed(prefix, ops, c.delete_versions, self.seed_payload)
-            return await self._sequential(
-                side.traceless_delete, [f"{prefix}{i}" for i in range(ops)]
-            )
-        if name == "delete_plain":
-            reason = side.plain_delete_unavailable()
-            if reason is not None:
-                return reason
-            prefix = f"p-{tag}-{s}-"
-            await self._seeder.seed(prefix, ops, c.delete_versions, self.seed_payload)
-            return await self._sequential(side.plain_delete, [f"{prefix}{i}" for i in range(ops)])
+            return await self._sequential(erase, [f"{prefix}{i}" for i in range(ops)])
 
         batch = [(f"b-{s}-{k}", self._state(offset + k)) for k in range(c.bulk_size)]
         readers = [f"r-{i}" for i in rng.sample(range(c.read_users), c.bulk_size)]
