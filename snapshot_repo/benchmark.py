@@ -218,10 +218,10 @@ class BenchConfig:
     """
 
     backends: tuple[BackendName, ...] = ("sqlite", "postgres")
-    # Many short rounds rather than a few long ones: each round pairs the sides' phases
-    # tens of milliseconds apart, within one of the machine's fsync and CPU phases, which
-    # switch at second scale. Postgres sequential writes measured 0.69 to 1.31 of asyncpg
-    # over four runs of 3 rounds of 200, and 0.98 to 0.99 over four runs of 9 rounds of 67.
+    # Many short rounds rather than a few long ones: a median of nine pairings of the sides
+    # rather than three, on a machine whose fsync switches between two speeds at second
+    # scale or faster. Postgres sequential writes measured 0.69 to 1.31 of asyncpg over
+    # four runs of 3 rounds of 200, and 0.79 to 1.17 over six runs of 9 rounds of 70.
     ops: int = 70
     read_ops: int = 700
     rounds: int = 9
