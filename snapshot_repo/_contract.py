@@ -10,7 +10,6 @@ listeners afterwards (`_feed`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Self, cast
 
@@ -113,9 +112,7 @@ class Contract(ChangeFeed[StateT]):
             notify=self._notify,
         )
         async with self._guard("upsert_latest", user_id):
-            if self._keys is not None:
-                write = replace(write, payload=await self._seal(user_id, write.payload))
-            outcome = await self._ops.write(write)
+            outcome = await self._write(write)
             if outcome is None:
                 actual = await self._ops.current_version(self._scope, user_id)
             elif isinstance(outcome, tuple):  # the earlier write with this idempotency key
@@ -192,13 +189,7 @@ class Contract(ChangeFeed[StateT]):
             notify=self._notify,
         )
         async with self._guard("upsert_many", None):
-            if self._keys is not None:
-                sealed = [
-                    await self._seal(user_id, payload)
-                    for user_id, payload in zip(user_ids, payloads, strict=True)
-                ]
-                batch = replace(batch, payloads=sealed)
-            versions = await self._ops.write_many(batch)
+            versions = await self._write_many(batch)
         stored = self._stored_batch(batch, states, versions)
         self._announce_writes(stored, created_at)
         return stored

@@ -14,6 +14,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any, Generic, ParamSpec, Self, TypedDict, TypeVar, Unpack
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -22,14 +23,23 @@ from . import migrate as _migrate
 from ._checks import positive_seconds, valid_scope_name
 from ._closing import AsyncClosing
 from ._dialects import DialectName
-from ._driver import PendingBatch, PendingWrite, Row, Scope, is_retryable, operations_for
+from ._driver import (
+    DataKeyChanged,
+    PendingBatch,
+    PendingWrite,
+    Row,
+    Scope,
+    WriteOutcome,
+    is_retryable,
+    operations_for,
+)
 from ._encryption import DataKeys
 from ._translate import describe, storage_errors
 from .changes import hub_for
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, StateCodec, decode_metadata
 from .crypto import KeyProvider
 from .engine import EngineSettings, install_sqlite_settings
-from .errors import ConfigurationError
+from .errors import ConfigurationError, SnapshotRepoError, StorageError
 from .health import HealthReport, probe
 from .retention import RetentionPolicy
 from .snapshot import Snapshot, StateT, stored_snapshot
@@ -42,6 +52,12 @@ NO_TENANT = ""
 DEFAULT_HEALTH_TIMEOUT = 3.0
 DEFAULT_OPERATION_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 5.0
+_KEY_ATTEMPTS = 5
+"""How often a write reseals under a new data key when erasures keep destroying it."""
+_KEY_CHURN = (
+    f"the user's data key was destroyed or replaced {_KEY_ATTEMPTS} times while writing "
+    "(concurrent erasures); nothing was written"
+)
 
 logger = logging.getLogger("snapshot_repo")
 _ResultT = TypeVar("_ResultT")
@@ -222,12 +238,37 @@ class RepositoryCore(AsyncClosing, Generic[StateT]):
         """
         return (await self.health()).healthy
 
+    async def finish_erasures(self, wait: float = 5.0) -> bool:
+        """Wait up to `wait` seconds for readers, then remove what erasures left behind.
+
+        On SQLite an erasure commits at once, but its bytes leave the WAL only
+        when the WAL can be truncated, which has to wait for every reader of an
+        older snapshot (a backup, a long report). Erasures never wait for
+        them, so other users' writes never queue behind a reader: a truncation
+        held up is retried by later writes (at most once a second), by this
+        method, and by `close()`. On Postgres there is nothing pending (dead
+        tuples are VACUUM's: `erase(vacuum=True)`).
+
+        Returns:
+            True when no erasure of this repository has bytes left in the WAL.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        seconds = positive_seconds("wait", wait)
+        async with storage_errors("finish_erasures", None, time_limit=seconds + 1):
+            return await self._ops.finish_erasures(seconds)
+
     async def close(self) -> None:
         """Close the pooled connections of an engine this repository owns (from `from_url`).
 
         An engine passed to the constructor belongs to the caller and stays open.
         """
         if self._owns_engine:
+            try:
+                await self.finish_erasures(wait=_CLOSE_TIMEOUT / 2)
+            except SnapshotRepoError as exc:  # closing goes on: the erasures committed
+                logger.warning("snapshot_repo: finishing erasures on close failed: %s", exc)
             await self._ops.release()  # views share it with their repository: only the owner
             hub = hub_for(self._engine, create=False)
             if hub is not None:
@@ -279,6 +320,53 @@ class RepositoryCore(AsyncClosing, Generic[StateT]):
                 "metadata": decode_metadata(meta),
             },
         )
+
+    async def _write(self, write: PendingWrite) -> WriteOutcome:
+        """Run one write; when encrypting, sealed under the user's data key as it is at commit.
+
+        If an erasure destroys the key (or a racer stores another first)
+        between reading it and the write's commit, the backend rolls the
+        write back (`DataKeyChanged`) and it is sealed and written again: a
+        write after an erasure gets a new key, never a destroyed one.
+        """
+        keys = self._keys
+        if keys is None:
+            return await self._ops.write(write)
+        for _attempt in range(_KEY_ATTEMPTS):
+            key, ref = await keys.for_write(self._scope, write.user_id, write.created_at)
+            payload = keys.seal_with(key, self._scope, write.user_id, write.payload)
+            try:
+                outcome = await self._ops.write(replace(write, payload=payload, data_key=ref))
+            except DataKeyChanged:
+                continue
+            keys.remember(self._scope, write.user_id, key)
+            return outcome
+        raise StorageError(_KEY_CHURN)
+
+    async def _write_many(self, batch: PendingBatch) -> list[int]:
+        """`write_many`, sealing as `_write` does: every user's key checked at commit."""
+        keys = self._keys
+        if keys is None:
+            return await self._ops.write_many(batch)
+        for _attempt in range(_KEY_ATTEMPTS):
+            found = {}
+            for user_id in dict.fromkeys(batch.user_ids):
+                found[user_id] = await keys.for_write(self._scope, user_id, batch.created_at)
+            payloads = [
+                keys.seal_with(found[user_id][0], self._scope, user_id, payload)
+                for user_id, payload in zip(batch.user_ids, batch.payloads, strict=True)
+            ]
+            refs = {user_id: ref for user_id, (_key, ref) in found.items()}
+            try:
+                versions = await self._ops.write_many(
+                    replace(batch, payloads=payloads, data_keys=refs)
+                )
+            except DataKeyChanged:
+                continue
+            for user_id, (key, _ref) in found.items():
+                keys.remember(self._scope, user_id, key)
+            return versions
+        raise StorageError(_KEY_CHURN)
 
     async def _seal(self, user_id: str, payload: bytes) -> bytes:
         """The payload as stored: encrypted under the user's data key when encryption is on."""

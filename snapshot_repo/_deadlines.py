@@ -11,6 +11,8 @@ eighth of the shortest limit registered at the time (and never early).
 
 Tasks are cancelled as `asyncio.timeout` cancels them, and `expired_for`
 tells a deadline's own cancellation from one requested by anybody else.
+Work that runs outside the loop and cannot be cancelled (a SQLite busy wait
+on a connection's thread) asks `remaining()` how long it may wait.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import math
 import weakref
+from contextvars import ContextVar, Token
 
-__all__ = ["Deadline", "start", "stop"]
+__all__ = ["Deadline", "remaining", "start", "stop"]
 
 _MIN_TICK = 0.005
 """Seconds: the watchdog never checks more often than this."""
@@ -28,8 +31,9 @@ _MIN_TICK = 0.005
 class Deadline:
     """One registered deadline: the task it cancels and when."""
 
-    __slots__ = ("cancelling", "expired", "task", "watchdog", "when")
+    __slots__ = ("cancelling", "expired", "task", "token", "watchdog", "when")
     watchdog: _Watchdog
+    token: Token[Deadline | None]
 
     def __init__(self, task: asyncio.Task[object], when: float) -> None:
         self.task = task
@@ -81,6 +85,9 @@ class _Watchdog:
             self._timer, self._tick = None, math.inf
 
 
+_innermost: ContextVar[Deadline | None] = ContextVar("snapshot_repo_deadline", default=None)
+"""The deadline of the block the current task is in, if any."""
+
 _watchdogs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watchdog] = (
     weakref.WeakKeyDictionary()
 )
@@ -97,9 +104,24 @@ def start(seconds: float) -> Deadline:
         watchdog = _watchdogs[loop] = _Watchdog(loop)
     deadline = watchdog.start(task, seconds)
     deadline.watchdog = watchdog
+    deadline.token = _innermost.set(deadline)
     return deadline
 
 
 def stop(deadline: Deadline) -> None:
     """Withdraw `deadline` (it can no longer fire)."""
     deadline.watchdog._active.pop(deadline, None)
+    _innermost.reset(deadline.token)
+
+
+def remaining() -> float | None:
+    """Seconds left before the current task's innermost deadline fires; None without one.
+
+    Never below zero. Deadlines nest (a pool wait inside an operation), and
+    each is stopped before the block around it ends, so this is the
+    deadline of the block the caller is in.
+    """
+    deadline = _innermost.get()
+    if deadline is None:
+        return None
+    return max(0.0, deadline.when - deadline.task.get_loop().time())

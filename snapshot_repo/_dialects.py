@@ -719,3 +719,35 @@ def postgres_erase_statement() -> TextClause:
         bindparam("drop_data_key", type_=Boolean),
         bindparam("notify", type_=Boolean),
     )
+
+
+@cache
+def claim_key_statement(dialect: DialectName) -> ReturningInsert[Any]:
+    """Store a data key made for a write, in the write's transaction, unless a racer's exists.
+
+    Returns the user id when the key was stored; no row when another key
+    (a concurrent first write's) got there first, and the write must reseal.
+    """
+    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert_fn(data_keys_table).on_conflict_do_nothing().returning(data_keys_table.c.user_id)
+
+
+@cache
+def hold_key_statement() -> Select[Any]:
+    """The data key a write sealed its payload under, if it still exists; Postgres locks it.
+
+    Run after the write statement: an erasure deletes the latest row before the
+    key, so both take their locks in that order. A row found here (and share-
+    locked until commit) means no erasure can destroy the key under this write;
+    none found means an erasure did, and the write must roll back and reseal.
+    """
+    table = data_keys_table
+    return (
+        select(table.c.user_id)
+        .where(
+            is_key(table),
+            table.c.key_id == bindparam("key_id"),
+            table.c.wrapped_key == bindparam("wrapped_key"),
+        )
+        .with_for_update(read=True)
+    )

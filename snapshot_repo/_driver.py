@@ -34,6 +34,8 @@ import asyncio
 import json
 import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,9 +57,11 @@ from ._dialects import (
     ROW_COLUMNS,
     STORED_COLUMNS,
     DialectName,
+    claim_key_statement,
     delete_statements,
     forget_key_statement,
     history_statement,
+    hold_key_statement,
     idempotent_write_statement,
     latest_many_statement,
     latest_statement,
@@ -81,6 +85,8 @@ from .tables import latest_table
 
 __all__ = [
     "KEPT_CONNECTIONS",
+    "DataKeyChanged",
+    "DataKeyRef",
     "Erasure",
     "Operations",
     "PendingBatch",
@@ -164,6 +170,39 @@ class Erasure:
 
 
 @dataclass(frozen=True, slots=True)
+class DataKeyRef:
+    """The data key a write sealed its payload under, as the write must find it at commit.
+
+    `new`: made for this write and not stored yet; the write stores it in its
+    own transaction (so a write that fails leaves no key behind). Otherwise
+    the write checks that the stored key is still this one (an erasure may
+    have destroyed it since it was read). Either way, if not, the write rolls
+    back and raises `DataKeyChanged`.
+    """
+
+    key_id: str
+    wrapped_key: bytes
+    new: bool
+    created_at: Any
+
+    def params(self, scope: Scope, user_id: str) -> dict[str, Any]:
+        return {
+            **scope.key(user_id),
+            "key_id": self.key_id,
+            "wrapped_key": self.wrapped_key,
+            "created_at": self.created_at,
+        }
+
+
+class DataKeyChanged(Exception):
+    """A write's data key was destroyed or replaced before it committed; nothing was written.
+
+    The repository reseals the payload under the user's current key and
+    writes again (see `RepositoryCore._write`); it never reaches callers.
+    """
+
+
+@dataclass(frozen=True, slots=True)
 class PendingWrite:
     """One validated write, ready for the database."""
 
@@ -180,6 +219,7 @@ class PendingWrite:
     expires_at: Any = None
     retention: Retention | None = None
     notify: bool = False
+    data_key: DataKeyRef | None = None
 
     def params(self) -> dict[str, Any]:
         scope = self.scope
@@ -224,6 +264,8 @@ class PendingBatch:
     metadata: bytes | None = None
     retention: Retention | None = None
     notify: bool = False
+    data_keys: Mapping[str, DataKeyRef] | None = None
+    """Encrypted batches: each user's data key (see `DataKeyRef`)."""
 
     def write(self, index: int) -> PendingWrite:
         """The batch's write number `index` on its own (for one-at-a-time paths)."""
@@ -274,6 +316,15 @@ class Operations(Protocol):
 
         SQLite (with `secure_delete`): the WAL checkpoint each erasure would have
         run; a failure is logged, since the erasures stand. Postgres: nothing.
+        """
+        ...
+
+    async def finish_erasures(self, wait: float) -> bool:
+        """Complete what committed erasures left to do, waiting up to `wait` s for readers.
+
+        SQLite: the WAL truncation that readers held up (see `_truncate_wal`);
+        True when none is pending. Postgres: nothing to do (dead tuples are
+        VACUUM's, see `erase(vacuum=True)`), so True.
         """
         ...
 
@@ -722,6 +773,8 @@ class _PostgresOperations(_SharedStatements):
         }
         self._write_many = _compile(postgres_bulk_write_statement(distinct_users=True), dialect)
         self._erase = _compile(postgres_erase_statement(), dialect)
+        self._claim_key = _compile(claim_key_statement("postgresql"), dialect)
+        self._hold_key = _compile(hold_key_statement(), dialect)
         _compile_shared(self, dialect)
 
     async def write_many(self, batch: PendingBatch) -> list[int]:
@@ -756,8 +809,25 @@ class _PostgresOperations(_SharedStatements):
             )
         )
         async with self._connections.checkout() as conn:
-            rows = await conn.fetch(statement.sql, *statement.args(params))
+            if batch.data_keys is None:
+                rows = await conn.fetch(statement.sql, *statement.args(params))
+            else:
+                async with conn.transaction():
+                    rows = await conn.fetch(statement.sql, *statement.args(params))
+                    for user_id in sorted(batch.data_keys):  # the order the batch locked in
+                        await self._keep_key(conn, batch.scope, user_id, batch.data_keys[user_id])
         return _versions_in_input_order(batch.user_ids, rows, distinct_users)
+
+    async def _keep_key(self, conn: Any, scope: Scope, user_id: str, key: DataKeyRef) -> None:
+        """Store or share-lock the write's data key after its write (see `DataKeyRef`).
+
+        Inside the write's transaction, after the write statement locked the
+        latest row: an erasure locks the latest row, then deletes the key, so
+        the two never wait for each other in opposite orders.
+        """
+        statement = self._claim_key if key.new else self._hold_key
+        if await conn.fetchval(statement.sql, *statement.args(key.params(scope, user_id))) is None:
+            raise DataKeyChanged
 
     async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
         params = {
@@ -784,7 +854,15 @@ class _PostgresOperations(_SharedStatements):
         )
         async with self._connections.checkout() as conn:
             try:
-                version = await conn.fetchval(statement.sql, *statement.args(write.params()))
+                if write.data_key is None:
+                    version = await conn.fetchval(statement.sql, *statement.args(write.params()))
+                else:
+                    async with conn.transaction():
+                        version = await conn.fetchval(
+                            statement.sql, *statement.args(write.params())
+                        )
+                        if version is not None:
+                            await self._keep_key(conn, write.scope, write.user_id, write.data_key)
             except asyncpg.UniqueViolationError:
                 # The unique (user_id, idempotency_key) index refused a replay and the
                 # statement wrote nothing; any other unique violation is a real error.
@@ -863,6 +941,10 @@ class _PostgresOperations(_SharedStatements):
     async def checkpoint_erasures(self) -> None:
         """Nothing: Postgres erasures leave dead tuples to VACUUM (`erase(vacuum=True)`)."""
 
+    async def finish_erasures(self, wait: float) -> bool:
+        """Nothing pending: an erasure is complete when it commits (see `Operations`)."""
+        return True
+
 
 def _versions_in_input_order(
     user_ids: Sequence[str], rows: Sequence[Any], distinct_users: bool
@@ -892,36 +974,77 @@ def _append_history(
     return int(stored["version"])
 
 
-def _checkpoint(conn: sqlite3.Connection) -> None:
-    """Copy the WAL into the database file and truncate the WAL to nothing.
+def _truncate_wal(conn: sqlite3.Connection, wait_ms: int, busy_ms: int) -> bool:
+    """Copy the WAL into the database file and truncate the WAL to nothing; True if done.
 
     With `secure_delete` on (see `engine`), the freed cells of an erasure are
     zeroed in the pages it writes; the WAL still holds the frames that wrote
     the erased rows, and the main file their old pages, until this checkpoint.
+
+    A truncating checkpoint must wait for every reader of an older snapshot
+    (a backup, a long report) and blocks new writers while it waits, so it
+    waits at most `wait_ms` (0 after a write: other users' writes never queue
+    behind a reader), then gives up, leaving what it could not copy for a
+    later attempt. `busy_ms` is the connection's own busy timeout, restored after.
     """
-    for _attempt in range(3):
-        busy, _log, _moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if not busy:
-            return
-    logger.warning(
-        "snapshot_repo: readers kept the WAL from being truncated after an erasure; "
-        "the next erasure's checkpoint will try again"
-    )
-
-
-def _checkpoint_after_erasure(conn: sqlite3.Connection, outcome: tuple[int, int]) -> None:
-    """`_checkpoint_committed_erasures` if the erasure that just committed removed rows."""
-    if outcome[0]:
-        _checkpoint_committed_erasures(conn)
-
-
-def _checkpoint_committed_erasures(conn: sqlite3.Connection) -> None:
-    """`_checkpoint` after erasures have committed; a failure is logged, not raised."""
+    conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
     try:
-        _checkpoint(conn)
+        busy, _log, _moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    return not busy
+
+
+def _truncate_committed(conn: sqlite3.Connection, wait_ms: int, busy_ms: int) -> bool:
+    """`_truncate_wal` after erasures have committed; a failure is logged, not raised."""
+    try:
+        return _truncate_wal(conn, wait_ms, busy_ms)
     except (sqlite3.Error, OSError) as exc:
         # The erasures committed; only the WAL still holds the old bytes.
         logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
+        return False
+
+
+class _Commit:
+    """Whether a write transaction running on a connection's thread may still commit.
+
+    The caller's deadline cancels the awaiting task, but not the function
+    running on the connection's thread: without this, a write reported as
+    timed out could commit a moment later, and a caller retrying it without
+    an idempotency key would write twice. Whichever comes first wins, under a
+    lock: the thread starting COMMIT, or the caller abandoning the write.
+    """
+
+    __slots__ = ("_lock", "_state")
+
+    _RUNNING, _COMMITTING, _ABANDONED = range(3)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = self._RUNNING
+
+    def begin(self) -> None:
+        """Called by the thread before COMMIT; raises `_Abandoned` if the caller gave up."""
+        with self._lock:
+            if self._state == self._ABANDONED:
+                raise _Abandoned
+            self._state = self._COMMITTING
+
+    def abandon(self) -> bool:
+        """Called by a caller that stops waiting: True if the write can no longer commit."""
+        with self._lock:
+            if self._state == self._COMMITTING:
+                return False
+            self._state = self._ABANDONED
+            return True
+
+
+class _Abandoned(Exception):
+    """The caller stopped waiting before COMMIT: the transaction was rolled back."""
+
+
+_TRUNCATE_RETRY_SECONDS = 1.0
+"""While an erasure's WAL truncation is pending, how often later writes try again."""
 
 
 class _SqliteOperations(_SharedStatements):
@@ -948,6 +1071,12 @@ class _SqliteOperations(_SharedStatements):
         settings = engine_settings(engine)
         self._erase_without_trace = settings.sqlite_secure_delete
         self._inline_reads = settings.sqlite_inline_reads
+        self._busy_ms = int(settings.busy_timeout * 1000)
+        # An erasure committed, but readers kept its WAL frames from being truncated:
+        # later writes retry (no sooner than this `time.monotonic()`), as do
+        # `finish_erasures` and the repository's `close()`.
+        self.traces_pending = False
+        self._next_truncation = 0.0
         # An erasure's statements (Postgres: one function call, see `postgres_erase_statement`).
         self._delete_latest, self._delete_history = _compile_all(delete_statements(), dialect)
         self._delete_expired = _compile(delete_statements(only_expired=True)[0], dialect)
@@ -956,6 +1085,8 @@ class _SqliteOperations(_SharedStatements):
         self._forget_feed, self._erasure_entry = _compile_all(
             sqlite_erasure_feed_statements(), dialect
         )
+        self._claim_key = _compile(claim_key_statement("sqlite"), dialect)
+        self._hold_key = _compile(hold_key_statement(), dialect)
         _compile_shared(self, dialect)
 
     async def write_many(self, batch: PendingBatch) -> list[int]:
@@ -975,6 +1106,7 @@ class _SqliteOperations(_SharedStatements):
                 if write.retention is not None:
                     params = {**write.scope.key(write.user_id), **write.retention.params()}
                     conn.execute(prune.sql, prune.args(params))
+            self._keep_keys(conn, batch)
             return versions
 
         return await self._in_write_transaction(run)
@@ -1002,6 +1134,7 @@ class _SqliteOperations(_SharedStatements):
             conn.execute(feed_copy.sql, feed_copy.args(copied))
             if prunes:
                 conn.executemany(prune.sql, prunes)
+            self._keep_keys(conn, batch)
             return [int(versions[user_id]) for user_id in user_ids]
 
         return await self._in_write_transaction(run)
@@ -1033,9 +1166,30 @@ class _SqliteOperations(_SharedStatements):
             if write.retention is not None:
                 params = {**write.scope.key(write.user_id), **write.retention.params()}
                 conn.execute(prune.sql, prune.args(params))
+            if write.data_key is not None:
+                self._keep_key(conn, write.scope, write.user_id, write.data_key)
             return version
 
         return await self._in_write_transaction(run)
+
+    def _keep_key(
+        self, conn: sqlite3.Connection, scope: Scope, user_id: str, key: DataKeyRef
+    ) -> None:
+        """Store or find the write's data key in its transaction (see `DataKeyRef`).
+
+        Under the write lock nothing can change the key between this and COMMIT.
+        """
+        statement = self._claim_key if key.new else self._hold_key
+        if (
+            conn.execute(statement.sql, statement.args(key.params(scope, user_id))).fetchone()
+            is None
+        ):
+            raise DataKeyChanged
+
+    def _keep_keys(self, conn: sqlite3.Connection, batch: PendingBatch) -> None:
+        if batch.data_keys is not None:
+            for user_id, key in batch.data_keys.items():
+                self._keep_key(conn, batch.scope, user_id, key)
 
     async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
         rows = await self._rows(self._latest.sql, (scope.tenant, scope.namespace, user_id))
@@ -1066,6 +1220,9 @@ class _SqliteOperations(_SharedStatements):
             row = found.fetchone()
             found.close()
             if row is None:
+                if erasure.drop_data_key and not erasure.only_expired:
+                    # A key without rows (an older release's failed write): still personal data.
+                    conn.execute(forget_key.sql, forget_key.args(key))
                 return 0, 0
             args = delete_history.args({**key, "version": row[0]})
             erased: int = conn.execute(delete_history.sql, args).rowcount
@@ -1077,24 +1234,59 @@ class _SqliteOperations(_SharedStatements):
                 conn.execute(forget_key.sql, forget_key.args(key))
             return erased, int(row[0])
 
-        # Checkpointing in the same hop, right after the commit and still under the
-        # write lock, saves a second thread hop and lock wait per erasure.
+        # Truncating the WAL in the same hop, right after the commit and still under
+        # the write lock, saves a second thread hop and lock wait per erasure.
         checkpoint = self._erase_without_trace and erasure.checkpoint
         return await self._in_write_transaction(
-            run, _checkpoint_after_erasure if checkpoint else None
+            run, self._truncate_after_erasure if checkpoint else None
         )
 
     async def vacuum(self) -> None:
-        """Move the WAL into the database file and truncate it, so erased bytes leave the WAL."""
-        await self._run_checkpoint(_checkpoint)
+        """Truncate the WAL now, waiting for readers as long as the call's deadline allows."""
+        await self._truncate_now(self._busy_ms)
 
     async def checkpoint_erasures(self) -> None:
         if self._erase_without_trace:
-            await self._run_checkpoint(_checkpoint_committed_erasures)
+            await self._truncate_now(0)
 
-    async def _run_checkpoint(self, checkpoint: Callable[[sqlite3.Connection], None]) -> None:
+    async def finish_erasures(self, wait: float) -> bool:
+        if self.traces_pending:
+            await self._truncate_now(int(wait * 1000))
+        return not self.traces_pending
+
+    async def _truncate_now(self, wait_ms: int) -> None:
+        left = _deadlines.remaining()
+        if left is not None:
+            wait_ms = min(wait_ms, int(left * 1000))
+
+        def truncate(conn: sqlite3.Connection) -> None:
+            self._note_truncation(_truncate_committed(conn, wait_ms, self._busy_ms))
+
         async with self._write_lock, self._connections.checkout() as aconn:
-            await aconn._execute(checkpoint, aconn._conn)
+            await aconn._execute(truncate, aconn._conn)
+
+    def _truncate_after_erasure(self, conn: sqlite3.Connection, outcome: tuple[int, int]) -> None:
+        """After an erasure's commit: truncate the WAL without waiting for any reader."""
+        if outcome[0] or self.traces_pending:
+            self._note_truncation(_truncate_committed(conn, 0, self._busy_ms))
+
+    def _truncate_if_pending(self, conn: sqlite3.Connection, _result: object) -> None:
+        """After any write's commit: retry a pending truncation, at most once a second."""
+        if self.traces_pending and time.monotonic() >= self._next_truncation:
+            self._note_truncation(_truncate_committed(conn, 0, self._busy_ms))
+
+    def _note_truncation(self, done: bool) -> None:
+        if done:
+            self.traces_pending = False
+            return
+        if not self.traces_pending:
+            logger.warning(
+                "snapshot_repo: an erasure committed, but readers hold old snapshots of the "
+                "SQLite file, so the WAL still holds the erased bytes; later writes, "
+                "finish_erasures() and close() truncate it once the readers are done"
+            )
+        self.traces_pending = True
+        self._next_truncation = time.monotonic() + _TRUNCATE_RETRY_SECONDS
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         return await self._fetch(self._compiled(statement), params)
@@ -1159,22 +1351,43 @@ class _SqliteOperations(_SharedStatements):
         it is raised: SQLite versions differ in what they roll back by themselves
         (a full disk may end a transaction or only a statement). `after_commit`,
         if given, runs next in the same hop with the result; it must not raise.
+        Without it, a pending WAL truncation is retried there.
+
+        Bounded by the call's deadline: the wait for another process's write
+        lock (SQLite's busy timeout) is cut to the time the call has left, and
+        a call cancelled before COMMIT began (its deadline passed) rolls the
+        transaction back instead of committing after the caller was told it
+        timed out (see `_Commit`).
         """
+        left = _deadlines.remaining()
+        busy_ms = self._busy_ms if left is None else min(self._busy_ms, int(left * 1000))
+        commit = _Commit()
+        finish = after_commit if after_commit is not None else self._truncate_if_pending
 
         def transaction(conn: sqlite3.Connection) -> _T:
-            conn.execute("BEGIN IMMEDIATE")
+            if busy_ms < self._busy_ms:
+                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                if busy_ms < self._busy_ms:
+                    conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             try:
                 result = work(conn)
+                commit.begin()
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            if after_commit is not None:
-                after_commit(conn, result)
+            finish(conn, result)
             return result
 
         async with self._write_lock, self._connections.checkout() as aconn:
-            # aiosqlite's own "run on the connection thread" entry point; see the module doc.
-            result: _T = await aconn._execute(transaction, aconn._conn)
+            try:
+                # aiosqlite's own "run on the connection thread" entry point; see the module doc.
+                result: _T = await aconn._execute(transaction, aconn._conn)
+            except asyncio.CancelledError:
+                commit.abandon()  # False only while COMMIT runs: the outcome is unknown
+                raise
             return result

@@ -1,9 +1,13 @@
 """The repository's use of crypto-shredding: sealing writes, opening reads, rotating keys.
 
-Data keys are created on a user's first encrypted write (an insert that
-ignores a concurrent creator's row, then a re-read, so racing writers agree
-on one key), cached unwrapped in memory (bounded), and deleted with the
-user's erasure. See `crypto` for the scheme and what it protects.
+A write reads the user's data key (never from the cache: another process
+may have erased the user since), or makes a new one, seals its payload under
+it, and hands the key to the backend (`DataKeyRef`), which stores the new key
+or checks the old one inside the write's own transaction. So a write never
+commits a payload under a key an erasure destroyed, and a write that fails
+leaves no key behind. Keys are cached unwrapped in memory for reads
+(bounded), and deleted with the user's erasure. See `crypto` for the scheme
+and what it protects.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from sqlalchemy import Insert, Select, Update, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ._dialects import is_key
-from ._driver import Operations, Row, Scope
+from ._driver import DataKeyRef, Operations, Row, Scope
 from .crypto import KeyProvider, new_data_key, open_payload, seal_payload
-from .errors import redact
+from .errors import DecryptionError, redact
 from .tables import data_keys_table
 
 __all__ = ["DataKeys"]
@@ -88,14 +92,52 @@ class DataKeys:
         assert key is not None
         return seal_payload(key, payload, _associated(scope, user_id))
 
+    async def for_write(self, scope: Scope, user_id: str, at: datetime) -> tuple[bytes, DataKeyRef]:
+        """The user's data key as stored now, or a new one to store with the write.
+
+        Returns the unwrapped key to seal with and the reference the backend
+        checks or stores in the write's transaction.
+        """
+        rows = await self._ops.fetch(_find_statement(), scope.key(user_id))
+        if rows:
+            key_id, wrapped = rows[0]
+            wrapped = bytes(wrapped)
+            return self._provider.unwrap(key_id, wrapped), DataKeyRef(key_id, wrapped, False, at)
+        key = new_data_key()
+        key_id, wrapped = self._provider.wrap(key)
+        return key, DataKeyRef(key_id, wrapped, True, at)
+
+    def seal_with(self, key: bytes, scope: Scope, user_id: str, payload: bytes) -> bytes:
+        """`payload` sealed under `key` (from `for_write`) for this user."""
+        return seal_payload(key, payload, _associated(scope, user_id))
+
+    def remember(self, scope: Scope, user_id: str, key: bytes) -> None:
+        """Cache the key a write committed under, for the reads that follow."""
+        cache_key = (scope.tenant, scope.namespace, user_id)
+        self._cache[cache_key] = key
+        self._cache.move_to_end(cache_key)
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+
     async def open_rows(self, scope: Scope, rows: Sequence[Row]) -> list[Row]:
-        """Rows (in `ROW_COLUMNS` order) with their payloads decrypted."""
+        """Rows (in `ROW_COLUMNS` order) with their payloads decrypted.
+
+        A cached key that does not open a payload is read again once: another
+        process may have erased the user and written it anew under a new key.
+        """
         opened = []
         for row in rows:
             user_id, payload = row[0], row[3]
             key = await self._key(scope, user_id, create=False)
             where = f"the state of user {redact(user_id)} version {row[1]}"
-            plain = open_payload(key, bytes(payload), _associated(scope, user_id), where)
+            associated = _associated(scope, user_id)
+            try:
+                plain = open_payload(key, bytes(payload), associated, where)
+            except DecryptionError:
+                fresh = await self._key(scope, user_id, create=False, cached=False)
+                if fresh is None or fresh == key:
+                    raise
+                plain = open_payload(fresh, bytes(payload), associated, where)
             opened.append((*row[:3], plain, *row[4:]))
         return opened
 

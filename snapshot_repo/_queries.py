@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CompoundSelect,
     Integer,
     Select,
     String,
@@ -27,12 +28,19 @@ from sqlalchemy import (
     select,
     text,
     tuple_,
+    union,
     union_all,
     update,
 )
 
 from ._dialects import ROW_COLUMNS, DialectName, alive, in_scope, is_key
-from .tables import changes_table, erasure_receipts_table, history_table, latest_table
+from .tables import (
+    changes_table,
+    data_keys_table,
+    erasure_receipts_table,
+    history_table,
+    latest_table,
+)
 
 __all__ = [
     "CHANGE_FEED_COLUMNS",
@@ -265,12 +273,16 @@ def rewrite_payload_statement(table_name: str) -> Update:
 
 
 @cache
-def namespaces_of_user_statement() -> Select[Any]:
-    """Every (tenant, namespace) in which a user has a snapshot (for erasing them all)."""
-    statement = select(latest_table.c.tenant, latest_table.c.namespace).where(
-        latest_table.c.user_id == bindparam("user_id")
-    )
-    return statement.order_by(latest_table.c.tenant, latest_table.c.namespace)
+def namespaces_of_user_statement() -> CompoundSelect[Any]:
+    """Every (tenant, namespace) holding a user's snapshot or data key (for erasing them all).
+
+    A data key without a snapshot is what an older release's failed write left.
+    """
+    held = [
+        select(table.c.tenant, table.c.namespace).where(table.c.user_id == bindparam("user_id"))
+        for table in (latest_table, data_keys_table)
+    ]
+    return union(*held).order_by("tenant", "namespace")
 
 
 @cache

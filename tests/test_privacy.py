@@ -63,13 +63,13 @@ def copy_of_template(tmp_path: Path, sqlite_template: Path) -> str:
 def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[None]:
     """Spy on the library's WAL checkpoint (it still runs): one entry per checkpoint."""
     calls: list[None] = []
-    real = _driver._checkpoint
+    real = _driver._truncate_wal
 
-    def spy(conn: sqlite3.Connection) -> None:
+    def spy(conn: sqlite3.Connection, wait_ms: int, busy_ms: int) -> bool:
         calls.append(None)
-        real(conn)
+        return real(conn, wait_ms, busy_ms)
 
-    monkeypatch.setattr(_driver, "_checkpoint", spy)
+    monkeypatch.setattr(_driver, "_truncate_wal", spy)
     return calls
 
 

@@ -1,0 +1,184 @@
+"""SQLite: calls bounded by their own deadline while another connection holds the file.
+
+Another process's connection is stood in for by a plain `sqlite3` connection
+on the same file: SQLite's locks are per connection, so it blocks the
+library exactly as another process would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+
+import snapshot_repo as sr
+from tests.conftest import Cart
+
+
+def database(tmp_path: Path, sqlite_template: Path) -> Path:
+    path = tmp_path / "locked.db"
+    path.write_bytes(sqlite_template.read_bytes())
+    return path
+
+
+def url_of(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def files_hold(path: Path, marker: str) -> bool:
+    return any(marker.encode() in p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+@contextmanager
+def other_connection(path: Path, begin: str) -> Iterator[sqlite3.Connection]:
+    """Another connection on the file with a transaction open (`begin`) until the block ends."""
+    with closing(sqlite3.connect(path, isolation_level=None, timeout=0)) as conn:
+        conn.execute(begin)
+        conn.execute("SELECT count(*) FROM snapshot_history").fetchone()  # take a read mark
+        try:
+            yield conn
+        finally:
+            conn.execute("ROLLBACK")
+
+
+def snap(user_id: str, note: str) -> sr.Snapshot[Cart]:
+    return sr.Snapshot(user_id=user_id, state=Cart(note=note))
+
+
+async def stored_notes(path: Path, user_id: str) -> list[str]:
+    """Every stored version of the user, read by a repository of its own."""
+    async with sr.SnapshotRepository.from_url(url_of(path), Cart) as repo:
+        return [s.state.note for s in await repo.get_history(user_id)]
+
+
+# --- writes ---------------------------------------------------------------------------
+
+
+async def test_a_write_waiting_for_another_writer_fails_in_its_deadline_and_never_commits(
+    tmp_path, sqlite_template
+):
+    """The busy wait is cut to the call's time left; the write does not commit afterwards.
+
+    Before, the write waited the whole busy timeout (10 s) past its 1 s deadline,
+    and committed as soon as the other writer let go.
+    """
+    path = database(tmp_path, sqlite_template)
+    repo = sr.SnapshotRepository.from_url(url_of(path), Cart, operation_timeout=1)
+    loop = asyncio.get_running_loop()
+    with other_connection(path, "BEGIN IMMEDIATE"):
+        started = loop.time()
+        with pytest.raises(sr.StorageError):
+            await repo.upsert_latest(snap("u1", "late"))
+        waited = loop.time() - started
+    await repo.close()  # waits for every connection, so for anything still running on one
+    assert waited < 3  # its 1 s deadline, the watchdog's eighth, and slack; not 10 s
+    assert await stored_notes(path, "u1") == []
+
+
+async def test_a_write_whose_deadline_passes_before_commit_rolls_back(tmp_path, sqlite_template):
+    """Cancelled while its statements still run on the connection's thread: never committed.
+
+    A trigger makes the history insert take seconds of CPU, so the 0.3 s
+    deadline always passes before the write reaches COMMIT.
+    """
+    path = database(tmp_path, sqlite_template)
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute("CREATE TABLE slow (n INTEGER)")
+        conn.execute(
+            "INSERT INTO slow WITH RECURSIVE c(n) AS "
+            "(SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 4000) SELECT n FROM c"
+        )
+        conn.execute(
+            "CREATE TRIGGER slow_history AFTER INSERT ON snapshot_history "
+            "BEGIN SELECT count(*) FROM slow a, slow b WHERE a.n + b.n = -1; END"
+        )
+    repo = sr.SnapshotRepository.from_url(url_of(path), Cart, operation_timeout=0.3)
+    with pytest.raises(sr.StorageError, match=r"timed out after 0\.3 s"):
+        await repo.upsert_latest(snap("u1", "cancelled"))
+    await repo.close()  # the statements run on; close waits for them and the rollback
+    assert await stored_notes(path, "u1") == []
+
+
+# --- erasure while another connection reads -------------------------------------------
+
+
+async def test_an_erasure_never_waits_for_a_reader_and_reports_the_truncation_pending(
+    tmp_path, sqlite_template
+):
+    """A reader holding an old snapshot delays only the WAL truncation, never a write.
+
+    Before, the erasure's checkpoint waited on the reader (three busy timeouts),
+    holding the write lock, so the erasure and every other user's write timed out.
+    """
+    path = database(tmp_path, sqlite_template)
+    marker = f"MARKER-{uuid.uuid4().hex}"
+    settings = sr.EngineSettings(busy_timeout=3)
+    url = url_of(path)
+    async with sr.SnapshotRepository.from_url(
+        url, Cart, settings=settings, operation_timeout=2
+    ) as repo:
+        await repo.upsert_latest(snap("victim", marker))
+        await repo.upsert_latest(snap("bystander", "before"))
+        with other_connection(path, "BEGIN"):
+            erased, written = await asyncio.gather(
+                repo.delete("victim"), repo.upsert_latest(snap("bystander", "during"))
+            )
+            assert (erased, written.version) == (1, 2)
+            assert await repo.get_latest("victim") is None
+            assert files_hold(path, marker)  # the reader still may see it: truncation pending
+            assert await repo.finish_erasures(wait=0.2) is False
+            assert await repo.upsert_latest(snap("bystander", "after")) is not None
+        assert await repo.finish_erasures() is True
+        assert not files_hold(path, marker)
+        assert await repo.finish_erasures(wait=0.1) is True  # nothing left to do
+
+
+async def test_close_completes_a_truncation_a_reader_held_up(tmp_path, sqlite_template):
+    path = database(tmp_path, sqlite_template)
+    marker = f"MARKER-{uuid.uuid4().hex}"
+    repo = sr.SnapshotRepository.from_url(url_of(path), Cart)
+    await repo.upsert_latest(snap("victim", marker))
+    with other_connection(path, "BEGIN"):
+        assert await repo.delete("victim") == 1
+        assert files_hold(path, marker)
+    # Keep a connection open elsewhere, so SQLite's own checkpoint on the last close
+    # cannot be what removes the bytes.
+    with closing(sqlite3.connect(path, isolation_level=None)) as keeper:
+        keeper.execute("SELECT 1 FROM snapshot_latest").fetchall()
+        await repo.close()
+        assert not files_hold(path, marker)
+
+
+async def test_a_later_erasure_completes_an_earlier_pending_truncation(tmp_path, sqlite_template):
+    path = database(tmp_path, sqlite_template)
+    marker = f"MARKER-{uuid.uuid4().hex}"
+    async with sr.SnapshotRepository.from_url(url_of(path), Cart) as repo:
+        await repo.upsert_latest(snap("first", marker))
+        await repo.upsert_latest(snap("second", "x"))
+        with other_connection(path, "BEGIN"):
+            assert await repo.delete("first") == 1
+        assert files_hold(path, marker)
+        assert await repo.delete("nobody") == 0  # erases nothing, still truncates
+        assert not files_hold(path, marker)
+        assert await repo.finish_erasures(wait=0.1) is True
+
+
+async def test_finish_erasures_has_nothing_to_do_on_postgres(postgres_url):
+    async with sr.SnapshotRepository.from_url(postgres_url, Cart) as repo:
+        await repo.upsert_latest(snap("u1", "x"))
+        assert await repo.delete("u1") == 1
+        assert await repo.finish_erasures(wait=0.1) is True
+
+
+async def test_finish_erasures_refuses_a_bad_timeout(tmp_path, sqlite_template):
+    async with sr.SnapshotRepository.from_url(
+        url_of(database(tmp_path, sqlite_template)), Cart
+    ) as repo:
+        for bad in (0, -1, float("nan"), "1"):
+            with pytest.raises(sr.ConfigurationError, match="wait"):
+                await repo.finish_erasures(wait=bad)  # type: ignore[arg-type]
