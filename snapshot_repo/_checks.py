@@ -85,9 +85,22 @@ def check_batch_size(name: str, size: int) -> None:
         raise SnapshotValidationError(f"{name} must hold 1 to {MAX_BATCH_SIZE} items, not {size}")
 
 
-def positive_seconds(name: str, value: object) -> float:
+def positive_seconds(
+    name: str, value: object, *, least: float | None = None, most: float | None = None
+) -> float:
+    """`value` as a float if it is a number of seconds above 0, else `ConfigurationError`.
+
+    `least` and `most` narrow the range where a driver would otherwise turn an
+    out-of-range wait into another one without a word (SQLite rounds a busy
+    timeout under a millisecond down to no wait at all). `most` also refuses
+    infinity; NaN is always refused.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
+    if least is not None and value < least:
+        raise ConfigurationError(f"{name} must be at least {least} seconds, not {value!r}")
+    if most is not None and not value <= most:
+        raise ConfigurationError(f"{name} must be at most {most} seconds, not {value!r}")
     return float(value)
 
 

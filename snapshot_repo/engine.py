@@ -10,17 +10,19 @@ rest. Postgres (asyncpg) connections get connect and command timeouts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .errors import ConfigurationError
+from ._checks import check_int, positive_seconds
+from .errors import ConfigurationError, SnapshotValidationError
 
 __all__ = [
     "DEFAULT_URL",
+    "MAX_WAIT_SECONDS",
     "WRITE_TRANSACTION",
     "EngineSettings",
     "create_engine",
@@ -36,6 +38,13 @@ WRITE_TRANSACTION = "snapshot_repo_write"
 
 SqliteSynchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
+MAX_WAIT_SECONDS = 2_147_483.647
+"""The longest wait a setting may ask for: SQLite's busy timeout is 2^31 - 1 milliseconds
+at most (a longer one silently becomes no wait at all), and no sane wait is longer."""
+
+_MIN_BUSY_TIMEOUT = 0.001
+"""SQLite counts the busy timeout in whole milliseconds: less would silently be no wait."""
+
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "sqlite+aiosqlite": "sqlite+aiosqlite",
@@ -49,13 +58,20 @@ _DRIVERS = {
 class EngineSettings:
     """Connection settings for engines this library creates itself.
 
+    Every value is checked when the settings are built (`dataclasses.replace`
+    included): a wrong type or an out-of-range value raises
+    `ConfigurationError` naming the setting. Waits are numbers of seconds
+    above 0 and at most `MAX_WAIT_SECONDS`.
+
     Attributes:
         connect_timeout: seconds to wait for a new connection before failing.
         command_timeout: seconds a single Postgres statement may run before it
             is cancelled (None: no limit).
         busy_timeout: seconds a SQLite connection waits for another
-            process's write lock before failing.
-        sqlite_synchronous: SQLite's `synchronous` pragma. FULL (the default)
+            process's write lock before failing; at least 0.001 (SQLite
+            counts whole milliseconds).
+        sqlite_synchronous: SQLite's `synchronous` pragma: OFF, NORMAL, FULL or
+            EXTRA (any case; kept in upper case). FULL (the default)
             makes every committed write survive power loss; NORMAL is faster
             and survives a crash of the process but may lose the last commits
             on power loss.
@@ -72,7 +88,7 @@ class EngineSettings:
             hop, since their commit waits for the disk. Turn it off if the
             database file is on storage slow enough that a read missing the
             OS page cache would hold up the loop (a network file system).
-        pool_size: connections kept open per engine.
+        pool_size: connections kept open per engine (at least 1).
         max_overflow: extra connections opened under load beyond `pool_size`
             (default 0). SQLAlchemy closes an overflow connection as soon as it
             is returned, so bursts would pay for new connections again and again;
@@ -90,6 +106,42 @@ class EngineSettings:
     pool_size: int = 10
     max_overflow: int = 0
     pool_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        """Refuse every bad setting here, so that no construction path can open a connection
+        with one: SQLite and the drivers would silently turn a negative wait into none and
+        an unknown `synchronous` level into NORMAL, a durability downgrade.
+
+        Raises:
+            ConfigurationError: a setting has the wrong type or is out of range;
+                the message names it.
+        """
+        for name in ("connect_timeout", "pool_timeout"):
+            positive_seconds(name, getattr(self, name), most=MAX_WAIT_SECONDS)
+        if self.command_timeout is not None:
+            positive_seconds("command_timeout", self.command_timeout, most=MAX_WAIT_SECONDS)
+        positive_seconds(
+            "busy_timeout", self.busy_timeout, least=_MIN_BUSY_TIMEOUT, most=MAX_WAIT_SECONDS
+        )
+        for name in ("sqlite_secure_delete", "sqlite_inline_reads"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(
+                    f"{name} must be True or False, not {getattr(self, name)!r}"
+                )
+        try:
+            check_int("pool_size", self.pool_size, minimum=1)
+            check_int("max_overflow", self.max_overflow, minimum=0)
+        except SnapshotValidationError as exc:
+            raise ConfigurationError(str(exc)) from None
+        # SQLite reads the level case-insensitively, so lowercase is accepted too; it is
+        # stored in upper case so that comparisons and reprs see one spelling.
+        level = self.sqlite_synchronous
+        levels = get_args(SqliteSynchronous)
+        if not isinstance(level, str) or level.upper() not in levels:
+            raise ConfigurationError(
+                f"sqlite_synchronous must be one of {', '.join(levels)}, not {level!r}"
+            )
+        object.__setattr__(self, "sqlite_synchronous", level.upper())  # frozen
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -117,9 +169,15 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
     No connection is opened here; the first operation opens one.
 
     Raises:
-        ConfigurationError: the URL is not SQLite or Postgres.
+        ConfigurationError: the URL is not SQLite or Postgres, or `settings` is
+            not an `EngineSettings` (whose own constructor refuses bad values).
     """
-    settings = settings or EngineSettings()
+    if settings is None:
+        settings = EngineSettings()
+    elif not isinstance(settings, EngineSettings):
+        raise ConfigurationError(
+            f"settings must be an EngineSettings, not {type(settings).__name__}"
+        )
     parsed = normalize_url(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "postgresql":
