@@ -43,7 +43,7 @@ class ErasureReceipt(BaseModel):
         cause: "delete", "erase", "expired" or "purge".
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     subject: str
     erased_at: datetime

@@ -69,7 +69,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast, get_args
 
 import aiosqlite
 import asyncpg
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -150,6 +150,8 @@ class BenchState(BaseModel):
     agent's memory), and large enough that payload transfer and JSON decoding
     weigh in as they would in production.
     """
+
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     owner: str
     counter: int

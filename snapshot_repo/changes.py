@@ -69,7 +69,7 @@ class Change(BaseModel):
         metadata: the write's metadata, if any (feed reads only).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     seq: int | None = None
     tenant: str
@@ -96,7 +96,7 @@ class ChangePage(BaseModel):
             (it equals the cursor passed in when the page is empty).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     changes: list[Change]
     cursor: str

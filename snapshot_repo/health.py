@@ -36,7 +36,7 @@ class HealthReport(BaseModel):
         error: why the probe failed, one line (None when it did not).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     reachable: bool
     latency_ms: float | None

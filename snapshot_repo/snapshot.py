@@ -104,7 +104,8 @@ class Snapshot(BaseModel, Generic[StateT]):
     repository on stored snapshots from the arguments of `upsert_latest`.
     """
 
-    model_config = ConfigDict(frozen=True)
+    # Errors must not echo the user id or the state (README: no personal data in messages).
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
 
     user_id: UserId
     state: StateT
