@@ -8,14 +8,14 @@ all and erases each as `delete` does.
 
 from __future__ import annotations
 
-from typing import Unpack, cast
+from typing import Any, Unpack, cast
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._checks import valid_scope_name, valid_user_id
+from ._context import RepositoryContext
 from ._queries import namespaces_of_user_statement
-from .codec import JsonObject
 from .repository import RepositoryOptions, SnapshotRepository
 
 __all__ = ["erase_user"]
@@ -47,26 +47,29 @@ async def erase_user(
     user_id = valid_user_id(user_id)
     if tenant is not None:
         valid_scope_name("tenant", tenant)
-    finder: SnapshotRepository[JsonObject]
     scoped_options: RepositoryOptions = cast(
         RepositoryOptions, {k: v for k, v in options.items() if k != "namespace"}
     )
-    if isinstance(engine_or_url, AsyncEngine):
-        finder = SnapshotRepository(engine_or_url, **scoped_options)  # caller's engine stays open
-    else:
-        finder = SnapshotRepository.from_url(engine_or_url, **scoped_options)
-    async with finder:
-        async with finder._guard("erase_user", user_id):
-            scopes = await finder._read(
-                finder._ops.fetch, namespaces_of_user_statement(), {"user_id": user_id}
-            )
-        views = []
-        for row_tenant, namespace in scopes:
-            if tenant is not None and row_tenant != tenant:
-                continue
-            per_namespace = cast(RepositoryOptions, {**scoped_options, "namespace": namespace})
-            repository: SnapshotRepository[JsonObject] = SnapshotRepository(
-                finder.engine, **per_namespace
-            )
-            views.append((repository.for_tenant(row_tenant) if row_tenant else repository, user_id))
-        return sum(await finder._erase_batch(views, "erase", drop_data_key=True))
+    if isinstance(engine_or_url, AsyncEngine):  # the caller's engine stays open
+        return await _erase_everywhere(engine_or_url, user_id, tenant, scoped_options)
+    # A repository of our own owns the engine: closing it finishes the erasures' traces.
+    async with SnapshotRepository.from_url(engine_or_url, **scoped_options) as owner:
+        return await _erase_everywhere(owner.engine, user_id, tenant, scoped_options)
+
+
+async def _erase_everywhere(
+    engine: AsyncEngine, user_id: str, tenant: str | None, options: RepositoryOptions
+) -> int:
+    finder: RepositoryContext[Any] = RepositoryContext(engine, None, options)
+    async with finder.guard("erase_user", user_id):
+        scopes = await finder.read(
+            finder.backend.fetch, namespaces_of_user_statement(), {"user_id": user_id}
+        )
+    found: list[tuple[RepositoryContext[Any], str]] = []
+    for row_tenant, namespace in scopes:
+        if tenant is not None and row_tenant != tenant:
+            continue
+        per_namespace = cast(RepositoryOptions, {**options, "namespace": namespace})
+        context: RepositoryContext[Any] = RepositoryContext(engine, None, per_namespace)
+        found.append((context.for_tenant(row_tenant) if row_tenant else context, user_id))
+    return sum(await finder.erase_batch(found, "erase", drop_data_key=True))

@@ -242,7 +242,7 @@ async def kill_the_next_connection(repo: sr.SnapshotRepository[Cart], url: str) 
     """Terminate, on the server, the pooled connection the repository's next call borrows."""
     # Hand the repository's kept connection back, so that the pool's only
     # connection, the one killed below, is the one its next call borrows.
-    await repo._ops.release()
+    await repo._backend.release()
     async with repo.engine.connect() as conn:
         pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
     admin = await asyncpg.connect(_plain_dsn(url))
@@ -347,7 +347,7 @@ async def test_a_call_waiting_for_this_repositorys_connections_times_out_naming_
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         await repo.upsert_latest(snap("u1", "a"))
         loop = asyncio.get_running_loop()
-        async with repo._ops._connections.checkout():  # this repository's only connection
+        async with repo._backend._connections.checkout():  # this repository's only connection
             started = loop.time()
             with pytest.raises(sr.StorageError, match=r"limit of size 1 overflow 0"):
                 await repo.get_latest("u1")
@@ -359,7 +359,7 @@ async def test_an_exhausted_pool_fails_after_its_timeout_naming_the_limit(backen
     settings = sr.EngineSettings(pool_size=1, max_overflow=0, pool_timeout=0.5)
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         await repo.upsert_latest(snap("u1", "a"))
-        await repo._ops.release()  # the pool's only connection goes back, then is held below
+        await repo._backend.release()  # the pool's only connection goes back, then is held below
         async with repo.engine.connect() as held:
             await held.exec_driver_sql("SELECT 1")
             loop = asyncio.get_running_loop()
@@ -380,7 +380,7 @@ async def test_connections_kept_between_calls_leave_the_engine_one(
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         await repo.upsert_latest(snap("u1", "a"))
         await asyncio.gather(*(repo.get_latest("u1") for _ in range(4)))  # all connections open
-        assert repo._ops.kept_connections == pool_size - 1
+        assert repo._backend.kept_connections == pool_size - 1
         await repo.migrate()  # at head already: only needs a connection
         async with repo.engine.connect() as conn:
             assert (await conn.exec_driver_sql("SELECT 1")).scalar_one() == 1
@@ -413,6 +413,6 @@ async def test_concurrent_calls_pass_connections_on_and_return_the_extra_ones_af
 
         await asyncio.gather(*(worker(number) for number in range(16)))
         assert checkouts <= 20, f"{checkouts} pool checkouts for 320 calls"  # was 52
-        assert repo._ops.kept_connections == _driver.KEPT_CONNECTIONS
+        assert repo._backend.kept_connections == _driver.KEPT_CONNECTIONS
         assert queue_pool(repo.engine).checkedout() == _driver.KEPT_CONNECTIONS
         assert [s.version for s in await repo.get_history("w3", limit=10)] == list(range(10, 0, -1))

@@ -228,7 +228,7 @@ async def test_terminated_backends_are_not_handed_out_again(
     try:
         await fill_pool(repo, 6)
         # idle in the pool, plus the ones the repository keeps between its calls
-        pooled = queue_pool(repo.engine).checkedin() + repo._ops.kept_connections
+        pooled = queue_pool(repo.engine).checkedin() + repo._backend.kept_connections
         mine = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
         pids = [row["pid"] for row in await admin.fetch(mine, app_name)]
         assert len(pids) == pooled >= 2, (pids, pooled)

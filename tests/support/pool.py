@@ -29,4 +29,4 @@ def leaked_connections(repo: SnapshotRepository[Any]) -> int:
     A repository keeps up to two idle connections checked out between its
     operations (to skip the pool's greenlet round trip); those are not leaks.
     """
-    return queue_pool(repo.engine).checkedout() - repo._ops.kept_connections
+    return queue_pool(repo.engine).checkedout() - repo._backend.kept_connections
