@@ -20,21 +20,21 @@ from typing import Any, Generic, Literal, ParamSpec, TypedDict, TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._checks import positive_seconds, valid_scope_name
-from ._driver import (
+from ._encryption import DataKeys
+from ._translate import describe, storage_errors
+from .backends import (
+    Backend,
     DataKeyChanged,
     Erasure,
-    Operations,
     PendingBatch,
     PendingWrite,
     Retention,
     Row,
     Scope,
     WriteOutcome,
+    backend_for,
     is_retryable,
-    operations_for,
 )
-from ._encryption import DataKeys
-from ._translate import describe, storage_errors
 from .changes import Change, ChangeHub, hub_for
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, StateCodec, decode_metadata
 from .crypto import KeyProvider
@@ -155,7 +155,7 @@ class RepositoryContext(Generic[StateT]):
         )
         if dialect == "sqlite":
             install_sqlite_settings(engine, EngineSettings())
-        self.backend: Operations = operations_for(engine)
+        self.backend: Backend = backend_for(engine)
         provider = options.get("encryption")
         if provider is not None and not isinstance(provider, KeyProvider):
             raise ConfigurationError("encryption must be a KeyProvider, e.g. LocalKeyProvider")

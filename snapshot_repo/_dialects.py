@@ -15,7 +15,7 @@ not from a read-then-write in Python:
   `BEGIN IMMEDIATE` transaction (SQLite cannot put DML in a CTE); the write
   lock orders writers.
 
-The statements are SQLAlchemy Core, built once per shape; `_driver`
+The statements are SQLAlchemy Core, built once per shape; `backends`
 compiles each once per dialect and runs it on the driver's connection.
 """
 

@@ -22,7 +22,7 @@ from sqlalchemy import Insert, Select, Update, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ._dialects import is_key
-from ._driver import DataKeyRef, Operations, Row, Scope
+from .backends import Backend, DataKeyRef, Row, Scope
 from .crypto import KeyProvider, new_data_key, open_payload, seal_payload
 from .errors import DecryptionError, redact
 from .tables import data_keys_table
@@ -75,7 +75,7 @@ def _associated(scope: Scope, user_id: str) -> bytes:
 class DataKeys:
     """One repository's data keys: get or create, seal, open, forget, rotate."""
 
-    def __init__(self, provider: KeyProvider, ops: Operations, dialect: str) -> None:
+    def __init__(self, provider: KeyProvider, ops: Backend, dialect: str) -> None:
         self._provider = provider
         self._ops = ops
         self._dialect = dialect

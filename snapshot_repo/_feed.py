@@ -6,8 +6,8 @@ from typing import Any
 
 from ._checks import check_int
 from ._context import RepositoryContext
-from ._driver import row_decoder
 from ._queries import CHANGE_FEED_COLUMNS, changes_since_statement
+from .backends import row_decoder
 from .changes import (
     ChangeCallback,
     ChangePage,

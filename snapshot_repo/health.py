@@ -18,8 +18,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import migrate
-from ._driver import Operations
 from ._translate import describe
+from .backends import Backend
 
 __all__ = ["HealthReport", "probe"]
 
@@ -51,7 +51,7 @@ class HealthReport(BaseModel):
         return self.reachable and self.database_revision == self.head_revision
 
 
-async def probe(engine: AsyncEngine, ops: Operations, time_limit: float) -> HealthReport:
+async def probe(engine: AsyncEngine, ops: Backend, time_limit: float) -> HealthReport:
     """Measure one round trip and read the schema revision, within `time_limit` seconds.
 
     Never raises (but for cancellation) and never creates anything: a
@@ -93,7 +93,7 @@ async def probe(engine: AsyncEngine, ops: Operations, time_limit: float) -> Heal
 _REVISION = text(f"SELECT version_num FROM {migrate.VERSION_TABLE}")
 
 
-async def _schema_revision(ops: Operations) -> str | None:
+async def _schema_revision(ops: Backend) -> str | None:
     """The revision recorded in the database; None when it was never migrated."""
     try:
         rows = await ops.fetch(_REVISION, {})

@@ -45,10 +45,10 @@ from ._checks import (
     valid_user_id,
 )
 from ._context import DEFAULT_NAMESPACE, RepositoryContext, RepositoryOptions, logger
-from ._driver import KEPT_CONNECTIONS, PendingBatch, PendingWrite
 from ._privacy import ErasureReceipt
 from ._queries import history_before_statement
 from ._translate import storage_errors
+from .backends import KEPT_CONNECTIONS, PendingBatch, PendingWrite
 from .changes import ChangeCallback, ChangePage, ChangeStream, Subscription, hub_for
 from .codec import JsonObject, encode_metadata
 from .engine import EngineSettings, create_engine

@@ -15,8 +15,8 @@ from snapshot_repo._dialects import (
     latest_statement,
     sqlite_erasure_feed_statements,
 )
-from snapshot_repo._driver import _compile
 from snapshot_repo._queries import changes_since_statement, expired_users_statement
+from snapshot_repo.backends._compiled import compile_statement as _compile
 
 from .conftest import Backend, Cart, _sqlite_backend
 

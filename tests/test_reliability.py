@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import event
 
 import snapshot_repo as sr
-from snapshot_repo import _driver, migrate
+from snapshot_repo import migrate
+from snapshot_repo.backends import KEPT_CONNECTIONS, _pool
 
 from .conftest import Backend, Cart, _plain_dsn
 from .support.pool import queue_pool
@@ -319,7 +320,7 @@ async def test_calls_take_connections_in_turn_when_more_run_than_the_pool_holds(
     With no patience (strict turns); the default lets a caller go ahead of
     waiters for up to 2 ms, which `tests/test_turns.py` checks on its own.
     """
-    monkeypatch.setattr(_driver, "_TURN_PATIENCE", 0.0)
+    monkeypatch.setattr(_pool, "_TURN_PATIENCE", 0.0)
     # SQLite reads hop, to hold their connection across a suspension (see the next test).
     settings = sr.EngineSettings(pool_size=2, max_overflow=0, sqlite_inline_reads=False)
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
@@ -413,6 +414,6 @@ async def test_concurrent_calls_pass_connections_on_and_return_the_extra_ones_af
 
         await asyncio.gather(*(worker(number) for number in range(16)))
         assert checkouts <= 20, f"{checkouts} pool checkouts for 320 calls"  # was 52
-        assert repo._backend.kept_connections == _driver.KEPT_CONNECTIONS
-        assert queue_pool(repo.engine).checkedout() == _driver.KEPT_CONNECTIONS
+        assert repo._backend.kept_connections == KEPT_CONNECTIONS
+        assert queue_pool(repo.engine).checkedout() == KEPT_CONNECTIONS
         assert [s.version for s in await repo.get_history("w3", limit=10)] == list(range(10, 0, -1))

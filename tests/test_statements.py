@@ -13,7 +13,8 @@ from snapshot_repo._dialects import (
     postgres_write_statement,
     sqlite_write_statements,
 )
-from snapshot_repo._driver import PendingWrite, Scope, _compile
+from snapshot_repo.backends import PendingWrite, Scope
+from snapshot_repo.backends._compiled import compile_statement as _compile
 
 DIALECTS = {"postgres": postgres_dialect.dialect(), "sqlite": sqlite_dialect.dialect()}
 

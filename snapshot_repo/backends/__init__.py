@@ -1,0 +1,112 @@
+"""Backends: the only code that knows a database.
+
+`Backend` is what the repository needs from one; `backend_for` picks the
+backend of an engine's dialect. One module per database owns its driver,
+its statements' execution, its driver errors, its erasure and its feed:
+`postgres` (asyncpg) and `sqlite` (aiosqlite) run the hot path on the driver
+connection SQLAlchemy's pool manages, for speed (see their docstrings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy import ClauseElement
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._compiled import row_decoder
+from ._pool import KEPT_CONNECTIONS
+from .values import (
+    DataKeyChanged,
+    DataKeyRef,
+    Erasure,
+    PendingBatch,
+    PendingWrite,
+    Retention,
+    Row,
+    Scope,
+    WriteOutcome,
+    is_retryable,
+)
+
+__all__ = [
+    "KEPT_CONNECTIONS",
+    "Backend",
+    "DataKeyChanged",
+    "DataKeyRef",
+    "Erasure",
+    "PendingBatch",
+    "PendingWrite",
+    "Retention",
+    "Row",
+    "Scope",
+    "WriteOutcome",
+    "backend_for",
+    "is_retryable",
+    "row_decoder",
+]
+
+
+class Backend(Protocol):
+    """What the repository needs from a backend; each call is one transaction or statement."""
+
+    async def write(self, write: PendingWrite) -> WriteOutcome: ...
+    async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None: ...
+    async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]: ...
+    async def current_version(self, scope: Scope, user_id: str) -> int: ...
+    async def delete(self, erasure: Erasure) -> tuple[int, int]:
+        """Erase the user; (versions erased, the last version) or (0, 0) if absent."""
+        ...
+
+    async def write_many(self, batch: PendingBatch) -> list[int]:
+        """Store the batch in one transaction; the version of each write, in batch order."""
+        ...
+
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]: ...
+    async def vacuum(self) -> None:
+        """Reclaim dead rows of the snapshot tables now (Postgres VACUUM; SQLite checkpoint)."""
+        ...
+
+    async def checkpoint_erasures(self) -> None:
+        """Leave no trace of erasures committed with `checkpoint=False`.
+
+        SQLite (with `secure_delete`): the WAL checkpoint each erasure would have
+        run; a failure is logged, since the erasures stand. Postgres: nothing.
+        """
+        ...
+
+    async def finish_erasures(self, wait: float) -> bool:
+        """Complete what committed erasures left to do, waiting up to `wait` s for readers.
+
+        SQLite: the WAL truncation that readers held up (see `_truncate_wal`);
+        True when none is pending. Postgres: nothing to do (dead tuples are
+        VACUUM's, see `erase(vacuum=True)`), so True.
+        """
+        ...
+
+    async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]: ...
+    async def execute_in_transaction(
+        self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
+    ) -> list[int]:
+        """Run the statements in order in one write transaction; their row counts."""
+        ...
+
+    def decode_snapshot_row(self, raw: Sequence[Any]) -> Row: ...
+    async def release(self) -> None: ...
+    def keep_connections(self, count: int) -> None: ...
+
+
+def backend_for(engine: AsyncEngine) -> Backend:
+    """The backend for `engine`'s dialect (Postgres or SQLite).
+
+    Each backend module is imported here, when first needed, so a service on
+    SQLite never imports asyncpg (and needs no Postgres driver installed).
+    """
+    if engine.dialect.name == "postgresql":
+        from .postgres import PostgresBackend
+
+        return PostgresBackend(engine)
+    from .sqlite import SqliteBackend
+
+    return SqliteBackend(engine)
