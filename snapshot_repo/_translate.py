@@ -8,10 +8,8 @@ SQL parameters (which would hold payloads).
 
 from __future__ import annotations
 
-import sqlite3
 from types import TracebackType
 
-import asyncpg
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import _deadlines
@@ -24,15 +22,10 @@ from .errors import (
     redact,
 )
 
-__all__ = ["describe", "storage_errors"]
+__all__ = ["describe", "is_missing_schema", "register_driver_errors", "storage_errors"]
 
-_DRIVER_ERRORS = (
-    SQLAlchemyError,
-    OSError,
-    sqlite3.Error,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError)
+"""Exceptions that mean "the database failed"; each backend adds its driver's own."""
 _UNDEFINED_TABLE = "42P01"
 _UNDEFINED_FUNCTION = "42883"
 
@@ -48,7 +41,18 @@ def describe(exc: BaseException) -> str:
     return f"{type(orig).__name__}: {lines[0]}" if lines else type(orig).__name__
 
 
-def _is_missing_schema(exc: BaseException) -> bool:
+def register_driver_errors(*classes: type[BaseException]) -> None:
+    """Translate these exceptions (a backend's driver errors) into `StorageError`s too.
+
+    Called by each backend module when it is imported, so the driver's
+    exception classes are known to the backend that uses the driver, and
+    nothing else imports a driver.
+    """
+    global _DRIVER_ERRORS
+    _DRIVER_ERRORS = (*_DRIVER_ERRORS, *(c for c in classes if c not in _DRIVER_ERRORS))
+
+
+def is_missing_schema(exc: BaseException) -> bool:
     """Whether `exc` says a table or function of this library's schema does not exist."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
@@ -113,7 +117,7 @@ class storage_errors:  # lower case, like `contextlib.suppress`: used as `async 
         if isinstance(exc, TimeoutError):  # a driver's own timeout (e.g. command_timeout)
             raise StorageError(f"{operation}{subject} failed: {describe(exc)}") from exc
         if isinstance(exc, _DRIVER_ERRORS):
-            if _is_missing_schema(exc):
+            if is_missing_schema(exc):
                 raise SchemaNotReadyError(
                     f"{operation}{subject} failed: the snapshot schema is missing or older "
                     "than this package; run `await repo.migrate()` or `snapshot-repo "

@@ -8,17 +8,14 @@ database is the head revision this installed package ships.
 from __future__ import annotations
 
 import asyncio
-import os
-import sqlite3
 import time
 
-import asyncpg
 from pydantic import BaseModel, ConfigDict, computed_field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import migrate
-from ._translate import describe
+from ._translate import describe, is_missing_schema
 from .backends import Backend
 
 __all__ = ["HealthReport", "probe"]
@@ -58,15 +55,14 @@ async def probe(engine: AsyncEngine, ops: Backend, time_limit: float) -> HealthR
     missing SQLite file is reported unreachable rather than created.
     """
     head = migrate.head_revision()
-    database = engine.url.database
-    on_disk = engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
-    if on_disk and not await asyncio.to_thread(os.path.exists, str(database)):
+    missing = await ops.missing_database()
+    if missing is not None:
         return HealthReport(
             reachable=False,
             latency_ms=None,
             database_revision=None,
             head_revision=head,
-            error=f"SQLite database file {database} does not exist",
+            error=missing,
         )
     started = time.perf_counter()
     try:
@@ -97,8 +93,8 @@ async def _schema_revision(ops: Backend) -> str | None:
     """The revision recorded in the database; None when it was never migrated."""
     try:
         rows = await ops.fetch(_REVISION, {})
-    except (sqlite3.OperationalError, asyncpg.UndefinedTableError) as exc:
-        if "no such table" in str(exc) or isinstance(exc, asyncpg.UndefinedTableError):
+    except Exception as exc:
+        if is_missing_schema(exc):
             return None
         raise
     return str(rows[0][0]) if rows else None

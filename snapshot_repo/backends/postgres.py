@@ -26,6 +26,7 @@ from .._dialects import (
     sorted_batch,
     write_mode,
 )
+from .._translate import register_driver_errors
 from ..tables import latest_table
 from ._compiled import SharedStatements, compile_shared, compile_statement, expired, row_decoder
 from ._pool import Connections
@@ -41,6 +42,8 @@ from .values import (
 )
 
 __all__ = ["PostgresBackend"]
+
+register_driver_errors(asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def _connection_lost(exc: BaseException) -> bool:
@@ -233,6 +236,10 @@ class PostgresBackend(SharedStatements):
 
     async def checkpoint_erasures(self) -> None:
         """Nothing: Postgres erasures leave dead tuples to VACUUM (`erase(vacuum=True)`)."""
+
+    async def missing_database(self) -> str | None:
+        """None: a missing Postgres database fails the connection, which the probe reports."""
+        return None
 
     async def finish_erasures(self, wait: float) -> bool:
         """Nothing pending: an erasure is complete when it commits (see `Operations`)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -42,6 +43,7 @@ from .._dialects import (
     sqlite_write_statements,
     write_mode,
 )
+from .._translate import register_driver_errors
 from ..engine import engine_settings
 from ..tables import latest_table
 from ._compiled import (
@@ -66,6 +68,8 @@ from .values import (
 )
 
 __all__ = ["SqliteBackend"]
+
+register_driver_errors(sqlite3.Error)
 
 _T = TypeVar("_T")
 logger = logging.getLogger("snapshot_repo")
@@ -358,6 +362,14 @@ class SqliteBackend(SharedStatements):
     async def checkpoint_erasures(self) -> None:
         if self._erase_without_trace:
             await self._truncate_now(0)
+
+    async def missing_database(self) -> str | None:
+        database = self._engine.url.database
+        if database in (None, "", ":memory:") or await asyncio.to_thread(
+            os.path.exists, str(database)
+        ):
+            return None
+        return f"SQLite database file {database} does not exist"
 
     async def finish_erasures(self, wait: float) -> bool:
         if self.traces_pending:
