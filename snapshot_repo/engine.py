@@ -45,6 +45,9 @@ at most (a longer one silently becomes no wait at all), and no sane wait is long
 _MIN_BUSY_TIMEOUT = 0.001
 """SQLite counts the busy timeout in whole milliseconds: less would silently be no wait."""
 
+_EXTRAS = {"postgresql": "postgres"}
+"""The optional extra that installs a database's driver (SQLite's ships with the package)."""
+
 _DRIVERS = {
     "sqlite": "sqlite+aiosqlite",
     "sqlite+aiosqlite": "sqlite+aiosqlite",
@@ -202,7 +205,14 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
             # ROLLBACK would only cost a thread hop per operation.
             pool_reset_on_return=None,
         )
-    engine = create_async_engine(parsed, **kwargs)
+    try:
+        engine = create_async_engine(parsed, **kwargs)
+    except ModuleNotFoundError as exc:  # the driver is an optional extra
+        extra = _EXTRAS.get(parsed.get_backend_name(), "")
+        raise ConfigurationError(
+            f"{parsed.drivername} needs the {exc.name!r} package: "
+            f"pip install 'snapshot-repo[{extra}]'"
+        ) from None
     if parsed.get_backend_name() == "sqlite":
         install_sqlite_settings(engine, settings)
     return engine
