@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from . import _deadlines
 from ._checks import check_int, positive_seconds
 from .errors import ConfigurationError, SnapshotValidationError
 
@@ -267,12 +268,19 @@ def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> No
         # Take transaction control away from the sqlite3 module: it would
         # begin deferred transactions lazily, which deadlock between writers.
         dbapi_connection.isolation_level = None
+        # Opening reads the file's journal mode, which waits while another process
+        # holds the file exclusively (crash recovery, locking_mode=EXCLUSIVE): that
+        # wait is cut to what the calling operation has left of its deadline.
+        left = _deadlines.remaining()
+        wait_ms = busy_ms if left is None else min(busy_ms, int(left * 1000))
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            cursor.execute(f"PRAGMA busy_timeout = {wait_ms}")
             _use_wal(cursor)
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute(f"PRAGMA secure_delete = {secure_delete}")
+            if wait_ms != busy_ms:
+                cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
         finally:
             cursor.close()
 

@@ -7,14 +7,13 @@ database is the head revision this installed package ships.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from pydantic import BaseModel, ConfigDict, computed_field
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import migrate
+from . import _deadlines, migrate
 from ._translate import describe, is_missing_schema
 from .backends import Backend
 
@@ -65,16 +64,24 @@ async def probe(engine: AsyncEngine, ops: Backend, time_limit: float) -> HealthR
             error=missing,
         )
     started = time.perf_counter()
+    # A registered deadline (not asyncio.timeout), so that waits the loop cannot
+    # cancel (a SQLite connection opening on its thread) are cut to it too. On the
+    # driver path a timed-out probe drops its connection at once instead of
+    # waiting for a polite close from a server that may be frozen.
+    deadline = _deadlines.start(time_limit)
     try:
-        async with asyncio.timeout(time_limit):
-            # On the driver path: a timed-out probe drops its connection at once
-            # instead of waiting for a polite close from a server that may be frozen.
-            revision = await _schema_revision(ops)
-    except TimeoutError:
-        error = f"no answer within {time_limit:g} s"
-    except Exception as exc:
-        error = describe(exc)
+        revision = await _schema_revision(ops)
+    except BaseException as exc:
+        _deadlines.stop(deadline)
+        if deadline.expired_for(type(exc)):
+            error = f"no answer within {time_limit:g} s"
+        elif isinstance(exc, Exception):
+            error = describe(exc)
+        else:
+            raise
     else:
+        _deadlines.stop(deadline)
+        deadline.expired_for(None)  # withdraw a cancel that came too late to matter
         return HealthReport(
             reachable=True,
             latency_ms=round((time.perf_counter() - started) * 1000, 3),

@@ -182,3 +182,41 @@ async def test_finish_erasures_refuses_a_bad_timeout(tmp_path, sqlite_template):
         for bad in (0, -1, float("nan"), "1"):
             with pytest.raises(sr.ConfigurationError, match="wait"):
                 await repo.finish_erasures(wait=bad)  # type: ignore[arg-type]
+
+
+# --- reads and health while another process holds the file ----------------------------
+
+
+async def test_reads_and_health_return_within_their_timeout_while_the_file_is_held(
+    tmp_path, sqlite_template
+):
+    """A process holding the file exclusively (crash recovery, locking_mode=EXCLUSIVE).
+
+    Opening a connection then waits on SQLite's busy handler, on the connection's
+    thread, where the loop cannot cancel it: before, a read and the health probe
+    both waited the whole busy timeout (5 s here) past their own deadline.
+    """
+    path = database(tmp_path, sqlite_template)
+    async with sr.SnapshotRepository.from_url(url_of(path), Cart) as writer:
+        await writer.upsert_latest(snap("u1", "stored"))
+    settings = sr.EngineSettings(busy_timeout=5)
+    loop = asyncio.get_running_loop()
+    async with sr.SnapshotRepository.from_url(
+        url_of(path), Cart, settings=settings, operation_timeout=0.5, health_timeout=0.5
+    ) as repo:
+        with closing(sqlite3.connect(path, isolation_level=None, timeout=5)) as holder:
+            holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+            holder.execute("BEGIN EXCLUSIVE")
+            started = loop.time()
+            with pytest.raises(sr.StorageError):
+                await repo.get_latest("u1")
+            read_took = loop.time() - started
+            started = loop.time()
+            report = await repo.health()
+            health_took = loop.time() - started
+        assert not report.healthy
+        assert read_took < 2.5  # 0.5 s and slack, not 5 s
+        assert health_took < 2.5
+        latest = await repo.get_latest("u1")  # the holder is gone: reads work again
+        assert latest is not None
+        assert latest.state.note == "stored"
