@@ -13,13 +13,13 @@ from typing import Any, NoReturn
 
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.pool import QueuePool
 from sqlalchemy.util import greenlet_spawn
 
 from .. import _deadlines
 from .._translate import describe
 from .._turns import Turns
 from ..errors import ConnectionLostError, StorageError
+from ._privates import connection_is_current, invalidate_generation, pool_capacity
 
 __all__ = ["KEPT_CONNECTIONS", "Connections"]
 
@@ -92,12 +92,9 @@ class Connections:
         self.keep = 0
         self._keep_while_busy = 0
         self._turns: Turns | None = None
-        pool = engine.sync_engine.pool
-        self._size = pool.size() if isinstance(pool, QueuePool) else 0
-        overflow: int = getattr(pool, "_max_overflow", -1)
+        self._size, capacity, self._pool_timeout = pool_capacity(engine.sync_engine.pool)
         # None: no limit to admit against (overflow unbounded, or not a queue pool).
-        self._capacity = self._size + overflow if self._size and overflow >= 0 else None
-        self._pool_timeout: float = getattr(pool, "_timeout", 30.0)
+        self._capacity = capacity if self._size else None
 
     async def admit(self) -> None:
         """Wait for this task's turn to use a connection (up to the pool timeout)."""
@@ -183,14 +180,8 @@ class Connections:
         pool = self._engine.sync_engine.pool
         while self._kept:
             fairy = self._kept.pop()
-            record = fairy._connection_record
             closed = getattr(fairy.driver_connection, "is_closed", None)
-            if (
-                fairy.is_valid
-                and record is not None
-                and record.starttime >= pool._invalidate_time
-                and not (closed and closed())
-            ):
+            if fairy.is_valid and connection_is_current(fairy, pool) and not (closed and closed()):
                 return fairy
             await greenlet_spawn(fairy.close)  # stale: the pool recycles it
         try:
@@ -215,7 +206,7 @@ class Connections:
                 terminate()
             await greenlet_spawn(fairy.invalidate, exc)
             raise exc
-        await greenlet_spawn(self._engine.sync_engine.pool._invalidate, fairy, exc)
+        await greenlet_spawn(invalidate_generation, self._engine.sync_engine.pool, fairy, exc)
         while self._kept:  # same generation: dead too
             await greenlet_spawn(self._kept.pop().close)
         raise ConnectionLostError(

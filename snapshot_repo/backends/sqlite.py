@@ -56,6 +56,7 @@ from ._compiled import (
     row_decoder,
 )
 from ._pool import Connections
+from ._privates import run_on_thread, sqlite_connection
 from .values import (
     DataKeyChanged,
     DataKeyRef,
@@ -385,7 +386,7 @@ class SqliteBackend(SharedStatements):
             self._note_truncation(_truncate_committed(conn, wait_ms, self._busy_ms))
 
         async with self._write_lock, self._connections.checkout() as aconn:
-            await aconn._execute(truncate, aconn._conn)
+            await run_on_thread(aconn, truncate, sqlite_connection(aconn))
 
     def _truncate_after_erasure(self, conn: sqlite3.Connection, outcome: tuple[int, int]) -> None:
         """After an erasure's commit: truncate the WAL without waiting for any reader."""
@@ -452,7 +453,7 @@ class SqliteBackend(SharedStatements):
     def _inline_rows(self, conn: Any, sql: str, args: Sequence[Any]) -> list[Any] | None:
         """`sql`'s rows, read on this thread; None if the connection is bound to its own."""
         try:
-            rows: list[Any] = conn._conn.execute(sql, args).fetchall()
+            rows: list[Any] = sqlite_connection(conn).execute(sql, args).fetchall()
         except sqlite3.ProgrammingError as exc:
             if "thread" not in str(exc):
                 raise
@@ -508,7 +509,7 @@ class SqliteBackend(SharedStatements):
         async with self._write_lock, self._connections.checkout() as aconn:
             try:
                 # aiosqlite's own "run on the connection thread" entry point; see the module doc.
-                result: _T = await aconn._execute(transaction, aconn._conn)
+                result: _T = await run_on_thread(aconn, transaction, sqlite_connection(aconn))
             except asyncio.CancelledError:
                 commit.abandon()  # False only while COMMIT runs: the outcome is unknown
                 raise
