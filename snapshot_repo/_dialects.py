@@ -331,11 +331,17 @@ def prune_statement(dialect: DialectName) -> Delete:
 
     Postgres also moves the pruned versions' feed entries to
     `snapshot_changes` (see `_move_feed_entries`). It first locks the user's
-    latest row against erasure (FOR KEY SHARE: writers still pass), so an
-    erasure never misses an entry moved while it ran; an erased user has no
-    latest row left and nothing is pruned. The doomed versions are locked
-    FOR UPDATE, so a version a concurrent write's retention is deleting is
-    moved by one of the two only. The DELETE's row count is the result.
+    latest row as a writer does (FOR NO KEY UPDATE), then the doomed history
+    rows (FOR UPDATE): the lock order of every statement that deletes a
+    user's history rows (a write with retention, an erasure), so a version a
+    concurrent write's retention is deleting is moved by one of the two
+    only, an erasure never misses an entry moved while it ran, and a
+    transaction pruning many users (`prune_history`, in code point order of
+    their ids) cannot deadlock with a batch write, which locks its users'
+    latest rows in that order before any history row (see
+    `postgres_bulk_write_statement`). Writers of the user wait until the
+    pruning transaction commits. An erased user has no latest row left and
+    nothing is pruned. The DELETE's row count is the result.
     """
     if dialect != "postgresql":
         newest = select(latest_table.c.version).where(is_key(latest_table)).scalar_subquery()
@@ -343,7 +349,7 @@ def prune_statement(dialect: DialectName) -> Delete:
     locked = (
         select(latest_table.c.version)
         .where(is_key(latest_table))
-        .with_for_update(read=True, key_share=True)
+        .with_for_update(key_share=True)  # FOR NO KEY UPDATE
         .cte("newest")
     )
     doomed = (

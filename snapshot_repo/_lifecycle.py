@@ -17,10 +17,12 @@ from pydantic_core import from_json
 from ._checks import check_int, valid_user_id
 from ._context import RepositoryContext
 from ._queries import (
+    latest_or_expired_statement,
     outdated_rows_statement,
     rewrite_payload_statement,
     scope_users_statement,
 )
+from .backends import Row
 from .codec import JsonObject
 from .errors import SnapshotValidationError, VersionConflictError
 from .patch import apply_merge_patch
@@ -72,12 +74,7 @@ async def merge(
         raise SnapshotValidationError("merge takes a JSON object (a dict) as the patch")
     for _attempt in range(MERGE_ATTEMPTS):
         async with context.guard("merge", user_id):
-            row = await context.read(
-                context.backend.latest, context.scope, user_id, datetime.now(UTC)
-            )
-            if row is not None:
-                row = (await context.open([row]))[0]
-        base_version = 0 if row is None else int(row[1])
+            base_version, row = await _merge_base(context, user_id)
         document: JsonValue = {} if row is None else _current_document(context, row)
         merged = apply_merge_patch(document, partial)
         try:
@@ -175,6 +172,26 @@ async def upgrade_payloads(
             last = rows[-1]
             after = (last[0], last[1], int(last[2]))
     return rewritten
+
+
+async def _merge_base(context: RepositoryContext[Any], user_id: str) -> tuple[int, Row | None]:
+    """The version a merge compares against, and the latest row it merges onto (None: none).
+
+    An expired snapshot reads as absent, so a merge onto it starts from an
+    empty document; but its row still holds the user's version, which a write
+    after expiry follows and compare-and-set compares against (see
+    `upsert_latest`), so the merge must expect that version, not 0. Both come
+    from one read of the row.
+    """
+    params = {**context.scope.key(user_id), "now": datetime.now(UTC)}
+    found = await context.read(context.backend.fetch, latest_or_expired_statement(), params)
+    if not found:
+        return 0, None
+    *columns, alive = found[0]
+    row = context.backend.decode_snapshot_row(columns)
+    if not alive:
+        return int(row[1]), None
+    return int(row[1]), (await context.open([row]))[0]
 
 
 def _current_document(context: RepositoryContext[Any], row: Any) -> JsonValue:

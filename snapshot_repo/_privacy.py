@@ -231,7 +231,9 @@ async def prune_history(
                     prune_statement(_dialect(context)),
                     _prune_params(context, tenant, uid, policy.keep_last, cutoff),
                 )
-                for tenant, uid, _version in users
+                # Code point order, whatever the database's collation: the order in which
+                # batch writes lock users (see `prune_statement`), so the two cannot deadlock.
+                for tenant, uid, _version in sorted(users, key=lambda row: (row[0], row[1]))
             ]
             pruned += sum(await context.backend.execute_in_transaction(work))
         if progress is not None:

@@ -50,6 +50,7 @@ __all__ = [
     "exists_statement",
     "expired_users_statement",
     "history_before_statement",
+    "latest_or_expired_statement",
     "list_users_statement",
     "namespaces_of_user_statement",
     "outdated_rows_statement",
@@ -118,6 +119,19 @@ def history_before_statement() -> Select[Any]:
         .where(is_key(history_table), history_table.c.version < bindparam("before_version"))
         .order_by(history_table.c.version.desc())
         .limit(bindparam("limit"))
+    )
+
+
+@cache
+def latest_or_expired_statement() -> Select[Any]:
+    """The user's latest row even if expired, and whether it is alive at `now` (last column).
+
+    For compare-and-set on what a reader saw: an expired row reads as absent,
+    yet still holds the version a write must follow (see `_lifecycle.merge`).
+    Both come from one row read, so no write can slip between them.
+    """
+    return select(*(latest_table.c[name] for name in ROW_COLUMNS), alive().label("alive")).where(
+        is_key(latest_table)
     )
 
 

@@ -638,7 +638,9 @@ class SnapshotRepository(Generic[StateT]):
         A version is deleted when it is outside every bound given: not among
         the newest `keep_last` and (if given) older than `older_than`. With no
         `user_id`, every user of the namespace (every tenant; one tenant via
-        a tenant view) is pruned, `batch_size` users per transaction.
+        a tenant view) is pruned, `batch_size` users per transaction. On
+        Postgres each user is locked as a write locks it, so writers of a
+        page's users wait for that page's transaction to commit.
 
         Returns:
             How many versions were deleted.
@@ -694,7 +696,9 @@ class SnapshotRepository(Generic[StateT]):
         compare-and-set against the version it was computed from, and
         recomputed from the new latest state when another writer got there
         first (up to `MERGE_ATTEMPTS` times). Merging into a user without a
-        snapshot creates one from the patch alone, if it validates.
+        snapshot creates one from the patch alone, if it validates; so does
+        merging into an expired one, as the next version (as any write after
+        expiry does: it continues the history and cancels the expiry).
 
         Raises:
             SnapshotValidationError: `partial` is not a JSON object, or the

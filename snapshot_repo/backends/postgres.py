@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
-from asyncpg.exceptions._base import InternalClientError
+from asyncpg.exceptions import InternalClientError
 from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,6 +30,7 @@ from .._translate import register_driver_errors
 from ..tables import latest_table
 from ._compiled import SharedStatements, compile_shared, compile_statement, expired, row_decoder
 from ._pool import Connections
+from ._retry import retry_rolled_back
 from .values import (
     DataKeyChanged,
     DataKeyRef,
@@ -104,15 +105,32 @@ class PostgresBackend(SharedStatements):
                 )
             )
         )
+        args = statement.args(params)
         async with self._connections.checkout() as conn:
-            if batch.data_keys is None:
-                rows = await conn.fetch(statement.sql, *statement.args(params))
-            else:
-                async with conn.transaction():
-                    rows = await conn.fetch(statement.sql, *statement.args(params))
-                    for user_id in sorted(batch.data_keys):  # the order the batch locked in
-                        await self._keep_key(conn, batch.scope, user_id, batch.data_keys[user_id])
+            try:
+                if batch.data_keys is None:
+                    rows = await conn.fetch(statement.sql, *args)
+                else:
+                    rows = await self._write_batch(conn, statement.sql, args, batch)
+            except asyncpg.TransactionRollbackError as exc:  # a deadlock victim: see `_retry`
+                rows = await retry_rolled_back(
+                    exc, self._write_batch, conn, statement.sql, args, batch
+                )
         return _versions_in_input_order(batch.user_ids, rows, distinct_users)
+
+    async def _write_batch(
+        self, conn: Any, sql: str, args: Sequence[Any], batch: PendingBatch
+    ) -> list[Any]:
+        """The batch statement; when sealed, in one transaction with its data keys' checks."""
+        rows: list[Any]
+        if batch.data_keys is None:
+            rows = await conn.fetch(sql, *args)
+            return rows
+        async with conn.transaction():
+            rows = await conn.fetch(sql, *args)
+            for user_id in sorted(batch.data_keys):  # the order the batch locked in
+                await self._keep_key(conn, batch.scope, user_id, batch.data_keys[user_id])
+        return rows
 
     async def _keep_key(self, conn: Any, scope: Scope, user_id: str, key: DataKeyRef) -> None:
         """Store or share-lock the write's data key after its write (see `DataKeyRef`).
@@ -148,17 +166,18 @@ class PostgresBackend(SharedStatements):
                 )
             )
         )
+        args = statement.args(write.params())
         async with self._connections.checkout() as conn:
             try:
-                if write.data_key is None:
-                    version = await conn.fetchval(statement.sql, *statement.args(write.params()))
-                else:
-                    async with conn.transaction():
-                        version = await conn.fetchval(
-                            statement.sql, *statement.args(write.params())
-                        )
-                        if version is not None:
-                            await self._keep_key(conn, write.scope, write.user_id, write.data_key)
+                try:
+                    if write.data_key is None:
+                        version = await conn.fetchval(statement.sql, *args)
+                    else:
+                        version = await self._write_one(conn, statement.sql, args, write)
+                except asyncpg.TransactionRollbackError as exc:  # a deadlock victim: see `_retry`
+                    version = await retry_rolled_back(
+                        exc, self._write_one, conn, statement.sql, args, write
+                    )
             except asyncpg.UniqueViolationError:
                 # The unique (user_id, idempotency_key) index refused a replay and the
                 # statement wrote nothing; any other unique violation is a real error.
@@ -170,6 +189,18 @@ class PostgresBackend(SharedStatements):
             earlier = await conn.fetchrow(self._keyed.sql, *self._keyed.args(write.keyed_params()))
         return None if earlier is None else self._decode(earlier)
 
+    async def _write_one(
+        self, conn: Any, sql: str, args: Sequence[Any], write: PendingWrite
+    ) -> Any:
+        """The write statement; when sealed, in one transaction with its data key's check."""
+        if write.data_key is None:
+            return await conn.fetchval(sql, *args)
+        async with conn.transaction():
+            version = await conn.fetchval(sql, *args)
+            if version is not None:
+                await self._keep_key(conn, write.scope, write.user_id, write.data_key)
+        return version
+
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         compiled = self._compiled(statement)
         async with self._connections.checkout() as conn:
@@ -178,8 +209,18 @@ class PostgresBackend(SharedStatements):
     async def execute_in_transaction(
         self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
     ) -> list[int]:
+        async with self._connections.checkout() as conn:
+            try:
+                return await self._in_transaction(conn, work)
+            except asyncpg.TransactionRollbackError as exc:  # a deadlock victim: see `_retry`
+                return await retry_rolled_back(exc, self._in_transaction, conn, work)
+
+    async def _in_transaction(
+        self, conn: Any, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
+    ) -> list[int]:
+        """Run the statements in one transaction; their row counts."""
         counts = []
-        async with self._connections.checkout() as conn, conn.transaction():
+        async with conn.transaction():
             for statement, params in work:
                 compiled = self._compiled(statement)
                 status: str = await conn.execute(compiled.sql, *compiled.args(params))
@@ -223,9 +264,15 @@ class PostgresBackend(SharedStatements):
             "drop_data_key": erasure.drop_data_key,
             "notify": erasure.notify,
         }
+        args = self._erase.args(params)
         async with self._connections.checkout() as conn:
             # One statement under autocommit: the function's work commits or rolls back whole.
-            erased, version = await conn.fetchrow(self._erase.sql, *self._erase.args(params))
+            try:
+                erased, version = await conn.fetchrow(self._erase.sql, *args)
+            except asyncpg.TransactionRollbackError as exc:  # a deadlock victim: see `_retry`
+                erased, version = await retry_rolled_back(
+                    exc, conn.fetchrow, self._erase.sql, *args
+                )
         return (int(erased), int(version)) if version else (0, 0)
 
     async def vacuum(self) -> None:
