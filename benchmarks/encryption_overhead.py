@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import asyncpg
@@ -29,6 +30,8 @@ import snapshot_repo as sr
 
 
 class State(BaseModel):
+    """A state of about 1 KB of JSON, as in the main benchmark."""
+
     name: str
     tags: list[str]
 
@@ -43,6 +46,17 @@ async def _timed(ops: int, call: Callable[[int], Awaitable[object]]) -> float:
     return ops / (time.perf_counter() - started)
 
 
+async def _write(repo: sr.SnapshotRepository[State], n: int) -> object:
+    return await repo.upsert_latest(sr.Snapshot(user_id=f"u{n % 50}", state=STATE))
+
+
+async def _read(repo: sr.SnapshotRepository[State], n: int) -> object:
+    return await repo.get_latest(f"u{n % 50}")
+
+
+_OPERATIONS = (("write", _write), ("get_latest", _read))
+
+
 async def _measure(url: str, ops: int, rounds: int) -> dict[str, float]:
     key = sr.LocalKeyProvider({"k1": os.urandom(32)}, active="k1")
     plain = sr.SnapshotRepository.from_url(url, State, namespace="plain")
@@ -51,15 +65,9 @@ async def _measure(url: str, ops: int, rounds: int) -> dict[str, float]:
     ratios: dict[str, list[float]] = {"write": [], "get_latest": []}
     try:
         for _ in range(rounds):
-            for name, operation in (
-                (
-                    "write",
-                    lambda r, n: r.upsert_latest(sr.Snapshot(user_id=f"u{n % 50}", state=STATE)),
-                ),
-                ("get_latest", lambda r, n: r.get_latest(f"u{n % 50}")),
-            ):
-                base = await _timed(ops, lambda n, op=operation: op(plain, n))
-                enc = await _timed(ops, lambda n, op=operation: op(sealed, n))
+            for name, operation in _OPERATIONS:
+                base = await _timed(ops, partial(operation, plain))
+                enc = await _timed(ops, partial(operation, sealed))
                 ratios[name].append(enc / base)
     finally:
         await sealed.close()
@@ -68,6 +76,7 @@ async def _measure(url: str, ops: int, rounds: int) -> dict[str, float]:
 
 
 async def main() -> None:
+    """Parse the flags, measure SQLite then Postgres, print the medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=3)

@@ -45,7 +45,7 @@ from typing import Any, Literal, TextIO
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from . import backup, benchmark
+from . import backup
 from .codec import JsonObject
 from .engine import DEFAULT_URL
 from .errors import (
@@ -126,11 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Raises:
         SystemExit: from argparse, for `--help` (status 0) and usage errors (status 2).
     """
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["bench"]:
-        # The benchmark has its own options (it makes its own databases).
-        return benchmark.main(arguments[1:], prog=f"{_PROG} bench")
-    args = _parser().parse_args(arguments)
+    args = _parser().parse_args(argv)
     try:
         invocation = _invocation(args)
         return asyncio.run(_run(_url(args), invocation))
@@ -264,12 +260,6 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("--output", metavar="PATH", help="write to PATH instead of stdout")
     load = add("load", "load a dump into an empty, migrated database")
     load.add_argument("--input", metavar="PATH", help="read PATH instead of stdin")
-
-    commands.add_parser(
-        "bench",
-        help="compare the library with hand-written SQL on the raw drivers (see bench --help)",
-        add_help=False,
-    )
     return parser
 
 

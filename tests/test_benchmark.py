@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark harness (snapshot_repo.benchmark) on SQLite and Postgres.
+"""Smoke tests of the benchmark harness (benchmarks/harness/) on SQLite and Postgres.
 
 Tiny sizes, so each run takes a few seconds. They check that the harness
 runs every workload on every side and reports ops/s, p50, p99 and the
@@ -16,9 +16,25 @@ import pytest
 from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
-from snapshot_repo import benchmark
-from snapshot_repo._bench_peer import PeerStatements, peer_engine
-from snapshot_repo.benchmark import WORKLOADS, BenchConfig, main, run_benchmark
+from benchmarks.harness import (
+    WORKLOADS,
+    BenchConfig,
+    BenchState,
+    RoundResult,
+    SideResult,
+    WorkloadResult,
+    main,
+    run_benchmark,
+    timing,
+)
+from benchmarks.harness import workloads as workloads_module
+from benchmarks.harness.databases import open_sqlite, sqlite_pragmas
+from benchmarks.harness.peer import PeerSide, PeerStatements, peer_engine
+from benchmarks.harness.seeding import Seeder
+from benchmarks.harness.sides import Side
+from benchmarks.harness.state import make_states
+from benchmarks.harness.stats import bulk_speedups, summarize
+from benchmarks.harness.timing import Sample
 from snapshot_repo.engine import normalize_url
 from snapshot_repo.repository import DEFAULT_NAMESPACE
 
@@ -145,8 +161,8 @@ async def test_sqlite_phases_start_from_an_empty_wal(
 
         return observed
 
-    monkeypatch.setattr(benchmark, "_time_sequential", observing(benchmark._time_sequential))
-    monkeypatch.setattr(benchmark, "_time_concurrent", observing(benchmark._time_concurrent))
+    for name in ("time_sequential", "time_concurrent"):
+        monkeypatch.setattr(workloads_module, name, observing(getattr(workloads_module, name)))
     # With the peer: its pooled connections must not hold the WAL either. One round
     # and no warm-up: every phase is observed all the same, in half the time.
     config = {**TINY, "rounds": 1, "warmup_ops": 0}
@@ -166,12 +182,12 @@ async def test_sqlite_delete_workloads_differ_only_in_the_erasure_checkpoint(
     path = tmp_path / "bench.db"
     wal = Path(f"{path}-wal")
     config = BenchConfig(**TINY, backends=("sqlite",), sqlite_path=path, peer=True)
-    state = benchmark._make_states(1)[0]
+    state = make_states(1)[0]
 
     def wal_is_empty() -> bool:  # a stat of a local file, after the side's call returned
         return wal.stat().st_size == 0
 
-    async with benchmark._sqlite(config) as setup:
+    async with open_sqlite(config) as setup:
         checkpointed: dict[tuple[str, str], bool] = {}
         for side in setup.sides:
             for kind in ("delete", "traceless_delete", "plain_delete"):
@@ -196,13 +212,16 @@ def test_main_prints_the_table_and_writes_json(
     backend: Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     out = tmp_path / "results.json"
-    status = main([*TINY_FLAGS, *where_flags(backend, backend.fresh_url()), f"--json={out}"])
+    chart = tmp_path / "chart.png"
+    flags = [*TINY_FLAGS, *where_flags(backend, backend.fresh_url()), f"--json={out}"]
+    status = main([*flags, f"--chart={chart}"])
     printed = capsys.readouterr().out
     assert status == 0
     assert "lib/side" in printed
     assert PEER not in printed  # only with --peer
     assert "depth ratio" in printed
     assert_complete(json.loads(out.read_text()), backend.name)
+    assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 async def _write_then_history(url: str, user_id: str, write: bool) -> list[int]:
@@ -210,6 +229,13 @@ async def _write_then_history(url: str, user_id: str, write: bool) -> list[int]:
         if write:
             await repo.upsert_latest(sr.Snapshot(user_id=user_id, state=Cart(items=["a"])))
         return [s.version for s in await repo.get_history(user_id)]
+
+
+def test_output_paths_are_checked_before_the_run(tmp_path: Path, capsys):
+    for flag in ("--json", "--chart"):
+        status = main([*TINY_FLAGS, "--backends=sqlite", f"{flag}={tmp_path / 'no' / 'x'}"])
+        assert status == 2
+        assert "no directory for the" in capsys.readouterr().err
 
 
 def test_refuses_a_database_that_holds_snapshots(backend: Backend, tmp_path: Path, capsys):
@@ -243,13 +269,13 @@ async def test_the_peer_stores_what_the_library_reads_back(backend: Backend) -> 
     versions in order, history appended, its delete erasing every version."""
     settings = sr.EngineSettings()
     url = normalize_url(backend.url)
-    pragmas = benchmark._sqlite_pragmas(settings) if backend.name == "sqlite" else ()
+    pragmas = sqlite_pragmas(settings) if backend.name == "sqlite" else ()
     engine = peer_engine(url, settings, pragmas)
     scope = {"tenant": "", "namespace": DEFAULT_NAMESPACE}  # a repository's default scope
-    peer = benchmark._PeerSide(engine, PeerStatements(engine.dialect.name, scope))
-    states = benchmark._make_states(3)
+    peer = PeerSide(engine, PeerStatements(engine.dialect.name, scope))
+    states = make_states(3)
     try:
-        async with sr.SnapshotRepository.from_url(url, benchmark.BenchState) as repo:
+        async with sr.SnapshotRepository.from_url(url, BenchState) as repo:
             assert await peer.write("solo", states[0]) == 1
             assert await peer.write("solo", states[1]) == 2
             await repo.upsert_latest(sr.Snapshot(user_id="b", state=states[2]))
@@ -301,10 +327,10 @@ async def test_depth_ratio_comes_from_alternating_deep_and_shallow_calls(
     """Harness logic, no database: one phase alternates the deep user with shallow ones,
     and the ratio is p50 of the deep calls over p50 of the shallow calls."""
     clocked = _ClockedHistory()
-    monkeypatch.setattr(benchmark.time, "perf_counter_ns", lambda: clocked.now)
+    monkeypatch.setattr(timing.time, "perf_counter_ns", lambda: clocked.now)
     config = BenchConfig(**{**TINY, "read_ops": 10})
-    workloads = benchmark._Workloads(config, cast(benchmark._Seeder, clocked))
-    ratio = await workloads.depth(cast(benchmark._Side, clocked), "r0")
+    workloads = workloads_module.Workloads(config, cast(Seeder, clocked))
+    ratio = await workloads.depth(cast(Side, clocked), "r0")
     assert ratio == 3.0
     assert clocked.asked[0::2] == ["deep-0"] * 5
     assert all(user.startswith("h-") for user in clocked.asked[1::2])
@@ -315,10 +341,10 @@ def test_percentiles_pool_every_round_and_throughput_is_the_median_round() -> No
     """Rounds are short (70 calls by default), so a round's own p99 is about its slowest
     call: the reported p50 and p99 are over every round's calls, ops/s the median round."""
     rounds = [
-        benchmark._Sample(items=100, wall_ns=100 * latency, latencies_ns=[latency] * 100)
+        Sample(items=100, wall_ns=100 * latency, latencies_ns=[latency] * 100)
         for latency in (1_000, 2_000, 3_000)
     ]
-    result = benchmark._summarize(rounds)
+    result = summarize(rounds)
     assert result.ops_per_s == pytest.approx(500_000)  # the middle round: 100 calls in 200 µs
     assert result.p50_us == pytest.approx(2.0)
     assert result.p99_us == pytest.approx(3.0)  # the median of the rounds' p99s would be 2.0
@@ -329,12 +355,12 @@ def test_bulk_speedup_pairs_the_bulk_and_single_phases_of_each_round() -> None:
     """The speedup is a median of per-round quotients, as every library/raw ratio is,
     so a round where the machine was slow for both phases does not skew it."""
 
-    def side(ops_per_s: list[float]) -> benchmark.SideResult:
-        rounds = tuple(benchmark.RoundResult(ops, 1.0, 1.0, 1) for ops in ops_per_s)
-        return benchmark.SideResult(True, None, float(sorted(ops_per_s)[1]), 1.0, 1.0, rounds)
+    def side(ops_per_s: list[float]) -> SideResult:
+        rounds = tuple(RoundResult(ops, 1.0, 1.0, 1) for ops in ops_per_s)
+        return SideResult(True, None, float(sorted(ops_per_s)[1]), 1.0, 1.0, rounds)
 
-    def workload(result: benchmark.SideResult) -> benchmark.WorkloadResult:
-        return benchmark.WorkloadResult("", "call", {"library": result}, {})
+    def workload(result: SideResult) -> WorkloadResult:
+        return WorkloadResult("", "call", {"library": result}, {})
 
     results = {
         "bulk_write": workload(side([10.0, 100.0, 30.0])),
@@ -342,7 +368,7 @@ def test_bulk_speedup_pairs_the_bulk_and_single_phases_of_each_round() -> None:
         "bulk_read": workload(side([8.0, 40.0, 6.0])),
         "bulk_read_single": workload(side([2.0, 4.0, 1.0])),
     }
-    speedups = benchmark._bulk_speedups(results, ["library"])
+    speedups = bulk_speedups(results, ["library"])
     # Per round 10, 5 and 15: median 10 (the quotient of the medians would be 30 / 2 = 15).
     assert speedups["write"]["library"] == pytest.approx(10.0)
     # Per round 4, 10 and 6: median 6 (the quotient of the medians would be 8 / 2 = 4).

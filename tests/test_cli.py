@@ -554,10 +554,32 @@ def test_upgrade_payloads_with_the_applications_upgraders(backend: Backend, cli:
     assert bad.status == 2
 
 
-def test_bench_help_is_the_benchmarks(cli: Cli) -> None:
+def test_the_benchmark_is_not_a_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    """The installed CLI is for operators: the benchmark is a developer tool of the checkout."""
     with pytest.raises(SystemExit) as exit_info:
-        cli("bench", "--help")
-    assert exit_info.value.code == 0
+        main(["bench", "--help"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bench'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "bench" not in capsys.readouterr().out
+
+
+def test_the_benchmark_runs_from_a_checkout(tmp_path: Path) -> None:
+    """`python benchmarks/run.py` works from any directory, on the checkout's own package."""
+    run = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    result = subprocess.run(
+        [sys.executable, str(run), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python benchmarks/run.py")
+    for flag in ("--backends", "--peer", "--json", "--chart"):
+        assert flag in result.stdout
 
 
 def test_dump_then_load_into_an_empty_database(backend: Backend, cli: Cli, tmp_path: Path) -> None:

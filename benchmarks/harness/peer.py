@@ -1,11 +1,11 @@
-"""The benchmark's peer: the same workloads in plain SQLAlchemy Core, as an application would
-write them without this library.
+"""The peer: the same workloads in plain SQLAlchemy Core, as an application would write them
+without this library.
 
-The raw sides of `snapshot_repo.benchmark` say how close the library comes to
-hand-written SQL on the bare driver. This side answers the other question a
-user asks before picking a library: is it faster than the obvious
-alternative, SQLAlchemy Core used directly on the same async driver? It is
-that alternative written well, not a strawman:
+The raw sides of the harness say how close the library comes to hand-written
+SQL on the bare driver. This side answers the other question a user asks
+before picking a library: is it faster than the obvious alternative,
+SQLAlchemy Core used directly on the same async driver? It is that
+alternative written well, not a strawman:
 
 - statements are built once, from the library's own tables (same schema and
   column types), so SQLAlchemy's compiled cache serves every call;
@@ -28,6 +28,7 @@ and on SQLite the driver's own deferred transactions on a pool of connections.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Delete, Select, bindparam, delete, event, insert, literal, select
@@ -36,16 +37,18 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert, ReturningDelete
 
-from .engine import EngineSettings
-from .tables import history_table, latest_table
+from snapshot_repo import EngineSettings
+from snapshot_repo.tables import history_table, latest_table
 
-__all__ = ["BASELINE_COLUMNS", "PEER", "PeerStatements", "peer_engine"]
+from .rows import BASELINE_COLUMNS, RawSnapshot, decode_row, require_distinct
+from .sides import CHECKPOINT, Side
+from .state import BenchState, payload_of
+
+__all__ = ["PEER", "PeerSide", "PeerStatements", "peer_engine"]
+
 
 PEER = "sqlalchemy"
 """The name of the peer's side in reports."""
-
-BASELINE_COLUMNS = ("user_id", "version", "schema_version", "payload", "created_at")
-"""The columns the raw sides and the peer write and read; later columns keep their defaults."""
 
 
 def peer_engine(url: URL, settings: EngineSettings, sqlite_pragmas: Sequence[str]) -> AsyncEngine:
@@ -157,3 +160,86 @@ class PeerStatements:
             history.c.user_id == bindparam("user_id"),
             history.c.version <= bindparam("up_to"),
         )
+
+
+class PeerSide(Side):
+    """The peer: plain SQLAlchemy Core on its own async engine (see this module's docstring)."""
+
+    name = PEER
+
+    def __init__(self, engine: AsyncEngine, statements: PeerStatements) -> None:
+        self._engine = engine
+        self._sql = statements
+
+    async def write(self, user_id: str, state: BenchState) -> int:
+        params = {
+            "user_id": user_id,
+            "schema_version": 1,
+            "payload": payload_of(state),
+            "created_at": datetime.now(UTC),
+        }
+        async with self._engine.begin() as conn:
+            if self._sql.write is not None:  # Postgres: one statement
+                return int((await conn.execute(self._sql.write, params)).scalar_one())
+            _user_id, version = (await conn.execute(self._sql.upsert_returning, params)).one()
+            await conn.execute(self._sql.append, {**params, "version": version})
+        return int(version)
+
+    async def get_latest(self, user_id: str) -> RawSnapshot | None:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(self._sql.latest, {"user_id": user_id})).first()
+        return None if row is None else decode_row(row)
+
+    async def get_history(self, user_id: str, limit: int) -> list[RawSnapshot]:
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._sql.history, {"user_id": user_id, "limit": limit})
+            rows = result.all()
+        return [decode_row(row) for row in rows]
+
+    async def delete(self, user_id: str) -> int:
+        async with self._engine.begin() as conn:
+            version = (await conn.execute(self._sql.delete_latest, {"user_id": user_id})).scalar()
+            if version is None:
+                return 0
+            params = {"user_id": user_id, "up_to": version}
+            erased: int = (await conn.execute(self._sql.delete_history, params)).rowcount
+        return erased
+
+    def traceless_delete_unavailable(self) -> str | None:
+        return (
+            None
+            if self._engine.dialect.name == "sqlite"
+            else super().traceless_delete_unavailable()
+        )
+
+    async def traceless_delete(self, user_id: str) -> int:
+        erased = await self.delete(user_id)
+        async with self._engine.connect() as conn:
+            await conn.exec_driver_sql(CHECKPOINT)
+        return erased
+
+    async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> int:
+        user_ids = [user_id for user_id, _ in items]
+        require_distinct(user_ids)
+        created_at = datetime.now(UTC)
+        rows = [
+            {
+                "user_id": user_id,
+                "schema_version": 1,
+                "payload": payload_of(state),
+                "created_at": created_at,
+            }
+            for user_id, state in items
+        ]
+        async with self._engine.begin() as conn:
+            written = (await conn.execute(self._sql.upsert_returning, rows)).all()
+            for row, (_user_id, version) in zip(rows, written, strict=True):
+                row["version"] = version
+            await conn.execute(self._sql.append, rows)
+        return len(written)
+
+    async def bulk_read(self, user_ids: Sequence[str]) -> list[RawSnapshot]:
+        async with self._engine.connect() as conn:
+            result = await conn.execute(self._sql.latest_many, {"user_ids": list(user_ids)})
+            rows = result.all()
+        return [decode_row(row) for row in rows]

@@ -1,0 +1,262 @@
+"""Setting up a backend: the database, its migration, every side's connections, and the
+durability check.
+
+Each opener is an async context manager that yields a `Setup` and removes
+whatever it created (a throwaway Postgres database, a temporary SQLite
+file) on exit, failure included. Both refuse a database that already holds
+snapshots before migrating or writing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import tempfile
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import asyncpg
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from snapshot_repo import ConfigurationError, EngineSettings, SnapshotRepository
+from snapshot_repo.engine import normalize_url
+
+from .asyncpg_side import AsyncpgSide, keep_session
+from .config import LIBRARY, BenchConfig, hide_password
+from .peer import PEER, PeerSide, PeerStatements, peer_engine
+from .seeding import PostgresSeeder, Seeder, SqliteSeeder
+from .sides import LibrarySide, Side
+from .sql import holds_snapshots, raw_statements, scope_of
+from .sqlite_sides import AiosqliteSide, Sqlite3Side, Sqlite3Thread
+from .state import BenchState
+
+__all__ = ["Setup", "open_postgres", "open_sqlite", "sqlite_pragmas"]
+
+
+@dataclass
+class Setup:
+    """One migrated, empty database with every side connected to it."""
+
+    server: str
+    sides: list[Side]
+    seeder: Seeder
+    durability: dict[str, str]
+
+
+def _asyncpg_dsn(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _refuse_data(where: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"{where} already holds snapshots: the benchmark runs only on an empty database"
+    )
+
+
+@asynccontextmanager
+async def open_postgres(config: BenchConfig) -> AsyncIterator[Setup]:
+    """A migrated, empty Postgres database with the library, asyncpg and (`peer`) the peer.
+
+    A throwaway database (`snapshot_repo_bench_<random>`) unless
+    `postgres_create_database` is off, dropped on exit even on failure.
+
+    Raises:
+        ConfigurationError: not a Postgres URL, or the database holds snapshots.
+        RuntimeError: the sides run with different `synchronous_commit`.
+    """
+    url = normalize_url(config.postgres_url)
+    if url.get_backend_name() != "postgresql":
+        raise ConfigurationError(f"not a Postgres URL: {hide_password(config.postgres_url)}")
+    settings = config.settings
+    async with AsyncExitStack() as stack:
+        if config.postgres_create_database:
+            name = f"snapshot_repo_bench_{secrets.token_hex(4)}"
+            admin = await asyncpg.connect(_asyncpg_dsn(url), timeout=settings.connect_timeout)
+            try:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+                if config.postgres_synchronous_commit is not None:
+                    # A database default reaches every new session of both sides alike.
+                    await admin.execute(
+                        f'ALTER DATABASE "{name}" SET synchronous_commit = '
+                        f"{config.postgres_synchronous_commit}"
+                    )
+            finally:
+                await admin.close()
+            stack.push_async_callback(_drop_database, url, name, settings.connect_timeout)
+            url = url.set(database=name)
+        pool = await asyncpg.create_pool(
+            _asyncpg_dsn(url),
+            min_size=settings.pool_size,
+            max_size=settings.pool_size,
+            timeout=settings.connect_timeout,
+            command_timeout=settings.command_timeout,
+            reset=keep_session,
+        )
+        stack.push_async_callback(pool.close)
+        if await holds_snapshots(pool.fetchval, "SELECT to_regclass({table}) IS NOT NULL"):
+            raise _refuse_data(hide_password(config.postgres_url))
+        repo = SnapshotRepository.from_url(url, BenchState, settings=settings)
+        stack.push_async_callback(repo.close)
+        await repo.migrate()
+        scope = await scope_of(repo, pool.fetchrow)
+        sql = raw_statements("postgres", scope)
+        sides: list[Side] = [LibrarySide(repo), AsyncpgSide(pool, sql)]
+        engines = {LIBRARY: repo.engine}
+        if config.peer:
+            peer = peer_engine(url, settings, ())
+            stack.push_async_callback(peer.dispose)
+            sides.append(PeerSide(peer, PeerStatements("postgresql", scope)))
+            engines[PEER] = peer
+        commits = await _engine_answers(engines, ("SHOW synchronous_commit",))
+        raw_commit = str(await pool.fetchval("SHOW synchronous_commit"))
+        commits["asyncpg"] = [raw_commit]
+        if any(values != [raw_commit] for values in commits.values()):
+            raise RuntimeError(f"synchronous_commit differs between sides: {commits}")
+        server = "PostgreSQL " + str(await pool.fetchval("SHOW server_version"))
+        yield Setup(
+            server=server,
+            sides=sides,
+            seeder=PostgresSeeder(pool, sql),
+            durability={"synchronous_commit": raw_commit},
+        )
+
+
+async def _engine_answers(
+    engines: Mapping[str, AsyncEngine], queries: Sequence[str]
+) -> dict[str, list[str]]:
+    """Each SQLAlchemy side's answers to `queries` (settings), read on one of its connections."""
+    answers: dict[str, list[str]] = {}
+    for name, engine in engines.items():
+        async with engine.connect() as conn:
+            answers[name] = [str((await conn.exec_driver_sql(query)).scalar()) for query in queries]
+    return answers
+
+
+async def _drop_database(url: URL, name: str, connect_timeout: float) -> None:
+    admin = await asyncpg.connect(_asyncpg_dsn(url), timeout=connect_timeout)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+def sqlite_pragmas(settings: EngineSettings) -> tuple[str, ...]:
+    """The pragmas `snapshot_repo.engine` sets on its connections, from the same settings."""
+    return (
+        f"PRAGMA busy_timeout = {int(settings.busy_timeout * 1000)}",
+        "PRAGMA journal_mode = WAL",
+        f"PRAGMA synchronous = {settings.sqlite_synchronous}",
+        f"PRAGMA secure_delete = {'ON' if settings.sqlite_secure_delete else 'OFF'}",
+    )
+
+
+_DURABILITY_QUERIES = (
+    "PRAGMA journal_mode",
+    "PRAGMA synchronous",
+    "PRAGMA busy_timeout",
+    "PRAGMA secure_delete",
+)
+
+
+def _open_sqlite3(path: Path, settings: EngineSettings) -> sqlite3.Connection:
+    # isolation_level=None: the sqlite3 module must not begin transactions itself;
+    # every write transaction is an explicit BEGIN IMMEDIATE, as in the library.
+    conn = sqlite3.connect(path, timeout=settings.busy_timeout, isolation_level=None)
+    for pragma in sqlite_pragmas(settings):
+        conn.execute(pragma)
+    return conn
+
+
+@asynccontextmanager
+async def open_sqlite(config: BenchConfig) -> AsyncIterator[Setup]:
+    """A migrated, empty SQLite file with the library, aiosqlite, sqlite3 and (`peer`) the peer.
+
+    A file in a temporary directory removed on exit, unless `sqlite_path` names one.
+
+    Raises:
+        ConfigurationError: the file holds snapshots.
+        RuntimeError: the sides' connections differ in durability settings.
+    """
+    settings = config.settings
+    async with AsyncExitStack() as stack:
+        if config.sqlite_path is None:
+            directory = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="snapshot-repo-bench-")
+            )
+            path = Path(directory) / "bench.db"
+        else:
+            path = config.sqlite_path
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-sqlite3")
+        stack.callback(executor.shutdown)
+        loop = asyncio.get_running_loop()
+        raw = await loop.run_in_executor(executor, _open_sqlite3, path, settings)
+        stack.push_async_callback(loop.run_in_executor, executor, raw.close)
+        thread = Sqlite3Thread(executor, raw)
+
+        async def value(query: str) -> Any:
+            rows: list[Any] = await thread.call(thread.fetch, query)
+            return rows[0][0]
+
+        exists = (
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = {table})"
+        )
+        if await holds_snapshots(value, exists):
+            raise _refuse_data(str(path))
+        url = URL.create("sqlite+aiosqlite", database=str(path))
+        repo = SnapshotRepository.from_url(url, BenchState, settings=settings)
+        stack.push_async_callback(repo.close)
+        await repo.migrate()
+        untraced_settings = replace(settings, sqlite_secure_delete=False)
+        untraced = SnapshotRepository.from_url(url, BenchState, settings=untraced_settings)
+        stack.push_async_callback(untraced.close)
+
+        async def first_row(query: str) -> Sequence[Any]:
+            rows: list[Any] = await thread.call(thread.fetch, query)
+            return tuple(rows[0])
+
+        scope = await scope_of(repo, first_row)
+        sql = raw_statements("sqlite", scope)
+        aconn = await aiosqlite.connect(path, timeout=settings.busy_timeout, isolation_level=None)
+        stack.push_async_callback(aconn.close)
+        for pragma in sqlite_pragmas(settings):
+            await aconn.execute(pragma)
+
+        sides: list[Side] = [
+            LibrarySide(repo, untraced),
+            AiosqliteSide(aconn, sql),
+            Sqlite3Side(thread, sql),
+        ]
+        engines = {LIBRARY: repo.engine}
+        if config.peer:
+            peer = peer_engine(url, settings, sqlite_pragmas(settings))
+            stack.push_async_callback(peer.dispose)
+            sides.append(PeerSide(peer, PeerStatements("sqlite", scope)))
+            engines[PEER] = peer
+        observed = await _engine_answers(engines, _DURABILITY_QUERIES)
+        observed["aiosqlite"] = []
+        observed["sqlite3"] = []
+        for query in _DURABILITY_QUERIES:
+            observed["aiosqlite"].append(str(next(iter(await aconn.execute_fetchall(query)))[0]))
+            observed["sqlite3"].append(str((await thread.call(thread.fetch, query))[0][0]))
+        if any(values != observed[LIBRARY] for values in observed.values()):
+            raise RuntimeError(f"SQLite connections differ in durability settings: {observed}")
+        journal_mode, synchronous, busy_ms, secure_delete = observed[LIBRARY]
+        yield Setup(
+            server=f"SQLite {sqlite3.sqlite_version}",
+            sides=sides,
+            seeder=SqliteSeeder(thread, sql),
+            durability={
+                "journal_mode": journal_mode,
+                "synchronous": f"{settings.sqlite_synchronous} ({synchronous})",
+                "busy_timeout_ms": busy_ms,
+                "secure_delete": secure_delete,
+                "path": str(path),
+            },
+        )
