@@ -21,11 +21,12 @@ compiles each once per dialect and runs it on the driver's connection.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import cache
 from typing import Any, Literal
 
 from sqlalchemy import (
+    CTE,
     BigInteger,
     Boolean,
     Column,
@@ -36,28 +37,32 @@ from sqlalchemy import (
     LargeBinary,
     Select,
     String,
+    Subquery,
     Table,
+    TableClause,
+    TableValuedAlias,
     Text,
-    TextClause,
     Update,
     and_,
     any_,
     bindparam,
     cast,
+    column,
     delete,
     func,
     insert,
     literal,
     literal_column,
+    null,
     or_,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import ReturningDelete, ReturningInsert
 from sqlalchemy.sql.elements import BindParameter
 
+from ._sql import indexed_by
 from .tables import (
     changes_table,
     data_keys_table,
@@ -124,12 +129,12 @@ WRITE_COLUMNS = tuple(name for name in STORED_COLUMNS if name != "version")
 _KEY_COLUMNS = ("tenant", "namespace", "user_id")
 
 
-def is_key(table: Table, prefix: str = "") -> ColumnElement[bool]:
+def is_key(table: TableClause, prefix: str = "") -> ColumnElement[bool]:
     """`tenant`, `namespace` and `user_id` equal to the bound values: the user's key in a scope."""
     return and_(*(table.c[name] == bindparam(prefix + name) for name in _KEY_COLUMNS))
 
 
-def in_scope(table: Table) -> ColumnElement[bool]:
+def in_scope(table: TableClause) -> ColumnElement[bool]:
     return and_(*(table.c[name] == bindparam(name) for name in SCOPE_COLUMNS))
 
 
@@ -164,15 +169,30 @@ def _latest_write_of(dialect: DialectName, mode: WriteMode) -> Insert | Update:
         expires_at=changed["expires_at"],
         **{name: bindparam(f"w_{name}") for name in WRITE_COLUMNS},
     )
-    key = [latest_table.c[name] for name in _KEY_COLUMNS]
     if mode == "create":
-        return stmt.on_conflict_do_nothing(index_elements=key)
+        return stmt.on_conflict_do_nothing(index_elements=_latest_key())
+    return _update_on_key_conflict(stmt, latest_table.c.version + 1, changed)
+
+
+def _latest_key() -> list[Column[Any]]:
+    return [latest_table.c[name] for name in _KEY_COLUMNS]
+
+
+def _update_on_key_conflict(
+    stmt: postgresql.Insert | sqlite.Insert,
+    version: ColumnElement[int],
+    copied: Iterable[str],
+    **fixed: ColumnElement[Any],
+) -> Insert:
+    """`stmt` (an insert into `snapshot_latest`) updating the user's row if it exists instead.
+
+    The row takes `version`, the inserted row's `copied` columns and the
+    `fixed` values. The conflict is decided on the row's lock, so concurrent
+    writers of a user are ordered by the database, not by a read in Python.
+    """
     return stmt.on_conflict_do_update(
-        index_elements=key,
-        set_={
-            "version": latest_table.c.version + 1,
-            **{name: stmt.excluded[name] for name in changed},
-        },
+        index_elements=_latest_key(),
+        set_={"version": version, **{name: stmt.excluded[name] for name in copied}, **fixed},
     )
 
 
@@ -267,17 +287,27 @@ def postgres_write_statement(
         .returning(history_table.c.version)
     )
     if prune:
-        pruned = (
-            delete(history_table)
-            .where(
-                *(history_table.c[name] == written.c[name] for name in _KEY_COLUMNS),
-                prune_condition(written.c.version),
-            )
-            .returning(*_moved_entry_columns(history_table))
-            .cte("pruned")
-        )
-        statement = statement.add_cte(pruned).add_cte(_move_feed_entries(pruned))
+        same_user = (history_table.c[name] == written.c[name] for name in _KEY_COLUMNS)
+        statement = statement.add_cte(*_pruning(written, *same_user))
     return statement
+
+
+def _pruning(written: CTE, *same_user: ColumnElement[bool]) -> tuple[CTE, Any]:
+    """Postgres: CTEs that apply the retention policy to the users a `written` CTE wrote.
+
+    They delete the history versions the policy no longer keeps (see
+    `prune_condition`) of the history rows matching `same_user`, and move
+    their feed entries to `snapshot_changes` (see `_move_feed_entries`). The
+    DELETE sees the rows as they were before the statement (one snapshot), so
+    it drops old versions and never the ones the statement appends.
+    """
+    pruned = (
+        delete(history_table)
+        .where(*same_user, prune_condition(written.c.version))
+        .returning(*_moved_entry_columns(history_table))
+        .cte("pruned")
+    )
+    return pruned, _move_feed_entries(pruned)
 
 
 def _moved_entry_columns(source: Any) -> list[ColumnElement[Any]]:
@@ -416,7 +446,7 @@ def _feed_entry(kind: str) -> Insert:
 
 
 @cache
-def sqlite_erasure_feed_statements() -> tuple[TextClause, Insert]:
+def sqlite_erasure_feed_statements() -> tuple[Delete, Insert]:
     """SQLite: forget the erased user's earlier feed entries, then record the erasure itself.
 
     The feed never held payloads; after an erasure it no longer holds the
@@ -426,22 +456,18 @@ def sqlite_erasure_feed_statements() -> tuple[TextClause, Insert]:
     return _sqlite_forget_feed_statement(), _feed_entry("erase")
 
 
-def _sqlite_forget_feed_statement() -> TextClause:
+def _sqlite_forget_feed_statement() -> Delete:
     """SQLite: delete the user's feed entries, always found through the user index.
 
-    `INDEXED BY` because SQLite plans from `sqlite_stat1` as last written:
-    statistics taken while the feed was small (an `ANALYZE` or `PRAGMA
-    optimize` early in a store's life) make it scan the whole feed for every
-    erasure. Measured in the benchmark: 0.63 ms per erasure on a feed of
-    4,400 entries, growing with the feed, against 0.02 ms on the index.
-    SQLAlchemy's SQLite dialect renders no index hints, hence the text.
+    `INDEXED BY` (see `_sql.IndexedTable`) because SQLite plans from
+    `sqlite_stat1` as last written: statistics taken while the feed was small
+    (an `ANALYZE` or `PRAGMA optimize` early in a store's life) make it scan
+    the whole feed for every erasure. Measured in the benchmark: 0.63 ms per
+    erasure on a feed of 4,400 entries, growing with the feed, against 0.02 ms
+    on the index.
     """
-    return text(
-        """
-        DELETE FROM snapshot_changes INDEXED BY ix_snapshot_changes_user
-        WHERE tenant = :tenant AND namespace = :namespace AND user_id = :user_id
-        """
-    ).bindparams(*_key_binds())
+    feed = indexed_by(changes_table, "ix_snapshot_changes_user")
+    return delete(feed).where(is_key(feed))
 
 
 def _key_binds() -> tuple[BindParameter[str], ...]:
@@ -520,14 +546,15 @@ def delete_statements(only_expired: bool = False) -> tuple[ReturningDelete[Any],
 @cache
 def postgres_bulk_write_statement(
     notifying: bool = False, prune: bool = False, distinct_users: bool = False
-) -> TextClause:
+) -> Select[Any]:
     """Postgres: a whole batch of writes in one statement, gapless even for repeated users.
 
-    The batch arrives as parallel arrays; the write's metadata (actor,
-    reason, metadata) is the batch's. Each history row is its write's feed
-    entry (see `_feed_position`). Concurrent batches lock users' latest rows
-    in one order, code point order of the user ids, so that two batches
-    sharing users cannot deadlock. There are two shapes:
+    The batch arrives as parallel arrays (`user_ids`, `schema_versions`,
+    `payloads`), unnested into rows; the write's scope, time and metadata
+    (actor, reason, metadata) are the batch's. Each history row is its
+    write's feed entry (see `_feed_position`). Concurrent batches lock users'
+    latest rows in one order, code point order of the user ids, so that two
+    batches sharing users cannot deadlock. There are two shapes:
 
     - `distinct_users` (the caller checked that no user repeats, the usual
       batch, and sorted the arrays by user id, `sorted_batch`): each row is
@@ -540,116 +567,148 @@ def postgres_bulk_write_statement(
       the user's latest row is upserted once with `version + n` (its last
       state), sorted by `COLLATE "C"` (code point order, as Python sorts),
       and history gets `final - n + rn` for each row.
+
+    With `prune`, the statement also applies the retention policy to the
+    batch's users (see `_pruning`); with `notifying`, it sends a NOTIFY per
+    write. Returns (user_id, version) of each history row appended.
     """
-    columns = ", ".join(STORED_COLUMNS)
-    feed_columns = ", ".join(CHANGE_COLUMNS)
-    position_columns = ", ".join(FEED_POSITION_COLUMNS)
-    pruned_columns = ", ".join(f"h.{name}" for name in (*CHANGE_COLUMNS, *FEED_POSITION_COLUMNS))
-    # The retention policy's DELETE sees the rows before this statement (one
-    # snapshot), so it drops old versions and never the ones being appended.
-    # Pruned versions' feed entries move to snapshot_changes (see `_move_feed_entries`).
-    prune_clause = (
-        f"""pruned AS (
-            DELETE FROM snapshot_history h USING written w
-            WHERE h.tenant = CAST(:tenant AS VARCHAR) AND h.namespace = CAST(:namespace AS VARCHAR)
-              AND h.user_id = w.user_id AND h.version < w.version
-              AND (CAST(:keep_last AS BIGINT) IS NULL
-                   OR h.version <= w.version - CAST(:keep_last AS BIGINT))
-              AND (CAST(:cutoff AS TIMESTAMPTZ) IS NULL
-                   OR h.created_at < CAST(:cutoff AS TIMESTAMPTZ))
-            RETURNING {pruned_columns}
-        ),
-        moved AS (
-            INSERT INTO snapshot_changes ({feed_columns}, kind, txid, seq)
-            SELECT {feed_columns}, 'write', feed_txid, feed_seq FROM pruned
-            WHERE feed_seq IS NOT NULL
-        ),"""
-        if prune
-        else ""
-    )
-    notify_clause = (
-        f"WHERE pg_notify('{NOTIFY_CHANNEL}', json_build_object('tenant', tenant, "
-        "'namespace', namespace, 'user_id', user_id, 'version', version, "
-        "'kind', 'write')::text) IS NOT NULL"
-        if notifying
-        else ""
-    )
-    scope = "CAST(:tenant AS VARCHAR), CAST(:namespace AS VARCHAR)"
-    shared = (
-        "CAST(:created_at AS TIMESTAMPTZ), NULL, CAST(:actor AS VARCHAR), "
-        "CAST(:reason AS TEXT), CAST(:metadata AS BYTEA)"
-    )
-    arrays = (
-        "unnest(CAST(:user_ids AS VARCHAR[]), CAST(:schema_versions AS INTEGER[]), "
-        "CAST(:payloads AS BYTEA[]))"
-    )
-    upsert_set = """ON CONFLICT (tenant, namespace, user_id) DO UPDATE SET
-                version = snapshot_latest.version + excluded.version,
-                schema_version = excluded.schema_version,
-                payload = excluded.payload,
-                created_at = excluded.created_at,
-                idempotency_key = NULL,
-                expires_at = NULL,
-                actor = excluded.actor,
-                reason = excluded.reason,
-                metadata = excluded.metadata"""
     if distinct_users:
-        leading = f"""written AS (
-            INSERT INTO snapshot_latest ({columns})
-            SELECT {scope}, b.user_id, 1, b.schema_version, b.payload, {shared}
-            FROM {arrays} AS b(user_id, schema_version, payload)
-            {upsert_set}
-            RETURNING user_id, version, schema_version, payload
-        ),"""
-        appending = f"SELECT {scope}, user_id, version, schema_version, payload FROM written"
-    else:
-        leading = f"""batch AS (
-            SELECT b.user_id, b.schema_version, b.payload,
-                   row_number() OVER (PARTITION BY b.user_id ORDER BY b.ord) AS rn,
-                   count(*) OVER (PARTITION BY b.user_id) AS n
-            FROM {arrays} WITH ORDINALITY AS b(user_id, schema_version, payload, ord)
-        ),
-        written AS (
-            INSERT INTO snapshot_latest ({columns})
-            SELECT {scope}, user_id, n, schema_version, payload, {shared}
-            FROM batch WHERE rn = n
-            ORDER BY user_id COLLATE "C"
-            {upsert_set}
-            RETURNING user_id, version
-        ),"""
-        # A repeated user's versions must take ascending feed seqs, drawn in this order.
-        appending = f"""SELECT {scope}, batch.user_id,
-                   written.version - batch.n + batch.rn AS version,
-                   batch.schema_version, batch.payload
-                FROM batch JOIN written USING (user_id)
-                ORDER BY user_id, version"""
-    return text(
-        f"""
-        WITH {leading}
-        {prune_clause}
-        appended AS (
-            INSERT INTO snapshot_history ({columns}, {position_columns})
-            SELECT tenant, namespace, user_id, version, schema_version, payload, {shared},
-                   CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT),
-                   nextval('{FEED_SEQUENCE}')
-            FROM (
-                {appending}
-            ) AS appending(tenant, namespace, user_id, version, schema_version, payload)
-            {notify_clause}
-            RETURNING user_id, version
+        rows = _batch_rows(numbered=False)
+        # `unnest` yields the rows in array order, which the caller sorted: the lock order.
+        written = (
+            _batch_upsert(select(*_batch_row(version=literal(1, BigInteger), **_unnested(rows))))
+            .returning(*(latest_table.c[name] for name in _BATCH_COLUMNS))
+            .cte("written")
         )
-        SELECT user_id, version FROM appended
-        """
-    ).bindparams(
+        appending = select(*_scope_labels(), *(written.c[name] for name in _BATCH_COLUMNS))
+    else:
+        batch = _numbered_batch()
+        written = (
+            _batch_upsert(
+                select(*_batch_row(version=batch.c.n, **_unnested(batch)))
+                .where(batch.c.rn == batch.c.n)
+                .order_by(batch.c.user_id.collate("C"))
+            )
+            .returning(latest_table.c.user_id, latest_table.c.version)
+            .cte("written")
+        )
+        version = (written.c.version - batch.c.n + batch.c.rn).label("version")
+        # A repeated user's versions must take ascending feed seqs, drawn in this order.
+        appending = (
+            select(
+                *_scope_labels(),
+                batch.c.user_id,
+                version,
+                batch.c.schema_version,
+                batch.c.payload,
+            )
+            .select_from(batch.join(written, batch.c.user_id == written.c.user_id))
+            .order_by(batch.c.user_id, version)
+        )
+    appended = _batch_history_append(appending.subquery("appending"), notifying)
+    statement = select(appended.c.user_id, appended.c.version)
+    if prune:
+        scope = (history_table.c[name] == _scope_bind(name) for name in SCOPE_COLUMNS)
+        same_user = history_table.c.user_id == written.c.user_id
+        statement = statement.add_cte(*_pruning(written, *scope, same_user))
+    return statement
+
+
+_BATCH_COLUMNS = ("user_id", "version", "schema_version", "payload")
+"""What varies between a batch's rows (the rest is the batch's, see `_batch_row`)."""
+
+
+def _scope_bind(name: str) -> BindParameter[str]:
+    return bindparam(name, type_=String)
+
+
+def _scope_labels() -> list[ColumnElement[str]]:
+    return [_scope_bind(name).label(name) for name in SCOPE_COLUMNS]
+
+
+def _batch_rows(numbered: bool) -> TableValuedAlias:
+    """Postgres: the batch's arrays unnested into rows `b(user_id, schema_version, payload)`.
+
+    With `numbered`, each row also carries its place in the arrays (`ord`,
+    from `WITH ORDINALITY`).
+    """
+    arrays = func.unnest(
         bindparam("user_ids", type_=postgresql.ARRAY(String)),
         bindparam("schema_versions", type_=postgresql.ARRAY(Integer)),
         bindparam("payloads", type_=postgresql.ARRAY(LargeBinary)),
-        bindparam("created_at", type_=latest_table.c.created_at.type),
-        bindparam("tenant", type_=String),
-        bindparam("namespace", type_=String),
-        bindparam("actor", type_=String),
-        bindparam("reason", type_=String),
-        bindparam("metadata", type_=LargeBinary),
+    )
+    return arrays.table_valued(
+        column("user_id", String),
+        column("schema_version", Integer),
+        column("payload", LargeBinary),
+        with_ordinality="ord" if numbered else None,
+    ).render_derived(name="b")
+
+
+def _numbered_batch() -> CTE:
+    """Postgres: a CTE of the batch's rows, each numbered among its user's rows (`rn` of `n`)."""
+    rows = _batch_rows(numbered=True)
+    return select(
+        *_unnested(rows).values(),
+        func.row_number().over(partition_by=rows.c.user_id, order_by=rows.c.ord).label("rn"),
+        func.count().over(partition_by=rows.c.user_id).label("n"),
+    ).cte("batch")
+
+
+def _unnested(rows: TableValuedAlias | CTE) -> dict[str, ColumnElement[Any]]:
+    """The columns of `rows` that come from the batch's arrays, by name."""
+    return {name: rows.c[name] for name in ("user_id", "schema_version", "payload")}
+
+
+def _batch_row(**varying: ColumnElement[Any]) -> list[ColumnElement[Any]]:
+    """`STORED_COLUMNS` of one write of a batch: `varying`, and the batch's own values.
+
+    Every write of a batch shares the batch's scope, time and metadata, and
+    none has an idempotency key.
+    """
+    shared: dict[str, ColumnElement[Any]] = {
+        **{name: _scope_bind(name) for name in SCOPE_COLUMNS},
+        "created_at": bindparam("created_at", type_=latest_table.c.created_at.type),
+        "idempotency_key": null(),
+        "actor": bindparam("actor", type_=String),
+        "reason": bindparam("reason", type_=String),
+        "metadata": bindparam("metadata", type_=LargeBinary),
+    }
+    return [varying[name] if name in varying else shared[name] for name in STORED_COLUMNS]
+
+
+def _batch_upsert(rows: Select[Any]) -> Insert:
+    """Postgres: upsert `rows` into `snapshot_latest`, in their order (the lock order).
+
+    An existing row takes `version + excluded.version` (the number of the
+    user's writes in the batch) and loses its idempotency key and expiry:
+    batch writes have neither.
+    """
+    stmt = postgresql.insert(latest_table).from_select(list(STORED_COLUMNS), rows)
+    copied = ("schema_version", "payload", "created_at", "actor", "reason", "metadata")
+    return _update_on_key_conflict(
+        stmt,
+        latest_table.c.version + stmt.excluded.version,
+        copied,
+        idempotency_key=null(),
+        expires_at=null(),
+    )
+
+
+def _batch_history_append(appending: Subquery, notifying: bool) -> CTE:
+    """Postgres: a CTE appending the batch's writes to history, each its feed entry.
+
+    `appending` holds the scope and `_BATCH_COLUMNS` of each write, in the
+    order feed sequence numbers are drawn. Returns (user_id, version).
+    """
+    rows = select(*_batch_row(**dict(appending.c.items())), *_feed_position())
+    if notifying:
+        rows = rows.where(notify(appending, "write"))
+    return (
+        insert(history_table)
+        .from_select([*STORED_COLUMNS, *FEED_POSITION_COLUMNS], rows)
+        .returning(history_table.c.user_id, history_table.c.version)
+        .cte("appended")
     )
 
 
@@ -700,7 +759,7 @@ def forget_key_statement() -> Delete:
 
 
 @cache
-def postgres_erase_statement() -> TextClause:
+def postgres_erase_statement() -> Select[Any]:
     """Postgres: one user's whole erasure, one call of `snapshot_repo_erase` (revision 0011).
 
     The function deletes the latest row first and the rest in later
@@ -710,13 +769,7 @@ def postgres_erase_statement() -> TextClause:
     statement. Returns (versions erased, the erased latest version), (0, 0)
     if there was nothing to erase.
     """
-    return text(
-        """
-        SELECT erased, erased_version FROM snapshot_repo_erase(
-            :tenant, :namespace, :user_id, :at, :only_expired, :subject, :cause,
-            :drop_data_key, :notify)
-        """
-    ).bindparams(
+    erasure = func.snapshot_repo_erase(
         *_key_binds(),
         bindparam("at", type_=latest_table.c.created_at.type),
         bindparam("only_expired", type_=Boolean),
@@ -724,7 +777,10 @@ def postgres_erase_statement() -> TextClause:
         bindparam("cause", type_=String),
         bindparam("drop_data_key", type_=Boolean),
         bindparam("notify", type_=Boolean),
+    ).table_valued(
+        column("erased", BigInteger), column("erased_version", BigInteger), name="erasure"
     )
+    return select(erasure.c.erased, erasure.c.erased_version)
 
 
 @cache

@@ -16,9 +16,7 @@ from sqlalchemy import (
     CompoundSelect,
     Integer,
     Select,
-    String,
     Text,
-    TextClause,
     Update,
     bindparam,
     cast,
@@ -26,7 +24,6 @@ from sqlalchemy import (
     func,
     literal_column,
     select,
-    text,
     tuple_,
     union,
     union_all,
@@ -34,6 +31,7 @@ from sqlalchemy import (
 )
 
 from ._dialects import ROW_COLUMNS, DialectName, alive, in_scope, is_key
+from ._sql import indexed_by
 from .tables import (
     changes_table,
     data_keys_table,
@@ -159,7 +157,7 @@ def count_users_statement() -> Select[Any]:
 
 
 @cache
-def changes_since_statement(dialect: DialectName) -> Select[Any] | TextClause:
+def changes_since_statement(dialect: DialectName) -> Select[Any]:
     """The scope's feed entries after a cursor, in feed order.
 
     Postgres orders by (txid, seq) and returns only entries of transactions
@@ -208,32 +206,28 @@ def changes_since_statement(dialect: DialectName) -> Select[Any] | TextClause:
     )
 
 
-def _sqlite_changes_since_statement() -> TextClause:
+def _sqlite_changes_since_statement() -> Select[Any]:
     """SQLite: the page after `after_seq`, a range of the feed index in `seq` order.
 
     Every SQLite entry has a NULL `txid`, so `txid IS NULL` lets the scope
     and `seq` both bound the range of `ix_snapshot_changes_feed` (tenant,
     namespace, txid, seq): a page costs its own rows, however long the feed.
-    `INDEXED BY` holds that plan whatever `sqlite_stat1` says. Without it,
-    and without statistics, SQLite took the user index and sorted the
-    scope's whole feed for every page; with statistics taken while the feed
-    was small, it scanned the table from its first entry. SQLAlchemy's
-    SQLite dialect renders no index hints, hence the text.
+    `INDEXED BY` (see `_sql.IndexedTable`) holds that plan whatever
+    `sqlite_stat1` says. Without it, and without statistics, SQLite took the
+    user index and sorted the scope's whole feed for every page; with
+    statistics taken while the feed was small, it scanned the table from its
+    first entry.
     """
-    columns = ", ".join(CHANGE_FEED_COLUMNS)
-    return text(
-        f"""
-        SELECT {columns} FROM snapshot_changes INDEXED BY ix_snapshot_changes_feed
-        WHERE tenant = :tenant AND namespace = :namespace AND txid IS NULL
-          AND seq > :after_seq
-        ORDER BY seq
-        LIMIT :limit
-        """
-    ).bindparams(
-        bindparam("tenant", type_=String),
-        bindparam("namespace", type_=String),
-        bindparam("after_seq", type_=BigInteger),
-        bindparam("limit", type_=Integer),
+    feed = indexed_by(changes_table, "ix_snapshot_changes_feed")
+    return (
+        select(*(feed.c[name] for name in CHANGE_FEED_COLUMNS))
+        .where(
+            in_scope(feed),
+            feed.c.txid.is_(None),
+            feed.c.seq > bindparam("after_seq", type_=BigInteger),
+        )
+        .order_by(feed.c.seq)
+        .limit(bindparam("limit", type_=Integer))
     )
 
 
