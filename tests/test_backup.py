@@ -34,8 +34,8 @@ from snapshot_repo.tables import (
     history_table,
     latest_table,
 )
+from tests.support.databases import Backend, PostgresServer, run_blocking
 
-from .conftest import Backend, PostgresServer, run_blocking
 from .support.feed import feed_entries
 
 TRICKY = (

@@ -37,8 +37,7 @@ from benchmarks.harness.stats import bulk_speedups, summarize
 from benchmarks.harness.timing import Sample
 from snapshot_repo.engine import normalize_url
 from snapshot_repo.repository import DEFAULT_NAMESPACE
-
-from .conftest import Backend, Cart, run_blocking
+from tests.support.databases import Backend, Cart, run_blocking
 
 ROUNDS = 2
 TINY: dict[str, Any] = {

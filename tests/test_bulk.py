@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 import snapshot_repo as sr
+from tests.support.databases import Cart, refusing_history_insert
 
-from .conftest import Cart, refusing_history_insert
 from .test_repository import snap, stored_rows
 
 

@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 import snapshot_repo as sr
 from snapshot_repo._dialects import prune_statement
 from snapshot_repo.changes import Change
+from tests.support.databases import Backend, Cart, refusing_history_insert
 
-from .conftest import Backend, Cart, refusing_history_insert
 from .support.feed import feed_entries
 from .test_repository import snap
 

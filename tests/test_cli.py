@@ -23,8 +23,7 @@ import pytest
 
 from snapshot_repo.cli import main
 from snapshot_repo.migrate import head_revision
-
-from .conftest import Backend
+from tests.support.databases import Backend
 
 PREFIX = "snapshot-repo: error: "
 UNREACHABLE = {

@@ -12,8 +12,8 @@ from sqlalchemy import select
 import snapshot_repo as sr
 from snapshot_repo.crypto import SEALED_PREFIX, open_payload
 from snapshot_repo.tables import data_keys_table, history_table
+from tests.support.databases import Backend, Cart
 
-from .conftest import Backend, Cart
 from .test_repository import snap, stored_rows
 
 OLD, NEW = os.urandom(32), os.urandom(32)

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 
 import snapshot_repo as sr
 from snapshot_repo.tables import data_keys_table, erasure_receipts_table
+from tests.support.databases import Backend, Cart
 
-from .conftest import Backend, Cart
 from .test_repository import snap, stored_rows
 
 KEY = b"an application secret of 32 bytes"

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 import snapshot_repo as sr
 from snapshot_repo.tables import data_keys_table
-from tests.conftest import Backend, Cart
+from tests.support.databases import Backend, Cart
 
 KEK = os.urandom(32)
 

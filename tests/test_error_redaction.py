@@ -17,8 +17,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 import snapshot_repo as sr
-
-from .conftest import Backend, Cart
+from tests.support.databases import Backend, Cart
 
 USER_ID = "jane.doe@example.com"
 CARD = "4111-1111-1111-1111"

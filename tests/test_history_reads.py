@@ -8,8 +8,8 @@ import jsonpatch
 import pytest
 
 import snapshot_repo as sr
+from tests.support.databases import Cart
 
-from .conftest import Cart
 from .test_repository import snap
 
 

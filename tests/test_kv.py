@@ -20,8 +20,7 @@ import pytest
 import snapshot_repo as sr
 import snapshot_repo.kv as kv
 from snapshot_repo.kv import DEFAULT_KV_NAMESPACE, InMemoryStore, KeyValue, KeyValueStore
-
-from .conftest import Backend, Cart, _sqlite_backend
+from tests.support.databases import Backend, Cart, sqlite_backend
 
 OpenStore = Callable[[], KeyValue]
 
@@ -74,7 +73,7 @@ BAD_VALUES = [
 def kv_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
     """Where the stores of a test keep their data: a migrated, empty database, or memory (None)."""
     if request.param == "sqlite":
-        return _sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template")).url
+        return sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template")).url
     if request.param == "postgres":
         url: str = request.getfixturevalue("postgres_url")
         return url

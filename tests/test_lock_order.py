@@ -25,8 +25,7 @@ from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
 from snapshot_repo.backends._retry import ROLLED_BACK_ATTEMPTS
-
-from .conftest import Cart
+from tests.support.databases import Cart
 
 USERS = [f"u{n:02d}" for n in range(24)] + ["U-upper", "a.b", "Z_z", "é-accent"]
 """Ids whose code point order differs from most collations' order (case, punctuation)."""

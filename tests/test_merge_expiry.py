@@ -17,8 +17,8 @@ import pytest
 from pydantic import BaseModel
 
 import snapshot_repo as sr
+from tests.support.databases import Backend, Cart
 
-from .conftest import Backend, Cart
 from .test_repository import snap, stored_rows
 
 

@@ -11,8 +11,7 @@ from sqlalchemy import inspect
 import snapshot_repo as sr
 from snapshot_repo import migrate
 from snapshot_repo.engine import create_engine
-
-from .conftest import Backend, Cart
+from tests.support.databases import Backend, Cart
 
 
 async def table_names(engine) -> set[str]:

@@ -17,8 +17,7 @@ from pydantic_core import from_json
 
 import snapshot_repo as sr
 from snapshot_repo.codec import MAX_JSON_DEPTH, StateCodec, _may_nest_too_deeply
-
-from .conftest import Backend, Cart
+from tests.support.databases import Backend, Cart
 
 
 class Reply(BaseModel):

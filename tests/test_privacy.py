@@ -15,8 +15,8 @@ import pytest
 import snapshot_repo as sr
 from snapshot_repo.backends import sqlite as sqlite_backend
 from snapshot_repo.retention import RetentionPolicy
+from tests.support.databases import Backend, Cart
 
-from .conftest import Backend, Cart
 from .test_repository import snap, stored_rows
 
 KEY = b"an application secret of 32 bytes"

@@ -17,8 +17,7 @@ from snapshot_repo._dialects import (
 )
 from snapshot_repo._queries import changes_since_statement, expired_users_statement
 from snapshot_repo.backends._compiled import compile_statement as _compile
-
-from .conftest import Backend, Cart, _sqlite_backend
+from tests.support.databases import Backend, Cart, sqlite_backend
 
 DEEP = 100_000
 SCOPE = {"tenant": "", "namespace": "default"}
@@ -265,7 +264,7 @@ async def test_sqlite_feed_statements_keep_their_index_whatever_the_statistics(
     with statistics taken while the feed held one entry, it scanned the whole
     table for every page and every erasure. Both statements now name their index.
     """
-    backend = _sqlite_backend(tmp_path, sqlite_template)
+    backend = sqlite_backend(tmp_path, sqlite_template)
     async with sr.SnapshotRepository.from_url(backend.url, Cart) as repo:
         await repo.upsert_latest(sr.Snapshot(user_id="first", state=Cart()))
         if statistics == "stale":

@@ -15,8 +15,8 @@ from sqlalchemy import event
 import snapshot_repo as sr
 from snapshot_repo import migrate
 from snapshot_repo.backends import KEPT_CONNECTIONS, _pool
+from tests.support.databases import Backend, Cart, plain_dsn
 
-from .conftest import Backend, Cart, _plain_dsn
 from .support.pool import queue_pool
 from .test_repository import snap, stored_rows
 
@@ -246,7 +246,7 @@ async def kill_the_next_connection(repo: sr.SnapshotRepository[Cart], url: str) 
     await repo._backend.release()
     async with repo.engine.connect() as conn:
         pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
-    admin = await asyncpg.connect(_plain_dsn(url))
+    admin = await asyncpg.connect(plain_dsn(url))
     try:
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
     finally:

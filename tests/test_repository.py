@@ -10,8 +10,7 @@ from sqlalchemy import func, select
 
 import snapshot_repo as sr
 from snapshot_repo.tables import history_table, latest_table
-
-from .conftest import Backend, Cart, refusing_history_insert
+from tests.support.databases import Backend, Cart, refusing_history_insert
 
 
 def snap(user_id: str, *items: str, schema_version: int = 1) -> sr.Snapshot[Cart]:

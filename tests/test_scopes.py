@@ -7,8 +7,8 @@ from pydantic import BaseModel
 
 import snapshot_repo as sr
 from snapshot_repo import migrate
+from tests.support.databases import Backend, Cart
 
-from .conftest import Backend, Cart
 from .test_repository import snap
 
 

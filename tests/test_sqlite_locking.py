@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import snapshot_repo as sr
-from tests.conftest import Cart
+from tests.support.databases import Cart
 
 
 def database(tmp_path: Path, sqlite_template: Path) -> Path:

@@ -18,8 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.util import await_only
 
 import snapshot_repo as sr
-
-from .conftest import Cart, _sqlite_backend
+from tests.support.databases import Cart, sqlite_backend
 
 Trace = list[tuple[int, str]]
 
@@ -78,7 +77,7 @@ async def write_some(repo: sr.SnapshotRepository[Cart]) -> None:
 async def test_reads_run_on_the_loop_thread_unless_turned_off(
     tmp_path: Path, sqlite_template: Path, inline: bool
 ):
-    backend = _sqlite_backend(tmp_path, sqlite_template)
+    backend = sqlite_backend(tmp_path, sqlite_template)
     settings = sr.EngineSettings(sqlite_inline_reads=inline)
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         trace = trace_statements(repo.engine)
@@ -98,7 +97,7 @@ async def test_reads_hop_on_connections_bound_to_their_thread(
 ):
     """An application's engine may open connections with `check_same_thread=True`:
     reading them from the loop's thread raises, and the reads hop instead."""
-    backend = _sqlite_backend(tmp_path, sqlite_template)
+    backend = sqlite_backend(tmp_path, sqlite_template)
     engine = create_async_engine(backend.url, connect_args={"check_same_thread": True})
     trace = trace_statements(engine)
     try:
@@ -115,7 +114,7 @@ async def test_inline_reads_see_what_another_engine_committed(
     tmp_path: Path, sqlite_template: Path
 ):
     """Each inline read is its own read transaction: it sees every commit made before it."""
-    backend = _sqlite_backend(tmp_path, sqlite_template)
+    backend = sqlite_backend(tmp_path, sqlite_template)
     async with (
         sr.SnapshotRepository.from_url(backend.url, Cart) as reader,
         sr.SnapshotRepository.from_url(backend.url, Cart) as writer,

@@ -8,8 +8,8 @@ import pytest
 
 import snapshot_repo as sr
 from snapshot_repo import migrate
+from tests.support.databases import Backend, Cart, PostgresServer
 
-from .conftest import Backend, Cart, PostgresServer
 from .test_changes import read_all
 
 KEY = b"an application secret of 32 bytes"

@@ -10,8 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 import snapshot_repo as sr
-
-from .conftest import Backend, Cart
+from tests.support.databases import Backend, Cart
 
 
 class Reading(BaseModel):

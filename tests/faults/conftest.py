@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 
 import snapshot_repo as sr
+from tests.support.databases import IN_CI, migrate_database, run_blocking
 
-from ..conftest import IN_CI, _migrate, run_blocking
 from ..support.pg_cluster import ClusterUnavailableError, PgCluster
 
 
@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-migrate_url = _migrate  # the shared suite's helper: upgrade `url` to head
+migrate_url = migrate_database  # the shared suite's helper: upgrade `url` to head
 
 
 @pytest.fixture(scope="session")

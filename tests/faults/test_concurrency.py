@@ -13,8 +13,8 @@ from collections import Counter
 import pytest
 
 import snapshot_repo as sr
+from tests.support.databases import Backend, Cart
 
-from ..conftest import Backend, Cart
 from ..support.consistency import assert_consistent, payload_items, read_tables
 from ..support.pool import leaked_connections
 

@@ -17,8 +17,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
+from tests.support.databases import Cart
 
-from ..conftest import Cart
 from ..support.consistency import assert_consistent, read_tables
 from ..support.pool import leaked_connections, queue_pool
 from ..support.proxy import TcpProxy

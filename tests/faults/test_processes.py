@@ -19,8 +19,8 @@ from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
 from snapshot_repo.migrate import VERSION_TABLE, head_revision
+from tests.support.databases import Backend, Cart
 
-from ..conftest import Backend, Cart
 from ..support.consistency import assert_consistent, payload_items, read_tables
 from ..support.processes import WorkerProcess, worker
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import pytest
 
 import snapshot_repo as sr
+from tests.support.databases import Cart
 
-from ..conftest import Cart
 from ..support.consistency import assert_consistent, payload_items, read_tables
 from ..support.pg_cluster import PgCluster
 from ..support.pool import queue_pool

@@ -15,8 +15,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
+from tests.support.databases import Cart
 
-from ..conftest import Cart
 from ..support.consistency import assert_consistent, payload_items, read_tables
 
 pytestmark = pytest.mark.fault
