@@ -38,79 +38,41 @@ line-splitting convention can cut a line in two.
 from __future__ import annotations
 
 import asyncio
-import codecs
-import re
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    AsyncIterator,
-    Callable,
-    Iterable,
-    Mapping,
-)
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
-from typing import IO, Any, Final, TypeVar
+from typing import IO, Any, Final
 
-from pydantic_core import from_json, to_json
-from sqlalchemy import Select, insert, literal, select, text, tuple_
+from pydantic_core import to_json
+from sqlalchemy import Select, literal, select, text, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import migrate
-from ._checks import MAX_BATCH_SIZE, check_int, valid_actor, valid_identifier, valid_reason
-from ._dialects import STORED_COLUMNS
+from ._checks import MAX_BATCH_SIZE, check_int
+from ._dump_format import (
+    COLUMNS,
+    DUMP_FORMAT,
+    DUMP_FORMAT_VERSION,
+    KEY,
+    RECEIPT_COLUMNS,
+    Progress,
+    check_utf8,
+)
+from ._dump_lines import escape_line_breaks, receipt_line, row_line, timestamp, writer
+from ._load_lines import check_end, check_header, numbered, parse
+from ._loader import Loader
 from ._translate import storage_errors
-from .codec import HARD_MAX_PAYLOAD_BYTES, encode_metadata
-from .crypto import SEALED_PREFIX
 from .engine import WRITE_TRANSACTION, EngineSettings, install_sqlite_settings
 from .errors import ConfigurationError, SchemaNotReadyError, SnapshotValidationError
-from .snapshot import MAX_IDEMPOTENCY_KEY_LENGTH, MAX_SCOPE_LENGTH, MAX_USER_ID_LENGTH
 from .tables import changes_table, erasure_receipts_table, history_table, latest_table
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DUMP_FORMAT", "DUMP_FORMAT_VERSION", "Progress", "dump", "load"]
 
-DUMP_FORMAT: Final = "snapshot_repo.dump"
-"""The header's ``format``: what `load` looks for on the first line."""
-
-DUMP_FORMAT_VERSION: Final = 1
-"""The header's ``version``: the shape of the other lines, bumped when it changes."""
-
 DEFAULT_BATCH_SIZE: Final = 1000
 """Rows per query (dump) or per insert (load): bounded memory, few round trips."""
 
-Progress = Callable[[int], object]
-"""Called with the number of history rows dumped or loaded so far, once per batch."""
-
-_COLUMNS: Final = STORED_COLUMNS  # every column of a history row, in table order
-_KEY: Final = ("tenant", "namespace", "user_id", "version")
-_ROW_FIELDS: Final = frozenset(
-    {*(name for name in _COLUMNS if name != "payload"), "state", "expires_at"}
-)
-_RECEIPT_COLUMNS: Final = (
-    "subject",
-    "tenant",
-    "namespace",
-    "erased_at",
-    "versions_erased",
-    "cause",
-)
-_END_FIELDS: Final = frozenset({"end", "rows", "receipts"})
 _TABLES: Final = (latest_table, history_table, changes_table, erasure_receipts_table)
-_MAX_BIGINT: Final = 2**63 - 1
-_MAX_INTEGER: Final = 2**31 - 1
-
-# Line breaks to `str.splitlines` (and some editors) that JSON leaves raw inside
-# strings; in UTF-8 these byte sequences can only be these characters.
-_RAW_LINE_BREAKS: Final = (
-    (b"\xc2\x85", b"\\u0085"),
-    (b"\xe2\x80\xa8", b"\\u2028"),
-    (b"\xe2\x80\xa9", b"\\u2029"),
-)
-_JSON_POSITION = re.compile(r"\bline 1 column\b")
-_ResultT = TypeVar("_ResultT")
 
 
 async def dump(
@@ -156,14 +118,14 @@ async def dump(
         OSError: writing to `out` failed; passed through as it is.
     """
     check_int("batch_size", batch_size, minimum=1, maximum=MAX_BATCH_SIZE)
-    write = _writer(out)
+    write = writer(out)
     revision = await _require_head(engine, "dump")
     header = {
         "format": DUMP_FORMAT,
         "version": DUMP_FORMAT_VERSION,
         "schema_revision": revision,
         "dialect": engine.dialect.name,
-        "dumped_at": _timestamp(datetime.now(UTC)),
+        "dumped_at": timestamp(datetime.now(UTC)),
     }
     write(to_json(header) + b"\n")
     rows = receipts = 0
@@ -172,12 +134,12 @@ async def dump(
     async with aclosing(_batches(engine, batch_size)) as batches:
         async for kind, batch in batches:
             if kind == "rows":
-                write(_escape_line_breaks(b"".join(map(_row_line, batch))))
+                write(escape_line_breaks(b"".join(map(row_line, batch))))
                 rows += len(batch)
                 if progress is not None:
                     progress(rows)
             else:
-                write(b"".join(map(_receipt_line, batch)))
+                write(b"".join(map(receipt_line, batch)))
                 receipts += len(batch)
     write(to_json({"end": True, "rows": rows, "receipts": receipts}) + b"\n")
     return rows
@@ -245,16 +207,16 @@ async def load(
     check_int("batch_size", batch_size, minimum=1, maximum=MAX_BATCH_SIZE)
     if isinstance(lines, str | bytes):
         raise SnapshotValidationError("load takes a file or an iterable of lines, not one string")
-    _check_utf8(lines, "load reads")
+    check_utf8(lines, "load reads")
     await _require_head(engine, "load")
-    async with aclosing(_numbered(lines)) as numbered:
-        _check_header(await anext(numbered, None))
+    async with aclosing(numbered(lines)) as numbered_lines:
+        check_header(await anext(numbered_lines, None))
         async with _write_transaction(engine) as conn:
             await _require_empty(conn)
-            loader = _Loader(conn, batch_size, progress)
+            loader = Loader(conn, batch_size, progress)
             end: tuple[int, Mapping[str, Any]] | None = None
-            async for number, line in numbered:
-                value = _parse(number, line)
+            async for number, line in numbered_lines:
+                value = parse(number, line)
                 if end is not None:
                     raise SnapshotValidationError(
                         f"line {number} of the dump follows its end line (line {end[0]})"
@@ -266,37 +228,11 @@ async def load(
                 else:
                     await loader.add_row(number, value)
             await loader.finish()
-            _check_end(end, loader.rows, loader.receipts)
+            check_end(end, loader.rows, loader.receipts)
     return loader.rows
 
 
-# --- dump ---------------------------------------------------------------------
-
-
-def _writer(out: IO[bytes] | IO[str]) -> Callable[[bytes], object]:
-    """A function writing UTF-8 bytes to `out`, binary or text."""
-    if not _is_text(out):
-        binary: IO[bytes] = out  # type: ignore[assignment]
-        return binary.write
-    _check_utf8(out, "dump writes")
-    textual: IO[str] = out  # type: ignore[assignment]
-    return lambda data: textual.write(data.decode("utf-8"))
-
-
-def _is_text(stream: object) -> bool:
-    # Text streams (files opened in text mode, sys.stdout, StringIO) have an
-    # `encoding` attribute; binary ones (BytesIO, files opened with "b") do not.
-    return hasattr(stream, "encoding")
-
-
-def _check_utf8(stream: object, verb: str) -> None:
-    """Refuse a text stream that would re-encode the dump's UTF-8 as something else."""
-    encoding = getattr(stream, "encoding", None) if _is_text(stream) else None
-    if isinstance(encoding, str) and codecs.lookup(encoding).name != "utf-8":
-        raise ConfigurationError(
-            f"{verb} UTF-8 JSON Lines: give it a binary stream or a text stream "
-            f"encoding UTF-8, not {encoding}"
-        )
+# --- dump: reading the store --------------------------------------------------
 
 
 async def _batches(
@@ -315,7 +251,7 @@ async def _batches(
                 yield "rows", rows
                 if len(rows) < batch_size:
                     break
-                after = tuple(getattr(rows[-1], name) for name in _KEY)
+                after = tuple(getattr(rows[-1], name) for name in KEY)
             last_id: int | None = None
             while receipts := list((await conn.execute(_receipts_page(last_id, batch_size))).all()):
                 yield "receipts", receipts
@@ -333,17 +269,15 @@ def _rows_page(after: tuple[Any, ...] | None, limit: int) -> Select[Any]:
     the latest table from its start on every page); it matches only a user's
     latest version.
     """
-    key = [history_table.c[name] for name in _KEY]
+    key = [history_table.c[name] for name in KEY]
     expires_at = (
         select(latest_table.c.expires_at)
-        .where(*(latest_table.c[name] == history_table.c[name] for name in _KEY))
+        .where(*(latest_table.c[name] == history_table.c[name] for name in KEY))
         .scalar_subquery()
         .label("expires_at")
     )
     statement = (
-        select(*(history_table.c[name] for name in _COLUMNS), expires_at)
-        .order_by(*key)
-        .limit(limit)
+        select(*(history_table.c[name] for name in COLUMNS), expires_at).order_by(*key).limit(limit)
     )
     if after is None:
         return statement
@@ -354,352 +288,14 @@ def _rows_page(after: tuple[Any, ...] | None, limit: int) -> Select[Any]:
 def _receipts_page(after_id: int | None, limit: int) -> Select[Any]:
     table = erasure_receipts_table
     statement = (
-        select(*(table.c[name] for name in _RECEIPT_COLUMNS), table.c.id)
+        select(*(table.c[name] for name in RECEIPT_COLUMNS), table.c.id)
         .order_by(table.c.id)
         .limit(limit)
     )
     return statement if after_id is None else statement.where(table.c.id > after_id)
 
 
-def _row_line(row: Any) -> bytes:
-    values = row._mapping
-    record = {name: values[name] for name in _COLUMNS if name not in ("payload", "metadata")}
-    record["created_at"] = _timestamp(values["created_at"])
-    record["metadata"] = _stored_json(values, "metadata")
-    record["state"] = _stored_json(values, "payload")
-    expires_at = values["expires_at"]
-    record["expires_at"] = None if expires_at is None else _timestamp(expires_at)
-    return to_json(record) + b"\n"
-
-
-def _receipt_line(row: Any) -> bytes:
-    values = row._mapping
-    receipt = {name: values[name] for name in _RECEIPT_COLUMNS}
-    receipt["erased_at"] = _timestamp(values["erased_at"])
-    return to_json({"receipt": receipt}) + b"\n"
-
-
-def _stored_json(values: Mapping[str, Any], column: str) -> Any:
-    stored = values[column]
-    if stored is None:
-        return None
-    if bytes(stored).startswith(SEALED_PREFIX):
-        raise SnapshotValidationError(
-            "dump found an encrypted (crypto-shredding) payload: dumps hold readable JSON "
-            "and no data keys, so stores with encryption cannot be dumped"
-        )
-    try:
-        return from_json(bytes(stored))
-    except ValueError as exc:
-        raise SnapshotValidationError(
-            f"dump found a stored {column} that is not JSON ({_json_problem(exc)}) in "
-            f"tenant {values['tenant']!r}, namespace {values['namespace']!r}, "
-            f"version {values['version']} of a user"
-        ) from None
-
-
-def _timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _escape_line_breaks(data: bytes) -> bytes:
-    for raw, escaped in _RAW_LINE_BREAKS:
-        if raw in data:
-            data = data.replace(raw, escaped)
-    return data
-
-
-# --- load: reading and checking lines --------------------------------------------
-
-
-async def _numbered(
-    lines: Iterable[str | bytes] | AsyncIterable[str | bytes],
-) -> AsyncGenerator[tuple[int, str | bytes], None]:
-    """The non-blank lines with their 1-based line numbers (blank lines are counted)."""
-    number = 0
-    if isinstance(lines, AsyncIterable):
-        async for line in lines:
-            number += 1
-            if _has_content(number, line):
-                yield number, line
-        return
-    iterator = iter(lines)
-    while True:
-        try:
-            line = next(iterator)
-        except StopIteration:
-            return
-        except UnicodeDecodeError as exc:  # a text file that is not UTF-8
-            raise SnapshotValidationError(
-                f"line {number + 1} of the dump is not UTF-8: {exc.reason}"
-            ) from None
-        number += 1
-        if _has_content(number, line):
-            yield number, line
-
-
-def _has_content(number: int, line: object) -> bool:
-    if not isinstance(line, str | bytes):
-        raise SnapshotValidationError(
-            f"line {number} of the dump is a {type(line).__name__}, not str or bytes"
-        )
-    return bool(line.strip())
-
-
-def _parse(number: int, line: str | bytes) -> Any:
-    try:
-        # No NaN or Infinity: JSON has neither, and the stores refuse them.
-        return from_json(line, allow_inf_nan=False)
-    except ValueError as exc:
-        raise SnapshotValidationError(
-            f"line {number} of the dump is not JSON: {_json_problem(exc)}"
-        ) from None
-
-
-def _json_problem(exc: ValueError) -> str:
-    return _JSON_POSITION.sub("column", str(exc))
-
-
-def _check_header(first: tuple[int, str | bytes] | None) -> None:
-    if first is None:
-        raise SnapshotValidationError("the dump is empty: it has no header line")
-    number, line = first
-    try:
-        header = _parse(number, line)
-    except SnapshotValidationError:
-        header = None
-    if not isinstance(header, dict) or header.get("format") != DUMP_FORMAT:
-        raise SnapshotValidationError(
-            f"line {number} is not the header of a snapshot_repo dump "
-            f'(a JSON object with "format": "{DUMP_FORMAT}")'
-        )
-    version = header.get("version")
-    if version != DUMP_FORMAT_VERSION or isinstance(version, bool):
-        raise SnapshotValidationError(
-            f"the dump is of format version {version!r}; this package reads "
-            f"version {DUMP_FORMAT_VERSION}"
-        )
-
-
-def _check_end(end: tuple[int, Mapping[str, Any]] | None, rows: int, receipts: int) -> None:
-    if end is None:
-        raise SnapshotValidationError(
-            f"the dump has no end line after its {rows} rows: it was cut short"
-        )
-    number, value = end
-    if set(value) != _END_FIELDS or value["end"] is not True:
-        raise SnapshotValidationError(
-            f"line {number} of the dump is not a valid end line "
-            '({"end": true, "rows": N, "receipts": M})'
-        )
-    for name, read in (("rows", rows), ("receipts", receipts)):
-        counted = _checked(number, partial(check_int, name, value[name], minimum=0))
-        if counted != read:
-            raise SnapshotValidationError(
-                f"the dump's end line (line {number}) counts {counted} {name}, but {read} were read"
-            )
-
-
-def _fields(number: int, value: Any, expected: frozenset[str], what: str) -> dict[str, Any]:
-    """`value` if it is a JSON object with exactly the `expected` fields."""
-    if not isinstance(value, dict):
-        raise SnapshotValidationError(
-            f"line {number} of the dump: {what} is a JSON {type(value).__name__}, not an object"
-        )
-    missing, unknown = expected - value.keys(), value.keys() - expected
-    if missing or unknown:
-        problems = []
-        if missing:
-            problems.append("missing " + ", ".join(sorted(missing)))
-        if unknown:
-            problems.append("unknown " + ", ".join(sorted(unknown)))
-        raise SnapshotValidationError(f"line {number} of the dump: {'; '.join(problems)}")
-    return value
-
-
-def _history_row(value: dict[str, Any]) -> dict[str, Any]:
-    """The history row a dump line describes, validated, ready to insert."""
-    key = value["idempotency_key"]
-    payload = _json_bytes("state", value["state"])
-    if len(payload) > HARD_MAX_PAYLOAD_BYTES:
-        raise SnapshotValidationError(
-            f"state serializes to {len(payload)} bytes; the most any store holds is "
-            f"{HARD_MAX_PAYLOAD_BYTES}"
-        )
-    return {
-        "tenant": _tenant(value["tenant"]),
-        "namespace": valid_identifier("namespace", value["namespace"], MAX_SCOPE_LENGTH),
-        "user_id": valid_identifier("user_id", value["user_id"], MAX_USER_ID_LENGTH),
-        "version": check_int("version", value["version"], minimum=1, maximum=_MAX_BIGINT),
-        "schema_version": check_int(
-            "schema_version", value["schema_version"], minimum=1, maximum=_MAX_INTEGER
-        ),
-        "payload": payload,
-        "created_at": _moment("created_at", value["created_at"]),
-        "idempotency_key": None
-        if key is None
-        else valid_identifier("idempotency_key", key, MAX_IDEMPOTENCY_KEY_LENGTH),
-        "actor": valid_actor(value["actor"]),
-        "reason": valid_reason(value["reason"]),
-        "metadata": encode_metadata(value["metadata"]),
-    }
-
-
-def _receipt_row(value: dict[str, Any]) -> dict[str, Any]:
-    columns = erasure_receipts_table.c
-    return {
-        "subject": valid_identifier("subject", value["subject"], _length(columns.subject)),
-        "tenant": _tenant(value["tenant"]),
-        "namespace": valid_identifier("namespace", value["namespace"], MAX_SCOPE_LENGTH),
-        "erased_at": _moment("erased_at", value["erased_at"]),
-        "versions_erased": check_int(
-            "versions_erased", value["versions_erased"], minimum=0, maximum=_MAX_BIGINT
-        ),
-        "cause": valid_identifier("cause", value["cause"], _length(columns.cause)),
-    }
-
-
-def _length(column: Any) -> int:
-    """The declared length of a VARCHAR column: the longest value it takes."""
-    length = getattr(column.type, "length", None)
-    assert isinstance(length, int), f"{column.name} has no declared length"
-    return length
-
-
-def _tenant(value: object) -> str:
-    return "" if value == "" else valid_identifier("tenant", value, MAX_SCOPE_LENGTH)
-
-
-def _json_bytes(name: str, value: Any) -> bytes:
-    try:
-        return to_json(value)
-    except ValueError as exc:  # PydanticSerializationError is a ValueError
-        raise SnapshotValidationError(f"{name} cannot be stored as JSON: {exc}") from None
-
-
-def _moment(name: str, value: object) -> datetime:
-    if not isinstance(value, str):
-        raise SnapshotValidationError(
-            f"{name} must be an ISO 8601 string, not {type(value).__name__}"
-        )
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise SnapshotValidationError(f"{name} {value!r} is not an ISO 8601 time") from None
-    if moment.tzinfo is None:
-        raise SnapshotValidationError(f"{name} {value!r} has no UTC offset")
-    return moment.astimezone(UTC)
-
-
-def _checked(number: int, check: Callable[[], _ResultT]) -> _ResultT:
-    """Run a validation, prefixing its error with the line number."""
-    try:
-        return check()
-    except SnapshotValidationError as exc:
-        raise SnapshotValidationError(f"line {number} of the dump: {exc}") from None
-
-
-# --- load: writing ----------------------------------------------------------------
-
-
-@dataclass
-class _Pending:
-    """The newest line read so far of the user being read: their latest row, if none follows."""
-
-    number: int
-    row: dict[str, Any]
-    expires_at: datetime | None
-
-
-@dataclass
-class _Loader:
-    """Validated rows in, batched inserts out, inside the load's one transaction."""
-
-    conn: AsyncConnection
-    batch_size: int
-    progress: Progress | None
-    rows: int = 0
-    receipts: int = 0
-    _history: list[dict[str, Any]] = field(default_factory=list)
-    _latest: list[dict[str, Any]] = field(default_factory=list)
-    _lines: list[int] = field(default_factory=list)
-    _receipts: list[dict[str, Any]] = field(default_factory=list)
-    _pending: _Pending | None = None
-
-    async def add_row(self, number: int, value: Any) -> None:
-        value = _fields(number, value, _ROW_FIELDS, "the line")
-        row = _checked(number, lambda: _history_row(value))
-        expires_at = _checked(number, lambda: _expiry(value["expires_at"]))
-        pending = self._pending
-        if pending is not None and all(pending.row[k] == row[k] for k in _KEY[:3]):
-            if row["version"] <= pending.row["version"]:
-                raise SnapshotValidationError(
-                    f"line {number} of the dump: version {row['version']} follows version "
-                    f"{pending.row['version']} of the same user (line {pending.number}); "
-                    "a user's versions must be consecutive lines in ascending order"
-                )
-            if pending.expires_at is not None:
-                raise SnapshotValidationError(
-                    f"line {pending.number} of the dump: expires_at is set on a version "
-                    f"that is not the user's latest (line {number} has a newer one)"
-                )
-        elif pending is not None:
-            self._add_latest(pending)
-        self._pending = _Pending(number, row, expires_at)
-        self._history.append(row)
-        self._lines.append(number)
-        if len(self._history) >= self.batch_size:
-            await self._flush_rows()
-
-    async def add_receipt(self, number: int, value: dict[str, Any]) -> None:
-        value = _fields(number, value, frozenset({"receipt"}), "the line")
-        receipt = _fields(number, value["receipt"], frozenset(_RECEIPT_COLUMNS), "the receipt")
-        self._receipts.append(_checked(number, lambda: _receipt_row(receipt)))
-        if len(self._receipts) >= self.batch_size:
-            await self._flush_receipts()
-
-    async def finish(self) -> None:
-        if self._pending is not None:
-            self._add_latest(self._pending)
-            self._pending = None
-        await self._flush_rows()
-        await self._flush_receipts()
-
-    def _add_latest(self, pending: _Pending) -> None:
-        self._latest.append({**pending.row, "expires_at": pending.expires_at})
-        self._lines.append(pending.number)
-
-    async def _flush_rows(self) -> None:
-        """Insert the batch's history rows and the latest rows of the users it completed.
-
-        At the end the batch may hold only a latest row: the last user's, whose
-        last version went out with the previous (full) batch.
-        """
-        if not self._history and not self._latest:
-            return
-        first, last = min(self._lines), max(self._lines)
-        async with storage_errors(f"load (the rows of lines {first} to {last})"):
-            if self._history:
-                await self.conn.execute(insert(history_table), self._history)
-            if self._latest:
-                await self.conn.execute(insert(latest_table), self._latest)
-        if self._history:
-            self.rows += len(self._history)
-            if self.progress is not None:
-                self.progress(self.rows)
-        self._history, self._latest, self._lines = [], [], []
-
-    async def _flush_receipts(self) -> None:
-        if not self._receipts:
-            return
-        async with storage_errors("load (erasure receipts)"):
-            await self.conn.execute(insert(erasure_receipts_table), self._receipts)
-        self.receipts += len(self._receipts)
-        self._receipts = []
-
-
-def _expiry(value: object) -> datetime | None:
-    return None if value is None else _moment("expires_at", value)
+# --- load: the transaction ----------------------------------------------------
 
 
 @asynccontextmanager
