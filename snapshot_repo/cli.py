@@ -29,48 +29,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import json
 import os
 import sys
-import threading
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Literal, TextIO
+from functools import partial
+from typing import Any
 
-from pydantic import ValidationError
-from pydantic_core import ErrorDetails
-
-from . import backup
-from .codec import JsonObject
+from . import _cli_commands as commands
+from ._cli_input import InputError, import_object, new_snapshot, read_state
+from ._cli_output import (
+    EXIT_BAD_INPUT,
+    EXIT_CONFLICT,
+    EXIT_INTERRUPTED,
+    EXIT_STORAGE,
+    PROG,
+    fail,
+)
 from .engine import DEFAULT_URL
 from .errors import (
     ConfigurationError,
     SnapshotRepoError,
     SnapshotValidationError,
     VersionConflictError,
-    redact,
 )
-from .migrate import head_revision
-from .repository import RepositoryOptions, SnapshotRepository
-from .snapshot import Snapshot
+from .repository import RepositoryOptions
 
 __all__ = ["main"]
 
-_PROG = "snapshot-repo"
 _URL_ENV = "SNAPSHOT_REPO_URL"
 _DEFAULT_HISTORY_LIMIT = 10
-
-_EXIT_OK = 0
-_EXIT_NOT_FOUND = 1
-_EXIT_BAD_INPUT = 2
-_EXIT_STORAGE = 3
-_EXIT_CONFLICT = 4
-_EXIT_INTERRUPTED = 130
 
 _EPILOG = f"""\
 database URL: --url, else ${_URL_ENV},
@@ -84,34 +72,6 @@ exit status:
   4    version conflict (put --expected-version lost; nothing was written)
   130  interrupted
 """
-
-_THREAD_SETTLE_SECONDS = 1.0
-
-_Repository = SnapshotRepository[JsonObject]
-_Command = Callable[[_Repository], Awaitable[int]]
-
-
-@dataclass(frozen=True, slots=True)
-class _Invocation:
-    """What one run needs: the repository's options and the call to make on it."""
-
-    command: _Command
-    options: RepositoryOptions = field(default_factory=lambda: RepositoryOptions())
-    tenant: str | None = None
-    model: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class _PutOptions:
-    expected_version: int | None
-    idempotency_key: str | None
-    actor: str | None
-    reason: str | None
-    ttl: timedelta | None
-
-
-class _InputError(Exception):
-    """Input the CLI itself refuses before any I/O: unreadable file, invalid or non-object JSON."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,17 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         invocation = _invocation(args)
-        return asyncio.run(_run(_url(args), invocation))
+        return asyncio.run(commands.run(_url(args), invocation))
     except KeyboardInterrupt:
-        return _EXIT_INTERRUPTED
-    except (_InputError, SnapshotValidationError, ConfigurationError) as exc:
-        return _fail(_EXIT_BAD_INPUT, str(exc))
+        return EXIT_INTERRUPTED
+    except (InputError, SnapshotValidationError, ConfigurationError) as exc:
+        return fail(EXIT_BAD_INPUT, str(exc))
     except VersionConflictError as exc:
-        return _fail(_EXIT_CONFLICT, str(exc))
+        return fail(EXIT_CONFLICT, str(exc))
     except SnapshotRepoError as exc:
         # StorageError (SchemaNotReadyError included), and any failure of the
         # library newer than this CLI.
-        return _fail(_EXIT_STORAGE, str(exc))
+        return fail(EXIT_STORAGE, str(exc))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -160,16 +120,16 @@ def _parser() -> argparse.ArgumentParser:
         "--tenant", default=argparse.SUPPRESS, help="act within this tenant only (default: none)"
     )
     parser = argparse.ArgumentParser(
-        prog=_PROG,
+        prog=PROG,
         description="Versioned per-user JSON state snapshots on SQLite or Postgres.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[url],
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(
+        return subparsers.add_parser(
             name,
             help=help_text,
             description=help_text,
@@ -269,7 +229,7 @@ def _url(args: argparse.Namespace) -> str:
     return url
 
 
-def _invocation(args: argparse.Namespace) -> _Invocation:
+def _invocation(args: argparse.Namespace) -> commands.Invocation:
     """Do the synchronous part of a command (reading input) and return the part that needs I/O.
 
     Input is read and validated here, before the database is opened, so bad
@@ -279,296 +239,50 @@ def _invocation(args: argparse.Namespace) -> _Invocation:
     options = RepositoryOptions()
     if getattr(args, "namespace", None) is not None:
         options["namespace"] = args.namespace
-    tenant: str | None = getattr(args, "tenant", None)
+    command: commands.Command
+    model: Any = None
     match args.command:
         case "migrate":
-            return _Invocation(_migrate, options, tenant)
+            command = commands.migrate
         case "put":
-            snapshot = _snapshot(user_id, _read_state(args.file), args.schema_version)
-            write = _PutOptions(
+            snapshot = new_snapshot(user_id, read_state(args.file), args.schema_version)
+            write = commands.PutOptions(
                 expected_version=args.expected_version,
                 idempotency_key=args.idempotency_key,
                 actor=args.actor,
                 reason=args.reason,
                 ttl=None if args.ttl is None else timedelta(seconds=args.ttl),
             )
-            return _Invocation(lambda repo: _put(repo, snapshot, write), options, tenant)
+            command = partial(commands.put, snapshot=snapshot, write=write)
         case "get":
-            return _Invocation(lambda repo: _get(repo, user_id), options, tenant)
+            command = partial(commands.get, user_id=user_id)
         case "history":
-            limit: int = args.limit
-            return _Invocation(lambda repo: _history(repo, user_id, limit), options, tenant)
+            command = partial(commands.history, user_id=user_id, limit=args.limit)
         case "delete":
-            return _Invocation(lambda repo: _delete(repo, user_id), options, tenant)
+            command = partial(commands.delete, user_id=user_id)
         case "health":
-            return _Invocation(_health, options, tenant)
+            command = commands.health
         case "export":
-            output: str | None = args.output
-            return _Invocation(lambda repo: _export(repo, user_id, output), options, tenant)
+            command = partial(commands.export, user_id=user_id, output=args.output)
         case "prune":
-            prune = _prune_call(args)
-            return _Invocation(prune, options, tenant)
+            older_than = None if args.older_than is None else timedelta(seconds=args.older_than)
+            command = partial(
+                commands.prune, user=args.user, keep_last=args.keep_last, older_than=older_than
+            )
         case "reap":
-            return _Invocation(_reap, options, tenant)
+            command = commands.reap
         case "upgrade-payloads":
             options["schema_version"] = args.schema_version
-            options["upgraders"] = _import(args.upgraders, "--upgraders")
-            model = None if args.model is None else _import(args.model, "--model")
-            return _Invocation(_upgrade_payloads, options, tenant, model)
+            options["upgraders"] = import_object(args.upgraders, "--upgraders")
+            model = None if args.model is None else import_object(args.model, "--model")
+            command = commands.upgrade_payloads
         case "dump":
-            destination: str | None = args.output
-            return _Invocation(lambda repo: _dump(repo, destination), options, tenant)
+            command = partial(commands.dump, output=args.output)
         case "load":
-            source: str | None = args.input
-            return _Invocation(lambda repo: _load(repo, source), options, tenant)
-    raise AssertionError(f"unhandled command {args.command!r}")  # argparse allows no other
-
-
-async def _run(url: str, invocation: _Invocation) -> int:
-    threads_before = set(threading.enumerate())
-    try:
-        async with SnapshotRepository.from_url(url, invocation.model, **invocation.options) as repo:
-            scoped = repo if invocation.tenant is None else repo.for_tenant(invocation.tenant)
-            return await invocation.command(scoped)
-    finally:
-        await _settle_sqlite_threads(threads_before)
-
-
-async def _settle_sqlite_threads(threads_before: set[threading.Thread]) -> None:
-    """Wait (at most a second) for aiosqlite worker threads of this run to exit.
-
-    When a SQLite file cannot be opened, aiosqlite (0.22) queues its worker
-    thread's shutdown without awaiting it; if `asyncio.run` closes the loop
-    first, the thread dies with "Event loop is closed" and Python prints its
-    traceback after our one-line error (omnilib/aiosqlite#241, #389). Keeping
-    the loop open until the thread is gone prevents that. Threads are found by
-    the name Python gives them, "Thread-N (_connection_worker_thread)".
-    """
-    deadline = time.monotonic() + _THREAD_SETTLE_SECONDS
-    while time.monotonic() < deadline:
-        pending = [
-            thread
-            for thread in threading.enumerate()
-            if thread not in threads_before and thread.name.endswith("(_connection_worker_thread)")
-        ]
-        if not pending:
-            return
-        await asyncio.sleep(0.001)
-
-
-async def _migrate(repo: _Repository) -> int:
-    await repo.migrate()
-    url = repo.engine.url.render_as_string(hide_password=True)
-    print(f"migrated {url} to revision {head_revision()} (head)")
-    return _EXIT_OK
-
-
-async def _put(repo: _Repository, snapshot: Snapshot[Any], write: _PutOptions) -> int:
-    stored = await repo.upsert_latest(
-        snapshot,
-        expected_version=write.expected_version,
-        idempotency_key=write.idempotency_key,
-        actor=write.actor,
-        reason=write.reason,
-        ttl=write.ttl,
-    )
-    _print_json(stored.model_dump(mode="json"))
-    return _EXIT_OK
-
-
-async def _get(repo: _Repository, user_id: str) -> int:
-    snapshot = await repo.get_latest(user_id)
-    if snapshot is None:
-        return _fail(_EXIT_NOT_FOUND, f"no snapshot for user {redact(user_id)}")
-    _print_json(snapshot.model_dump(mode="json"))
-    return _EXIT_OK
-
-
-async def _history(repo: _Repository, user_id: str, limit: int) -> int:
-    snapshots = await repo.get_history(user_id, limit)
-    _print_json([snapshot.model_dump(mode="json") for snapshot in snapshots])
-    return _EXIT_OK
-
-
-async def _delete(repo: _Repository, user_id: str) -> int:
-    print(await repo.delete(user_id))
-    return _EXIT_OK
-
-
-async def _health(repo: _Repository) -> int:
-    report = await repo.health()
-    _print_json(report.model_dump(mode="json"))
-    return _EXIT_OK if report.healthy else _EXIT_NOT_FOUND
-
-
-async def _export(repo: _Repository, user_id: str, output: str | None) -> int:
-    with _opened(output, "w") as out:
-        async for line in repo.export_user_lines(user_id):
-            out.write(line)
-    return _EXIT_OK
-
-
-def _prune_call(args: argparse.Namespace) -> _Command:
-    keep_last: int | None = args.keep_last
-    older_than = None if args.older_than is None else timedelta(seconds=args.older_than)
-    user: str | None = args.user
-
-    async def prune(repo: _Repository) -> int:
-        with _Progress("pruned versions") as progress:
-            pruned = await repo.prune_history(
-                user, keep_last=keep_last, older_than=older_than, progress=progress
-            )
-        print(pruned)
-        return _EXIT_OK
-
-    return prune
-
-
-async def _reap(repo: _Repository) -> int:
-    with _Progress("reaped users") as progress:
-        print(await repo.reap_expired(progress=progress))
-    return _EXIT_OK
-
-
-async def _upgrade_payloads(repo: _Repository) -> int:
-    with _Progress("rewritten rows") as progress:
-        print(await repo.upgrade_payloads(progress=progress))
-    return _EXIT_OK
-
-
-async def _dump(repo: _Repository, output: str | None) -> int:
-    with _opened(output, "w") as out, _Progress("dumped versions") as progress:
-        count = await backup.dump(repo.engine, out, progress=progress)
-    print(f"dumped {count} versions", file=sys.stderr)
-    return _EXIT_OK
-
-
-async def _load(repo: _Repository, source: str | None) -> int:
-    with _opened(source, "r") as lines, _Progress("loaded versions") as progress:
-        count = await backup.load(repo.engine, lines, progress=progress)
-    print(f"loaded {count} versions", file=sys.stderr)
-    return _EXIT_OK
-
-
-@contextmanager
-def _opened(path: str | None, mode: Literal["r", "w"]) -> Iterator[TextIO]:
-    """`path` opened as UTF-8 text, or stdin/stdout when it is None."""
-    if path is None:
-        yield sys.stdin if mode == "r" else sys.stdout
-        return
-    try:
-        handle = open(path, mode, encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise _InputError(f"cannot open {path}: {exc.strerror or exc}") from None
-    with handle:
-        yield handle
-
-
-class _Progress:
-    """A one-line progress counter on stderr, shown only on a terminal."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._shown = False
-
-    def __call__(self, done: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\r{self._what}: {done}", end="", file=sys.stderr, flush=True)
-            self._shown = True
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        if self._shown:
-            print(file=sys.stderr)
-
-
-def _import(spec: str, flag: str) -> Any:
-    """The object named by "module:attribute" (for --model and --upgraders)."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise _InputError(f"{flag} takes MODULE:NAME, not {spec!r}")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise _InputError(f"{flag} {spec}: {exc}") from None
-
-
-def _read_state(path: str | None) -> object:
-    """The JSON object from `path`, or from stdin when `path` is None.
-
-    Raises:
-        _InputError: the file cannot be read, or the text is not JSON or not an object.
-    """
-    source = "stdin" if path is None else path
-    stdin: TextIO | None = sys.stdin  # None when the process was started with stdin closed
-    try:
-        if path is not None:
-            # Bytes let `json` detect UTF-8/16/32 (and a UTF-8 BOM) itself.
-            text: str | bytes = Path(path).read_bytes()
-        elif stdin is None:
-            raise _InputError("stdin is closed: pipe the state in, or use --file PATH")
-        else:
-            if stdin.isatty():
-                # Otherwise a user who forgot the pipe sees a command that seems to hang.
-                print(f"{_PROG}: reading the state from stdin (end with Ctrl-D)", file=sys.stderr)
-            text = stdin.read()
-        state = json.loads(text)
-    except OSError as exc:
-        raise _InputError(f"cannot read {source}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise _InputError(f"{source} is not valid text: {exc.reason}") from None
-    except json.JSONDecodeError as exc:
-        raise _InputError(f"{source} is not valid JSON: {exc}") from None
-    if not isinstance(state, dict):
-        raise _InputError(f"{source} must hold a JSON object, not {_json_kind(state)}")
-    return state
-
-
-def _snapshot(user_id: str, state: object, schema_version: int | None) -> Snapshot[Any]:
-    """The snapshot to store; the model checks the user id.
-
-    Raises:
-        SnapshotValidationError: the user id is refused.
-    """
-    try:
-        return Snapshot(user_id=user_id, state=state, schema_version=schema_version)
-    except ValidationError as exc:
-        raise SnapshotValidationError(
-            "; ".join(_describe(error) for error in exc.errors())
-        ) from None
-
-
-def _describe(error: ErrorDetails) -> str:
-    # A ValueError from our own validators (the user id's) already says which field and why.
-    cause = error.get("ctx", {}).get("error")
-    if error["type"] == "value_error" and cause is not None:
-        return str(cause)
-    field = ".".join(str(part) for part in error["loc"])
-    return f"{field}: {error['msg']}"
-
-
-def _json_kind(value: object) -> str:
-    kinds: list[tuple[type | tuple[type, ...], str]] = [
-        (list, "an array"),
-        (str, "a string"),
-        (bool, "a boolean"),
-        ((int, float), "a number"),
-    ]
-    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
-
-
-def _print_json(value: object) -> None:
-    # ASCII-only output prints on any terminal encoding; compact keeps it one line.
-    print(json.dumps(value, separators=(",", ":")))
-
-
-def _fail(status: int, message: str) -> int:
-    # One line whatever the message holds, so log collectors keep it whole.
-    text = " ".join(line.strip() for line in message.splitlines())
-    print(f"{_PROG}: error: {text}", file=sys.stderr)
-    return status
+            command = partial(commands.load, source=args.input)
+        case _:  # argparse allows no other
+            raise AssertionError(f"unhandled command {args.command!r}")
+    return commands.Invocation(command, options, getattr(args, "tenant", None), model)
 
 
 if __name__ == "__main__":
