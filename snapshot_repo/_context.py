@@ -24,6 +24,7 @@ from ._encryption import DataKeys
 from ._translate import describe, storage_errors
 from .backends import (
     Backend,
+    BackendKind,
     DataKeyChanged,
     Erasure,
     PendingBatch,
@@ -94,6 +95,10 @@ class RepositoryOptions(TypedDict, total=False):
             writes are stored under it unless a snapshot names another.
         upgraders: `{n: fn}` upgrading a state document from schema version
             n to n + 1, applied when older rows are read (see `upgrades`).
+        backend: "auto" (the default) runs on the fast backend of the engine's
+            database; "core" runs every call through SQLAlchemy's public Core
+            API: slower, for databases and drivers the fast backends do not
+            cover, and the reference they are tested against.
     """
 
     namespace: str
@@ -106,6 +111,7 @@ class RepositoryOptions(TypedDict, total=False):
     max_payload_bytes: int
     health_timeout: float
     operation_timeout: float | None
+    backend: BackendKind
 
 
 class RepositoryContext(Generic[StateT]):
@@ -155,7 +161,7 @@ class RepositoryContext(Generic[StateT]):
         )
         if dialect == "sqlite":
             install_sqlite_settings(engine, EngineSettings())
-        self.backend: Backend = backend_for(engine)
+        self.backend: Backend = backend_for(engine, _backend_kind(options.get("backend", "auto")))
         provider = options.get("encryption")
         if provider is not None and not isinstance(provider, KeyProvider):
             raise ConfigurationError("encryption must be a KeyProvider, e.g. LocalKeyProvider")
@@ -469,6 +475,14 @@ class RepositoryContext(Generic[StateT]):
         if hub is None or not hub.listens_to(self.scope.tenant, self.scope.namespace):
             return None
         return hub
+
+
+def _backend_kind(kind: object) -> BackendKind:
+    if kind == "core":
+        return "core"
+    if kind == "auto":
+        return "auto"
+    raise ConfigurationError(f"backend must be 'auto' or 'core', not {kind!r}")
 
 
 def _erasure_key(key: object) -> bytes | None:

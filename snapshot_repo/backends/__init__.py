@@ -10,13 +10,14 @@ connection SQLAlchemy's pool manages, for speed (see their docstrings).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._compiled import row_decoder
 from ._pool import KEPT_CONNECTIONS
+from ._privates import missing_for, warn_fallback
 from .values import (
     DataKeyChanged,
     DataKeyRef,
@@ -33,6 +34,7 @@ from .values import (
 __all__ = [
     "KEPT_CONNECTIONS",
     "Backend",
+    "BackendKind",
     "DataKeyChanged",
     "DataKeyRef",
     "Erasure",
@@ -105,12 +107,29 @@ class Backend(Protocol):
     def keep_connections(self, count: int) -> None: ...
 
 
-def backend_for(engine: AsyncEngine) -> Backend:
-    """The backend for `engine`'s dialect (Postgres or SQLite).
+BackendKind = Literal["auto", "core"]
+"""Which backend a repository runs on: "auto", the fast backend of the engine's database
+(falling back to "core" when it cannot run), or "core", SQLAlchemy's public API only."""
+
+
+def backend_for(engine: AsyncEngine, kind: BackendKind = "auto") -> Backend:
+    """The backend for `engine`: its database's fast backend, or the core one.
 
     Each backend module is imported here, when first needed, so a service on
     SQLite never imports asyncpg (and needs no Postgres driver installed).
+    The fast backends need a few private names of SQLAlchemy and aiosqlite
+    (see `_privates`); if the installed versions lack one, the engine runs on
+    the core backend, with one warning.
     """
+    if kind == "auto":
+        missing = missing_for(engine)
+        if missing is not None:
+            warn_fallback(missing)
+            kind = "core"
+    if kind == "core":
+        from .core import CoreBackend
+
+        return CoreBackend(engine)
     if engine.dialect.name == "postgresql":
         from .postgres import PostgresBackend
 

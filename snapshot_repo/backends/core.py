@@ -1,0 +1,613 @@
+"""The core backend: the `Backend` contract through SQLAlchemy's public async API only.
+
+The reference the fast backends are measured and tested against (one
+conformance suite runs on all of them), the fallback when a private name they
+need is missing (see `_privates`), and the way onto drivers they do not cover.
+It opens connections with `engine.connect()`, runs Core statements with
+`AsyncConnection.execute` and reads rows by name; no driver call, no private
+name of SQLAlchemy or of a driver.
+
+A write or an erasure is one transaction of separate statements, the steps
+the SQLite backend takes, on every database: no data-modifying CTE and no
+PL/pgSQL function. Write transactions begin with `BEGIN IMMEDIATE` on SQLite
+(the engine's `WRITE_TRANSACTION` option, see `engine.install_sqlite_settings`)
+and run READ COMMITTED elsewhere, where the latest-row upsert comes first and
+takes the user's row lock, which orders the user's writers and erasers.
+
+What is not dialect-neutral, and why:
+
+- ON CONFLICT: SQLAlchemy has no neutral upsert, so the latest-row upsert and
+  the data-key claim use `postgresql.insert` on Postgres and `sqlite.insert`
+  elsewhere (a dialect needs one of the two forms, plus RETURNING).
+- Postgres's feed (revision 0010): a write's entry is its history row
+  (`feed_txid`, `feed_seq`), erase entries and pruned versions' entries carry
+  the transaction id (`pg_current_xact_id`), and NOTIFY is `pg_notify`. Every
+  other database keeps the SQLite feed: one `snapshot_changes` row per entry.
+- SQLite: WAL truncation after erasures is a PRAGMA (`exec_driver_sql`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from functools import cache
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ClauseElement,
+    ColumnElement,
+    Delete,
+    Executable,
+    Insert,
+    Select,
+    String,
+    Text,
+    Update,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy import Sequence as DbSequence
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from .._dialects import (
+    CHANGE_COLUMNS,
+    FEED_SEQUENCE,
+    NOTIFY_CHANNEL,
+    ROW_COLUMNS,
+    STORED_COLUMNS,
+    WRITE_COLUMNS,
+    WriteMode,
+    alive,
+    claim_key_statement,
+    delete_statements,
+    forget_key_statement,
+    history_statement,
+    hold_key_statement,
+    idempotent_write_statement,
+    in_scope,
+    is_key,
+    latest_statement,
+    prune_condition,
+    receipt_statement,
+    sqlite_erasure_feed_statements,
+    version_statement,
+    write_mode,
+)
+from ..engine import WRITE_TRANSACTION, EngineSettings, engine_settings, install_sqlite_settings
+from ..errors import ConnectionLostError
+from ..tables import changes_table, data_keys_table, history_table, latest_table
+from ._compiled import expired, row_decoder
+from .values import (
+    DataKeyChanged,
+    DataKeyRef,
+    Erasure,
+    PendingBatch,
+    PendingWrite,
+    Retention,
+    Row,
+    Scope,
+    WriteOutcome,
+)
+
+__all__ = ["CoreBackend"]
+
+logger = logging.getLogger("snapshot_repo")
+
+_KEY = ("tenant", "namespace", "user_id")
+_TRUNCATE_RETRY_SECONDS = 1.0
+"""While an erasure's WAL truncation is pending, how often later writes try again."""
+
+
+class CoreBackend:
+    """`Backend` on any async dialect, through `AsyncConnection` and Core statements.
+
+    No I/O in the constructor. Connections come from the engine's pool for each
+    call and go back after it: nothing is kept between calls.
+    """
+
+    kept_connections = 0
+    """Idle connections held between calls: none (the pool keeps them)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        name = engine.dialect.name
+        self._postgres = name == "postgresql"
+        self._sqlite = name == "sqlite"
+        self._flavour = "postgresql" if self._postgres else "sqlite"
+        if self._sqlite:
+            install_sqlite_settings(engine, EngineSettings())  # BEGIN IMMEDIATE; idempotent
+        settings = engine_settings(engine)
+        self._truncates_wal = self._sqlite and settings.sqlite_secure_delete
+        self._busy_ms = int(settings.busy_timeout * 1000)
+        # SQLite serializes writers on BEGIN IMMEDIATE and knows no isolation levels.
+        self._write_options: dict[str, Any] = (
+            {WRITE_TRANSACTION: True} if self._sqlite else {"isolation_level": "READ COMMITTED"}
+        )
+        self._decode = row_decoder(engine.dialect, [latest_table.c[n] for n in ROW_COLUMNS])
+        self._driver_sql: dict[int, tuple[ClauseElement, _DriverSql]] = {}
+        self.traces_pending = False
+        """SQLite: an erasure committed but readers kept the WAL from being truncated."""
+        self._next_truncation = 0.0
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def write(self, write: PendingWrite) -> WriteOutcome:
+        """Store one write; see `_write_in` for the statements of its one write transaction.
+
+        On Postgres two first uses of an idempotency key can both miss the
+        lookup; the later one's history append then violates the unique key
+        index and its transaction rolls back. The row the earlier one wrote is
+        then read in a new transaction and returned; if there is none, the
+        error was another and is raised.
+        """
+        try:
+            async with self._write_transaction() as conn:
+                outcome = await self._write_in(conn, write)
+        except IntegrityError:
+            if write.idempotency_key is None:
+                raise
+            async with self._connect() as conn:
+                found = await conn.execute(idempotent_write_statement(), write.keyed_params())
+                earlier = found.first()
+            if earlier is None:
+                raise
+            return _stored_row(earlier._mapping)
+        await self._retry_pending_truncation()
+        return outcome
+
+    async def write_many(self, batch: PendingBatch) -> list[int]:
+        """Store the batch in one write transaction: each write's `_write_in` statements.
+
+        Writes run in code point order of their user ids (a user's own writes
+        in batch order), the order Postgres batches lock users' rows in, so
+        concurrent batches sharing users cannot deadlock; then each user's
+        data key is claimed or held, in the same order.
+        """
+        order = sorted(range(len(batch.user_ids)), key=batch.user_ids.__getitem__)
+        versions = [0] * len(order)
+        async with self._write_transaction() as conn:
+            for index in order:
+                version = await self._write_in(conn, batch.write(index))
+                assert isinstance(version, int)  # a batch write has no key, no compare-and-set
+                versions[index] = version
+            keys = batch.data_keys or {}
+            for user_id in sorted(keys):
+                await self._keep_key(conn, batch.scope, user_id, keys[user_id])
+        await self._retry_pending_truncation()
+        return versions
+
+    async def _write_in(self, conn: AsyncConnection, write: PendingWrite) -> WriteOutcome:
+        """One write's statements, in the caller's write transaction, in this order.
+
+        1. With an idempotency key: the user's history row written with it;
+           if there is one, it is the outcome and nothing is written.
+        2. The latest-row upsert (`_latest_write`), which takes the user's row
+           lock first and returns the row as stored; none (a compare-and-set
+           that found another version): the outcome is None.
+        3. The history append of that row; on Postgres the row carries its
+           feed entry, elsewhere 4. a `snapshot_changes` entry follows.
+        5. Postgres with `notify`: `pg_notify` (delivered at commit).
+        6. With retention, the pruning (`_prune`); 7. with a data key, its
+           claim or hold (`_keep_key`), raising `DataKeyChanged`.
+        """
+        if write.idempotency_key is not None:
+            found = await conn.execute(idempotent_write_statement(), write.keyed_params())
+            earlier = found.first()
+            if earlier is not None:
+                return _stored_row(earlier._mapping)
+        written = await conn.execute(
+            _latest_write(self._flavour, write_mode(write.expected_version)), write.params()
+        )
+        row = written.first()
+        if row is None:
+            return None
+        stored = {name: row._mapping[name] for name in STORED_COLUMNS}
+        await conn.execute(_history_append(self._postgres), stored)
+        if not self._postgres:
+            await conn.execute(_feed_entry("write", False), {n: stored[n] for n in CHANGE_COLUMNS})
+        version = int(stored["version"])
+        if write.notify and self._postgres:
+            params = {**write.scope.key(write.user_id), "version": version, "kind": "write"}
+            await conn.execute(_notify_statement(), params)
+        if write.retention is not None:
+            await self._prune(conn, write.scope, write.user_id, version, write.retention)
+        if write.data_key is not None:
+            await self._keep_key(conn, write.scope, write.user_id, write.data_key)
+        return version
+
+    async def _prune(
+        self, conn: AsyncConnection, scope: Scope, user_id: str, newest: int, policy: Retention
+    ) -> None:
+        """Drop the history versions `policy` no longer keeps (see `prune_condition`).
+
+        Postgres first copies their feed entries to `snapshot_changes` (with
+        their txid and seq), since there a write's entry is its history row.
+        The write holds the user's row lock, which every statement deleting the
+        user's history takes first, so both statements see the same rows.
+        """
+        params = {**scope.key(user_id), "newest": newest, **policy.params()}
+        if self._postgres:
+            await conn.execute(_pruned_entries_move(), params)
+        await conn.execute(_pruning(), params)
+
+    async def _keep_key(
+        self, conn: AsyncConnection, scope: Scope, user_id: str, key: DataKeyRef
+    ) -> None:
+        """Store (`new`) or share-lock the write's data key, after its latest-row upsert.
+
+        An erasure deletes the latest row before the key, so the two take
+        their locks in one order. No row: the key changed, `DataKeyChanged`
+        rolls the write back.
+        """
+        statement = claim_key_statement(self._flavour) if key.new else hold_key_statement()
+        found = await conn.execute(statement, key.params(scope, user_id))
+        if found.first() is None:
+            raise DataKeyChanged
+
+    # --- erasure -----------------------------------------------------------------------
+
+    async def delete(self, erasure: Erasure) -> tuple[int, int]:
+        """Erase the user in one write transaction (see `_erase_in`), then on SQLite with
+        `secure_delete` truncate the WAL without waiting for readers (see `_truncate_wal`)."""
+        async with self._write_transaction() as conn:
+            outcome = await self._erase_in(conn, erasure)
+        if self._truncates_wal and erasure.checkpoint and (outcome[0] or self.traces_pending):
+            await self._truncate_wal(0)
+        return outcome
+
+    async def _erase_in(self, conn: AsyncConnection, erasure: Erasure) -> tuple[int, int]:
+        """The erasure's statements, in `snapshot_repo_erase`'s order (revision 0012).
+
+        The latest row is deleted first, alone: on Postgres that waits out and
+        then excludes every writer of the user, and each later statement
+        (READ COMMITTED) sees what they committed. Then history up to that
+        version, the user's feed entries, the erase entry, the receipt (with a
+        subject), the data key (`drop_data_key`) and the NOTIFY (`notify`).
+        Without a latest row, only the data key is dropped (unless
+        `only_expired`), locked first and only if no latest row appeared.
+        """
+        key = erasure.key()
+        delete_latest, delete_history = delete_statements(erasure.only_expired)
+        found = (await conn.execute(delete_latest, {**key, "now": erasure.at})).first()
+        if found is None:
+            if erasure.drop_data_key and not erasure.only_expired:
+                await conn.execute(_orphan_key_lock(), key)
+                await conn.execute(_orphan_key_drop(), key)
+            return 0, 0
+        version = int(found._mapping["version"])
+        erased = (await conn.execute(delete_history, {**key, "version": version})).rowcount
+        await conn.execute(sqlite_erasure_feed_statements()[0], key)
+        await conn.execute(_feed_entry("erase", self._postgres), erasure.feed_params(version))
+        if erasure.receipt_subject is not None:
+            await conn.execute(receipt_statement(), erasure.receipt_params(erased))
+        if erasure.drop_data_key:
+            await conn.execute(forget_key_statement(), key)
+        if erasure.notify and self._postgres:
+            await conn.execute(_notify_statement(), {**key, "version": version, "kind": "erase"})
+        return erased, version
+
+    async def checkpoint_erasures(self) -> None:
+        """SQLite with `secure_delete`: truncate the WAL without waiting for readers."""
+        if self._truncates_wal:
+            await self._truncate_wal(0)
+
+    async def finish_erasures(self, wait: float) -> bool:
+        """SQLite: a truncation readers held up, waiting up to `wait` s; True when none is
+        pending. Elsewhere nothing is pending."""
+        if self.traces_pending:
+            await self._truncate_wal(int(wait * 1000))
+        return not self.traces_pending
+
+    async def vacuum(self) -> None:
+        """Postgres: VACUUM the snapshot tables, outside a transaction (autocommit).
+        SQLite: truncate the WAL, waiting for readers up to the busy timeout."""
+        if self._postgres:
+            async with self._connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.exec_driver_sql(
+                    "VACUUM snapshot_latest, snapshot_history, snapshot_changes"
+                )
+        elif self._sqlite:
+            await self._truncate_wal(self._busy_ms)
+
+    async def _truncate_wal(self, wait_ms: int) -> None:
+        """SQLite: copy the WAL into the database file and truncate it, or note it pending.
+
+        A truncating checkpoint waits for every reader of an older snapshot, so
+        the busy timeout is `wait_ms` meanwhile (0: give up at once), then
+        restored. Runs after the erasures committed: a failure is logged, not raised.
+        """
+        busy = True
+        try:
+            async with self._connect() as conn:
+                await conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(wait_ms)}")
+                try:
+                    result = await conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+                    busy = bool(result.one()[0])
+                finally:
+                    await conn.exec_driver_sql(f"PRAGMA busy_timeout = {self._busy_ms}")
+        except (DBAPIError, ConnectionLostError, OSError) as exc:
+            logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
+        if not busy:
+            self.traces_pending = False
+            return
+        if not self.traces_pending:
+            logger.warning(
+                "snapshot_repo: an erasure committed, but readers hold old snapshots of the "
+                "SQLite file, so the WAL still holds the erased bytes; later writes, "
+                "finish_erasures() and close() truncate it once the readers are done"
+            )
+        self.traces_pending = True
+        self._next_truncation = time.monotonic() + _TRUNCATE_RETRY_SECONDS
+
+    async def _retry_pending_truncation(self) -> None:
+        """After a write: retry a truncation readers held up, at most once a second."""
+        if self.traces_pending and time.monotonic() >= self._next_truncation:
+            await self._truncate_wal(0)
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
+        """The user's latest row (`latest_statement`), None if absent or expired by `now`."""
+        async with self._connect() as conn:
+            row = (await conn.execute(latest_statement(), scope.key(user_id))).mappings().first()
+        return None if row is None or expired(row["expires_at"], now) else _stored_row(row)
+
+    async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
+        """The newest `limit` versions, newest first (`history_statement`)."""
+        return await self._rows(history_statement(), {**scope.key(user_id), "limit": limit})
+
+    async def current_version(self, scope: Scope, user_id: str) -> int:
+        async with self._connect() as conn:
+            version = await conn.scalar(version_statement(), scope.key(user_id))
+        return int(version or 0)
+
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
+        """The live latest rows of `user_ids`, one statement with an expanding IN list."""
+        params = {"tenant": scope.tenant, "namespace": scope.namespace, "now": now}
+        return await self._rows(_latest_many(), {**params, "user_ids": list(user_ids)})
+
+    async def _rows(self, statement: Select[Any], params: dict[str, Any]) -> list[Row]:
+        async with self._connect() as conn:
+            return [_stored_row(row) for row in (await conn.execute(statement, params)).mappings()]
+
+    async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
+        """The rows of a read, as the driver returns them (callers decode them, see
+        `decode_snapshot_row`): compiled by the dialect, run with `exec_driver_sql`."""
+        sql = self._compiled(statement)
+        async with self._connect() as conn:
+            result = await conn.exec_driver_sql(sql.text, sql.parameters(params))
+            return list(result.all())
+
+    def decode_snapshot_row(self, raw: Sequence[Any]) -> Row:
+        return self._decode(raw)
+
+    async def execute_in_transaction(
+        self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
+    ) -> list[int]:
+        """Run the statements in order in one write transaction; their row counts."""
+        counts = []
+        async with self._write_transaction() as conn:
+            for statement, params in work:
+                assert isinstance(statement, Executable)
+                counts.append(max((await conn.execute(statement, dict(params))).rowcount, 0))
+        return counts
+
+    async def missing_database(self) -> str | None:
+        database = self._engine.url.database
+        if not self._sqlite or database in (None, "", ":memory:"):
+            return None
+        if await asyncio.to_thread(os.path.exists, str(database)):
+            return None
+        return f"SQLite database file {database} does not exist"
+
+    async def release(self) -> None:
+        """Nothing: no connection is kept between calls."""
+
+    def keep_connections(self, count: int) -> None:
+        """Nothing: the engine's pool keeps idle connections."""
+
+    # --- connections -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection for one call; its transaction, if any, rolls back at the end."""
+        with _lost_connection():
+            async with self._engine.connect() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _write_transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction, committed when the block ends, rolled back if it raises.
+
+        SQLite: `BEGIN IMMEDIATE` (the write lock first, waiting up to the busy
+        timeout), so writers never upgrade a read lock; elsewhere READ COMMITTED.
+        """
+        with _lost_connection():
+            async with self._engine.connect() as conn:
+                await conn.execution_options(**self._write_options)
+                async with conn.begin():
+                    yield conn
+
+    def _compiled(self, statement: ClauseElement) -> _DriverSql:
+        """`statement` compiled once per backend (statements are module-level singletons)."""
+        hit = self._driver_sql.get(id(statement))
+        if hit is None or hit[0] is not statement:
+            hit = (statement, _DriverSql(statement, self._engine))
+            self._driver_sql[id(statement)] = hit
+        return hit[1]
+
+
+class _DriverSql:
+    """A statement compiled by the engine's dialect, run as driver SQL by `fetch`.
+
+    Bound values are converted by their types' bind processors, as SQLAlchemy
+    would, and passed in the dialect's paramstyle (a tuple or a mapping).
+    """
+
+    def __init__(self, statement: ClauseElement, engine: AsyncEngine) -> None:
+        dialect = engine.dialect
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        self._compiled = compiled
+        self.text, self._positions = compiled.string, compiled.positiontup
+        processors = {
+            n: b.type.dialect_impl(dialect).bind_processor(dialect)
+            for n, b in compiled.binds.items()
+        }
+        self._processors = {n: p for n, p in processors.items() if p is not None}
+
+    def parameters(self, params: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        values = dict(self._compiled.construct_params(dict(params)))
+        for name, process in self._processors.items():
+            if values.get(name) is not None:
+                values[name] = process(values[name])
+        if self._positions is None:
+            return values
+        return tuple(values[name] for name in self._positions)
+
+
+@contextmanager
+def _lost_connection() -> Iterator[None]:
+    """Raise `ConnectionLostError` for an error SQLAlchemy took for a lost connection (it
+    then invalidated the pool's connections of that generation)."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        raise ConnectionLostError(
+            f"the database connection was lost ({type(exc.orig).__name__}); a write's "
+            "outcome is unknown: retry it with the same idempotency key"
+        ) from exc
+
+
+def _stored_row(mapping: Mapping[str, Any]) -> Row:
+    """A row read by name, as the `ROW_COLUMNS` tuple the repository builds snapshots from."""
+    return tuple(mapping[name] for name in ROW_COLUMNS)
+
+
+def _txid() -> ColumnElement[int]:
+    """Postgres: the current transaction's 64-bit id, the feed's order (see `changes_since`)."""
+    return cast(cast(func.pg_current_xact_id(), Text), BigInteger)
+
+
+@cache
+def _latest_write(flavour: str, mode: WriteMode) -> Insert | Update:
+    """Write the user's `snapshot_latest` row, returning it as stored (`STORED_COLUMNS`).
+
+    "upsert": insert version 1, or on the key's conflict take the row lock and
+    set `version + 1`; "create": insert only, nothing on conflict; "replace":
+    update only the row at `expected_version`. Values are bound as `w_<column>`
+    (`PendingWrite.params`); a write without expiry clears an earlier one.
+    """
+    changed: dict[str, Any] = {n: bindparam(f"w_{n}") for n in WRITE_COLUMNS if n not in _KEY}
+    changed["expires_at"] = bindparam("w_expires_at", type_=latest_table.c.expires_at.type)
+    returned = [latest_table.c[name] for name in STORED_COLUMNS]
+    if mode == "replace":
+        return (
+            update(latest_table)
+            .where(is_key(latest_table, "w_"))
+            .where(latest_table.c.version == bindparam("expected_version"))
+            .values(version=latest_table.c.version + 1, **changed)
+            .returning(*returned)
+        )
+    make = postgresql.insert if flavour == "postgresql" else sqlite.insert
+    stmt = make(latest_table).values(
+        version=1, **changed, **{name: bindparam(f"w_{name}") for name in _KEY}
+    )
+    key = [latest_table.c[name] for name in _KEY]
+    if mode == "create":
+        return stmt.on_conflict_do_nothing(index_elements=key).returning(*returned)
+    bumped = {"version": latest_table.c.version + 1, **{n: stmt.excluded[n] for n in changed}}
+    return stmt.on_conflict_do_update(index_elements=key, set_=bumped).returning(*returned)
+
+
+@cache
+def _history_append(feed_in_history: bool) -> Insert:
+    """Append a stored row to history; on Postgres with its feed position (revision 0010)."""
+    values: dict[str, Any] = {name: bindparam(name) for name in STORED_COLUMNS}
+    if feed_in_history:
+        values.update(feed_txid=_txid(), feed_seq=DbSequence(FEED_SEQUENCE).next_value())
+    return insert(history_table).values(values)
+
+
+@cache
+def _feed_entry(kind: str, with_txid: bool) -> Insert:
+    """A `snapshot_changes` entry; on Postgres it carries the transaction id."""
+    return insert(changes_table).values(
+        kind=kind,
+        txid=_txid() if with_txid else None,
+        **{name: bindparam(name) for name in CHANGE_COLUMNS},
+    )
+
+
+@cache
+def _notify_statement() -> Select[Any]:
+    """Postgres: NOTIFY listeners of a write or erasure, delivered at commit."""
+    typed = {"tenant": String, "namespace": String, "user_id": String, "version": BigInteger}
+    fields: list[tuple[str, Any]] = [
+        (n, bindparam(n, type_=t)) for n, t in {**typed, "kind": String}.items()
+    ]
+    payload = func.json_build_object(*(part for field in fields for part in field))
+    return select(func.pg_notify(NOTIFY_CHANNEL, cast(payload, Text)))
+
+
+_NEWEST = bindparam("newest", type_=BigInteger)
+"""The user's newest version, which the write pruning its history just wrote."""
+
+
+@cache
+def _pruning() -> Delete:
+    """Delete the user's history versions the retention policy drops below `newest`."""
+    return delete(history_table).where(is_key(history_table), prune_condition(_NEWEST))
+
+
+@cache
+def _pruned_entries_move() -> Insert:
+    """Postgres: copy the feed entries of the versions `_pruning` drops to `snapshot_changes`,
+    keeping their txid and seq, so no cursor skips or repeats them."""
+    history = history_table.c
+    entries = select(
+        *(history[name] for name in CHANGE_COLUMNS),
+        literal("write"),
+        history.feed_txid,
+        history.feed_seq,
+    ).where(is_key(history_table), prune_condition(_NEWEST), history.feed_seq.isnot(None))
+    return insert(changes_table).from_select([*CHANGE_COLUMNS, "kind", "txid", "seq"], entries)
+
+
+@cache
+def _orphan_key_lock() -> Select[Any]:
+    """Lock the data key of a user without rows (Postgres; SQLite's write lock is held)."""
+    return select(data_keys_table.c.user_id).where(is_key(data_keys_table)).with_for_update()
+
+
+@cache
+def _orphan_key_drop() -> Delete:
+    """Delete the user's data key unless a writer holding it has written a latest row."""
+    has_latest = exists().where(is_key(latest_table))
+    return delete(data_keys_table).where(is_key(data_keys_table), ~has_latest)
+
+
+@cache
+def _latest_many() -> Select[Any]:
+    """The live latest rows of a list of users: `user_id IN (...)`, expanded per call."""
+    wanted = latest_table.c.user_id.in_(bindparam("user_ids", expanding=True))
+    columns = [latest_table.c[name] for name in ROW_COLUMNS]
+    return select(*columns).where(in_scope(latest_table), wanted, alive())

@@ -1,0 +1,161 @@
+"""What the conformance suite (`tests/conformance`) shares: its targets, model and table reads.
+
+A target is one backend on one database. The suite runs every test on each,
+so a behaviour of the contract is written once and checked on all of them:
+the fast backends (`sqlite`, `postgres`) and the core backend on each
+database (`sqlite-core`, `postgres-core`), the reference they are tested against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+import snapshot_repo as sr
+from snapshot_repo.changes import Change
+from snapshot_repo.tables import changes_table, data_keys_table, history_table, latest_table
+
+__all__ = [
+    "TARGETS",
+    "Doc",
+    "MakeRepo",
+    "Target",
+    "count_rows",
+    "data_key_of",
+    "described",
+    "files_hold",
+    "read_feed",
+    "snap",
+    "stored_payloads",
+    "stored_versions",
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One backend on one database.
+
+    Attributes:
+        name: the test id: "sqlite", "postgres", "sqlite-core" or "postgres-core".
+        database: "sqlite" or "postgres".
+        core: whether the repository runs on the core backend (`backend="core"`).
+    """
+
+    name: str
+    database: str
+    core: bool
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The repository options that select this target's backend."""
+        return {"backend": "core"} if self.core else {}
+
+
+TARGETS = (
+    Target("sqlite", "sqlite", core=False),
+    Target("postgres", "postgres", core=False),
+    Target("sqlite-core", "sqlite", core=True),
+    Target("postgres-core", "postgres", core=True),
+)
+
+
+MakeRepo = Callable[..., Awaitable[sr.SnapshotRepository[Any]]]
+"""The suite's factory fixture: `await make_repo(**options)` opens a repository on the target."""
+
+
+class Doc(BaseModel):
+    """The state model of the suite."""
+
+    items: list[str] = []
+    note: str = ""
+
+
+def snap(user_id: str, note: str = "", *items: str) -> sr.Snapshot[Doc]:
+    return sr.Snapshot(user_id=user_id, state=Doc(note=note, items=list(items)))
+
+
+async def stored_versions(engine: AsyncEngine, user_id: str) -> list[int]:
+    """The user's history versions as stored (every scope), ascending, read without the library."""
+    statement = (
+        select(history_table.c.version)
+        .where(history_table.c.user_id == user_id)
+        .order_by(history_table.c.version)
+    )
+    async with engine.connect() as conn:
+        return list((await conn.execute(statement)).scalars())
+
+
+async def stored_payloads(engine: AsyncEngine, user_id: str) -> list[bytes]:
+    """Every payload stored for the user, latest and history, as the bytes on disk."""
+    async with engine.connect() as conn:
+        payloads = []
+        for table in (latest_table, history_table):
+            rows = await conn.execute(select(table.c.payload).where(table.c.user_id == user_id))
+            payloads.extend(bytes(payload) for payload in rows.scalars())
+        return payloads
+
+
+async def count_rows(engine: AsyncEngine, user_id: str) -> dict[str, int]:
+    """How many rows each table holds for the user (every scope)."""
+    counts = {}
+    async with engine.connect() as conn:
+        for table in (latest_table, history_table, changes_table, data_keys_table):
+            statement = select(func.count()).where(table.c.user_id == user_id)
+            counts[table.name] = int(await conn.scalar(statement) or 0)
+    return counts
+
+
+async def data_key_of(engine: AsyncEngine, user_id: str) -> bytes | None:
+    """The user's wrapped data key as stored, or None."""
+    statement = select(data_keys_table.c.wrapped_key).where(data_keys_table.c.user_id == user_id)
+    async with engine.connect() as conn:
+        wrapped = await conn.scalar(statement)
+    return None if wrapped is None else bytes(wrapped)
+
+
+async def read_feed(
+    repo: sr.SnapshotRepository[Any],
+    cursor: str | None = None,
+    *,
+    limit: int = 100,
+    expect: int = 0,
+) -> tuple[list[Change], str]:
+    """Every change after `cursor`, `limit` a page, and the cursor after the last.
+
+    On Postgres an entry shows once every transaction of the cluster that
+    began before it has ended (see `changes_since`); other work on the shared
+    server may hold one open for a moment, so reading goes on until `expect`
+    changes arrived, for at most 10 seconds.
+    """
+    changes: list[Change] = []
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        page = await repo.changes_since(cursor, limit=limit)
+        changes.extend(page.changes)
+        cursor = page.cursor
+        if page.changes:
+            continue
+        if len(changes) >= expect or asyncio.get_running_loop().time() > deadline:
+            return changes, cursor
+        await asyncio.sleep(0.05)
+
+
+def described(changes: Sequence[Change]) -> list[tuple[str, int, str]]:
+    """(user_id, version, kind) of each change."""
+    return [(change.user_id, change.version, change.kind) for change in changes]
+
+
+def files_hold(path: Path, marker: str) -> bool:
+    """Whether the SQLite database file or its WAL holds `marker`'s bytes anywhere."""
+    needle = marker.encode()
+    return any(
+        file.exists() and needle in file.read_bytes()
+        for file in (path, path.with_name(path.name + "-wal"))
+    )
