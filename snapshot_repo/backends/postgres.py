@@ -23,6 +23,7 @@ from .._dialects import (
     postgres_bulk_write_statement,
     postgres_erase_statement,
     postgres_write_statement,
+    prune_statement,
     sorted_batch,
     write_mode,
 )
@@ -71,6 +72,7 @@ class PostgresBackend(SharedStatements):
         )
         self._erase = compile_statement(postgres_erase_statement(), dialect)
         self._claim_key = compile_statement(claim_key_statement("postgresql"), dialect)
+        self._prune = compile_statement(prune_statement("postgresql"), dialect)
         self._hold_key = compile_statement(hold_key_statement(), dialect)
         compile_shared(self, dialect)
 
@@ -108,7 +110,7 @@ class PostgresBackend(SharedStatements):
         args = statement.args(params)
         async with self._connections.checkout() as conn:
             try:
-                if batch.data_keys is None:
+                if batch.data_keys is None and (distinct_users or batch.retention is None):
                     rows = await conn.fetch(statement.sql, *args)
                 else:
                     rows = await self._write_batch(conn, statement.sql, args, batch)
@@ -121,15 +123,28 @@ class PostgresBackend(SharedStatements):
     async def _write_batch(
         self, conn: Any, sql: str, args: Sequence[Any], batch: PendingBatch
     ) -> list[Any]:
-        """The batch statement; when sealed, in one transaction with its data keys' checks."""
+        """The batch statement; when sealed, in one transaction with its data keys' checks.
+
+        A batch that repeats a user under a retention policy also prunes each
+        such user again after the statement: the statement's own pruning sees
+        history as it was before the statement, so it cannot drop the
+        versions the same batch wrote before the user's last one.
+        """
         rows: list[Any]
-        if batch.data_keys is None:
+        prune_again = batch.retention is not None and not batch.distinct_users()
+        if batch.data_keys is None and not prune_again:
             rows = await conn.fetch(sql, *args)
             return rows
         async with conn.transaction():
             rows = await conn.fetch(sql, *args)
-            for user_id in sorted(batch.data_keys):  # the order the batch locked in
-                await self._keep_key(conn, batch.scope, user_id, batch.data_keys[user_id])
+            if prune_again:
+                assert batch.retention is not None
+                for user_id in sorted(set(batch.user_ids)):  # the order the batch locked in
+                    params = {**batch.scope.key(user_id), **batch.retention.params()}
+                    await conn.execute(self._prune.sql, *self._prune.args(params))
+            keys = batch.data_keys or {}
+            for user_id in sorted(keys):
+                await self._keep_key(conn, batch.scope, user_id, keys[user_id])
         return rows
 
     async def _keep_key(self, conn: Any, scope: Scope, user_id: str, key: DataKeyRef) -> None:
