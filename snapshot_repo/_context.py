@@ -210,6 +210,12 @@ class RepositoryContext(Generic[StateT]):
             return list(rows)
         return await self.keys.open_rows(self.scope, rows)
 
+    async def open_stored(self, user_id: str, version: int, payload: bytes) -> bytes:
+        """One stored payload of the user, decrypted when encryption is on."""
+        if self.keys is None:
+            return payload
+        return await self.keys.open_stored(self.scope, user_id, version, payload)
+
     async def seal(self, user_id: str, payload: bytes) -> bytes:
         """The payload as stored: encrypted under the user's data key when encryption is on."""
         if self.keys is None:
@@ -363,19 +369,19 @@ class RepositoryContext(Generic[StateT]):
 
     def to_snapshot(self, row: Row) -> Snapshot[StateT]:
         """The snapshot a stored row (decoded, decrypted) holds."""
-        (user_id, version, schema_version, payload, created_at, key, actor, reason, meta) = row
+        user_id, version, schema_version = row.user_id, row.version, row.schema_version
         return stored_snapshot(
             self.snapshot_type,
             {
                 "user_id": user_id,
-                "state": self.codec.decode(payload, user_id, version, schema_version),
+                "state": self.codec.decode(row.payload, user_id, version, schema_version),
                 "version": version,
-                "created_at": created_at,
+                "created_at": row.created_at,
                 "schema_version": schema_version,
-                "idempotency_key": key,
-                "actor": actor,
-                "reason": reason,
-                "metadata": decode_metadata(meta),
+                "idempotency_key": row.idempotency_key,
+                "actor": row.actor,
+                "reason": row.reason,
+                "metadata": decode_metadata(row.metadata),
             },
         )
 

@@ -120,26 +120,30 @@ class DataKeys:
             self._cache.popitem(last=False)
 
     async def open_rows(self, scope: Scope, rows: Sequence[Row]) -> list[Row]:
-        """Rows (in `ROW_COLUMNS` order) with their payloads decrypted.
+        """Rows with their payloads decrypted (see `open_stored`)."""
+        return [
+            row._replace(
+                payload=await self.open_stored(scope, row.user_id, row.version, row.payload)
+            )
+            for row in rows
+        ]
+
+    async def open_stored(self, scope: Scope, user_id: str, version: int, payload: bytes) -> bytes:
+        """One stored payload of the user, decrypted (plain payloads pass through).
 
         A cached key that does not open a payload is read again once: another
         process may have erased the user and written it anew under a new key.
         """
-        opened = []
-        for row in rows:
-            user_id, payload = row[0], row[3]
-            key = await self._key(scope, user_id, create=False)
-            where = f"the state of user {redact(user_id)} version {row[1]}"
-            associated = _associated(scope, user_id)
-            try:
-                plain = open_payload(key, bytes(payload), associated, where)
-            except DecryptionError:
-                fresh = await self._key(scope, user_id, create=False, cached=False)
-                if fresh is None or fresh == key:
-                    raise
-                plain = open_payload(fresh, bytes(payload), associated, where)
-            opened.append((*row[:3], plain, *row[4:]))
-        return opened
+        key = await self._key(scope, user_id, create=False)
+        where = f"the state of user {redact(user_id)} version {version}"
+        associated = _associated(scope, user_id)
+        try:
+            return open_payload(key, bytes(payload), associated, where)
+        except DecryptionError:
+            fresh = await self._key(scope, user_id, create=False, cached=False)
+            if fresh is None or fresh == key:
+                raise
+            return open_payload(fresh, bytes(payload), associated, where)
 
     def forget(self, scope: Scope, user_id: str) -> None:
         """Drop the cached key of an erased user."""

@@ -70,7 +70,7 @@ async def diff(
     params = {**context.scope.key(user_id), "first": from_version, "second": to_version}
     async with context.guard("diff", user_id):
         opened = await context.snapshot_rows(versions_statement(), params)
-    states: dict[int, Any] = {row[1]: from_json(row[3]) for row in opened}
+    states: dict[int, Any] = {row.version: from_json(row.payload) for row in opened}
     missing = [v for v in (from_version, to_version) if v not in states]
     if missing:
         raise SnapshotValidationError(f"diff: version {missing[0]} of this user does not exist")

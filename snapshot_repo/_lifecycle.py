@@ -22,7 +22,7 @@ from ._queries import (
     rewrite_payload_statement,
     scope_users_statement,
 )
-from .backends import Row
+from .backends import Row, StoredRow
 from .codec import JsonObject
 from .errors import SnapshotValidationError, VersionConflictError
 from .patch import apply_merge_patch
@@ -146,8 +146,8 @@ async def upgrade_payloads(
             for tenant, user_id, version, schema_version, payload in rows:
                 scoped = context if tenant == context.scope.tenant else context.for_tenant(tenant)
                 async with context.guard("upgrade_payloads", user_id):
-                    opened = await scoped.open([(user_id, version, schema_version, payload)])
-                state = context.codec.decode(opened[0][3], user_id, version, schema_version)
+                    opened = await scoped.open_stored(user_id, version, payload)
+                state = context.codec.decode(opened, user_id, version, schema_version)
                 async with context.guard("upgrade_payloads", user_id):
                     new_payload = await scoped.seal(user_id, context.codec.encode(state, user_id))
                 work.append(
@@ -190,14 +190,15 @@ async def _merge_base(context: RepositoryContext[Any], user_id: str) -> tuple[in
     *columns, alive = found[0]
     row = context.backend.decode_snapshot_row(columns)
     if not alive:
-        return int(row[1]), None
-    return int(row[1]), (await context.open([row]))[0]
+        return int(row.version), None
+    return int(row.version), (await context.open([row]))[0]
 
 
-def _current_document(context: RepositoryContext[Any], row: Any) -> JsonValue:
+def _current_document(context: RepositoryContext[Any], row: StoredRow) -> JsonValue:
     """The latest row's state as a JSON document of today's schema version."""
-    document = from_json(row[3])
-    return context.codec.upgrades.upgrade(document, int(row[2]), row[0], int(row[1]))  # type: ignore[no-any-return]
+    document = from_json(row.payload)
+    upgrade = context.codec.upgrades.upgrade
+    return upgrade(document, int(row.schema_version), row.user_id, int(row.version))  # type: ignore[no-any-return]
 
 
 async def _latest_version(context: RepositoryContext[Any], user_id: str) -> int:

@@ -132,18 +132,17 @@ async def _export_items(
         if not opened:
             return
         for row in opened:
-            _user, version, schema_version, payload, created_at, key, actor, reason, meta = row
             yield {
-                "version": version,
-                "created_at": created_at.isoformat(),
-                "schema_version": schema_version,
-                "idempotency_key": key,
-                "actor": actor,
-                "reason": reason,
-                "metadata": None if meta is None else from_json(meta),
-                "state": from_json(payload),
+                "version": row.version,
+                "created_at": row.created_at.isoformat(),
+                "schema_version": row.schema_version,
+                "idempotency_key": row.idempotency_key,
+                "actor": row.actor,
+                "reason": row.reason,
+                "metadata": None if row.metadata is None else from_json(row.metadata),
+                "state": from_json(row.payload),
             }
-            before = version
+            before = row.version
 
 
 async def rotate_wrapping_key(

@@ -27,6 +27,7 @@ from .values import (
     Retention,
     Row,
     Scope,
+    StoredRow,
     WriteOutcome,
     is_retryable,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "Retention",
     "Row",
     "Scope",
+    "StoredRow",
     "WriteOutcome",
     "backend_for",
     "is_retryable",

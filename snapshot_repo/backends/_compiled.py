@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from .._dialects import (
+    ROW_COLUMNS,
     DialectName,
     history_statement,
     idempotent_write_statement,
@@ -31,7 +32,7 @@ from .._dialects import (
 )
 from ..tables import latest_table
 from ._pool import Connections
-from .values import Row
+from .values import Row, StoredRow
 
 __all__ = [
     "Compiled",
@@ -126,7 +127,7 @@ def compile_statement(statement: ClauseElement, dialect: Dialect) -> Compiled:
 
 def row_decoder(
     dialect: Dialect, columns: Sequence[ColumnElement[Any]]
-) -> Callable[[Sequence[Any]], Row]:
+) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
     """Converts raw driver rows of `columns` with SQLAlchemy's result processors."""
     processors = [
         column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
@@ -134,7 +135,7 @@ def row_decoder(
 
     converting = [(index, process) for index, process in enumerate(processors) if process]
 
-    def decode(raw: Sequence[Any]) -> Row:
+    def decode(raw: Sequence[Any]) -> tuple[Any, ...]:
         # Only the few columns with a processor are touched (per row, on the hot path).
         values = list(raw)
         for index, process in converting:
@@ -143,6 +144,17 @@ def row_decoder(
         return tuple(values)
 
     return decode
+
+
+def snapshot_row_decoder(dialect: Dialect) -> Callable[[Sequence[Any]], StoredRow]:
+    """Converts raw driver rows of `ROW_COLUMNS` into `StoredRow`s, read by name from then on."""
+    decode = row_decoder(dialect, [latest_table.c[name] for name in ROW_COLUMNS])
+    make = tuple.__new__  # a NamedTuple built as fast as a tuple (no keyword handling)
+
+    def decode_row(raw: Sequence[Any]) -> StoredRow:
+        return make(StoredRow, decode(raw))
+
+    return decode_row
 
 
 class SharedStatements:

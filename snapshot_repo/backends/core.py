@@ -91,7 +91,7 @@ from .._dialects import (
 from ..engine import WRITE_TRANSACTION, EngineSettings, engine_settings, install_sqlite_settings
 from ..errors import ConnectionLostError
 from ..tables import changes_table, data_keys_table, history_table, latest_table
-from ._compiled import expired, row_decoder
+from ._compiled import expired, snapshot_row_decoder
 from .values import (
     DataKeyChanged,
     DataKeyRef,
@@ -101,6 +101,7 @@ from .values import (
     Retention,
     Row,
     Scope,
+    StoredRow,
     WriteOutcome,
 )
 
@@ -138,7 +139,7 @@ class CoreBackend:
         self._write_options: dict[str, Any] = (
             {WRITE_TRANSACTION: True} if self._sqlite else {"isolation_level": "READ COMMITTED"}
         )
-        self._decode = row_decoder(engine.dialect, [latest_table.c[n] for n in ROW_COLUMNS])
+        self._decode = snapshot_row_decoder(engine.dialect)
         self._driver_sql: dict[int, tuple[ClauseElement, _DriverSql]] = {}
         self.traces_pending = False
         """SQLite: an erasure committed but readers kept the WAL from being truncated."""
@@ -497,9 +498,9 @@ def _lost_connection() -> Iterator[None]:
         ) from exc
 
 
-def _stored_row(mapping: Mapping[str, Any]) -> Row:
-    """A row read by name, as the `ROW_COLUMNS` tuple the repository builds snapshots from."""
-    return tuple(mapping[name] for name in ROW_COLUMNS)
+def _stored_row(mapping: Mapping[str, Any]) -> StoredRow:
+    """A row read by name, as the `StoredRow` the repository builds snapshots from."""
+    return StoredRow(*(mapping[name] for name in ROW_COLUMNS))
 
 
 def _txid() -> ColumnElement[int]:

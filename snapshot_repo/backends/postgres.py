@@ -17,7 +17,6 @@ from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._dialects import (
-    ROW_COLUMNS,
     claim_key_statement,
     hold_key_statement,
     postgres_bulk_write_statement,
@@ -28,8 +27,13 @@ from .._dialects import (
     write_mode,
 )
 from .._translate import register_driver_errors
-from ..tables import latest_table
-from ._compiled import SharedStatements, compile_shared, compile_statement, expired, row_decoder
+from ._compiled import (
+    SharedStatements,
+    compile_shared,
+    compile_statement,
+    expired,
+    snapshot_row_decoder,
+)
 from ._pool import Connections
 from ._retry import retry_rolled_back
 from .values import (
@@ -62,7 +66,7 @@ class PostgresBackend(SharedStatements):
         dialect = engine.dialect
         self._engine = engine
         self._connections = Connections(engine, _connection_lost)
-        self._decode = row_decoder(dialect, [latest_table.c[name] for name in ROW_COLUMNS])
+        self._decode = snapshot_row_decoder(dialect)
         self._writes = {
             mode: compile_statement(postgres_write_statement(mode), dialect)
             for mode in ("upsert", "create", "replace")

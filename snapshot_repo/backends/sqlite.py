@@ -30,7 +30,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import _deadlines
 from .._dialects import (
-    ROW_COLUMNS,
     STORED_COLUMNS,
     claim_key_statement,
     delete_statements,
@@ -45,7 +44,6 @@ from .._dialects import (
 )
 from .._translate import register_driver_errors
 from ..engine import engine_settings
-from ..tables import latest_table
 from ._compiled import (
     Compiled,
     SharedStatements,
@@ -53,7 +51,7 @@ from ._compiled import (
     compile_shared,
     compile_statement,
     expired,
-    row_decoder,
+    snapshot_row_decoder,
 )
 from ._pool import Connections
 from ._privates import run_on_thread, sqlite_connection
@@ -174,7 +172,7 @@ class SqliteBackend(SharedStatements):
         dialect = engine.dialect
         self._engine = engine
         self._connections = Connections(engine)
-        self._decode = row_decoder(dialect, [latest_table.c[name] for name in ROW_COLUMNS])
+        self._decode = snapshot_row_decoder(dialect)
         self._write_lock = asyncio.Lock()
         self._writes = {
             mode: compile_all(sqlite_write_statements(mode), dialect)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 from ..errors import ConnectionLostError
 
@@ -20,11 +21,31 @@ __all__ = [
     "Retention",
     "Row",
     "Scope",
+    "StoredRow",
     "WriteOutcome",
     "is_retryable",
 ]
 
-Row = tuple[Any, ...]
+
+class StoredRow(NamedTuple):
+    """A stored snapshot row, read by name, type-converted by the backend that read it.
+
+    `payload` is the stored bytes (sealed when encryption is on, until the
+    repository opens it) and `metadata` the write metadata's JSON bytes.
+    """
+
+    user_id: str
+    version: int
+    schema_version: int
+    payload: bytes
+    created_at: datetime
+    idempotency_key: str | None
+    actor: str | None
+    reason: str | None
+    metadata: bytes | None
+
+
+Row = StoredRow
 """A stored snapshot row, its values in `ROW_COLUMNS` order, already type-converted."""
 
 
