@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import snapshot_repo as sr
-from snapshot_repo.backends import sqlite as sqlite_backend
+from snapshot_repo.backends import sqlite_commit
 from snapshot_repo.retention import RetentionPolicy
 from tests.support.databases import Backend, Cart
 
@@ -63,13 +63,13 @@ def copy_of_template(tmp_path: Path, sqlite_template: Path) -> str:
 def counting_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[None]:
     """Spy on the library's WAL checkpoint (it still runs): one entry per checkpoint."""
     calls: list[None] = []
-    real = sqlite_backend._truncate_wal
+    real = sqlite_commit.truncate_wal
 
     def spy(conn: sqlite3.Connection, wait_ms: int, busy_ms: int) -> bool:
         calls.append(None)
         return real(conn, wait_ms, busy_ms)
 
-    monkeypatch.setattr(sqlite_backend, "_truncate_wal", spy)
+    monkeypatch.setattr(sqlite_commit, "truncate_wal", spy)
     return calls
 
 

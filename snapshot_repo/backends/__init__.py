@@ -83,9 +83,9 @@ class Backend(Protocol):
     async def finish_erasures(self, wait: float) -> bool:
         """Complete what committed erasures left to do, waiting up to `wait` s for readers.
 
-        SQLite: the WAL truncation that readers held up (see `_truncate_wal`);
-        True when none is pending. Postgres: nothing to do (dead tuples are
-        VACUUM's, see `erase(vacuum=True)`), so True.
+        SQLite: the WAL truncation that readers held up (see
+        `sqlite_commit.truncate_wal`); True when none is pending. Postgres:
+        nothing to do (dead tuples are VACUUM's, see `erase(vacuum=True)`), so True.
         """
         ...
 

@@ -4,7 +4,8 @@ Why not SQLAlchemy's own execution: measured on a 2-core machine against
 Postgres on loopback, `get_latest` through a Core `AsyncConnection` took
 270-450 µs, the same statement on the asyncpg connection 100-150 µs: the
 Connection object, its transaction bookkeeping and the result machinery cost
-more than the round trip. Statements are the Core constructs of `_dialects`,
+more than the round trip. Statements are the Core constructs of `_dialects`
+and of each backend's statements module (`postgres_sql`, `sqlite_sql`),
 compiled by SQLAlchemy's compiler, with parameters and results converted by
 SQLAlchemy's own type processors; only the execution is the driver's.
 """

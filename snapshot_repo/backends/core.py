@@ -17,8 +17,9 @@ takes the user's row lock, which orders the user's writers and erasers.
 What is not dialect-neutral, and why:
 
 - ON CONFLICT: SQLAlchemy has no neutral upsert, so the latest-row upsert and
-  the data-key claim use `postgresql.insert` on Postgres and `sqlite.insert`
-  elsewhere (a dialect needs one of the two forms, plus RETURNING).
+  the data-key claim (`_dialects.latest_write_statement`,
+  `claim_key_statement`) use `postgresql.insert` on Postgres and
+  `sqlite.insert` elsewhere (a dialect needs one of the two forms, plus RETURNING).
 - Postgres's feed (revision 0010): a write's entry is its history row
   (`feed_txid`, `feed_seq`), erase entries and pruned versions' entries carry
   the transaction id (`pg_current_xact_id`), and NOTIFY is `pg_notify`. Every
@@ -34,55 +35,24 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from functools import cache
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    ClauseElement,
-    ColumnElement,
-    Delete,
-    Executable,
-    Insert,
-    Select,
-    String,
-    Text,
-    Update,
-    bindparam,
-    cast,
-    delete,
-    exists,
-    func,
-    insert,
-    literal,
-    select,
-    update,
-)
-from sqlalchemy import Sequence as DbSequence
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import ClauseElement, Executable, Select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.compiler import SQLCompiler
 
 from .._dialects import (
     CHANGE_COLUMNS,
-    FEED_SEQUENCE,
-    NOTIFY_CHANNEL,
     ROW_COLUMNS,
     STORED_COLUMNS,
-    WRITE_COLUMNS,
-    WriteMode,
-    alive,
     claim_key_statement,
     delete_statements,
     forget_key_statement,
     history_statement,
     hold_key_statement,
     idempotent_write_statement,
-    in_scope,
-    is_key,
     latest_statement,
-    prune_condition,
+    latest_write_statement,
     receipt_statement,
     sqlite_erasure_feed_statements,
     version_statement,
@@ -90,8 +60,18 @@ from .._dialects import (
 )
 from ..engine import WRITE_TRANSACTION, EngineSettings, engine_settings, install_sqlite_settings
 from ..errors import ConnectionLostError
-from ..tables import changes_table, data_keys_table, history_table, latest_table
 from ._compiled import expired, snapshot_row_decoder
+from .core_sql import (
+    DriverSql,
+    feed_entry,
+    history_append,
+    latest_many,
+    notify_statement,
+    orphan_key_drop,
+    orphan_key_lock,
+    pruned_entries_move,
+    pruning,
+)
 from .values import (
     DataKeyChanged,
     DataKeyRef,
@@ -109,7 +89,6 @@ __all__ = ["CoreBackend"]
 
 logger = logging.getLogger("snapshot_repo")
 
-_KEY = ("tenant", "namespace", "user_id")
 _TRUNCATE_RETRY_SECONDS = 1.0
 """While an erasure's WAL truncation is pending, how often later writes try again."""
 
@@ -140,7 +119,7 @@ class CoreBackend:
             {WRITE_TRANSACTION: True} if self._sqlite else {"isolation_level": "READ COMMITTED"}
         )
         self._decode = snapshot_row_decoder(engine.dialect)
-        self._driver_sql: dict[int, tuple[ClauseElement, _DriverSql]] = {}
+        self._driver_sql: dict[int, tuple[ClauseElement, DriverSql]] = {}
         self.traces_pending = False
         """SQLite: an erasure committed but readers kept the WAL from being truncated."""
         self._next_truncation = 0.0
@@ -197,7 +176,7 @@ class CoreBackend:
 
         1. With an idempotency key: the user's history row written with it;
            if there is one, it is the outcome and nothing is written.
-        2. The latest-row upsert (`_latest_write`), which takes the user's row
+        2. The latest-row upsert (`latest_write_statement`), which takes the user's row
            lock first and returns the row as stored; none (a compare-and-set
            that found another version): the outcome is None.
         3. The history append of that row; on Postgres the row carries its
@@ -212,19 +191,20 @@ class CoreBackend:
             if earlier is not None:
                 return _stored_row(earlier._mapping)
         written = await conn.execute(
-            _latest_write(self._flavour, write_mode(write.expected_version)), write.params()
+            latest_write_statement(self._flavour, write_mode(write.expected_version)),
+            write.params(),
         )
         row = written.first()
         if row is None:
             return None
         stored = {name: row._mapping[name] for name in STORED_COLUMNS}
-        await conn.execute(_history_append(self._postgres), stored)
+        await conn.execute(history_append(self._postgres), stored)
         if not self._postgres:
-            await conn.execute(_feed_entry("write", False), {n: stored[n] for n in CHANGE_COLUMNS})
+            await conn.execute(feed_entry("write", False), {n: stored[n] for n in CHANGE_COLUMNS})
         version = int(stored["version"])
         if write.notify and self._postgres:
             params = {**write.scope.key(write.user_id), "version": version, "kind": "write"}
-            await conn.execute(_notify_statement(), params)
+            await conn.execute(notify_statement(), params)
         if write.retention is not None:
             await self._prune(conn, write.scope, write.user_id, version, write.retention)
         if write.data_key is not None:
@@ -243,8 +223,8 @@ class CoreBackend:
         """
         params = {**scope.key(user_id), "newest": newest, **policy.params()}
         if self._postgres:
-            await conn.execute(_pruned_entries_move(), params)
-        await conn.execute(_pruning(), params)
+            await conn.execute(pruned_entries_move(), params)
+        await conn.execute(pruning(), params)
 
     async def _keep_key(
         self, conn: AsyncConnection, scope: Scope, user_id: str, key: DataKeyRef
@@ -287,19 +267,19 @@ class CoreBackend:
         found = (await conn.execute(delete_latest, {**key, "now": erasure.at})).first()
         if found is None:
             if erasure.drop_data_key and not erasure.only_expired:
-                await conn.execute(_orphan_key_lock(), key)
-                await conn.execute(_orphan_key_drop(), key)
+                await conn.execute(orphan_key_lock(), key)
+                await conn.execute(orphan_key_drop(), key)
             return 0, 0
         version = int(found._mapping["version"])
         erased = (await conn.execute(delete_history, {**key, "version": version})).rowcount
         await conn.execute(sqlite_erasure_feed_statements()[0], key)
-        await conn.execute(_feed_entry("erase", self._postgres), erasure.feed_params(version))
+        await conn.execute(feed_entry("erase", self._postgres), erasure.feed_params(version))
         if erasure.receipt_subject is not None:
             await conn.execute(receipt_statement(), erasure.receipt_params(erased))
         if erasure.drop_data_key:
             await conn.execute(forget_key_statement(), key)
         if erasure.notify and self._postgres:
-            await conn.execute(_notify_statement(), {**key, "version": version, "kind": "erase"})
+            await conn.execute(notify_statement(), {**key, "version": version, "kind": "erase"})
         return erased, version
 
     async def checkpoint_erasures(self) -> None:
@@ -381,7 +361,7 @@ class CoreBackend:
     async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
         """The live latest rows of `user_ids`, one statement with an expanding IN list."""
         params = {"tenant": scope.tenant, "namespace": scope.namespace, "now": now}
-        return await self._rows(_latest_many(), {**params, "user_ids": list(user_ids)})
+        return await self._rows(latest_many(), {**params, "user_ids": list(user_ids)})
 
     async def _rows(self, statement: Select[Any], params: dict[str, Any]) -> list[Row]:
         async with self._connect() as conn:
@@ -445,42 +425,13 @@ class CoreBackend:
                 async with conn.begin():
                     yield conn
 
-    def _compiled(self, statement: ClauseElement) -> _DriverSql:
+    def _compiled(self, statement: ClauseElement) -> DriverSql:
         """`statement` compiled once per backend (statements are module-level singletons)."""
         hit = self._driver_sql.get(id(statement))
         if hit is None or hit[0] is not statement:
-            hit = (statement, _DriverSql(statement, self._engine))
+            hit = (statement, DriverSql(statement, self._engine))
             self._driver_sql[id(statement)] = hit
         return hit[1]
-
-
-class _DriverSql:
-    """A statement compiled by the engine's dialect, run as driver SQL by `fetch`.
-
-    Bound values are converted by their types' bind processors, as SQLAlchemy
-    would, and passed in the dialect's paramstyle (a tuple or a mapping).
-    """
-
-    def __init__(self, statement: ClauseElement, engine: AsyncEngine) -> None:
-        dialect = engine.dialect
-        compiled = statement.compile(dialect=dialect)
-        assert isinstance(compiled, SQLCompiler)
-        self._compiled = compiled
-        self.text, self._positions = compiled.string, compiled.positiontup
-        processors = {
-            n: b.type.dialect_impl(dialect).bind_processor(dialect)
-            for n, b in compiled.binds.items()
-        }
-        self._processors = {n: p for n, p in processors.items() if p is not None}
-
-    def parameters(self, params: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        values = dict(self._compiled.construct_params(dict(params)))
-        for name, process in self._processors.items():
-            if values.get(name) is not None:
-                values[name] = process(values[name])
-        if self._positions is None:
-            return values
-        return tuple(values[name] for name in self._positions)
 
 
 @contextmanager
@@ -501,114 +452,3 @@ def _lost_connection() -> Iterator[None]:
 def _stored_row(mapping: Mapping[str, Any]) -> StoredRow:
     """A row read by name, as the `StoredRow` the repository builds snapshots from."""
     return StoredRow(*(mapping[name] for name in ROW_COLUMNS))
-
-
-def _txid() -> ColumnElement[int]:
-    """Postgres: the current transaction's 64-bit id, the feed's order (see `changes_since`)."""
-    return cast(cast(func.pg_current_xact_id(), Text), BigInteger)
-
-
-@cache
-def _latest_write(flavour: str, mode: WriteMode) -> Insert | Update:
-    """Write the user's `snapshot_latest` row, returning it as stored (`STORED_COLUMNS`).
-
-    "upsert": insert version 1, or on the key's conflict take the row lock and
-    set `version + 1`; "create": insert only, nothing on conflict; "replace":
-    update only the row at `expected_version`. Values are bound as `w_<column>`
-    (`PendingWrite.params`); a write without expiry clears an earlier one.
-    """
-    changed: dict[str, Any] = {n: bindparam(f"w_{n}") for n in WRITE_COLUMNS if n not in _KEY}
-    changed["expires_at"] = bindparam("w_expires_at", type_=latest_table.c.expires_at.type)
-    returned = [latest_table.c[name] for name in STORED_COLUMNS]
-    if mode == "replace":
-        return (
-            update(latest_table)
-            .where(is_key(latest_table, "w_"))
-            .where(latest_table.c.version == bindparam("expected_version"))
-            .values(version=latest_table.c.version + 1, **changed)
-            .returning(*returned)
-        )
-    make = postgresql.insert if flavour == "postgresql" else sqlite.insert
-    stmt = make(latest_table).values(
-        version=1, **changed, **{name: bindparam(f"w_{name}") for name in _KEY}
-    )
-    key = [latest_table.c[name] for name in _KEY]
-    if mode == "create":
-        return stmt.on_conflict_do_nothing(index_elements=key).returning(*returned)
-    bumped = {"version": latest_table.c.version + 1, **{n: stmt.excluded[n] for n in changed}}
-    return stmt.on_conflict_do_update(index_elements=key, set_=bumped).returning(*returned)
-
-
-@cache
-def _history_append(feed_in_history: bool) -> Insert:
-    """Append a stored row to history; on Postgres with its feed position (revision 0010)."""
-    values: dict[str, Any] = {name: bindparam(name) for name in STORED_COLUMNS}
-    if feed_in_history:
-        values.update(feed_txid=_txid(), feed_seq=DbSequence(FEED_SEQUENCE).next_value())
-    return insert(history_table).values(values)
-
-
-@cache
-def _feed_entry(kind: str, with_txid: bool) -> Insert:
-    """A `snapshot_changes` entry; on Postgres it carries the transaction id."""
-    return insert(changes_table).values(
-        kind=kind,
-        txid=_txid() if with_txid else None,
-        **{name: bindparam(name) for name in CHANGE_COLUMNS},
-    )
-
-
-@cache
-def _notify_statement() -> Select[Any]:
-    """Postgres: NOTIFY listeners of a write or erasure, delivered at commit."""
-    typed = {"tenant": String, "namespace": String, "user_id": String, "version": BigInteger}
-    fields: list[tuple[str, Any]] = [
-        (n, bindparam(n, type_=t)) for n, t in {**typed, "kind": String}.items()
-    ]
-    payload = func.json_build_object(*(part for field in fields for part in field))
-    return select(func.pg_notify(NOTIFY_CHANNEL, cast(payload, Text)))
-
-
-_NEWEST = bindparam("newest", type_=BigInteger)
-"""The user's newest version, which the write pruning its history just wrote."""
-
-
-@cache
-def _pruning() -> Delete:
-    """Delete the user's history versions the retention policy drops below `newest`."""
-    return delete(history_table).where(is_key(history_table), prune_condition(_NEWEST))
-
-
-@cache
-def _pruned_entries_move() -> Insert:
-    """Postgres: copy the feed entries of the versions `_pruning` drops to `snapshot_changes`,
-    keeping their txid and seq, so no cursor skips or repeats them."""
-    history = history_table.c
-    entries = select(
-        *(history[name] for name in CHANGE_COLUMNS),
-        literal("write"),
-        history.feed_txid,
-        history.feed_seq,
-    ).where(is_key(history_table), prune_condition(_NEWEST), history.feed_seq.isnot(None))
-    return insert(changes_table).from_select([*CHANGE_COLUMNS, "kind", "txid", "seq"], entries)
-
-
-@cache
-def _orphan_key_lock() -> Select[Any]:
-    """Lock the data key of a user without rows (Postgres; SQLite's write lock is held)."""
-    return select(data_keys_table.c.user_id).where(is_key(data_keys_table)).with_for_update()
-
-
-@cache
-def _orphan_key_drop() -> Delete:
-    """Delete the user's data key unless a writer holding it has written a latest row."""
-    has_latest = exists().where(is_key(latest_table))
-    return delete(data_keys_table).where(is_key(data_keys_table), ~has_latest)
-
-
-@cache
-def _latest_many() -> Select[Any]:
-    """The live latest rows of a list of users: `user_id IN (...)`, expanded per call."""
-    wanted = latest_table.c.user_id.in_(bindparam("user_ids", expanding=True))
-    columns = [latest_table.c[name] for name in ROW_COLUMNS]
-    return select(*columns).where(in_scope(latest_table), wanted, alive())

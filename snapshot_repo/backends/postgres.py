@@ -2,7 +2,7 @@
 
 asyncpg prepares each statement once per connection and reuses it; there is
 no BEGIN/COMMIT around single statements. A write is one data-modifying CTE
-(see `_dialects.postgres_write_statement`), an erasure one call of the
+(see `postgres_sql.postgres_write_statement`), an erasure one call of the
 `snapshot_repo_erase` function.
 """
 
@@ -16,16 +16,7 @@ from asyncpg.exceptions import InternalClientError
 from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .._dialects import (
-    claim_key_statement,
-    hold_key_statement,
-    postgres_bulk_write_statement,
-    postgres_erase_statement,
-    postgres_write_statement,
-    prune_statement,
-    sorted_batch,
-    write_mode,
-)
+from .._dialects import claim_key_statement, hold_key_statement, prune_statement, write_mode
 from .._translate import register_driver_errors
 from ._compiled import (
     SharedStatements,
@@ -36,6 +27,12 @@ from ._compiled import (
 )
 from ._pool import Connections
 from ._retry import retry_rolled_back
+from .postgres_sql import (
+    postgres_bulk_write_statement,
+    postgres_erase_statement,
+    postgres_write_statement,
+    sorted_batch,
+)
 from .values import (
     DataKeyChanged,
     DataKeyRef,

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -37,9 +36,7 @@ from .._dialects import (
     hold_key_statement,
     prune_statement,
     receipt_statement,
-    sqlite_bulk_write_statements,
     sqlite_erasure_feed_statements,
-    sqlite_write_statements,
     write_mode,
 )
 from .._translate import register_driver_errors
@@ -55,6 +52,8 @@ from ._compiled import (
 )
 from ._pool import Connections
 from ._privates import run_on_thread, sqlite_connection
+from .sqlite_commit import Commit, truncate_committed
+from .sqlite_sql import sqlite_bulk_write_statements, sqlite_write_statements
 from .values import (
     DataKeyChanged,
     DataKeyRef,
@@ -85,75 +84,6 @@ def _append_history(
     conn.execute(history_append.sql, history_append.stored_args(stored))
     conn.execute(feed_entry.sql, feed_entry.stored_args(stored))
     return int(stored["version"])
-
-
-def _truncate_wal(conn: sqlite3.Connection, wait_ms: int, busy_ms: int) -> bool:
-    """Copy the WAL into the database file and truncate the WAL to nothing; True if done.
-
-    With `secure_delete` on (see `engine`), the freed cells of an erasure are
-    zeroed in the pages it writes; the WAL still holds the frames that wrote
-    the erased rows, and the main file their old pages, until this checkpoint.
-
-    A truncating checkpoint must wait for every reader of an older snapshot
-    (a backup, a long report) and blocks new writers while it waits, so it
-    waits at most `wait_ms` (0 after a write: other users' writes never queue
-    behind a reader), then gives up, leaving what it could not copy for a
-    later attempt. `busy_ms` is the connection's own busy timeout, restored after.
-    """
-    conn.execute(f"PRAGMA busy_timeout = {wait_ms}")
-    try:
-        busy, _log, _moved = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-    return not busy
-
-
-def _truncate_committed(conn: sqlite3.Connection, wait_ms: int, busy_ms: int) -> bool:
-    """`_truncate_wal` after erasures have committed; a failure is logged, not raised."""
-    try:
-        return _truncate_wal(conn, wait_ms, busy_ms)
-    except (sqlite3.Error, OSError) as exc:
-        # The erasures committed; only the WAL still holds the old bytes.
-        logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
-        return False
-
-
-class _Commit:
-    """Whether a write transaction running on a connection's thread may still commit.
-
-    The caller's deadline cancels the awaiting task, but not the function
-    running on the connection's thread: without this, a write reported as
-    timed out could commit a moment later, and a caller retrying it without
-    an idempotency key would write twice. Whichever comes first wins, under a
-    lock: the thread starting COMMIT, or the caller abandoning the write.
-    """
-
-    __slots__ = ("_lock", "_state")
-
-    _RUNNING, _COMMITTING, _ABANDONED = range(3)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state = self._RUNNING
-
-    def begin(self) -> None:
-        """Called by the thread before COMMIT; raises `_Abandoned` if the caller gave up."""
-        with self._lock:
-            if self._state == self._ABANDONED:
-                raise _Abandoned
-            self._state = self._COMMITTING
-
-    def abandon(self) -> bool:
-        """Called by a caller that stops waiting: True if the write can no longer commit."""
-        with self._lock:
-            if self._state == self._COMMITTING:
-                return False
-            self._state = self._ABANDONED
-            return True
-
-
-class _Abandoned(Exception):
-    """The caller stopped waiting before COMMIT: the transaction was rolled back."""
 
 
 _TRUNCATE_RETRY_SECONDS = 1.0
@@ -381,7 +311,7 @@ class SqliteBackend(SharedStatements):
             wait_ms = min(wait_ms, int(left * 1000))
 
         def truncate(conn: sqlite3.Connection) -> None:
-            self._note_truncation(_truncate_committed(conn, wait_ms, self._busy_ms))
+            self._note_truncation(truncate_committed(conn, wait_ms, self._busy_ms))
 
         async with self._write_lock, self._connections.checkout() as aconn:
             await run_on_thread(aconn, truncate, sqlite_connection(aconn))
@@ -389,12 +319,12 @@ class SqliteBackend(SharedStatements):
     def _truncate_after_erasure(self, conn: sqlite3.Connection, outcome: tuple[int, int]) -> None:
         """After an erasure's commit: truncate the WAL without waiting for any reader."""
         if outcome[0] or self.traces_pending:
-            self._note_truncation(_truncate_committed(conn, 0, self._busy_ms))
+            self._note_truncation(truncate_committed(conn, 0, self._busy_ms))
 
     def _truncate_if_pending(self, conn: sqlite3.Connection, _result: object) -> None:
         """After any write's commit: retry a pending truncation, at most once a second."""
         if self.traces_pending and time.monotonic() >= self._next_truncation:
-            self._note_truncation(_truncate_committed(conn, 0, self._busy_ms))
+            self._note_truncation(truncate_committed(conn, 0, self._busy_ms))
 
     def _note_truncation(self, done: bool) -> None:
         if done:
@@ -478,11 +408,11 @@ class SqliteBackend(SharedStatements):
         lock (SQLite's busy timeout) is cut to the time the call has left, and
         a call cancelled before COMMIT began (its deadline passed) rolls the
         transaction back instead of committing after the caller was told it
-        timed out (see `_Commit`).
+        timed out (see `sqlite_commit.Commit`).
         """
         left = _deadlines.remaining()
         busy_ms = self._busy_ms if left is None else min(self._busy_ms, int(left * 1000))
-        commit = _Commit()
+        commit = Commit()
         finish = after_commit if after_commit is not None else self._truncate_if_pending
 
         def transaction(conn: sqlite3.Connection) -> _T:
