@@ -220,3 +220,20 @@ async def test_reads_and_health_return_within_their_timeout_while_the_file_is_he
         latest = await repo.get_latest("u1")  # the holder is gone: reads work again
         assert latest is not None
         assert latest.state.note == "stored"
+
+
+async def test_a_truncation_erase_user_left_pending_is_finished_by_the_engines_repository(
+    tmp_path, sqlite_template
+):
+    """erase_user's per-namespace backends are gone when it returns; the engine remembers."""
+    path = database(tmp_path, sqlite_template)
+    marker = f"MARKER-{uuid.uuid4().hex}"
+    async with sr.SnapshotRepository.from_url(url_of(path), Cart) as repo:
+        async with sr.SnapshotRepository.from_url(url_of(path), Cart, namespace="other") as other:
+            await other.upsert_latest(snap("victim", marker))
+        await repo.upsert_latest(snap("victim", marker + "-2"))
+        with other_connection(path, "BEGIN"):
+            assert await sr.erase_user(repo.engine, "victim") == 2
+        assert files_hold(path, marker)
+        assert await repo.finish_erasures(wait=1) is True
+        assert not files_hold(path, marker)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -72,6 +71,7 @@ from .core_sql import (
     pruned_entries_move,
     pruning,
 )
+from .sqlite_commit import pending_truncation
 from .values import (
     DataKeyChanged,
     DataKeyRef,
@@ -88,9 +88,6 @@ from .values import (
 __all__ = ["CoreBackend"]
 
 logger = logging.getLogger("snapshot_repo")
-
-_TRUNCATE_RETRY_SECONDS = 1.0
-"""While an erasure's WAL truncation is pending, how often later writes try again."""
 
 
 class CoreBackend:
@@ -120,9 +117,7 @@ class CoreBackend:
         )
         self._decode = snapshot_row_decoder(engine.dialect)
         self._driver_sql: dict[int, tuple[ClauseElement, DriverSql]] = {}
-        self.traces_pending = False
-        """SQLite: an erasure committed but readers kept the WAL from being truncated."""
-        self._next_truncation = 0.0
+        self._truncation = pending_truncation(engine)
 
     # --- writes ------------------------------------------------------------------------
 
@@ -247,7 +242,7 @@ class CoreBackend:
         `secure_delete` truncate the WAL without waiting for readers (see `_truncate_wal`)."""
         async with self._write_transaction() as conn:
             outcome = await self._erase_in(conn, erasure)
-        if self._truncates_wal and erasure.checkpoint and (outcome[0] or self.traces_pending):
+        if self._truncates_wal and erasure.checkpoint and (outcome[0] or self._truncation.pending):
             await self._truncate_wal(0)
         return outcome
 
@@ -290,9 +285,9 @@ class CoreBackend:
     async def finish_erasures(self, wait: float) -> bool:
         """SQLite: a truncation readers held up, waiting up to `wait` s; True when none is
         pending. Elsewhere nothing is pending."""
-        if self.traces_pending:
+        if self._truncation.pending:
             await self._truncate_wal(int(wait * 1000))
-        return not self.traces_pending
+        return not self._truncation.pending
 
     async def vacuum(self) -> None:
         """Postgres: VACUUM the snapshot tables, outside a transaction (autocommit).
@@ -324,21 +319,11 @@ class CoreBackend:
                     await conn.exec_driver_sql(f"PRAGMA busy_timeout = {self._busy_ms}")
         except (DBAPIError, ConnectionLostError, OSError) as exc:
             logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
-        if not busy:
-            self.traces_pending = False
-            return
-        if not self.traces_pending:
-            logger.warning(
-                "snapshot_repo: an erasure committed, but readers hold old snapshots of the "
-                "SQLite file, so the WAL still holds the erased bytes; later writes, "
-                "finish_erasures() and close() truncate it once the readers are done"
-            )
-        self.traces_pending = True
-        self._next_truncation = time.monotonic() + _TRUNCATE_RETRY_SECONDS
+        self._truncation.note(not busy)
 
     async def _retry_pending_truncation(self) -> None:
         """After a write: retry a truncation readers held up, at most once a second."""
-        if self.traces_pending and time.monotonic() >= self._next_truncation:
+        if self._truncation.due():
             await self._truncate_wal(0)
 
     # --- reads -------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -52,7 +51,7 @@ from ._compiled import (
 )
 from ._pool import Connections
 from ._privates import run_on_thread, sqlite_connection
-from .sqlite_commit import Commit, truncate_committed
+from .sqlite_commit import Commit, pending_truncation, truncate_committed
 from .sqlite_sql import sqlite_bulk_write_statements, sqlite_write_statements
 from .values import (
     DataKeyChanged,
@@ -86,10 +85,6 @@ def _append_history(
     return int(stored["version"])
 
 
-_TRUNCATE_RETRY_SECONDS = 1.0
-"""While an erasure's WAL truncation is pending, how often later writes try again."""
-
-
 class SqliteBackend(SharedStatements):
     """aiosqlite: every write is one function on the connection's thread; reads run inline.
 
@@ -115,11 +110,7 @@ class SqliteBackend(SharedStatements):
         self._erase_without_trace = settings.sqlite_secure_delete
         self._inline_reads = settings.sqlite_inline_reads
         self._busy_ms = int(settings.busy_timeout * 1000)
-        # An erasure committed, but readers kept its WAL frames from being truncated:
-        # later writes retry (no sooner than this `time.monotonic()`), as do
-        # `finish_erasures` and the repository's `close()`.
-        self.traces_pending = False
-        self._next_truncation = 0.0
+        self._truncation = pending_truncation(engine)
         # An erasure's statements (Postgres: one function call, see `postgres_erase_statement`).
         self._delete_latest, self._delete_history = compile_all(delete_statements(), dialect)
         self._delete_expired = compile_statement(delete_statements(only_expired=True)[0], dialect)
@@ -301,9 +292,9 @@ class SqliteBackend(SharedStatements):
         return f"SQLite database file {database} does not exist"
 
     async def finish_erasures(self, wait: float) -> bool:
-        if self.traces_pending:
+        if self._truncation.pending:
             await self._truncate_now(int(wait * 1000))
-        return not self.traces_pending
+        return not self._truncation.pending
 
     async def _truncate_now(self, wait_ms: int) -> None:
         left = _deadlines.remaining()
@@ -311,33 +302,20 @@ class SqliteBackend(SharedStatements):
             wait_ms = min(wait_ms, int(left * 1000))
 
         def truncate(conn: sqlite3.Connection) -> None:
-            self._note_truncation(truncate_committed(conn, wait_ms, self._busy_ms))
+            self._truncation.note(truncate_committed(conn, wait_ms, self._busy_ms))
 
         async with self._write_lock, self._connections.checkout() as aconn:
             await run_on_thread(aconn, truncate, sqlite_connection(aconn))
 
     def _truncate_after_erasure(self, conn: sqlite3.Connection, outcome: tuple[int, int]) -> None:
         """After an erasure's commit: truncate the WAL without waiting for any reader."""
-        if outcome[0] or self.traces_pending:
-            self._note_truncation(truncate_committed(conn, 0, self._busy_ms))
+        if outcome[0] or self._truncation.pending:
+            self._truncation.note(truncate_committed(conn, 0, self._busy_ms))
 
     def _truncate_if_pending(self, conn: sqlite3.Connection, _result: object) -> None:
         """After any write's commit: retry a pending truncation, at most once a second."""
-        if self.traces_pending and time.monotonic() >= self._next_truncation:
-            self._note_truncation(truncate_committed(conn, 0, self._busy_ms))
-
-    def _note_truncation(self, done: bool) -> None:
-        if done:
-            self.traces_pending = False
-            return
-        if not self.traces_pending:
-            logger.warning(
-                "snapshot_repo: an erasure committed, but readers hold old snapshots of the "
-                "SQLite file, so the WAL still holds the erased bytes; later writes, "
-                "finish_erasures() and close() truncate it once the readers are done"
-            )
-        self.traces_pending = True
-        self._next_truncation = time.monotonic() + _TRUNCATE_RETRY_SECONDS
+        if self._truncation.due():
+            self._truncation.note(truncate_committed(conn, 0, self._busy_ms))
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         return await self._fetch(self._compiled(statement), params)

@@ -3,8 +3,10 @@
 `Commit` decides, under a lock, whether a write transaction may still commit
 or was abandoned by a caller whose deadline passed; `truncate_committed`
 truncates the WAL after erasures have committed, so the erased rows' old
-bytes leave the files. The SQLite backend runs both inside its one hop to the
-connection's thread (see `sqlite`).
+bytes leave the files, and `PendingTruncation` remembers, per engine, a
+truncation that readers held up. The SQLite backend runs the first two
+inside its one hop to the connection's thread (see `sqlite`); the core
+backend shares the third.
 """
 
 from __future__ import annotations
@@ -12,8 +14,21 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 
-__all__ = ["Commit", "truncate_committed", "truncate_wal"]
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = [
+    "Commit",
+    "PendingTruncation",
+    "pending_truncation",
+    "truncate_committed",
+    "truncate_wal",
+]
+
+_RETRY_SECONDS = 1.0
+"""While a truncation is pending, how often later writes try it again."""
+_STATE_ATTRIBUTE = "_snapshot_repo_pending_truncation"
 
 logger = logging.getLogger("snapshot_repo")
 
@@ -85,3 +100,47 @@ class Commit:
 
 class _Abandoned(Exception):
     """The caller stopped waiting before COMMIT: the transaction was rolled back."""
+
+
+class PendingTruncation:
+    """An erasure committed, but readers kept its WAL frames from being truncated.
+
+    One per engine (one database file), shared by every backend on it, so a
+    truncation one repository's erasure left pending (or `erase_user`'s
+    short-lived per-namespace backends) is completed by any later write,
+    `finish_erasures` or `close()` on that engine.
+    """
+
+    __slots__ = ("_next_attempt", "pending")
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._next_attempt = 0.0
+
+    def due(self) -> bool:
+        """Whether a write should retry now: pending, and not tried in the last second."""
+        return self.pending and time.monotonic() >= self._next_attempt
+
+    def note(self, done: bool) -> None:
+        """Record a truncation's outcome; warn once when one starts to be pending."""
+        if done:
+            self.pending = False
+            return
+        if not self.pending:
+            logger.warning(
+                "snapshot_repo: an erasure committed, but readers hold old snapshots of the "
+                "SQLite file, so the WAL still holds the erased bytes; later writes, "
+                "finish_erasures() and close() truncate it once the readers are done"
+            )
+        self.pending = True
+        self._next_attempt = time.monotonic() + _RETRY_SECONDS
+
+
+def pending_truncation(engine: AsyncEngine) -> PendingTruncation:
+    """The engine's `PendingTruncation` (made on first use)."""
+    sync_engine = engine.sync_engine
+    state = getattr(sync_engine, _STATE_ATTRIBUTE, None)
+    if not isinstance(state, PendingTruncation):
+        state = PendingTruncation()
+        setattr(sync_engine, _STATE_ATTRIBUTE, state)
+    return state
