@@ -1,14 +1,16 @@
 """Smoke tests of the benchmark harness (benchmarks/harness/) on SQLite and Postgres.
 
 Tiny sizes, so each run takes a few seconds. They check that the harness
-runs every workload on every side and reports ops/s, p50, p99 and the
-library/raw ratios in its JSON; they never assert speed, which depends on
-the machine and on whatever else it is running.
+runs every workload on every side (the library's core backend and the
+plain-SQLAlchemy peer included) and reports ops/s, p50, p99 and the
+library/side and core/side ratios in its JSON; they never assert speed,
+which depends on the machine and on whatever else it is running.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
 from benchmarks.harness import (
+    CORE,
     WORKLOADS,
     BenchConfig,
     BenchState,
@@ -28,13 +31,15 @@ from benchmarks.harness import (
     timing,
 )
 from benchmarks.harness import workloads as workloads_module
-from benchmarks.harness.databases import open_sqlite, sqlite_pragmas
+from benchmarks.harness.databases import open_postgres, open_sqlite, sqlite_pragmas
+from benchmarks.harness.parity import check_parity
 from benchmarks.harness.peer import PeerSide, PeerStatements, peer_engine
 from benchmarks.harness.seeding import Seeder
-from benchmarks.harness.sides import Side
+from benchmarks.harness.sides import CoreSide, LibrarySide, Side
 from benchmarks.harness.state import make_states
 from benchmarks.harness.stats import bulk_speedups, summarize
 from benchmarks.harness.timing import Sample
+from snapshot_repo.backends.core import CoreBackend
 from snapshot_repo.engine import normalize_url
 from snapshot_repo.repository import DEFAULT_NAMESPACE
 from tests.support.databases import Backend, Cart, run_blocking
@@ -85,15 +90,26 @@ def where_flags(backend: Backend, url: str) -> list[str]:
     return ["--backends=postgres", f"--postgres-url={url}", "--postgres-use-database"]
 
 
-def other_sides(backend: str, peer: bool) -> list[str]:
-    """Every side the library is compared with: the raw drivers, then the peer if asked for."""
-    return [*RAW_SIDES[backend], *([PEER] if peer else [])]
+def other_sides(backend: str, peer: bool, core: bool = False) -> list[str]:
+    """Every side the library is compared with: the raw drivers, then the library on its
+    core backend and the peer, each if asked for."""
+    return [*RAW_SIDES[backend], *([CORE] if core else []), *([PEER] if peer else [])]
+
+
+def paired(result: dict[str, Any], workload: str, top: str, bottom: str) -> float:
+    """Median over rounds of `top`'s ops/s over `bottom`'s, recomputed from the JSON's rounds."""
+    sides = result["workloads"][workload]["results"]
+    pairs = zip(sides[top]["rounds"], sides[bottom]["rounds"], strict=True)
+    return statistics.median(a["ops_per_s"] / b["ops_per_s"] for a, b in pairs)
 
 
 def assert_complete(data: dict[str, Any], backend: str) -> None:
-    """Every workload has ops/s, p50, p99 per side and a ratio per other side."""
+    """Every workload has ops/s, p50, p99 per side, a library ratio per other side and,
+    with the core side, a core ratio per side but the library's."""
     result = data["backends"][backend]
-    others = other_sides(backend, data["config"]["peer"])
+    core = data["config"]["core"]
+    others = other_sides(backend, data["config"]["peer"], core)
+    under_core = [side for side in others if side != CORE] if core else []
     assert result["sides"] == ["library", *others]
     assert list(result["workloads"]) == list(WORKLOADS)
     for name, workload in result["workloads"].items():
@@ -106,8 +122,9 @@ def assert_complete(data: dict[str, Any], backend: str) -> None:
                 assert outcome["reason"]
                 continue
             if not outcome["available"]:
-                # Only the library's bulk calls may be missing, and only while they don't exist.
-                assert side == "library", (name, side)
+                # Only the library's bulk calls may be missing (on either of its backends),
+                # and only while they don't exist.
+                assert side in ("library", CORE), (name, side)
                 assert name in BULK
                 assert not hasattr(sr.SnapshotRepository, BULK[name])
                 assert outcome["reason"]
@@ -118,8 +135,17 @@ def assert_complete(data: dict[str, Any], backend: str) -> None:
             assert len(outcome["rounds"]) == ROUNDS
         library_available = workload["results"]["library"]["available"]
         assert set(workload["ratio"]) == set(others)
-        for ratio in workload["ratio"].values():
+        for side, ratio in workload["ratio"].items():
             assert (ratio is not None and ratio > 0) if library_available else ratio is None
+            if ratio is not None and workload["results"][side]["available"]:
+                # library ops/s over the side's, never the other way round
+                assert ratio == pytest.approx(paired(result, name, "library", side))
+        assert list(workload["core_ratio"]) == under_core
+        for side, ratio in workload["core_ratio"].items():
+            if workload["results"][CORE]["available"] and workload["results"][side]["available"]:
+                assert ratio == pytest.approx(paired(result, name, CORE, side))
+            else:
+                assert ratio is None
     for side in result["sides"]:
         assert result["depth_ratio"][side] > 0
     for kind in ("write", "read"):
@@ -131,14 +157,27 @@ def assert_complete(data: dict[str, Any], backend: str) -> None:
 
 
 async def test_report_has_every_workload_on_every_side(backend: Backend) -> None:
-    config = BenchConfig(**TINY, **where(backend, backend.fresh_url()), peer=True)
+    config = BenchConfig(**TINY, **where(backend, backend.fresh_url()), peer=True, core=True)
     report = await run_benchmark(config)
     data = json.loads(json.dumps(report.to_dict()))  # the JSON round trip is part of the contract
     assert list(data["backends"]) == [backend.name]
     assert_complete(data, backend.name)
+    assert data["backends"][backend.name]["sides"][-2:] == [CORE, PEER]
     table = report.format_table()
     for name in WORKLOADS:
         assert name in table
+    assert "core/side" in table
+    # The write row of every side but the library's: its lib/side ratio, then (all but the
+    # core's own row) its core/side ratio.
+    rows = table.splitlines()
+    write = rows.index(next(row for row in rows if row.startswith("write ")))
+    others = other_sides(backend.name, peer=True, core=True)
+    ratios = {row.split()[0]: row.split()[4:] for row in rows[write + 1 : write + 1 + len(others)]}
+    assert {side: len(values) for side, values in ratios.items()} == {
+        side: 1 if side == CORE else 2 for side in others
+    }
+    result = report.backends[backend.name].workloads["write"]
+    assert ratios[CORE] == [f"{result.ratio[CORE]:.2f}"]
 
 
 async def test_sqlite_phases_start_from_an_empty_wal(
@@ -162,11 +201,13 @@ async def test_sqlite_phases_start_from_an_empty_wal(
 
     for name in ("time_sequential", "time_concurrent"):
         monkeypatch.setattr(workloads_module, name, observing(getattr(workloads_module, name)))
-    # With the peer: its pooled connections must not hold the WAL either. One round
-    # and no warm-up: every phase is observed all the same, in half the time.
+    # With the core side and the peer: their pooled connections must not hold the WAL
+    # either. One round and no warm-up: every phase is observed all the same, in half the time.
     config = {**TINY, "rounds": 1, "warmup_ops": 0}
-    await run_benchmark(BenchConfig(**config, backends=("sqlite",), sqlite_path=path, peer=True))
-    sides = 1 + len(other_sides("sqlite", peer=True))
+    await run_benchmark(
+        BenchConfig(**config, backends=("sqlite",), sqlite_path=path, peer=True, core=True)
+    )
+    sides = 1 + len(other_sides("sqlite", peer=True, core=True))
     assert len(sizes) >= len(WORKLOADS) * sides  # and one depth phase per side
     assert sizes == [0] * len(sizes)
 
@@ -175,12 +216,12 @@ async def test_sqlite_delete_workloads_differ_only_in_the_erasure_checkpoint(
     tmp_path: Path,
 ) -> None:
     """SQLite by nature: `delete` and `delete_traceless` leave the WAL empty on the library
-    side, `delete_plain` (the library opened with secure delete off) leaves it holding
-    the erasure; the raw sides checkpoint only in `delete_traceless`. So the three rows
-    split the erasure's cost from the library's own."""
+    side (either backend), `delete_plain` (the library opened with secure delete off)
+    leaves it holding the erasure; the raw sides checkpoint only in `delete_traceless`.
+    So the three rows split the erasure's cost from the library's own."""
     path = tmp_path / "bench.db"
     wal = Path(f"{path}-wal")
-    config = BenchConfig(**TINY, backends=("sqlite",), sqlite_path=path, peer=True)
+    config = BenchConfig(**TINY, backends=("sqlite",), sqlite_path=path, peer=True, core=True)
     state = make_states(1)[0]
 
     def wal_is_empty() -> bool:  # a stat of a local file, after the side's call returned
@@ -198,8 +239,10 @@ async def test_sqlite_delete_workloads_differ_only_in_the_erasure_checkpoint(
                 checkpointed[side.name, kind] = wal_is_empty()
     library_checkpoints = {"delete": True, "traceless_delete": True, "plain_delete": False}
     raw_checkpoints = {"delete": False, "traceless_delete": True, "plain_delete": False}
+    libraries = ("library", CORE)
+    assert {side.name for side in setup.sides} >= set(libraries)
     assert checkpointed == {
-        (side.name, kind): (library_checkpoints if side.name == "library" else raw_checkpoints)[
+        (side.name, kind): (library_checkpoints if side.name in libraries else raw_checkpoints)[
             kind
         ]
         for side in setup.sides
@@ -207,20 +250,100 @@ async def test_sqlite_delete_workloads_differ_only_in_the_erasure_checkpoint(
     }
 
 
+@pytest.mark.parametrize("core", [False, True], ids=["no-core", "core"])
 def test_main_prints_the_table_and_writes_json(
-    backend: Backend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    backend: Backend, core: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     out = tmp_path / "results.json"
     chart = tmp_path / "chart.png"
     flags = [*TINY_FLAGS, *where_flags(backend, backend.fresh_url()), f"--json={out}"]
-    status = main([*flags, f"--chart={chart}"])
+    status = main([*flags, "--core" if core else "--no-core", f"--chart={chart}"])
     printed = capsys.readouterr().out
     assert status == 0
     assert "lib/side" in printed
     assert PEER not in printed  # only with --peer
+    assert ("core/side" in printed) is core
     assert "depth ratio" in printed
-    assert_complete(json.loads(out.read_text()), backend.name)
+    data = json.loads(out.read_text())
+    assert data["config"]["core"] is core
+    assert (CORE in data["backends"][backend.name]["sides"]) is core
+    assert_complete(data, backend.name)
     assert chart.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_chart_has_a_core_panel_per_backend_when_the_core_side_ran(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Harness logic, no database: the library's panel gains a core bar, and a second panel
+    per backend shows the core backend's own ratios (drawn from a saved JSON report)."""
+    from benchmarks.harness import chart
+
+    def workload(ratio: dict[str, float | None], core_ratio: dict[str, float | None]) -> Any:
+        return {"ratio": ratio, "core_ratio": core_ratio}
+
+    result = {
+        "server": "SQLite 3",
+        "sides": ["library", "aiosqlite", CORE],
+        "workloads": {
+            "write": workload({"aiosqlite": 0.9, CORE: 1.5}, {"aiosqlite": 0.6}),
+            "delete_plain": workload({"aiosqlite": None, CORE: None}, {"aiosqlite": None}),
+        },
+    }
+    report = {
+        "config": {"rounds": 1},
+        "environment": {"python": "3", "cpu_count": 2, "started_at": "now"},
+        "backends": {"sqlite": result},
+    }
+    drawn: list[tuple[str, list[str], dict[str, dict[str, float]]]] = []
+    monkeypatch.setattr(
+        chart,
+        "_draw",
+        lambda _axes, panel: drawn.append((panel.numerator, panel.sides, panel.ratios)),
+    )
+    chart.write_chart(report, tmp_path / "chart.png")
+    assert drawn == [
+        ("library", ["aiosqlite", CORE], {"write": {"aiosqlite": 0.9, CORE: 1.5}}),
+        (CORE, ["aiosqlite"], {"write": {"aiosqlite": 0.6}}),
+    ]
+
+
+@pytest.mark.parametrize("core", [False, True], ids=["fast", "core"])
+async def test_each_library_side_runs_on_its_own_backend(backend: Backend, core: bool) -> None:
+    """The library side runs on the database's fast backend, the core side (only with
+    `core`) on the core backend, on its own repositories and engine."""
+    config = BenchConfig(**TINY, **where(backend, backend.fresh_url()), core=core)
+    opener = open_sqlite if backend.name == "sqlite" else open_postgres
+    async with opener(config) as setup:
+        libraries = [side for side in setup.sides if isinstance(side, LibrarySide)]
+        assert [side.name for side in libraries] == ["library", *([CORE] if core else [])]
+        library = libraries[0].repository
+        assert not isinstance(library._backend, CoreBackend)
+        if core:
+            assert isinstance(libraries[1], CoreSide)
+            core_repo = libraries[1].repository
+            assert isinstance(core_repo._backend, CoreBackend)
+            assert core_repo.engine is not library.engine
+            # On SQLite it has an opt-out repository of its own for `delete_plain`.
+            expected = None if backend.name == "sqlite" else "only SQLite erasures"
+            reason = libraries[1].plain_delete_unavailable()
+            assert reason is None if expected is None else (reason or "").startswith(expected)
+
+
+async def test_the_parity_check_holds_the_core_side_to_the_same_rows(tmp_path: Path) -> None:
+    """The core side passes the check every side passes before timing, and a core side
+    storing something else would abort the run."""
+
+    class WrongCore(CoreSide):
+        async def write(self, user_id: str, state: BenchState) -> int:
+            return await super().write(user_id, make_states(3)[2])
+
+    config = BenchConfig(**TINY, backends=("sqlite",), sqlite_path=tmp_path / "b.db", core=True)
+    async with open_sqlite(config) as setup:
+        await check_parity(setup.sides)
+        core = next(side for side in setup.sides if isinstance(side, CoreSide))
+        wrong = WrongCore(core.repository)
+        with pytest.raises(RuntimeError, match="unexpected rows after core's writes"):
+            await check_parity([*setup.sides[:-1], wrong])
 
 
 async def _write_then_history(url: str, user_id: str, write: bool) -> list[int]:

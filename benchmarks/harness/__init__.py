@@ -8,7 +8,10 @@ same tables and with the same semantics and durability, so that the ratio
 library/raw isolates the library's own overhead. A fourth kind of side, the
 peer (`sqlalchemy`, see `peer`), runs the same workloads in plain
 SQLAlchemy Core on the same drivers: the alternative a user would otherwise
-write, so library/peer says what choosing the library buys.
+write, so library/peer says what choosing the library buys. With `core`, the
+library also runs on its `core` backend (`backend="core"`, SQLAlchemy's public
+Core API only) as a side of its own: library/core is what the fast backends
+buy over the reference, and core/raw what the reference costs.
 
 What keeps the comparison fair:
 
@@ -51,7 +54,8 @@ command line (`python benchmarks/run.py`), and `add_arguments` /
 
 - `config`: `BenchConfig` and the names reports use;
 - `state`: the ~1 KB state every workload stores;
-- `sides`: the interface every side implements, and the library's side;
+- `sides`: the interface every side implements, and the library's sides (its
+  fast backend, and its core backend);
 - `rows`, `sql`: rows and statements written by hand;
 - `asyncpg_side`, `sqlite_sides`: the raw baselines;
 - `peer`: the plain-SQLAlchemy peer;
@@ -66,6 +70,7 @@ from __future__ import annotations
 
 from .cli import add_arguments, build_parser, config_from_args, main
 from .config import (
+    CORE,
     DEFAULT_JSON_PATH,
     DEFAULT_POSTGRES_URL,
     LIBRARY,
@@ -81,6 +86,7 @@ from .runner import run_benchmark
 from .state import BenchState
 
 __all__ = [
+    "CORE",
     "DEFAULT_JSON_PATH",
     "DEFAULT_POSTGRES_URL",
     "LIBRARY",

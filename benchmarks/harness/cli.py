@@ -123,6 +123,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sides = parser.add_argument_group("sides")
     sides.add_argument(
+        "--core",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.core,
+        help="also run the library on its core backend (SQLAlchemy's public Core API only) "
+        f"beside its default, fast one; about triples the run time "
+        f"(default: {'on' if defaults.core else 'off'})",
+    )
+    sides.add_argument(
         "--peer",
         action="store_true",
         help="also run the same workloads in plain SQLAlchemy Core, the alternative to "
@@ -209,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         settings=replace(EngineSettings(), sqlite_synchronous=args.sqlite_synchronous),
         seed=args.seed,
         peer=args.peer,
+        core=args.core,
     )
 
 
@@ -217,8 +226,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Compare snapshot_repo with hand-written SQL on the raw drivers "
-        "(asyncpg; aiosqlite and sqlite3) and, with --peer, with plain SQLAlchemy Core, and "
-        "print ops/s, p50, p99 and the library's ratio to each.",
+        "(asyncpg; aiosqlite and sqlite3), with its own core backend (--core) and, with --peer, "
+        "with plain SQLAlchemy Core, and print ops/s, p50, p99 and the library's ratio to each.",
     )
     add_arguments(parser)
     return parser

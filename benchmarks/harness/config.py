@@ -14,6 +14,7 @@ from snapshot_repo import ConfigurationError, EngineSettings
 from snapshot_repo.engine import normalize_url
 
 __all__ = [
+    "CORE",
     "DEFAULT_JSON_PATH",
     "DEFAULT_POSTGRES_URL",
     "LIBRARY",
@@ -37,6 +38,11 @@ DEFAULT_JSON_PATH = "benchmark-results.json"
 LIBRARY = "library"
 """The name of the library's side in reports; the raw sides are named after their driver,
 the plain-SQLAlchemy peer `PEER` ("sqlalchemy")."""
+
+CORE = "core"
+"""The name in reports of the library run on its `core` backend (`backend="core"`): the same
+public API through SQLAlchemy's public Core API only, the reference the fast backends are
+measured against. "library" is the library on its fast backend (`backend="auto"`)."""
 
 WORKLOADS: tuple[str, ...] = (
     "write",
@@ -93,6 +99,11 @@ class BenchConfig:
             default: its calls are 2 to 10 times slower than the other sides',
             so it about doubles the run (both backends on 2 cores: 64 to 68 s
             without, 138 s with).
+        core: also run the library on its `core` backend (`CORE`), on the same
+            workloads and databases, with repositories (and a pool) of its own.
+            Off by default: its calls are 3 to 50 times slower than the fast
+            backend's, so it about triples the run (both backends on 2 cores:
+            62 s without, 192 s with).
     """
 
     backends: tuple[BackendName, ...] = ("sqlite", "postgres")
@@ -121,6 +132,7 @@ class BenchConfig:
     settings: EngineSettings = field(default_factory=EngineSettings)
     seed: int = 1
     peer: bool = False
+    core: bool = False
 
     def __post_init__(self) -> None:
         if not self.backends:

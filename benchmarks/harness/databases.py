@@ -29,10 +29,10 @@ from snapshot_repo import ConfigurationError, EngineSettings, SnapshotRepository
 from snapshot_repo.engine import normalize_url
 
 from .asyncpg_side import AsyncpgSide, keep_session
-from .config import LIBRARY, BenchConfig, hide_password
+from .config import CORE, LIBRARY, BenchConfig, hide_password
 from .peer import PEER, PeerSide, PeerStatements, peer_engine
 from .seeding import PostgresSeeder, Seeder, SqliteSeeder
-from .sides import LibrarySide, Side
+from .sides import CoreSide, LibrarySide, Side
 from .sql import holds_snapshots, raw_statements, scope_of
 from .sqlite_sides import AiosqliteSide, Sqlite3Side, Sqlite3Thread
 from .state import BenchState
@@ -62,7 +62,8 @@ def _refuse_data(where: str) -> ConfigurationError:
 
 @asynccontextmanager
 async def open_postgres(config: BenchConfig) -> AsyncIterator[Setup]:
-    """A migrated, empty Postgres database with the library, asyncpg and (`peer`) the peer.
+    """A migrated, empty Postgres database with the library, asyncpg, (`core`) the library on
+    its core backend and (`peer`) the peer.
 
     A throwaway database (`snapshot_repo_bench_<random>`) unless
     `postgres_create_database` is off, dropped on exit even on failure.
@@ -109,6 +110,11 @@ async def open_postgres(config: BenchConfig) -> AsyncIterator[Setup]:
         sql = raw_statements("postgres", scope)
         sides: list[Side] = [LibrarySide(repo), AsyncpgSide(pool, sql)]
         engines = {LIBRARY: repo.engine}
+        if config.core:
+            core = SnapshotRepository.from_url(url, BenchState, settings=settings, backend="core")
+            stack.push_async_callback(core.close)
+            sides.append(CoreSide(core))
+            engines[CORE] = core.engine
         if config.peer:
             peer = peer_engine(url, settings, ())
             stack.push_async_callback(peer.dispose)
@@ -176,7 +182,8 @@ def _open_sqlite3(path: Path, settings: EngineSettings) -> sqlite3.Connection:
 
 @asynccontextmanager
 async def open_sqlite(config: BenchConfig) -> AsyncIterator[Setup]:
-    """A migrated, empty SQLite file with the library, aiosqlite, sqlite3 and (`peer`) the peer.
+    """A migrated, empty SQLite file with the library, aiosqlite, sqlite3, (`core`) the library
+    on its core backend and (`peer`) the peer.
 
     A file in a temporary directory removed on exit, unless `sqlite_path` names one.
 
@@ -234,6 +241,15 @@ async def open_sqlite(config: BenchConfig) -> AsyncIterator[Setup]:
             Sqlite3Side(thread, sql),
         ]
         engines = {LIBRARY: repo.engine}
+        if config.core:
+            core = SnapshotRepository.from_url(url, BenchState, settings=settings, backend="core")
+            stack.push_async_callback(core.close)
+            core_untraced = SnapshotRepository.from_url(
+                url, BenchState, settings=untraced_settings, backend="core"
+            )
+            stack.push_async_callback(core_untraced.close)
+            sides.append(CoreSide(core, core_untraced))
+            engines[CORE] = core.engine
         if config.peer:
             peer = peer_engine(url, settings, sqlite_pragmas(settings))
             stack.push_async_callback(peer.dispose)

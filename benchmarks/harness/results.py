@@ -6,7 +6,7 @@ and the JSON report has exactly these fields.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .config import BenchConfig
@@ -61,16 +61,20 @@ class WorkloadResult:
     Attributes:
         description: what one call does, with this run's sizes.
         latency_per: what one latency sample covers ("call" or "call of N snapshots").
-        results: per side name ("library", then the raw drivers).
-        ratio: per raw side, the median across rounds of library ops/s divided
+        results: per side name ("library", then the raw drivers, "core", the peer).
+        ratio: per other side, the median across rounds of library ops/s divided
             by that side's ops/s in the same round; None when the library side
             is not available. Above 1: the library is faster.
+        core_ratio: the same for the `core` side against every side but the
+            library's (the raw drivers and the peer); empty when the core side
+            was not run. Above 1: the core backend is faster.
     """
 
     description: str
     latency_per: str
     results: dict[str, SideResult]
     ratio: dict[str, float | None]
+    core_ratio: dict[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +83,8 @@ class BackendReport:
 
     Attributes:
         server: the database's name and version.
-        sides: side names, the library first.
+        sides: side names: the library first, then the raw drivers, then (when
+            run) the core side and the peer.
         durability: the durability settings every side was checked to run with.
         workloads: per workload name, in `WORKLOADS` order.
         depth_ratio: per side, p50 of `get_history` on the deep user / p50 on

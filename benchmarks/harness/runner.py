@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
-from .config import LIBRARY, WORKLOADS, BackendName, BenchConfig
+from .config import CORE, LIBRARY, WORKLOADS, BackendName, BenchConfig
 from .databases import open_postgres, open_sqlite
 from .parity import check_parity
 from .results import BackendReport, BenchReport, WorkloadResult
@@ -61,6 +61,8 @@ async def _run_backend(
             for side in order:
                 depth[side.name].append(await workloads.depth(side, f"r{round_index}"))
         results: dict[str, WorkloadResult] = {}
+        # The core side against every side but the library's: the raw drivers and the peer.
+        under_core = [side for side in names[1:] if side != CORE] if CORE in names else []
         for name in WORKLOADS:
             per_side = {side: summarize(samples[name][side]) for side in names}
             description, latency_per = workloads.describe(name)
@@ -69,6 +71,9 @@ async def _run_backend(
                 latency_per=latency_per,
                 results=per_side,
                 ratio={raw: paired_ratio(per_side[LIBRARY], per_side[raw]) for raw in names[1:]},
+                core_ratio={
+                    other: paired_ratio(per_side[CORE], per_side[other]) for other in under_core
+                },
             )
         durability = setup.durability
         server = setup.server

@@ -1,8 +1,9 @@
-"""The sides: one interface for every implementation timed, and the library's own side.
+"""The sides: one interface for every implementation timed, and the library's own sides.
 
 A side is one way of doing the operations every workload times (the
-library, a raw driver, the plain-SQLAlchemy peer). The raw sides live in
-`asyncpg_side` and `sqlite_sides`, the peer in `peer`.
+library on its fast backend, the library on its `core` backend, a raw
+driver, the plain-SQLAlchemy peer). The raw sides live in `asyncpg_side`
+and `sqlite_sides`, the peer in `peer`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Protocol
 
 from snapshot_repo import Snapshot, SnapshotRepository
 
-from .config import LIBRARY
+from .config import CORE, LIBRARY
 from .state import BenchState
 
-__all__ = ["CHECKPOINT", "LibrarySide", "Side", "SnapshotLike"]
+__all__ = ["CHECKPOINT", "CoreSide", "LibrarySide", "Side", "SnapshotLike"]
 
 CHECKPOINT = "PRAGMA wal_checkpoint(TRUNCATE)"
 """What the library's SQLite erasure runs after its commit, so erased bytes leave the WAL."""
@@ -102,7 +103,9 @@ class LibrarySide(Side):
     """The public `SnapshotRepository` API, as an application would call it.
 
     Building the `Snapshot` argument is inside the timed call: the API
-    requires it, so it is part of what using the library costs.
+    requires it, so it is part of what using the library costs. The
+    repositories given decide the backend: the default (`backend="auto"`),
+    the fast backend of the database, for this side.
     """
 
     name = LIBRARY
@@ -124,6 +127,11 @@ class LibrarySide(Side):
         self._get_latest_many: Callable[[list[str]], Awaitable[object]] | None = (
             get_latest_many if callable(get_latest_many) else None
         )
+
+    @property
+    def repository(self) -> SnapshotRepository[BenchState]:
+        """The repository this side calls (the tests check which backend it runs on)."""
+        return self._repo
 
     async def write(self, user_id: str, state: BenchState) -> int:
         stored = await self._repo.upsert_latest(Snapshot(user_id=user_id, state=state))
@@ -170,3 +178,15 @@ class LibrarySide(Side):
     async def bulk_read(self, user_ids: Sequence[str]) -> object:
         assert self._get_latest_many is not None
         return await self._get_latest_many(list(user_ids))
+
+
+class CoreSide(LibrarySide):
+    """The same public API on repositories opened with `backend="core"`.
+
+    Every call then runs through SQLAlchemy's public Core API (`AsyncConnection`)
+    instead of the fast backend's compiled statements on the driver connection.
+    Its erasures on SQLite checkpoint the WAL as the fast backend's do, so it runs
+    every workload the library side runs, the same way.
+    """
+
+    name = CORE

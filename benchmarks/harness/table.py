@@ -1,10 +1,15 @@
-"""The readable table `main` prints: one block per backend, one row per workload and side."""
+"""The readable table `main` prints: one block per backend, one row per workload and side.
+
+The last columns are ratios of ops/s measured in the same rounds: the library's
+(its fast backend) to each other side, and, when the core side ran, the core
+backend's to each raw driver and the peer.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .config import LIBRARY
+from .config import CORE, LIBRARY
 
 if TYPE_CHECKING:
     from .results import BenchReport
@@ -26,12 +31,18 @@ def format_report(report: BenchReport) -> str:
     config = report.config
     header = (
         f"{'workload':<21} {'side':<10} {'ops/s':>11} {'p50 ms':>9} {'p99 ms':>9}  {'lib/side':>8}"
+        + (f"  {'core/side':>9}" if config.core else "")
     )
     env = report.environment
+    against = [
+        "raw drivers",
+        *(["its core backend"] if config.core else []),
+        *(["plain SQLAlchemy"] if config.peer else []),
+    ]
     lines.append(
-        f"snapshot_repo {env['packages']['snapshot-repo']} vs raw drivers"
-        f"{' and plain SQLAlchemy' if config.peer else ''}; Python {env['python']}; "
-        f"states of {env['payload_bytes']} bytes of JSON"
+        f"snapshot_repo {env['packages']['snapshot-repo']} vs "
+        f"{_listed(against)}; "
+        f"Python {env['python']}; states of {env['payload_bytes']} bytes of JSON"
     )
     lines.append("")
     for backend, result in report.backends.items():
@@ -56,6 +67,8 @@ def format_report(report: BenchReport) -> str:
                     )
                     if side != LIBRARY:
                         row += f"  {_fmt_ratio(workload.ratio[side]):>8}"
+                    if side in workload.core_ratio:
+                        row += f"  {_fmt_ratio(workload.core_ratio[side]):>9}"
                 lines.append(row)
                 label = ""
         lines.append("")
@@ -74,8 +87,14 @@ def format_report(report: BenchReport) -> str:
         lines.append("")
     lines.append(
         "ops/s counts snapshots for bulk_* workloads; p50/p99 are per call. lib/side = library "
-        "ops/s / that side's ops/s (a raw driver, or the plain-SQLAlchemy peer), median of "
-        "per-round ratios (above 1: the library is faster)."
+        "ops/s / that side's ops/s (a raw driver, the core side or the plain-SQLAlchemy peer), "
+        "median of per-round ratios (above 1: the library is faster)."
+        + (
+            f' {CORE}/side = the same for the library on its core backend (backend="core"); '
+            f"{LIBRARY} runs on the default, fast backend."
+            if config.core
+            else ""
+        )
     )
     load = report.environment.get("loadavg_start"), report.environment.get("loadavg_end")
     lines.append(
@@ -83,6 +102,11 @@ def format_report(report: BenchReport) -> str:
         "CPUs; other processes on the machine add noise."
     )
     return "\n".join(lines)
+
+
+def _listed(words: list[str]) -> str:
+    """The words as prose: "a", "a and b", "a, b and c"."""
+    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 1 else words)
 
 
 def _ms(microseconds: float | None) -> float | None:

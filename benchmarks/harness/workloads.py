@@ -36,12 +36,14 @@ class Workloads:
         """(description, what one latency sample covers) for the report."""
         c = self._config
         bulk = f"call of {c.bulk_size} snapshots"
+        pooled = (("the core side", c.core), ("the sqlalchemy peer", c.peer))
+        same_pool = " and ".join(name for name, run in pooled if run)
         descriptions = {
             "write": (f"sequential upsert_latest, cycling over {c.write_users} users", "call"),
             "write_concurrent": (
                 f"{c.concurrency} concurrent writers, each on its own users "
                 f"(library pool_size {c.settings.pool_size} + max_overflow "
-                f"{c.settings.max_overflow}{', as the sqlalchemy peer' if c.peer else ''}; "
+                f"{c.settings.max_overflow}{f', as {same_pool}' if same_pool else ''}; "
                 f"asyncpg pool {c.settings.pool_size}; SQLite raw: one connection)",
                 "call, queueing included",
             ),
