@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 from sqlalchemy import text
@@ -17,37 +17,16 @@ from snapshot_repo._dialects import prune_statement
 from snapshot_repo.changes import Change
 from tests.support.databases import Backend, Cart, refusing_history_insert
 
+from .support.conformance import read_feed
 from .support.feed import feed_entries
 from .test_repository import snap
 
 
-async def read_all(
-    repo: sr.SnapshotRepository[Cart],
-    cursor: str | None = None,
-    limit: int = 3,
-    *,
-    expect: int | None = None,
-):
-    """Every change after `cursor`, paging `limit` at a time; and the final cursor.
-
-    On Postgres an entry shows once every transaction of the cluster that began
-    before it has ended (see changes_since), and other databases on a shared
-    test server may hold one open for a moment: with `expect`, keep reading
-    until that many arrived, for at most 10 seconds.
-    """
-    changes: list[Change] = []
-    deadline = asyncio.get_running_loop().time() + 10
-    while True:
-        page = await repo.changes_since(cursor, limit=limit)
-        changes.extend(page.changes)
-        cursor = page.cursor
-        if page.changes:
-            continue
-        if expect is None or len(changes) >= expect:
-            return changes, cursor
-        if asyncio.get_running_loop().time() > deadline:
-            return changes, cursor
-        await asyncio.sleep(0.05)
+def read_all(
+    repo: sr.SnapshotRepository[Cart], cursor: str | None = None, *, limit: int = 3, expect: int = 0
+) -> Awaitable[tuple[list[Change], str]]:
+    """The feed after `cursor` in pages of 3 (see `read_feed`), so every read pages."""
+    return read_feed(repo, cursor, limit=limit, expect=expect)
 
 
 async def test_feed_lists_committed_writes_in_order(repo: sr.SnapshotRepository[Cart]):

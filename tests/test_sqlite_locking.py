@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import snapshot_repo as sr
+from tests.support.conformance import files_hold
 from tests.support.databases import Cart
 
 
@@ -28,10 +29,6 @@ def database(tmp_path: Path, sqlite_template: Path) -> Path:
 
 def url_of(path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
-
-
-def files_hold(path: Path, marker: str) -> bool:
-    return any(marker.encode() in p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
 
 
 @contextmanager
