@@ -388,10 +388,9 @@ class SqliteBackend(SharedStatements):
         transaction back instead of committing after the caller was told it
         timed out (see `sqlite_commit.Commit`).
         """
-        left = _deadlines.remaining()
-        busy_ms = self._busy_ms if left is None else min(self._busy_ms, int(left * 1000))
         commit = Commit()
         finish = after_commit if after_commit is not None else self._truncate_if_pending
+        busy_ms = self._busy_ms  # cut to the deadline once the lock and connection are ours
 
         def transaction(conn: sqlite3.Connection) -> _T:
             if busy_ms < self._busy_ms:
@@ -413,6 +412,9 @@ class SqliteBackend(SharedStatements):
             return result
 
         async with self._write_lock, self._connections.checkout() as aconn:
+            left = _deadlines.remaining()
+            if left is not None:
+                busy_ms = min(busy_ms, int(left * 1000))
             try:
                 # aiosqlite's own "run on the connection thread" entry point; see the module doc.
                 result: _T = await run_on_thread(aconn, transaction, sqlite_connection(aconn))
