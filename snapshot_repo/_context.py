@@ -240,7 +240,8 @@ class RepositoryContext(Generic[StateT]):
                 outcome = await self.backend.write(replace(write, payload=payload, data_key=ref))
             except DataKeyChanged:
                 continue
-            keys.remember(self.scope, write.user_id, key)
+            if isinstance(outcome, int):  # a new version: its key is stored (or was already)
+                keys.remember(self.scope, write.user_id, key)
             return outcome
         raise StorageError(_KEY_CHURN)
 

@@ -22,7 +22,7 @@ import math
 import weakref
 from contextvars import ContextVar, Token
 
-__all__ = ["Deadline", "remaining", "start", "stop"]
+__all__ = ["Deadline", "expired", "remaining", "start", "stop"]
 
 _MIN_TICK = 0.005
 """Seconds: the watchdog never checks more often than this."""
@@ -112,6 +112,12 @@ def stop(deadline: Deadline) -> None:
     """Withdraw `deadline` (it can no longer fire)."""
     deadline.watchdog._active.pop(deadline, None)
     _innermost.reset(deadline.token)
+
+
+def expired() -> bool:
+    """Whether the current task's innermost deadline has fired (its cancel is the deadline's)."""
+    deadline = _innermost.get()
+    return deadline is not None and deadline.expired
 
 
 def remaining() -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import snapshot_repo as sr
+from snapshot_repo.backends import sqlite_commit
 from tests.support.conformance import files_hold
 from tests.support.databases import Cart
 
@@ -234,3 +236,47 @@ async def test_a_truncation_erase_user_left_pending_is_finished_by_the_engines_r
         assert files_hold(path, marker)
         assert await repo.finish_erasures(wait=1) is True
         assert not files_hold(path, marker)
+
+
+async def test_a_write_whose_deadline_passes_during_commit_is_reported_as_written(
+    tmp_path, sqlite_template, monkeypatch
+):
+    """Too late to roll back: the call waits for the COMMIT and returns what it stored.
+
+    A slow COMMIT (an fsync on a busy disk) is stood in for by a pause right
+    after the write is marked as committing. Before, the caller got "timed
+    out" for a write that was stored, and a retry without an idempotency key
+    wrote it twice.
+    """
+    real_begin = sqlite_commit.Commit.begin
+
+    def slow_begin(self: sqlite_commit.Commit) -> None:
+        real_begin(self)
+        time.sleep(0.6)  # on the connection's thread, after the point of no return
+
+    path = database(tmp_path, sqlite_template)
+    async with sr.SnapshotRepository.from_url(url_of(path), Cart, operation_timeout=0.2) as repo:
+        monkeypatch.setattr(sqlite_commit.Commit, "begin", slow_begin)
+        stored = await repo.upsert_latest(snap("u1", "committed"))
+        monkeypatch.setattr(sqlite_commit.Commit, "begin", real_begin)
+        assert stored.version == 1
+    assert await stored_notes(path, "u1") == ["committed"]
+
+
+async def test_erasing_a_key_left_without_rows_leaves_no_trace_in_the_files(
+    tmp_path, sqlite_template
+):
+    path = database(tmp_path, sqlite_template)
+    user = f"orphan-{uuid.uuid4().hex}"
+    provider = sr.LocalKeyProvider({"k1": bytes(32)}, active="k1")
+    async with sr.SnapshotRepository.from_url(url_of(path), Cart, encryption=provider) as repo:
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            conn.execute(
+                "INSERT INTO snapshot_data_keys (tenant, namespace, user_id, key_id, "
+                "wrapped_key, created_at) VALUES ('', 'default', ?, 'k1', ?, '2026-01-01')",
+                (user, b"wrapped-key-bytes"),
+            )
+        assert files_hold(path, user)
+        assert await repo.delete(user) == 0
+        assert not files_hold(path, user)
+        assert await repo.finish_erasures(wait=0.1) is True

@@ -16,7 +16,9 @@ manages, which needs a few internals no public API offers:
 `pyproject.toml` pins only lower bounds, so a release may rename any of
 these. `missing_for(engine)` names the first one missing for an engine; the
 backend picker then runs that engine on the `core` backend (SQLAlchemy's
-public API only) and warns once, instead of failing on the first call.
+public API only) and warns once, instead of failing on the first call. The
+connection record's `starttime` exists only once a connection is open, so
+it is not probed; a rename there fails the first call with an AttributeError.
 """
 
 from __future__ import annotations

@@ -263,7 +263,8 @@ class CoreBackend:
         if found is None:
             if erasure.drop_data_key and not erasure.only_expired:
                 await conn.execute(orphan_key_lock(), key)
-                await conn.execute(orphan_key_drop(), key)
+                if (await conn.execute(orphan_key_drop(), key)).rowcount:
+                    self._truncation.pending = True  # its bytes must leave the WAL too
             return 0, 0
         version = int(found._mapping["version"])
         erased = (await conn.execute(delete_history, {**key, "version": version})).rowcount

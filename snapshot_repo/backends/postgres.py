@@ -305,7 +305,7 @@ class PostgresBackend(SharedStatements):
         return None
 
     async def finish_erasures(self, wait: float) -> bool:
-        """Nothing pending: an erasure is complete when it commits (see `Operations`)."""
+        """Nothing pending: an erasure is complete when it commits (see `Backend`)."""
         return True
 
 

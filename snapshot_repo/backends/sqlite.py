@@ -21,7 +21,7 @@ import logging
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -254,9 +254,14 @@ class SqliteBackend(SharedStatements):
             row = found.fetchone()
             found.close()
             if row is None:
-                if erasure.drop_data_key and not erasure.only_expired:
-                    # A key without rows (an older release's failed write): still personal data.
-                    conn.execute(forget_key.sql, forget_key.args(key))
+                # A key without rows (an older release's failed write) is still personal
+                # data, whose bytes the truncation after the commit must remove too.
+                if (
+                    erasure.drop_data_key
+                    and not erasure.only_expired
+                    and conn.execute(forget_key.sql, forget_key.args(key)).rowcount
+                ):
+                    self._truncation.pending = True
                 return 0, 0
             args = delete_history.args({**key, "version": row[0]})
             erased: int = conn.execute(delete_history.sql, args).rowcount
@@ -393,23 +398,27 @@ class SqliteBackend(SharedStatements):
         busy_ms = self._busy_ms  # cut to the deadline once the lock and connection are ours
 
         def transaction(conn: sqlite3.Connection) -> _T:
-            if busy_ms < self._busy_ms:
-                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            finally:
                 if busy_ms < self._busy_ms:
-                    conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            try:
-                result = work(conn)
-                commit.begin()
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            finish(conn, result)
-            return result
+                    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                finally:
+                    if busy_ms < self._busy_ms:
+                        conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                try:
+                    result = work(conn)
+                    commit.begin()
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                commit.result = result
+                finish(conn, result)
+                return result
+            finally:
+                commit.finished.set()
 
         async with self._write_lock, self._connections.checkout() as aconn:
             left = _deadlines.remaining()
@@ -419,6 +428,11 @@ class SqliteBackend(SharedStatements):
                 # aiosqlite's own "run on the connection thread" entry point; see the module doc.
                 result: _T = await run_on_thread(aconn, transaction, sqlite_connection(aconn))
             except asyncio.CancelledError:
-                commit.abandon()  # False only while COMMIT runs: the outcome is unknown
-                raise
+                if commit.abandon() or not _deadlines.expired():
+                    raise  # rolled back (or not our deadline's cancel): nothing was written
+                # The deadline passed after COMMIT began: report what the COMMIT did.
+                await asyncio.shield(asyncio.to_thread(commit.finished.wait))
+                if commit.result is None:
+                    raise
+                return cast(_T, commit.result)
             return result

@@ -72,15 +72,20 @@ class Commit:
     timed out could commit a moment later, and a caller retrying it without
     an idempotency key would write twice. Whichever comes first wins, under a
     lock: the thread starting COMMIT, or the caller abandoning the write.
+    A caller too late to abandon waits for `finished` and takes `result`
+    (None if the COMMIT failed and rolled back), so a write that committed is
+    reported as committed.
     """
 
-    __slots__ = ("_lock", "_state")
+    __slots__ = ("_lock", "_state", "finished", "result")
 
     _RUNNING, _COMMITTING, _ABANDONED = range(3)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._state = self._RUNNING
+        self.finished = threading.Event()
+        self.result: object = None
 
     def begin(self) -> None:
         """Called by the thread before COMMIT; raises `_Abandoned` if the caller gave up."""

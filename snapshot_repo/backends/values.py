@@ -141,7 +141,7 @@ class DataKeyChanged(Exception):
     """A write's data key was destroyed or replaced before it committed; nothing was written.
 
     The repository reseals the payload under the user's current key and
-    writes again (see `RepositoryCore._write`); it never reaches callers.
+    writes again (see `RepositoryContext.write`); it never reaches callers.
     """
 
 
