@@ -39,7 +39,6 @@ from .backends import (
 from .changes import Change, ChangeHub, hub_for
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, StateCodec, decode_metadata
 from .crypto import KeyProvider
-from .engine import EngineSettings, install_sqlite_settings
 from .errors import ConfigurationError, StorageError
 from .retention import RetentionPolicy
 from .snapshot import Snapshot, StateT, stored_snapshot
@@ -127,9 +126,6 @@ class RepositoryContext(Generic[StateT]):
         state_type: type[StateT] | None,
         options: RepositoryOptions,
     ) -> None:
-        dialect = engine.dialect.name
-        if dialect not in ("sqlite", "postgresql"):
-            raise ConfigurationError(f"unsupported database {dialect!r}: use SQLite or Postgres")
         self.engine = engine
         self.scope = Scope(
             tenant=NO_TENANT,
@@ -146,7 +142,6 @@ class RepositoryContext(Generic[StateT]):
         )
         self.snapshot_type: type[Snapshot[StateT]] = Snapshot[self.codec.state_type]  # type: ignore[name-defined]
         self.erasure_key = _erasure_key(options.get("erasure_key"))
-        self.notify = bool(options.get("notify", False)) and dialect == "postgresql"
         self.retention = options.get("retention")
         if self.retention is not None and not isinstance(self.retention, RetentionPolicy):
             raise ConfigurationError("retention must be a RetentionPolicy")
@@ -159,13 +154,12 @@ class RepositoryContext(Generic[StateT]):
             if operation_timeout is None
             else positive_seconds("operation_timeout", operation_timeout)
         )
-        if dialect == "sqlite":
-            install_sqlite_settings(engine, EngineSettings())
         self.backend: Backend = backend_for(engine, _backend_kind(options.get("backend", "auto")))
+        self.notify = bool(options.get("notify", False)) and self.backend.notifies
         provider = options.get("encryption")
         if provider is not None and not isinstance(provider, KeyProvider):
             raise ConfigurationError("encryption must be a KeyProvider, e.g. LocalKeyProvider")
-        self.keys = None if provider is None else DataKeys(provider, self.backend, dialect)
+        self.keys = None if provider is None else DataKeys(provider, self.backend)
 
     def for_tenant(self, tenant: str) -> RepositoryContext[StateT]:
         """This context confined to `tenant` (validated), sharing everything else."""

@@ -18,8 +18,7 @@ from datetime import UTC, datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Select, Update, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Select, Update, bindparam, select, update
 
 from ._dialects import is_key
 from .backends import Backend, DataKeyRef, Row, Scope
@@ -38,12 +37,6 @@ def _find_statement() -> Select[Any]:
     return select(data_keys_table.c.key_id, data_keys_table.c.wrapped_key).where(
         is_key(data_keys_table)
     )
-
-
-@cache
-def _create_statement(dialect: str) -> Insert:
-    insert_fn = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert_fn(data_keys_table).on_conflict_do_nothing()
 
 
 @cache
@@ -75,10 +68,9 @@ def _associated(scope: Scope, user_id: str) -> bytes:
 class DataKeys:
     """One repository's data keys: get or create, seal, open, forget, rotate."""
 
-    def __init__(self, provider: KeyProvider, ops: Backend, dialect: str) -> None:
+    def __init__(self, provider: KeyProvider, ops: Backend) -> None:
         self._provider = provider
         self._ops = ops
-        self._dialect = dialect
         self._cache: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
 
     async def seal(self, scope: Scope, user_id: str, payload: bytes) -> bytes:
@@ -198,7 +190,7 @@ class DataKeys:
                 "wrapped_key": wrapped,
                 "created_at": datetime.now(UTC),
             }
-            await self._ops.execute_in_transaction([(_create_statement(self._dialect), values)])
+            await self._ops.execute_in_transaction([(self._ops.claim_key_statement, values)])
             rows = await self._ops.fetch(_find_statement(), scope.key(user_id))  # a racer's wins
         if not rows:
             return None

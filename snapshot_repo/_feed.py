@@ -6,7 +6,7 @@ from typing import Any
 
 from ._checks import check_int
 from ._context import RepositoryContext
-from ._queries import CHANGE_FEED_COLUMNS, changes_since_statement
+from ._queries import CHANGE_FEED_COLUMNS
 from .backends import row_decoder
 from .changes import (
     ChangeCallback,
@@ -40,7 +40,7 @@ async def changes_since(
         "after_seq": after_seq,
         "limit": limit,
     }
-    statement = changes_since_statement(_dialect(context))
+    statement = context.backend.changes_since_statement
     async with context.guard("changes_since", None):
         raw_rows = await context.read(context.backend.fetch, statement, params)
     decode = row_decoder(
@@ -79,7 +79,3 @@ def changes(context: RepositoryContext[Any]) -> ChangeStream:
     hub = hub_for(context.engine)
     assert hub is not None
     return ChangeStream(hub, context.scope.tenant, context.scope.namespace, _LIVE_QUEUE)
-
-
-def _dialect(context: RepositoryContext[Any]) -> Any:
-    return "postgresql" if context.engine.dialect.name == "postgresql" else "sqlite"

@@ -17,7 +17,6 @@ from pydantic_core import from_json, to_json
 
 from ._checks import MAX_VERSION, check_int, valid_user_id
 from ._context import RepositoryContext
-from ._dialects import prune_statement
 from ._queries import (
     expired_users_statement,
     history_before_statement,
@@ -206,7 +205,7 @@ async def prune_history(
     if user_id is not None:
         user_id = valid_user_id(user_id)
         one = _prune_params(context, context.scope.tenant, user_id, policy.keep_last, cutoff)
-        work = [(prune_statement(_dialect(context)), one)]
+        work = [(context.backend.prune_statement, one)]
         async with context.guard("prune_history", user_id):
             return sum(await context.backend.execute_in_transaction(work))
     pruned = 0
@@ -227,7 +226,7 @@ async def prune_history(
                 return pruned
             work = [
                 (
-                    prune_statement(_dialect(context)),
+                    context.backend.prune_statement,
                     _prune_params(context, tenant, uid, policy.keep_last, cutoff),
                 )
                 # Code point order, whatever the database's collation: the order in which
@@ -251,7 +250,3 @@ def _prune_params(
         "keep_last": keep_last,
         "cutoff": cutoff,
     }
-
-
-def _dialect(context: RepositoryContext[Any]) -> Any:
-    return "postgresql" if context.engine.dialect.name == "postgresql" else "sqlite"

@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..errors import ConfigurationError
 from ._compiled import row_decoder
 from ._pool import KEPT_CONNECTIONS
 from ._privates import missing_for, warn_fallback
@@ -54,6 +55,26 @@ __all__ = [
 
 class Backend(Protocol):
     """What the repository needs from a backend; each call is one transaction or statement."""
+
+    @property
+    def notifies(self) -> bool:
+        """Whether writes can NOTIFY listeners in other processes (Postgres's LISTEN/NOTIFY)."""
+        ...
+
+    @property
+    def prune_statement(self) -> ClauseElement:
+        """Drops one user's history versions beyond a retention policy (`prune_history`)."""
+        ...
+
+    @property
+    def changes_since_statement(self) -> ClauseElement:
+        """One page of a scope's change feed after a cursor (`changes_since`)."""
+        ...
+
+    @property
+    def claim_key_statement(self) -> ClauseElement:
+        """Stores a data key unless the user has one (`upgrade_payloads`' sealing)."""
+        ...
 
     async def write(self, write: PendingWrite) -> WriteOutcome: ...
     async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None: ...
@@ -128,6 +149,11 @@ def backend_for(engine: AsyncEngine, kind: BackendKind = "auto") -> Backend:
         if missing is not None:
             warn_fallback(missing)
             kind = "core"
+    if kind == "auto" and engine.dialect.name not in ("sqlite", "postgresql"):
+        raise ConfigurationError(
+            f"unsupported database {engine.dialect.name!r}: use SQLite or Postgres, "
+            "or backend='core'"
+        )
     if kind == "core":
         from .core import CoreBackend
 

@@ -44,6 +44,7 @@ from .._dialects import (
     CHANGE_COLUMNS,
     ROW_COLUMNS,
     STORED_COLUMNS,
+    DialectName,
     claim_key_statement,
     delete_statements,
     forget_key_statement,
@@ -52,11 +53,13 @@ from .._dialects import (
     idempotent_write_statement,
     latest_statement,
     latest_write_statement,
+    prune_statement,
     receipt_statement,
     sqlite_erasure_feed_statements,
     version_statement,
     write_mode,
 )
+from .._queries import changes_since_statement
 from ..engine import WRITE_TRANSACTION, EngineSettings, engine_settings, install_sqlite_settings
 from ..errors import ConnectionLostError
 from ._compiled import expired, snapshot_row_decoder
@@ -105,7 +108,11 @@ class CoreBackend:
         name = engine.dialect.name
         self._postgres = name == "postgresql"
         self._sqlite = name == "sqlite"
-        self._flavour = "postgresql" if self._postgres else "sqlite"
+        self._flavour: DialectName = "postgresql" if self._postgres else "sqlite"
+        self.notifies = self._postgres
+        self.prune_statement = prune_statement(self._flavour)
+        self.changes_since_statement = changes_since_statement(self._flavour)
+        self.claim_key_statement = claim_key_statement(self._flavour)
         if self._sqlite:
             install_sqlite_settings(engine, EngineSettings())  # BEGIN IMMEDIATE; idempotent
         settings = engine_settings(engine)

@@ -17,6 +17,7 @@ from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._dialects import claim_key_statement, hold_key_statement, prune_statement, write_mode
+from .._queries import changes_since_statement
 from .._translate import register_driver_errors
 from ._compiled import (
     SharedStatements,
@@ -72,8 +73,12 @@ class PostgresBackend(SharedStatements):
             postgres_bulk_write_statement(distinct_users=True), dialect
         )
         self._erase = compile_statement(postgres_erase_statement(), dialect)
-        self._claim_key = compile_statement(claim_key_statement("postgresql"), dialect)
-        self._prune = compile_statement(prune_statement("postgresql"), dialect)
+        self.notifies = True
+        self.prune_statement = prune_statement("postgresql")
+        self.changes_since_statement = changes_since_statement("postgresql")
+        self.claim_key_statement = claim_key_statement("postgresql")
+        self._claim_key = compile_statement(self.claim_key_statement, dialect)
+        self._prune = compile_statement(self.prune_statement, dialect)
         self._hold_key = compile_statement(hold_key_statement(), dialect)
         compile_shared(self, dialect)
 

@@ -38,8 +38,9 @@ from .._dialects import (
     sqlite_erasure_feed_statements,
     write_mode,
 )
+from .._queries import changes_since_statement
 from .._translate import register_driver_errors
-from ..engine import engine_settings
+from ..engine import EngineSettings, engine_settings, install_sqlite_settings
 from ._compiled import (
     Compiled,
     SharedStatements,
@@ -94,8 +95,13 @@ class SqliteBackend(SharedStatements):
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
+        install_sqlite_settings(engine, EngineSettings())  # the write path needs them; idempotent
         dialect = engine.dialect
         self._engine = engine
+        self.notifies = False
+        self.prune_statement = prune_statement("sqlite")
+        self.changes_since_statement = changes_since_statement("sqlite")
+        self.claim_key_statement = claim_key_statement("sqlite")
         self._connections = Connections(engine)
         self._decode = snapshot_row_decoder(dialect)
         self._write_lock = asyncio.Lock()
@@ -105,7 +111,7 @@ class SqliteBackend(SharedStatements):
         }
         self._bulk_writes = compile_all(sqlite_bulk_write_statements(), dialect)
         # A write's retention runs as its own statement here (Postgres: inside the write).
-        self._prune = compile_statement(prune_statement("sqlite"), dialect)
+        self._prune = compile_statement(self.prune_statement, dialect)
         settings = engine_settings(engine)
         self._erase_without_trace = settings.sqlite_secure_delete
         self._inline_reads = settings.sqlite_inline_reads
@@ -119,7 +125,7 @@ class SqliteBackend(SharedStatements):
         self._forget_feed, self._erasure_entry = compile_all(
             sqlite_erasure_feed_statements(), dialect
         )
-        self._claim_key = compile_statement(claim_key_statement("sqlite"), dialect)
+        self._claim_key = compile_statement(self.claim_key_statement, dialect)
         self._hold_key = compile_statement(hold_key_statement(), dialect)
         compile_shared(self, dialect)
 
