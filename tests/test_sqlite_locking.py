@@ -280,3 +280,14 @@ async def test_erasing_a_key_left_without_rows_leaves_no_trace_in_the_files(
         assert await repo.delete(user) == 0
         assert not files_hold(path, user)
         assert await repo.finish_erasures(wait=0.1) is True
+
+
+def test_an_older_truncations_success_does_not_clear_a_newer_failure():
+    """Truncations run on several connections' threads and may finish out of order."""
+    truncation = sqlite_commit.PendingTruncation()
+    older, newer = truncation.begin(), truncation.begin()
+    truncation.note(False, newer)  # a reader arrived before the newer one ran
+    truncation.note(True, older)  # the older one, begun before that reader, finishes last
+    assert truncation.pending
+    truncation.note(True, truncation.begin())
+    assert not truncation.pending

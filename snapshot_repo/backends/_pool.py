@@ -107,9 +107,9 @@ class Connections:
         deadline = _deadlines.start(self._pool_timeout)
         try:
             await self._turns.take()
-        except asyncio.CancelledError as cancelled:
-            _deadlines.stop(deadline)
-            if deadline.expired_for(type(cancelled)):
+        except BaseException as failed:
+            _deadlines.stop(deadline)  # whatever ended the wait: it can no longer fire
+            if isinstance(failed, asyncio.CancelledError) and deadline.expired_for(type(failed)):
                 # As SQLAlchemy's pool says it, so callers see one message either way.
                 raise PoolTimeoutError(
                     f"QueuePool limit of size {self._size} overflow "

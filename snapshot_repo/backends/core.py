@@ -317,6 +317,7 @@ class CoreBackend:
         restored. Runs after the erasures committed: a failure is logged, not raised.
         """
         busy = True
+        attempt = self._truncation.begin()
         try:
             async with self._connect() as conn:
                 await conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(wait_ms)}")
@@ -327,7 +328,7 @@ class CoreBackend:
                     await conn.exec_driver_sql(f"PRAGMA busy_timeout = {self._busy_ms}")
         except (DBAPIError, ConnectionLostError, OSError) as exc:
             logger.warning("snapshot_repo: WAL checkpoint after an erasure failed: %s", exc)
-        self._truncation.note(not busy)
+        self._truncation.note(not busy, attempt)
 
     async def _retry_pending_truncation(self) -> None:
         """After a write: retry a truncation readers held up, at most once a second."""

@@ -313,7 +313,7 @@ class SqliteBackend(SharedStatements):
             wait_ms = min(wait_ms, int(left * 1000))
 
         def truncate(conn: sqlite3.Connection) -> None:
-            self._truncation.note(truncate_committed(conn, wait_ms, self._busy_ms))
+            self._truncate(conn, wait_ms)
 
         async with self._write_lock, self._connections.checkout() as aconn:
             await run_on_thread(aconn, truncate, sqlite_connection(aconn))
@@ -321,12 +321,16 @@ class SqliteBackend(SharedStatements):
     def _truncate_after_erasure(self, conn: sqlite3.Connection, outcome: tuple[int, int]) -> None:
         """After an erasure's commit: truncate the WAL without waiting for any reader."""
         if outcome[0] or self._truncation.pending:
-            self._truncation.note(truncate_committed(conn, 0, self._busy_ms))
+            self._truncate(conn, 0)
 
     def _truncate_if_pending(self, conn: sqlite3.Connection, _result: object) -> None:
         """After any write's commit: retry a pending truncation, at most once a second."""
         if self._truncation.due():
-            self._truncation.note(truncate_committed(conn, 0, self._busy_ms))
+            self._truncate(conn, 0)
+
+    def _truncate(self, conn: sqlite3.Connection, wait_ms: int) -> None:
+        attempt = self._truncation.begin()
+        self._truncation.note(truncate_committed(conn, wait_ms, self._busy_ms), attempt)
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         return await self._fetch(self._compiled(statement), params)

@@ -116,29 +116,44 @@ class PendingTruncation:
     `finish_erasures` or `close()` on that engine.
     """
 
-    __slots__ = ("_next_attempt", "pending")
+    __slots__ = ("_lock", "_next_attempt", "_started", "pending")
 
     def __init__(self) -> None:
         self.pending = False
         self._next_attempt = 0.0
+        self._started = 0  # how many truncations began; one that began before a newer
+        self._lock = threading.Lock()  # failure must not clear the flag that failure set
+
+    def begin(self) -> int:
+        """Number a truncation about to run (on any connection's thread)."""
+        with self._lock:
+            self._started += 1
+            return self._started
 
     def due(self) -> bool:
         """Whether a write should retry now: pending, and not tried in the last second."""
         return self.pending and time.monotonic() >= self._next_attempt
 
-    def note(self, done: bool) -> None:
-        """Record a truncation's outcome; warn once when one starts to be pending."""
-        if done:
-            self.pending = False
-            return
-        if not self.pending:
-            logger.warning(
-                "snapshot_repo: an erasure committed, but readers hold old snapshots of the "
-                "SQLite file, so the WAL still holds the erased bytes; later writes, "
-                "finish_erasures() and close() truncate it once the readers are done"
-            )
-        self.pending = True
-        self._next_attempt = time.monotonic() + _RETRY_SECONDS
+    def note(self, done: bool, attempt: int | None = None) -> None:
+        """Record the outcome of truncation number `attempt` (from `begin`).
+
+        A success clears the flag only if no truncation began after it: a later
+        one may have failed (a reader arrived) and must stay pending. Warns once
+        when a truncation starts to be pending.
+        """
+        with self._lock:
+            if done:
+                if attempt is None or attempt == self._started:
+                    self.pending = False
+                return
+            if not self.pending:
+                logger.warning(
+                    "snapshot_repo: an erasure committed, but readers hold old snapshots of "
+                    "the SQLite file, so the WAL still holds the erased bytes; later writes, "
+                    "finish_erasures() and close() truncate it once the readers are done"
+                )
+            self.pending = True
+            self._next_attempt = time.monotonic() + _RETRY_SECONDS
 
 
 def pending_truncation(engine: AsyncEngine) -> PendingTruncation:
