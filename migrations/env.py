@@ -18,7 +18,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from snapshot_repo.engine import DEFAULT_URL, create_engine
-from snapshot_repo.migrate import VERSION_TABLE
+from snapshot_repo.migrate import VERSION_TABLE, is_own_schema_object
 from snapshot_repo.tables import metadata
 
 config = context.config
@@ -32,6 +32,8 @@ def run_migrations(connection: Connection) -> None:
         # SQLite cannot ALTER most things in place: batch mode copies the table.
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        # `check` compares only this library's tables: the database may be shared.
+        include_name=is_own_schema_object,
         transaction_per_migration=False,
     )
     with context.begin_transaction():

@@ -40,9 +40,8 @@ async def changes_since(
         "after_seq": after_seq,
         "limit": limit,
     }
-    statement = context.backend.changes_since_statement
     async with context.guard("changes_since", None):
-        raw_rows = await context.read(context.backend.fetch, statement, params)
+        raw_rows = await context.read(context.backend.feed_page, params)
     decode = row_decoder(
         context.engine.dialect, [changes_table.c[name] for name in CHANGE_FEED_COLUMNS]
     )

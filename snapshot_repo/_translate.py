@@ -8,6 +8,7 @@ SQL parameters (which would hold payloads).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import TracebackType
 
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -22,7 +23,13 @@ from .errors import (
     redact,
 )
 
-__all__ = ["describe", "is_missing_schema", "register_driver_errors", "storage_errors"]
+__all__ = [
+    "describe",
+    "is_missing_schema",
+    "register_driver_errors",
+    "register_missing_schema",
+    "storage_errors",
+]
 
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError)
 """Exceptions that mean "the database failed"; each backend adds its driver's own."""
@@ -52,8 +59,18 @@ def register_driver_errors(*classes: type[BaseException]) -> None:
     _DRIVER_ERRORS = (*_DRIVER_ERRORS, *(c for c in classes if c not in _DRIVER_ERRORS))
 
 
+_MISSING_SCHEMA_CHECKS: list[Callable[[BaseException], bool]] = []
+
+
+def register_missing_schema(check: Callable[[BaseException], bool]) -> None:
+    """Also read the errors `check` accepts as a missing table (a backend's driver's)."""
+    _MISSING_SCHEMA_CHECKS.append(check)
+
+
 def is_missing_schema(exc: BaseException) -> bool:
     """Whether `exc` says a table or function of this library's schema does not exist."""
+    if any(check(exc) for check in _MISSING_SCHEMA_CHECKS):
+        return True
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if code == _UNDEFINED_FUNCTION:  # ours (0011 on): a database migrated by an older release

@@ -6,10 +6,10 @@ in their own version table, `snapshot_repo_alembic_version`, so they never
 collide with the application's own Alembic history in the same database.
 
 Every function runs Alembic on a connection of the caller's async engine
-(Alembic's "connection sharing" recipe), inside one transaction: on Postgres
-that transaction first takes an advisory lock, so replicas that migrate at
-the same moment apply each revision once; on SQLite it is a `BEGIN
-IMMEDIATE` transaction, which does the same through the database's write lock.
+(Alembic's "connection sharing" recipe), inside one transaction, holding the
+database's migration lock (see `backends.migration_lock`: an advisory lock on
+Postgres, `GET_LOCK` on MySQL/MariaDB, the write lock of `BEGIN IMMEDIATE`
+on SQLite), so replicas that migrate at the same moment apply each revision once.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .backends.migration_lock import migration_lock
 from .engine import WRITE_TRANSACTION
+from .tables import metadata
 
 __all__ = [
     "VERSION_TABLE",
@@ -36,12 +38,12 @@ __all__ = [
     "current_revision",
     "downgrade",
     "head_revision",
+    "is_own_schema_object",
     "upgrade",
 ]
 
 VERSION_TABLE = "snapshot_repo_alembic_version"
 
-_ADVISORY_LOCK_KEY = 0x736E6170_7265706F  # "snaprepo": one lock for every snapshot_repo migration
 _ResultT = TypeVar("_ResultT")
 
 
@@ -61,6 +63,14 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+def is_own_schema_object(name: str | None, type_: str, parent_names: Any) -> bool:
+    """Alembic's `include_name` filter: `check` compares this library's tables only.
+
+    A database the application shares holds its own tables too; they are not drift.
+    """
+    return type_ != "table" or name in metadata.tables
+
+
 @cache
 def head_revision() -> str:
     """The newest revision this installed package ships (read once per process)."""
@@ -71,11 +81,8 @@ def head_revision() -> str:
 
 async def _run_locked(engine: AsyncEngine, fn: Callable[[Config], _ResultT]) -> _ResultT:
     def run(sync_conn: Connection) -> _ResultT:
-        if sync_conn.dialect.name == "postgresql":
-            sync_conn.execute(
-                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK_KEY}
-            )
-        return fn(alembic_config(sync_conn))
+        with migration_lock(sync_conn):
+            return fn(alembic_config(sync_conn))
 
     async with engine.connect() as conn:
         await conn.execution_options(**{WRITE_TRANSACTION: True})

@@ -33,7 +33,6 @@ from sqlalchemy import (
     Dialect,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -42,7 +41,11 @@ from sqlalchemy import (
     TypeDecorator,
     text,
 )
+from sqlalchemy.dialects import mysql
+from sqlalchemy.types import TypeEngine
 
+from ._mysql_ddl import BYTES, MYSQL
+from ._mysql_ddl import TABLE_OPTIONS as MYSQL_TABLE_OPTIONS
 from .snapshot import (
     MAX_ACTOR_LENGTH,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -71,15 +74,26 @@ NAMING_CONVENTION = {
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+_NAIVE = ("sqlite", *MYSQL)
+"""Databases whose timestamp type has no time zone: UTC is stored as a naive value."""
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp that is always timezone-aware UTC in Python.
 
     Postgres stores `timestamptz`; SQLite has no time zones, so the value is
-    stored as UTC text and the zone is put back when it is read.
+    stored as UTC text and the zone is put back when it is read; MySQL and
+    MariaDB store it as UTC in a `DATETIME(6)` (microseconds kept).
     """
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        # MySQL's DATETIME drops the microseconds unless asked to keep them.
+        if dialect.name in MYSQL:
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(self.impl)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -87,7 +101,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value.tzinfo is None:
             raise ValueError("UTCDateTime needs a timezone-aware datetime")
         value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value.replace(tzinfo=None) if dialect.name in _NAIVE else value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
@@ -96,7 +110,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
-        if dialect.name != "sqlite":
+        if dialect.name not in _NAIVE:
             return super().bind_processor(dialect)
 
         def to_text(value: datetime | None) -> str | None:
@@ -135,7 +149,7 @@ def _snapshot_columns() -> list[Column[Any]]:
         Column("user_id", String(MAX_USER_ID_LENGTH), nullable=False),
         Column("version", BigInteger, nullable=False),
         Column("schema_version", Integer, nullable=False),
-        Column("payload", LargeBinary, nullable=False),
+        Column("payload", BYTES, nullable=False),
         Column("created_at", UTCDateTime, nullable=False),
         # The caller's id for the action that wrote this version (seed 004's action id):
         # retrying a write with the same key finds its history row instead of writing again.
@@ -144,7 +158,7 @@ def _snapshot_columns() -> list[Column[Any]]:
         # transition records).
         Column("actor", String(MAX_ACTOR_LENGTH), nullable=True),
         Column("reason", Text, nullable=True),
-        Column("metadata", LargeBinary, nullable=True),
+        Column("metadata", BYTES, nullable=True),
     ]
 
 
@@ -165,6 +179,7 @@ latest_table = Table(
     # Partial (revision 0008): most rows never expire, and a NULL entry would
     # cost every write an index insert for nothing.
     Index("ix_snapshot_latest_expires_at", "expires_at", **_only_where_set("expires_at")),
+    **MYSQL_TABLE_OPTIONS,
     # Postgres keeps half of each page free (revision 0009, fillfactor 50): every
     # write rewrites its user's row, and with room on the page it does so in
     # place (a HOT update) without new index entries. Not declared here with
@@ -193,6 +208,7 @@ history_table = Table(
         unique=True,
         **_only_where_set("idempotency_key"),  # partial, as above (revision 0008)
     ),
+    **MYSQL_TABLE_OPTIONS,
 )
 
 # For changes_since on Postgres: the feed entries history rows carry, in feed order.
@@ -243,12 +259,13 @@ changes_table = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("actor", String(MAX_ACTOR_LENGTH), nullable=True),
     Column("reason", Text, nullable=True),
-    Column("metadata", LargeBinary, nullable=True),
+    Column("metadata", BYTES, nullable=True),
     Index("ix_snapshot_changes_feed", "tenant", "namespace", "txid", "seq"),
     Index("ix_snapshot_changes_user", "tenant", "namespace", "user_id"),
     # AUTOINCREMENT: never reuse a seq after the newest row is deleted (by an
     # erasure), which a consumer's cursor could already have passed.
     sqlite_autoincrement=True,
+    **MYSQL_TABLE_OPTIONS,
 )
 
 erasure_receipts_table = Table(
@@ -266,6 +283,7 @@ erasure_receipts_table = Table(
     Column("versions_erased", BigInteger, nullable=False),
     Column("cause", String(16), nullable=False),
     Index("ix_snapshot_erasure_receipts_subject", "subject", "tenant", "namespace"),
+    **MYSQL_TABLE_OPTIONS,
 )
 
 data_keys_table = Table(
@@ -277,7 +295,8 @@ data_keys_table = Table(
     Column("namespace", String(MAX_SCOPE_LENGTH), nullable=False),
     Column("user_id", String(MAX_USER_ID_LENGTH), nullable=False),
     Column("key_id", String(255), nullable=False),
-    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("wrapped_key", BYTES, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("tenant", "namespace", "user_id"),
+    **MYSQL_TABLE_OPTIONS,
 )

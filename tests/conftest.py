@@ -23,13 +23,17 @@ from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
 from tests.support.databases import (
+    DEFAULT_MARIADB_URL,
     DEFAULT_POSTGRES_URL,
     IN_CI,
+    MARIADB_CLEAR_ALL,
     TRUNCATE_ALL,
     Backend,
     Cart,
+    MariadbServer,
     PostgresServer,
     admin,
+    mariadb_admin,
     migrate_database,
     run_blocking,
     sqlite_backend,
@@ -49,6 +53,39 @@ def postgres_server() -> Iterator[PostgresServer]:
     server = PostgresServer(url)
     yield server
     server.drop_all()
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[MariadbServer]:
+    """The MariaDB server of SNAPSHOT_REPO_TEST_MARIADB_URL (default: the local one).
+
+    Unreachable: the MariaDB cases skip, or fail with CI=true.
+    """
+    url = os.environ.get("SNAPSHOT_REPO_TEST_MARIADB_URL", DEFAULT_MARIADB_URL)
+    try:
+        run_blocking(mariadb_admin(url, "SELECT 1"))
+    except Exception as exc:  # the driver's OperationalError or an OSError: reported below
+        reason = f"MariaDB at {make_url(url).render_as_string()} is unreachable: {exc!r}"
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true: MariaDB tests must run)")
+        pytest.skip(reason)
+    server = MariadbServer(url)
+    yield server
+    server.drop_all()
+
+
+@pytest.fixture(scope="session")
+def migrated_mariadb_url(mariadb_server: MariadbServer) -> str:
+    url = mariadb_server.create_database()
+    run_blocking(migrate_database(url))
+    return url
+
+
+@pytest.fixture
+def mariadb_url(migrated_mariadb_url: str) -> str:
+    """A migrated, empty MariaDB database, for tests about MariaDB by nature."""
+    run_blocking(mariadb_admin(migrated_mariadb_url, *MARIADB_CLEAR_ALL))
+    return migrated_mariadb_url
 
 
 @pytest.fixture(scope="session")

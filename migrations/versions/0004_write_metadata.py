@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from snapshot_repo._mysql_ddl import BYTES
+
 revision: str = "0004"
 down_revision: str | None = "0003"
 branch_labels: str | Sequence[str] | None = None
@@ -22,7 +24,7 @@ def upgrade() -> None:
     for table in _TABLES:
         op.add_column(table, sa.Column("actor", sa.String(255), nullable=True))
         op.add_column(table, sa.Column("reason", sa.Text(), nullable=True))
-        op.add_column(table, sa.Column("metadata", sa.LargeBinary(), nullable=True))
+        op.add_column(table, sa.Column("metadata", BYTES, nullable=True))
 
 
 def downgrade() -> None:

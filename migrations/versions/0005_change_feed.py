@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from snapshot_repo._mysql_ddl import BYTES, TABLE_OPTIONS, TIMESTAMP
+
 revision: str = "0005"
 down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
@@ -39,12 +41,13 @@ def upgrade() -> None:
         sa.Column("user_id", sa.String(255), nullable=False),
         sa.Column("version", sa.BigInteger(), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.Column("actor", sa.String(255), nullable=True),
         sa.Column("reason", sa.Text(), nullable=True),
-        sa.Column("metadata", sa.LargeBinary(), nullable=True),
+        sa.Column("metadata", BYTES, nullable=True),
         sa.PrimaryKeyConstraint("seq", name="pk_snapshot_changes"),
         sqlite_autoincrement=True,  # never reuse the seq of a deleted newest row
+        **TABLE_OPTIONS,  # MySQL/MariaDB only: InnoDB, utf8mb4, binary collation
     )
     op.create_index(
         "ix_snapshot_changes_feed", "snapshot_changes", ["tenant", "namespace", "txid", "seq"]

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from snapshot_repo._mysql_ddl import TABLE_OPTIONS, TIMESTAMP
+
 revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
@@ -17,9 +19,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column(
-        "snapshot_latest", sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True)
-    )
+    op.add_column("snapshot_latest", sa.Column("expires_at", TIMESTAMP, nullable=True))
     op.create_index("ix_snapshot_latest_expires_at", "snapshot_latest", ["expires_at"])
     op.create_table(
         "snapshot_erasure_receipts",
@@ -32,10 +32,11 @@ def upgrade() -> None:
         sa.Column("subject", sa.String(64), nullable=False),
         sa.Column("tenant", sa.String(255), nullable=False),
         sa.Column("namespace", sa.String(255), nullable=False),
-        sa.Column("erased_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("erased_at", TIMESTAMP, nullable=False),
         sa.Column("versions_erased", sa.BigInteger(), nullable=False),
         sa.Column("cause", sa.String(16), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_snapshot_erasure_receipts"),
+        **TABLE_OPTIONS,  # MySQL/MariaDB only: InnoDB, utf8mb4, binary collation
     )
     op.create_index(
         "ix_snapshot_erasure_receipts_subject",

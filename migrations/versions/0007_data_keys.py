@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from snapshot_repo._mysql_ddl import BYTES, TABLE_OPTIONS, TIMESTAMP
+
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
@@ -23,9 +25,10 @@ def upgrade() -> None:
         sa.Column("namespace", sa.String(255), nullable=False),
         sa.Column("user_id", sa.String(255), nullable=False),
         sa.Column("key_id", sa.String(255), nullable=False),
-        sa.Column("wrapped_key", sa.LargeBinary(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("wrapped_key", BYTES, nullable=False),
+        sa.Column("created_at", TIMESTAMP, nullable=False),
         sa.PrimaryKeyConstraint("tenant", "namespace", "user_id", name="pk_snapshot_data_keys"),
+        **TABLE_OPTIONS,  # MySQL/MariaDB only: InnoDB, utf8mb4, binary collation
     )
 
 

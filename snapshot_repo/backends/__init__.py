@@ -4,7 +4,8 @@
 backend of an engine's dialect. One module per database owns its driver,
 its statements' execution, its driver errors, its erasure and its feed:
 `postgres` (asyncpg) and `sqlite` (aiosqlite) run the hot path on the driver
-connection SQLAlchemy's pool manages, for speed (see their docstrings).
+connection SQLAlchemy's pool manages, for speed (see their docstrings);
+`mysql` (asyncmy, MySQL and MariaDB) is the `core` backend in MySQL's SQL.
 """
 
 from __future__ import annotations
@@ -67,11 +68,6 @@ class Backend(Protocol):
         ...
 
     @property
-    def changes_since_statement(self) -> ClauseElement:
-        """One page of a scope's change feed after a cursor (`changes_since`)."""
-        ...
-
-    @property
     def claim_key_statement(self) -> ClauseElement:
         """Stores a data key unless the user has one (`upgrade_payloads`' sealing)."""
         ...
@@ -108,6 +104,11 @@ class Backend(Protocol):
         `sqlite_commit.truncate_wal`); True when none is pending. Postgres:
         nothing to do (dead tuples are VACUUM's, see `erase(vacuum=True)`), so True.
         """
+        ...
+
+    async def feed_page(self, params: Mapping[str, Any]) -> list[Any]:
+        """One page of a scope's change feed after a cursor, as raw rows (`changes_since`):
+        `tenant`, `namespace`, `after_txid`, `after_seq` and `limit` bound."""
         ...
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]: ...
@@ -149,11 +150,16 @@ def backend_for(engine: AsyncEngine, kind: BackendKind = "auto") -> Backend:
         if missing is not None:
             warn_fallback(missing)
             kind = "core"
-    if kind == "auto" and engine.dialect.name not in ("sqlite", "postgresql"):
+    name = engine.dialect.name
+    if kind == "auto" and name not in ("sqlite", "postgresql", "mysql", "mariadb"):
         raise ConfigurationError(
-            f"unsupported database {engine.dialect.name!r}: use SQLite or Postgres, "
+            f"unsupported database {name!r}: use SQLite, Postgres or MySQL/MariaDB, "
             "or backend='core'"
         )
+    if name in ("mysql", "mariadb"):  # already the core backend, in MySQL's SQL
+        from .mysql import MysqlBackend
+
+        return MysqlBackend(engine)
     if kind == "core":
         from .core import CoreBackend
 

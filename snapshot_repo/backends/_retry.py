@@ -26,7 +26,13 @@ from typing import ParamSpec, TypeVar
 
 from .._translate import describe
 
-__all__ = ["RETRIED_SQLSTATES", "ROLLED_BACK_ATTEMPTS", "retry_rolled_back"]
+__all__ = [
+    "RETRIED_SQLSTATES",
+    "ROLLED_BACK_ATTEMPTS",
+    "is_rolled_back",
+    "register_rolled_back",
+    "retry_rolled_back",
+]
 
 logger = logging.getLogger("snapshot_repo")
 
@@ -41,6 +47,21 @@ _BACKOFF_SECONDS = (0.005, 0.025)
 short, since the deadlock detector already made the victim wait `deadlock_timeout`,
 and random, so that two victims do not collide again in step."""
 
+_CHECKS: list[Callable[[BaseException], bool]] = [
+    lambda exc: getattr(exc, "sqlstate", None) in RETRIED_SQLSTATES  # asyncpg's errors
+]
+
+
+def register_rolled_back(check: Callable[[BaseException], bool]) -> None:
+    """Also retry the errors `check` accepts (a backend's driver's deadlock errors)."""
+    _CHECKS.append(check)
+
+
+def is_rolled_back(exc: BaseException) -> bool:
+    """Whether the database rolled back the statement or transaction that raised `exc`."""
+    return any(check(exc) for check in _CHECKS)
+
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -53,7 +74,8 @@ async def retry_rolled_back(
 ) -> _T:
     """Run `operation` again after its first attempt failed with `first`.
 
-    Only a rollback of `RETRIED_SQLSTATES` is retried, up to
+    Only a rollback (`is_rolled_back`: Postgres's `RETRIED_SQLSTATES`, and what
+    backends registered) is retried, up to
     `ROLLED_BACK_ATTEMPTS` attempts in all, each logged at INFO after a short
     random pause. `operation` must be the whole statement or transaction the
     failed attempt ran, starting from nothing done.
@@ -67,7 +89,7 @@ async def retry_rolled_back(
     """
     failure = first
     for attempt in range(2, ROLLED_BACK_ATTEMPTS + 1):
-        if getattr(failure, "sqlstate", None) not in RETRIED_SQLSTATES:
+        if not is_rolled_back(failure):
             raise failure
         logger.info(
             "snapshot_repo: the database rolled back a statement (%s); attempt %d of %d",

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from sqlalchemy import ClauseElement, Executable, Select
+from sqlalchemy import ClauseElement, Executable, Insert, Select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -112,7 +112,7 @@ class CoreBackend:
         self.notifies = self._postgres
         self.prune_statement = prune_statement(self._flavour)
         self.changes_since_statement = changes_since_statement(self._flavour)
-        self.claim_key_statement = claim_key_statement(self._flavour)
+        self.claim_key_statement: Insert = claim_key_statement(self._flavour)
         if self._sqlite:
             install_sqlite_settings(engine, EngineSettings())  # BEGIN IMMEDIATE; idempotent
         settings = engine_settings(engine)
@@ -192,17 +192,13 @@ class CoreBackend:
             earlier = found.first()
             if earlier is not None:
                 return _stored_row(earlier._mapping)
-        written = await conn.execute(
-            latest_write_statement(self._flavour, write_mode(write.expected_version)),
-            write.params(),
-        )
-        row = written.first()
+        row = await self._write_latest(conn, write)
         if row is None:
             return None
-        stored = {name: row._mapping[name] for name in STORED_COLUMNS}
+        stored = {name: row[name] for name in STORED_COLUMNS}
         await conn.execute(history_append(self._postgres), stored)
         if not self._postgres:
-            await conn.execute(feed_entry("write", False), {n: stored[n] for n in CHANGE_COLUMNS})
+            await self._record(conn, "write", {n: stored[n] for n in CHANGE_COLUMNS})
         version = int(stored["version"])
         if write.notify and self._postgres:
             params = {**write.scope.key(write.user_id), "version": version, "kind": "write"}
@@ -212,6 +208,23 @@ class CoreBackend:
         if write.data_key is not None:
             await self._keep_key(conn, write.scope, write.user_id, write.data_key)
         return version
+
+    async def _write_latest(
+        self, conn: AsyncConnection, write: PendingWrite
+    ) -> Mapping[str, Any] | None:
+        """Write the user's latest row (`latest_write_statement`, which takes its row lock
+        first); the row as stored, or None for a compare-and-set that found another version."""
+        written = await conn.execute(
+            latest_write_statement(self._flavour, write_mode(write.expected_version)),
+            write.params(),
+        )
+        row = written.first()
+        return None if row is None else dict(row._mapping)
+
+    async def _record(self, conn: AsyncConnection, kind: str, entry: Mapping[str, Any]) -> None:
+        """Append a `snapshot_changes` entry for a write or an erasure (not Postgres writes,
+        whose entry is their history row)."""
+        await conn.execute(feed_entry(kind, self._postgres), entry)
 
     async def _prune(
         self, conn: AsyncConnection, scope: Scope, user_id: str, newest: int, policy: Retention
@@ -237,7 +250,7 @@ class CoreBackend:
         their locks in one order. No row: the key changed, `DataKeyChanged`
         rolls the write back.
         """
-        statement = claim_key_statement(self._flavour) if key.new else hold_key_statement()
+        statement = self.claim_key_statement if key.new else hold_key_statement()
         found = await conn.execute(statement, key.params(scope, user_id))
         if found.first() is None:
             raise DataKeyChanged
@@ -265,18 +278,17 @@ class CoreBackend:
         `only_expired`), locked first and only if no latest row appeared.
         """
         key = erasure.key()
-        delete_latest, delete_history = delete_statements(erasure.only_expired)
-        found = (await conn.execute(delete_latest, {**key, "now": erasure.at})).first()
-        if found is None:
+        version = await self._delete_latest(conn, erasure)
+        if version is None:
             if erasure.drop_data_key and not erasure.only_expired:
                 await conn.execute(orphan_key_lock(), key)
                 if (await conn.execute(orphan_key_drop(), key)).rowcount:
                     self._truncation.pending = True  # its bytes must leave the WAL too
             return 0, 0
-        version = int(found._mapping["version"])
+        delete_history = delete_statements(erasure.only_expired)[1]
         erased = (await conn.execute(delete_history, {**key, "version": version})).rowcount
         await conn.execute(sqlite_erasure_feed_statements()[0], key)
-        await conn.execute(feed_entry("erase", self._postgres), erasure.feed_params(version))
+        await self._record(conn, "erase", erasure.feed_params(version))
         if erasure.receipt_subject is not None:
             await conn.execute(receipt_statement(), erasure.receipt_params(erased))
         if erasure.drop_data_key:
@@ -284,6 +296,13 @@ class CoreBackend:
         if erasure.notify and self._postgres:
             await conn.execute(notify_statement(), {**key, "version": version, "kind": "erase"})
         return erased, version
+
+    async def _delete_latest(self, conn: AsyncConnection, erasure: Erasure) -> int | None:
+        """Delete the user's latest row (with `only_expired`, only if expired); its version,
+        or None if there was none."""
+        delete_latest = delete_statements(erasure.only_expired)[0]
+        found = (await conn.execute(delete_latest, {**erasure.key(), "now": erasure.at})).first()
+        return None if found is None else int(found._mapping["version"])
 
     async def checkpoint_erasures(self) -> None:
         """SQLite with `secure_delete`: truncate the WAL without waiting for readers."""
@@ -360,6 +379,10 @@ class CoreBackend:
     async def _rows(self, statement: Select[Any], params: dict[str, Any]) -> list[Row]:
         async with self._connect() as conn:
             return [_stored_row(row) for row in (await conn.execute(statement, params)).mappings()]
+
+    async def feed_page(self, params: Mapping[str, Any]) -> list[Any]:
+        """One page of the feed: `changes_since_statement`, read as any other statement."""
+        return await self.fetch(self.changes_since_statement, params)
 
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         """The rows of a read, as the driver returns them (callers decode them, see

@@ -222,6 +222,10 @@ class PostgresBackend(SharedStatements):
                 await self._keep_key(conn, write.scope, write.user_id, write.data_key)
         return version
 
+    async def feed_page(self, params: Mapping[str, Any]) -> list[Any]:
+        """One page of the feed: `changes_since_statement`, read as any other statement."""
+        return await self.fetch(self.changes_since_statement, params)
+
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         compiled = self._compiled(statement)
         async with self._connections.checkout() as conn:

@@ -332,6 +332,10 @@ class SqliteBackend(SharedStatements):
         attempt = self._truncation.begin()
         self._truncation.note(truncate_committed(conn, wait_ms, self._busy_ms), attempt)
 
+    async def feed_page(self, params: Mapping[str, Any]) -> list[Any]:
+        """One page of the feed: `changes_since_statement`, read as any other statement."""
+        return await self.fetch(self.changes_since_statement, params)
+
     async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
         return await self._fetch(self._compiled(statement), params)
 

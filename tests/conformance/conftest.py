@@ -1,8 +1,8 @@
 """The factory every conformance test runs on: a repository on one target's database.
 
 SQLite targets get a copy of the migrated template file under `tmp_path`;
-Postgres targets get the session's migrated database, truncated first (the
-`postgres_url` fixture), on the shared server.
+Postgres and MariaDB targets get the session's migrated database, emptied
+first (the `postgres_url` and `mariadb_url` fixtures), on the shared server.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def target(request: pytest.FixtureRequest) -> Target:
 @pytest.fixture
 def database_url(target: Target, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A migrated, empty database of the target's kind."""
-    if target.database == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
+    if target.database in ("postgres", "mariadb"):
+        url: str = request.getfixturevalue(f"{target.database}_url")
         return url
     template: Path = request.getfixturevalue("sqlite_template")
     path = tmp_path / "snapshots.db"
@@ -48,7 +48,7 @@ async def make_repo(target: Target, database_url: str) -> AsyncIterator[MakeRepo
     async def make(state_type: Any = Doc, **options: Any) -> sr.SnapshotRepository[Any]:
         repo = sr.SnapshotRepository.from_url(database_url, state_type, **target.options, **options)
         opened.append(repo)
-        assert isinstance(repo._backend, CoreBackend) is target.core
+        assert (type(repo._backend) is CoreBackend) is target.core
         return repo
 
     yield make

@@ -2,8 +2,9 @@
 
 A target is one backend on one database. The suite runs every test on each,
 so a behaviour of the contract is written once and checked on all of them:
-the fast backends (`sqlite`, `postgres`) and the core backend on each
-database (`sqlite-core`, `postgres-core`), the reference they are tested against.
+the fast backends (`sqlite`, `postgres`), the core backend on each of their
+databases (`sqlite-core`, `postgres-core`), the reference they are tested
+against, and the MySQL/MariaDB backend (`mariadb`), itself a core backend.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class Target:
     """One backend on one database.
 
     Attributes:
-        name: the test id: "sqlite", "postgres", "sqlite-core" or "postgres-core".
-        database: "sqlite" or "postgres".
+        name: the test id: "sqlite", "postgres", "sqlite-core", "postgres-core" or
+            "mariadb".
+        database: "sqlite", "postgres" or "mariadb".
         core: whether the repository runs on the core backend (`backend="core"`).
     """
 
@@ -63,6 +65,7 @@ TARGETS = (
     Target("postgres", "postgres", core=False),
     Target("sqlite-core", "sqlite", core=True),
     Target("postgres-core", "postgres", core=True),
+    Target("mariadb", "mariadb", core=False),
 )
 
 

@@ -27,6 +27,7 @@ from snapshot_repo.migrate import upgrade
 from snapshot_repo.tables import metadata
 
 DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+DEFAULT_MARIADB_URL = "mariadb+asyncmy://root@127.0.0.1:3306/test"
 T = TypeVar("T")
 TRUNCATE_ALL = "TRUNCATE {} RESTART IDENTITY".format(
     ", ".join(table.name for table in metadata.sorted_tables)
@@ -96,6 +97,52 @@ class PostgresServer:
         drops = [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in self.created]
         if drops:
             run_blocking(admin(self.admin_url, *drops))
+
+
+async def mariadb_admin(url: str, *statements: str) -> None:
+    """Run `statements` on the MariaDB server of `url` (autocommit), with the raw driver."""
+    import asyncmy  # only the MariaDB tests need it
+
+    parsed = make_url(url)
+    conn = await asyncmy.connect(
+        host=parsed.host or "127.0.0.1",
+        port=parsed.port or 3306,
+        user=parsed.username or "root",
+        password=parsed.password or "",
+        database=parsed.database or "",
+        connect_timeout=5,
+        autocommit=True,
+    )
+    try:
+        async with conn.cursor() as cursor:
+            for statement in statements:
+                await cursor.execute(statement)
+    finally:
+        conn.close()
+
+
+MARIADB_CLEAR_ALL = tuple(f"DELETE FROM {table.name}" for table in metadata.sorted_tables)
+"""Empty the library's tables (DELETE: MariaDB's TRUNCATE recreates each table, 10x slower)."""
+
+
+class MariadbServer:
+    """Creates and drops throwaway databases on the shared MariaDB server."""
+
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = admin_url
+        self.created: list[str] = []
+
+    def create_database(self) -> str:
+        name = f"snaprepo_test_{uuid.uuid4().hex[:12]}"
+        statement = f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        run_blocking(mariadb_admin(self.admin_url, statement))
+        self.created.append(name)
+        return make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
+
+    def drop_all(self) -> None:
+        drops = [f"DROP DATABASE IF EXISTS `{name}`" for name in self.created]
+        if drops:
+            run_blocking(mariadb_admin(self.admin_url, *drops))
 
 
 async def migrate_database(url: str) -> None:
