@@ -102,11 +102,15 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "mariadb"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """A migrated, empty database of each kind; tests taking it run on both."""
+    """A migrated, empty database of each kind; tests taking it run on all three."""
     if request.param == "sqlite":
         return sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template"))
+    if request.param == "mariadb":
+        mariadb: MariadbServer = request.getfixturevalue("mariadb_server")
+        url = request.getfixturevalue("mariadb_url")
+        return Backend(name="mariadb", url=url, fresh_url=mariadb.create_database)
     server: PostgresServer = request.getfixturevalue("postgres_server")
     url: str = request.getfixturevalue("migrated_postgres_url")
     run_blocking(admin(url, TRUNCATE_ALL))

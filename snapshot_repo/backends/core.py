@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from sqlalchemy import ClauseElement, Executable, Insert, Select
+from sqlalchemy import ClauseElement, Insert, Select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -398,12 +398,19 @@ class CoreBackend:
     async def execute_in_transaction(
         self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
     ) -> list[int]:
-        """Run the statements in order in one write transaction; their row counts."""
+        """Run the statements in order in one write transaction; their row counts.
+
+        Each runs as driver SQL compiled once (`_compiled`), as `fetch` does:
+        an UPDATE whose bound values share names with its columns (`tenant`)
+        compiles there, where `execute` refuses it (SQLAlchemy reserves those
+        names for the SET clause).
+        """
         counts = []
         async with self._write_transaction() as conn:
             for statement, params in work:
-                assert isinstance(statement, Executable)
-                counts.append(max((await conn.execute(statement, dict(params))).rowcount, 0))
+                sql = self._compiled(statement)
+                result = await conn.exec_driver_sql(sql.text, sql.parameters(params))
+                counts.append(max(result.rowcount, 0))
         return counts
 
     async def missing_database(self) -> str | None:
