@@ -67,7 +67,7 @@ async def changes_since(
 
 async def subscribe(context: RepositoryContext[Any], callback: ChangeCallback) -> Subscription:
     """Register `callback` for the scope's changes (see the repository's `subscribe`)."""
-    hub = hub_for(context.engine)
+    hub = hub_for(context.engine, listens=context.backend.notifies)
     assert hub is not None
     async with context.guard("subscribe", None):
         return await hub.subscribe(context.scope.tenant, context.scope.namespace, callback)
@@ -75,6 +75,6 @@ async def subscribe(context: RepositoryContext[Any], callback: ChangeCallback) -
 
 def changes(context: RepositoryContext[Any]) -> ChangeStream:
     """A live stream of the scope's changes (see the repository's `changes`)."""
-    hub = hub_for(context.engine)
+    hub = hub_for(context.engine, listens=context.backend.notifies)
     assert hub is not None
     return ChangeStream(hub, context.scope.tenant, context.scope.namespace, _LIVE_QUEUE)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from pydantic_core import to_json
-from sqlalchemy import Select, literal, select, text, tuple_
+from sqlalchemy import Select, literal, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import migrate
@@ -63,7 +63,7 @@ from ._dump_lines import escape_line_breaks, receipt_line, row_line, timestamp, 
 from ._load_lines import check_end, check_header, numbered, parse
 from ._loader import Loader
 from ._translate import storage_errors
-from .engine import WRITE_TRANSACTION, EngineSettings, install_sqlite_settings
+from .backends import bulk_transfer
 from .errors import ConfigurationError, SchemaNotReadyError, SnapshotValidationError
 from .tables import changes_table, erasure_receipts_table, history_table, latest_table
 
@@ -239,12 +239,9 @@ async def _batches(
     engine: AsyncEngine, batch_size: int
 ) -> AsyncGenerator[tuple[str, list[Any]], None]:
     """("rows", batch) for all history, then ("receipts", batch): one snapshot, keyset pages."""
-    _configure(engine)
+    bulk_transfer.prepare(engine)
     async with storage_errors("dump"), engine.connect() as conn:
-        if engine.dialect.name == "postgresql":
-            await conn.execution_options(
-                isolation_level="REPEATABLE READ", postgresql_readonly=True
-            )
+        await conn.execution_options(**bulk_transfer.dump_options(engine))
         async with conn.begin():
             after: tuple[Any, ...] | None = None
             while rows := list((await conn.execute(_rows_page(after, batch_size))).all()):
@@ -306,18 +303,14 @@ async def _write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnecti
     error of the block (a bad line, a failed read of the input) passes
     through as it is, after the rollback.
     """
-    _configure(engine)
+    bulk_transfer.prepare(engine)
     async with AsyncExitStack() as stack:
         async with storage_errors("load"):
             conn = await stack.enter_async_context(engine.connect())
-            # SQLite: BEGIN IMMEDIATE, so that the emptiness check and the load
-            # are one critical section against other writers.
-            await conn.execution_options(**{WRITE_TRANSACTION: True})
+            await conn.execution_options(**bulk_transfer.load_options(engine))
             transaction = await conn.begin()
-            if engine.dialect.name == "postgresql":
-                # Writers wait for the load; readers see the empty tables until it commits.
-                names = ", ".join(table.name for table in _TABLES)
-                await conn.execute(text(f"LOCK TABLE {names} IN EXCLUSIVE MODE"))
+            # Writers wait for the load; readers see the empty tables until it commits.
+            await bulk_transfer.exclude_writers(conn, _TABLES)
         try:
             yield conn
         except BaseException:
@@ -341,25 +334,14 @@ async def _require_empty(conn: AsyncConnection) -> None:
 # --- both ---------------------------------------------------------------------
 
 
-def _configure(engine: AsyncEngine) -> None:
-    """SQLite: this library's transaction handling (an explicit BEGIN), as the repository sets it.
-
-    Without it, sqlite3 would run the dump's SELECTs outside a transaction,
-    each seeing a different state of the database.
-    """
-    if engine.dialect.name == "sqlite":
-        install_sqlite_settings(engine, EngineSettings())
-
-
 async def _require_head(engine: AsyncEngine, operation: str) -> str:
     """The database's schema revision if it is this package's head, else SchemaNotReadyError.
 
     A missing SQLite file is reported, not created.
     """
     head = migrate.head_revision()
-    database = engine.url.database
-    on_disk = engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
-    if on_disk and not await asyncio.to_thread(Path(str(database)).exists):
+    database = bulk_transfer.database_file(engine)
+    if database is not None and not await asyncio.to_thread(Path(database).exists):
         raise SchemaNotReadyError(f"{operation}: SQLite database file {database} does not exist")
     async with storage_errors(operation):
         revision = await migrate.current_revision(engine)

@@ -24,12 +24,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.util import greenlet_spawn
 
 from ._dialects import NOTIFY_CHANNEL
 from .errors import SnapshotValidationError, redact
@@ -156,8 +154,9 @@ class ChangeHub:
     repository publishes its own commits to it.
     """
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, listens: bool) -> None:
         self._engine = engine
+        self._listens = listens
         self._subscriptions: list[Subscription] = []
         self._listener: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -165,8 +164,9 @@ class ChangeHub:
 
     @property
     def listens_to_database(self) -> bool:
-        """Whether the hub also LISTENs for other processes' changes (Postgres)."""
-        return self._engine.dialect.name == "postgresql"
+        """Whether the hub also LISTENs for other processes' changes (the backend
+        `notifies`: Postgres)."""
+        return self._listens
 
     async def subscribe(
         self, tenant: str, namespace: str, callback: ChangeCallback
@@ -234,44 +234,12 @@ class ChangeHub:
             logger.exception("snapshot_repo change listener failed")
 
     async def _listen(self, ready: asyncio.Future[None]) -> None:
-        """Hold a LISTEN connection; on loss, wait a moment and listen again."""
-        delay = 0.1
-        while True:
-            try:
-                fairy = await greenlet_spawn(self._engine.sync_engine.raw_connection)
-            except Exception as exc:
-                if not ready.done():
-                    ready.set_exception(exc)
-                    return
-                logger.warning("snapshot_repo cannot re-listen for changes: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            connection: Any = fairy.driver_connection
-            try:
-                await connection.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                connection.add_termination_listener(partial(_mark_lost, lost))
-                if not ready.done():
-                    ready.set_result(None)
-                delay = 0.1
-                await lost
-                logger.warning("snapshot_repo lost its LISTEN connection; listening again")
-            except asyncio.CancelledError:
-                # Drop the LISTEN connection rather than UNLISTEN politely: the
-                # server may be frozen, and a closed session listens no more.
-                connection.terminate()
-                _mark_lost(lost, connection)
-                raise
-            except Exception as exc:
-                if not ready.done():
-                    ready.set_exception(exc)
-                    return
-                logger.warning("snapshot_repo LISTEN failed: %s", exc)
-            finally:
-                await greenlet_spawn(fairy.invalidate if lost.done() else fairy.close)
+        """Hold the database's LISTEN connection (`backends.postgres_listen`)."""
+        from .backends.postgres_listen import listen
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        await listen(self._engine, self._on_notify, ready)
+
+    def _on_notify(self, payload: str) -> None:
         try:
             change = Change.model_validate(json.loads(payload))
         except ValueError:
@@ -280,23 +248,19 @@ class ChangeHub:
         self.publish(change)
 
 
-def _mark_lost(lost: asyncio.Future[None], _connection: object) -> None:
-    if not lost.done():
-        lost.set_result(None)
-
-
 _HUB_ATTRIBUTE = "_snapshot_repo_change_hub"
 
 
-def hub_for(engine: AsyncEngine, *, create: bool = True) -> ChangeHub | None:
+def hub_for(engine: AsyncEngine, *, create: bool = True, listens: bool = False) -> ChangeHub | None:
     """The one hub of `engine`'s database, shared by every repository and view on it.
 
     Stored on the engine itself, so it lives and dies with it. With
-    `create=False`, None when no hub was made yet.
+    `create=False`, None when no hub was made yet. A new hub LISTENs to the
+    database when `listens` (its backend `notifies`).
     """
     hub: ChangeHub | None = getattr(engine.sync_engine, _HUB_ATTRIBUTE, None)
     if hub is None and create:
-        hub = ChangeHub(engine)
+        hub = ChangeHub(engine, listens=listens)
         setattr(engine.sync_engine, _HUB_ATTRIBUTE, hub)
     return hub
 
