@@ -25,10 +25,17 @@ BYTES = LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL)
 TIMESTAMP = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), *MYSQL)
 """A moment: MySQL's DATETIME drops microseconds unless asked to keep six digits."""
 
+_COLLATIONS = {"mysql": "utf8mb4_0900_bin", "mariadb": "utf8mb4_nopad_bin"}
+
 TABLE_OPTIONS: dict[str, Any] = {
     f"{prefix}_{option}": value
     for prefix in MYSQL
-    for option, value in (("engine", "InnoDB"), ("charset", "utf8mb4"), ("collate", "utf8mb4_bin"))
+    for option, value in (
+        ("engine", "InnoDB"),
+        ("charset", "utf8mb4"),
+        ("collate", _COLLATIONS[prefix]),
+    )
 }
-"""InnoDB (row locks, transactions) and a binary collation, so user ids, scopes and keys
-compare byte for byte as on SQLite and Postgres ("Ann" is not "ann")."""
+"""InnoDB (row locks, transactions) and a binary NO PAD collation, so user ids, scopes and
+keys compare byte for byte as on SQLite and Postgres: "Ann" is not "ann", and "a" is not
+"a " (MariaDB's `utf8mb4_bin` pads with spaces, so it would take them for one user)."""

@@ -1,4 +1,4 @@
-"""The Postgres driver is an optional extra: SQLite needs nothing more than the package."""
+"""The Postgres and MySQL drivers are optional extras: SQLite needs nothing but the package."""
 
 from __future__ import annotations
 
@@ -65,3 +65,28 @@ def test_a_postgres_url_without_the_driver_names_the_extra():
     assert result.returncode == 0, result.stderr
     assert "pip install 'snapshot-repo[postgres]'" in result.stdout
     assert "asyncpg" in result.stdout
+
+
+def test_a_mariadb_url_without_the_driver_names_the_extra():
+    script = BLOCK_ASYNCPG.replace('"asyncpg"', '"asyncmy"').replace('"asyncpg.', '"asyncmy.')
+    body = textwrap.dedent(
+        """
+        import snapshot_repo as sr
+
+        for url in ("mariadb://root@127.0.0.1/test", "mysql://root@127.0.0.1/test"):
+            try:
+                sr.SnapshotRepository.from_url(url)
+            except sr.ConfigurationError as exc:
+                print(exc)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script + body],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("pip install 'snapshot-repo[mysql]'") == 2
+    assert "asyncmy" in result.stdout

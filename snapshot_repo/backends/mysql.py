@@ -18,8 +18,8 @@ does (see `core`), and differs only where MySQL does:
 - `vacuum`: `OPTIMIZE TABLE`, which rebuilds the tables without the deleted
   rows (see the README on what InnoDB keeps after an erasure).
 
-Transactions run READ COMMITTED, so each statement sees what committed
-before it, as on Postgres.
+Connections run READ COMMITTED (set by `engine.create_engine`), so each
+statement sees what committed before it, as on Postgres.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import asyncmy.errors
 from sqlalchemy import ClauseElement
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._dialects import hold_key_statement, write_mode
-from .._translate import register_missing_schema
+from .._translate import register_driver_errors, register_missing_schema
 from ._retry import register_rolled_back, retry_rolled_back
 from .core import CoreBackend
 from .mysql_sql import (
@@ -64,6 +65,7 @@ def error_code(exc: BaseException) -> int | None:
     return args[0] if args and isinstance(args[0], int) else None
 
 
+register_driver_errors(asyncmy.errors.MySQLError)
 register_rolled_back(lambda exc: error_code(exc) in _ROLLED_BACK)
 register_missing_schema(lambda exc: error_code(exc) == _NO_SUCH_TABLE)
 
@@ -74,6 +76,10 @@ class MysqlBackend(CoreBackend):
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
         self.claim_key_statement = claim_key_statement()
+        # `create_engine` sets READ COMMITTED on each new connection; setting it for each
+        # write too would cost a round trip, and on a dead connection fail outside
+        # SQLAlchemy's disconnect handling.
+        self._write_options = {}
 
     # --- whole transactions, run again when InnoDB rolled them back -------------------
 

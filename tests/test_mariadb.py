@@ -1,0 +1,244 @@
+"""MariaDB by nature: what the MySQL backend does differently, on the shared MariaDB server.
+
+The whole contract runs on MariaDB in the conformance suite and in every
+test taking the `backend` fixture; these are the behaviours that exist only
+because MySQL differs: the feed gate (no `pg_snapshot_xmin`), InnoDB's
+deadlock victims, the binary NO PAD collation, LONGBLOB and DATETIME(6),
+`GET_LOCK` around migrations, and lost connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import asyncmy
+import pytest
+from sqlalchemy.engine import make_url
+
+import snapshot_repo as sr
+from snapshot_repo import migrate
+from snapshot_repo.backends.mysql import MysqlBackend
+from snapshot_repo.engine import create_engine
+from tests.support.databases import Cart, MariadbServer, mariadb_admin
+
+LOCK_WAIT_DEADLINE = 10.0
+"""Seconds a test waits for a session to be seen waiting on a lock (it takes milliseconds)."""
+
+
+def snap(user_id: str, *items: str) -> sr.Snapshot[Cart]:
+    return sr.Snapshot(user_id=user_id, state=Cart(items=list(items)))
+
+
+@asynccontextmanager
+async def raw_session(url: str) -> AsyncIterator[Any]:
+    """A raw asyncmy connection to the test's database, outside the library (autocommit off)."""
+    parsed = make_url(url)
+    conn = await asyncmy.connect(
+        host=parsed.host,
+        port=parsed.port or 3306,
+        user=parsed.username,
+        password=parsed.password or "",
+        database=parsed.database,
+        autocommit=False,
+    )
+    try:
+        async with conn.cursor() as cursor:  # as the library's sessions: no gap locks
+            await cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+        yield conn
+    finally:
+        conn.close()
+
+
+async def wait_for_statement(url: str, pattern: str) -> None:
+    """Poll until a session of the test's database is running a statement LIKE `pattern`
+    (one that waits for a row lock stays there until the lock is granted)."""
+    database = make_url(url).database
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LOCK_WAIT_DEADLINE
+    async with raw_session(url) as conn:
+        while True:
+            async with conn.cursor() as cursor:
+                await cursor.execute(
+                    "SELECT count(*) FROM information_schema.processlist "
+                    "WHERE db = %s AND command = 'Query' AND info LIKE %s",
+                    (database, pattern),
+                )
+                (running,) = await cursor.fetchone()
+            if running:
+                return
+            assert loop.time() < deadline, f"no session ran {pattern!r}"
+            await asyncio.sleep(0.01)
+
+
+async def test_the_mariadb_backend_is_chosen_for_both_url_schemes(mariadb_url: str):
+    for scheme in ("mariadb", "mysql"):
+        url = make_url(mariadb_url).set(drivername=scheme).render_as_string(hide_password=False)
+        async with sr.SnapshotRepository.from_url(url, Cart) as repo:
+            assert isinstance(repo._backend, MysqlBackend)
+            assert repo.engine.driver == "asyncmy"
+            stored = await repo.upsert_latest(snap(f"via-{scheme}", "x"))
+            assert stored.version == 1
+
+
+async def test_a_feed_page_never_skips_a_write_that_commits_late(mariadb_url: str):
+    """A write takes its feed seq, then waits (on a lock held outside) before it commits;
+    a second write commits meanwhile with a higher seq. A page read then must not return
+    the second without the first: that would move the cursor past the first for good.
+
+    The first write is held by its retention policy, which deletes the user's older
+    history after the feed entry is written: an outside transaction holds that row.
+    """
+    keep_one = sr.RetentionPolicy(keep_last=1)
+    async with (
+        sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo,
+        sr.SnapshotRepository.from_url(mariadb_url, Cart, retention=keep_one) as pruning,
+    ):
+        await repo.upsert_latest(snap("slow", "v1"))
+        start = (await repo.changes_since(None)).cursor
+        async with raw_session(mariadb_url) as outside:
+            async with outside.cursor() as cursor:
+                await cursor.execute(
+                    "SELECT version FROM snapshot_history WHERE user_id = 'slow' FOR UPDATE"
+                )
+            slow = asyncio.create_task(pruning.upsert_latest(snap("slow", "v2")))
+            await wait_for_statement(mariadb_url, "DELETE FROM snapshot_history%")
+            fast = await repo.upsert_latest(snap("fast", "v1"))
+            assert fast.version == 1
+            page_read = asyncio.create_task(repo.changes_since(start))
+            # The reader waits for the gate, which the slow write holds.
+            gate_wait = asyncio.create_task(
+                wait_for_statement(mariadb_url, "%FROM snapshot_feed_gate%FOR UPDATE")
+            )
+            await asyncio.wait({page_read, gate_wait}, return_when=asyncio.FIRST_COMPLETED)
+            assert not page_read.done(), f"read before the slow write committed: {page_read}"
+            await gate_wait
+            await outside.rollback()
+        await slow
+        page = await page_read
+    assert [(c.user_id, c.version) for c in page.changes] == [("slow", 2), ("fast", 1)]
+
+
+async def test_a_deadlock_victim_is_retried_inside_the_library(
+    mariadb_url: str, caplog: pytest.LogCaptureFixture
+):
+    """A batch locks a, then waits for b, which an outside transaction holds; the
+    outside one then asks for a. InnoDB rolls back the lighter transaction, the batch
+    (the outside one has changed many rows first), and the library runs it again."""
+    caplog.set_level(logging.INFO, logger="snapshot_repo")
+    async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
+        await repo.upsert_many([snap("a", "0"), snap("b", "0")])
+        await mariadb_admin(mariadb_url, "CREATE TABLE IF NOT EXISTS ballast (n INT)")
+        try:
+            async with raw_session(mariadb_url) as outside:
+                async with outside.cursor() as cursor:
+                    await cursor.execute(
+                        # 500 changed rows: the heavier transaction, never the victim
+                        "INSERT INTO ballast SELECT seq FROM seq_1_to_500"
+                    )
+                    await cursor.execute(
+                        "SELECT version FROM snapshot_latest WHERE user_id = 'b' FOR UPDATE"
+                    )
+                batch = asyncio.create_task(repo.upsert_many([snap("a", "1"), snap("b", "1")]))
+                await wait_for_statement(mariadb_url, "INSERT INTO snapshot_latest%")
+                async with outside.cursor() as cursor:
+                    await cursor.execute(
+                        "SELECT version FROM snapshot_latest WHERE user_id = 'a' FOR UPDATE"
+                    )
+                await outside.commit()
+            written = await batch
+        finally:
+            await mariadb_admin(mariadb_url, "DROP TABLE IF EXISTS ballast")
+        assert [s.version for s in written] == [2, 2]
+        assert [s.version for s in await repo.get_history("a")] == [2, 1]
+    retried = [r.getMessage() for r in caplog.records if "rolled back" in r.getMessage()]
+    assert len(retried) == 1, retried
+    assert "1213" in retried[0]
+
+
+async def test_user_ids_compare_byte_for_byte(mariadb_url: str):
+    """Case, accents and trailing spaces make different users, as on SQLite and Postgres
+    (MariaDB's utf8mb4_bin would take "a" and "a " for one: the tables are NO PAD)."""
+    ids = ["ann", "Ann", "a", "a ", "e", "é", "ß", "ss"]
+    async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
+        for user_id in ids:
+            await repo.upsert_latest(snap(user_id, user_id))
+        for user_id in ids:
+            latest = await repo.get_latest(user_id)
+            assert latest is not None
+            assert (latest.version, latest.state.items) == (1, [user_id])
+        assert await repo.count_users() == len(ids)
+        assert await repo.list_users() == sorted(ids)  # code point order, as Python's
+
+
+async def test_a_large_state_and_microsecond_timestamps_are_kept(mariadb_url: str):
+    """Payloads are LONGBLOB (BLOB stops at 64 KiB) and timestamps DATETIME(6)."""
+    big = "x" * 900_000
+    async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
+        stored = await repo.upsert_latest(snap("big", big), ttl=timedelta(hours=1))
+        latest = await repo.get_latest("big")
+        assert latest is not None
+        assert latest.state.items == [big]
+        assert latest.created_at == stored.created_at
+        assert stored.created_at is not None
+        assert stored.created_at.microsecond == latest.created_at.microsecond
+        second = await repo.upsert_latest(snap("big", "small"))
+        assert second.created_at is not None
+        assert await repo.get_as_of("big", stored.created_at) == stored
+        assert await repo.get_as_of("big", second.created_at) == second
+
+
+async def test_a_lost_connection_gives_a_typed_error_and_the_next_call_works(
+    mariadb_url: str,
+):
+    """The server drops the pool's connections (KILL): a write's outcome is then
+    unknown (ConnectionLostError, retry with an idempotency key); reads repeat once."""
+    database = make_url(mariadb_url).database
+    async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
+        await repo.upsert_latest(snap("u", "1"))
+        async with raw_session(mariadb_url) as admin, admin.cursor() as cursor:
+            await cursor.execute(
+                "SELECT id FROM information_schema.processlist "
+                "WHERE db = %s AND id <> CONNECTION_ID()",
+                (database,),
+            )
+            ids = [row[0] for row in await cursor.fetchall()]
+            assert ids, "the repository kept no pooled connection"
+            for connection_id in ids:
+                await cursor.execute(f"KILL CONNECTION {int(connection_id)}")
+        with pytest.raises(sr.ConnectionLostError, match="retry it with the same idempotency"):
+            await repo.upsert_latest(snap("u", "2"), idempotency_key="k2")
+        replay = await repo.upsert_latest(snap("u", "2"), idempotency_key="k2")
+        assert replay.version == 2
+        latest = await repo.get_latest("u")
+        assert latest is not None
+        assert latest.version == 2
+
+
+async def test_concurrent_migrations_take_turns_on_get_lock(mariadb_server: MariadbServer):
+    """Five engines migrate one fresh database at once: GET_LOCK lets one at a time in
+    (MySQL commits each DDL statement, so a transaction could not), each revision once."""
+    url = mariadb_server.create_database()
+    engines = [create_engine(url) for _ in range(5)]
+    try:
+        await asyncio.gather(*(migrate.upgrade(engine) for engine in engines))
+        assert await migrate.current_revision(engines[0]) == migrate.head_revision()
+        await migrate.check(engines[0])
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+
+async def test_check_ignores_the_applications_own_tables(mariadb_url: str):
+    """A database the application shares holds its tables too: they are not drift."""
+    await mariadb_admin(mariadb_url, "CREATE TABLE app_orders (id INT PRIMARY KEY)")
+    engine = create_engine(mariadb_url)
+    try:
+        await migrate.check(engine)
+    finally:
+        await engine.dispose()
+        await mariadb_admin(mariadb_url, "DROP TABLE app_orders")
