@@ -48,11 +48,18 @@ def set_redaction(enabled: bool) -> None:
 
 
 def redact(user_id: object) -> str:
-    """Show enough of a user id to correlate log lines, not enough to identify anyone."""
+    """Show enough of a user id to correlate log lines, not enough to identify anyone.
+
+    At most its first four characters, and never more than a third of it: a
+    short id (an employee number, "4711") would otherwise be shown whole.
+    """
     text = user_id if isinstance(user_id, str) else repr(user_id)
     if not _redacting:
         return text
-    return text[:4] + "..." if len(text) > 4 else text + "..."
+    return text[: min(_SHOWN_CHARACTERS, len(text) // 3)] + "..."
+
+
+_SHOWN_CHARACTERS = 4
 
 
 class SnapshotRepoError(Exception):

@@ -17,6 +17,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 import snapshot_repo as sr
+from snapshot_repo.errors import redact
 from tests.support.databases import Backend, Cart
 
 USER_ID = "jane.doe@example.com"
@@ -136,3 +137,21 @@ async def test_a_stored_state_that_no_longer_validates_is_not_echoed(backend: Ba
             await repo.get_latest(USER_ID)
     assert "jane..." in str(caught.value)
     assert_redacted(caught.value, USER_ID, CARD)
+
+
+@pytest.mark.parametrize(
+    ("user_id", "shown"),
+    [
+        ("4711", "4..."),
+        ("u1", "..."),
+        ("a", "..."),
+        ("", "..."),
+        ("123456", "12..."),
+        ("alice@example.com", "alic..."),
+    ],
+)
+def test_a_redacted_id_shows_at_most_a_third_of_itself(user_id: str, shown: str):
+    """Short ids were shown whole ("4711..."): now never more than a third, at most four."""
+    assert redact(user_id) == shown
+    if user_id:
+        assert user_id not in redact(user_id)
