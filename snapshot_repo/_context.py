@@ -320,7 +320,7 @@ class RepositoryContext(Generic[StateT]):
         if self.keys is not None:
             self.keys.forget(self.scope, user_id)
         if erased:
-            self.announce("erase", user_id, last_version, erasure.at)
+            self.announce("erase", erasure.feed_subject, last_version, erasure.at)
         return erased
 
     async def erase_batch(

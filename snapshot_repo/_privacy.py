@@ -30,6 +30,7 @@ __all__ = [
     "ErasureReceipt",
     "erase",
     "erasure_receipt",
+    "erasure_subject",
     "export_user",
     "export_user_lines",
     "prune_history",
@@ -67,12 +68,17 @@ async def erase(context: RepositoryContext[Any], user_id: str, *, vacuum: bool =
     return erased
 
 
+def erasure_subject(context: RepositoryContext[Any], user_id: str) -> str:
+    """See `SnapshotRepository.erasure_subject`."""
+    subject = context.receipt_subject(valid_user_id(user_id))
+    if subject is None:
+        raise ConfigurationError("erasure subjects need the repository's erasure_key")
+    return subject
+
+
 async def erasure_receipt(context: RepositoryContext[Any], user_id: str) -> ErasureReceipt | None:
     """See `SnapshotRepository.erasure_receipt`."""
-    user_id = valid_user_id(user_id)
-    subject = context.receipt_subject(user_id)
-    if subject is None:
-        raise ConfigurationError("erasure receipts need the repository's erasure_key")
+    subject = erasure_subject(context, user_id)
     params = {
         "subject": subject,
         "tenant": context.scope.tenant,

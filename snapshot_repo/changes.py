@@ -58,7 +58,10 @@ class Change(BaseModel):
             notifications: they are sent before the feed row has its number).
         tenant: the tenant ("" for none) and namespace the change happened in.
         namespace: see `tenant`.
-        user_id: whose state changed.
+        user_id: whose state changed. For an erasure, not the user id, which the
+            erasure must not leave behind: the erasure receipt's subject (an
+            HMAC-SHA256 of the id under the repository's `erasure_key`, see
+            `SnapshotRepository.erasure_subject`), or "" without a key.
         version: the version written; for an erasure, the last version erased.
         kind: "write" or "erase".
         created_at: when (absent from notifications of other processes).

@@ -579,6 +579,19 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _privacy.erasure_receipt(self._context, user_id)
 
+    def erasure_subject(self, user_id: str) -> str:
+        """What erasure receipts and the feed's `erase` entries call `user_id`.
+
+        The HMAC-SHA256 of the id under `erasure_key`, in hex: a feed consumer
+        holding the key matches an `erase` entry (`Change.user_id`) to the user
+        it cached, while the database holds no id of an erased person.
+
+        Raises:
+            SnapshotValidationError: a bad user id.
+            ConfigurationError: the repository has no `erasure_key`.
+        """
+        return _privacy.erasure_subject(self._context, user_id)
+
     async def export_user(self, user_id: str) -> dict[str, JsonValue]:
         """Everything stored about the user in this scope, as one JSON-serialisable document.
 

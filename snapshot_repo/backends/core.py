@@ -294,7 +294,8 @@ class CoreBackend:
         if erasure.drop_data_key:
             await conn.execute(forget_key_statement(), key)
         if erasure.notify and self._postgres:
-            await conn.execute(notify_statement(), {**key, "version": version, "kind": "erase"})
+            entry = {**key, "user_id": erasure.feed_subject, "version": version, "kind": "erase"}
+            await conn.execute(notify_statement(), entry)
         return erased, version
 
     async def _delete_latest(self, conn: AsyncConnection, erasure: Erasure) -> int | None:

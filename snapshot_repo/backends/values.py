@@ -91,9 +91,16 @@ class Erasure:
     def key(self) -> dict[str, Any]:
         return self.scope.key(self.user_id)
 
+    @property
+    def feed_subject(self) -> str:
+        """Who the erasure's feed entry names: the receipt subject (an HMAC of the user
+        id), or "" without an erasure key. Never the user id: it would outlive the erasure."""
+        return self.receipt_subject or ""
+
     def feed_params(self, version: int) -> dict[str, Any]:
         return {
             **self.key(),
+            "user_id": self.feed_subject,
             "version": version,
             "created_at": self.at,
             "actor": None,

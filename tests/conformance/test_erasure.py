@@ -18,6 +18,7 @@ from tests.support.conformance import (
     count_rows,
     data_key_of,
     described,
+    every_row_holding,
     files_hold,
     read_feed,
     snap,
@@ -62,10 +63,25 @@ class TestDelete:
         await repo.upsert_latest(snap("other"))
         await repo.delete("u")
         changes, _ = await read_feed(repo, expect=2)
-        assert described(changes) == [("other", 1, "write"), ("u", 3, "erase")]
+        # The erase entry must not keep the id it erased: without an erasure key it names no one.
+        assert described(changes) == [("other", 1, "write"), ("", 3, "erase")]
         erase = changes[-1]
         assert erase.created_at is not None
         assert erase.created_at <= datetime.now(UTC)
+
+    async def test_with_an_erasure_key_the_erase_entry_names_the_receipt_subject(
+        self, make_repo: MakeRepo
+    ):
+        repo = await make_repo(erasure_key=ERASURE_KEY)
+        heard: list[sr.Change] = []
+        await repo.subscribe(heard.append)
+        await repo.upsert_latest(snap("u", "1"))
+        await repo.delete("u")
+        changes, _ = await read_feed(repo, expect=1)
+        subject = repo.erasure_subject("u")
+        assert len(subject) == 64  # hex HMAC-SHA256
+        assert described(changes) == [(subject, 1, "erase")]
+        assert [(c.user_id, c.kind) for c in heard][-1] == (subject, "erase")
 
 
 class TestReceiptsAndKeys:
@@ -157,6 +173,32 @@ class TestReapingAndPruning:
 
 
 class TestNoTrace:
+    async def test_no_row_of_any_table_keeps_the_erased_users_id_or_data(
+        self, make_repo: MakeRepo, target: Target
+    ):
+        """After an erasure, the user id, its states, actor, reason, metadata and
+        idempotency keys are in no row of any table: not in the feed's erase entry
+        (which holds the receipt's HMAC), not in a receipt, not in a data key. On SQLite
+        the file (every table and index, the WAL truncated) holds none of them either."""
+        marker = uuid.uuid4().hex
+        victim = f"victim-{marker}"
+        repo = await make_repo(erasure_key=ERASURE_KEY)
+        for n in range(3):
+            await repo.upsert_latest(
+                snap(victim, f"state-{marker}"),
+                idempotency_key=f"key-{marker}-{n}",
+                actor=f"actor-{marker}",
+                reason=f"reason-{marker}",
+                metadata={"note": f"meta-{marker}"},
+            )
+        await repo.upsert_latest(snap("bystander", "stays"))
+        assert await repo.erase(victim, vacuum=True) == 3
+        assert await every_row_holding(repo.engine, marker) == []
+        if target.database == "sqlite":
+            database = repo.engine.url.database
+            assert database is not None
+            assert not files_hold(Path(database), marker)
+
     @pytest.mark.parametrize("vacuum", [False, True], ids=["delete", "erase-vacuum"])
     async def test_an_erased_state_leaves_no_trace(
         self, repo: sr.SnapshotRepository[Doc], target: Target, vacuum: bool

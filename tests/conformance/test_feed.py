@@ -98,8 +98,8 @@ class TestChangeFeed:
             await repo.delete("a")
             heard = [await asyncio.wait_for(anext(stream), timeout=5) for _ in range(4)]
         assert sorted(described(heard)) == [
+            ("", 2, "erase"),  # an erasure names no one without an erasure key
             ("a", 1, "write"),
-            ("a", 2, "erase"),
             ("a", 2, "write"),
             ("b", 1, "write"),
         ]

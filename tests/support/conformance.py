@@ -21,7 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import snapshot_repo as sr
 from snapshot_repo.changes import Change
-from snapshot_repo.tables import changes_table, data_keys_table, history_table, latest_table
+from snapshot_repo.tables import (
+    changes_table,
+    data_keys_table,
+    history_table,
+    latest_table,
+    metadata,
+)
 
 __all__ = [
     "TARGETS",
@@ -31,6 +37,7 @@ __all__ = [
     "count_rows",
     "data_key_of",
     "described",
+    "every_row_holding",
     "files_hold",
     "read_feed",
     "snap",
@@ -153,6 +160,20 @@ async def read_feed(
 def described(changes: Sequence[Change]) -> list[tuple[str, int, str]]:
     """(user_id, version, kind) of each change."""
     return [(change.user_id, change.version, change.kind) for change in changes]
+
+
+async def every_row_holding(engine: AsyncEngine, marker: str) -> list[str]:
+    """`table.column` of every stored value, in every table of the library, holding `marker`
+    (text, or bytes such as payloads and metadata), read without the library."""
+    found = []
+    async with engine.connect() as conn:
+        for table in metadata.sorted_tables:
+            for row in (await conn.execute(select(table))).mappings():
+                for column, value in row.items():
+                    raw = value if isinstance(value, bytes) else str(value).encode()
+                    if marker.encode() in raw:
+                        found.append(f"{table.name}.{column}")
+    return found
 
 
 def files_hold(path: Path, marker: str) -> bool:
