@@ -72,7 +72,7 @@ async def test_erasure_leaves_one_erase_entry_and_no_writes(repo: sr.SnapshotRep
     changes, _ = await read_all(repo, expect=2)
     assert [(c.user_id, c.version, c.kind) for c in changes] == [
         ("kept", 1, "write"),
-        ("gone", 2, "erase"),
+        ("", 2, "erase"),  # an erase entry keeps no user id
     ]
 
 
@@ -149,7 +149,7 @@ async def test_listeners_get_committed_writes_and_erasures(repo: sr.SnapshotRepo
     assert [(c.user_id, c.version, c.kind) for c in received] == [
         ("u1", 1, "write"),
         ("u1", 2, "write"),
-        ("u1", 2, "erase"),
+        ("", 2, "erase"),
     ]
 
 
@@ -198,7 +198,7 @@ async def test_changes_stream_yields_live_changes(repo: sr.SnapshotRepository[Ca
         second = await asyncio.wait_for(anext(stream), timeout=5)
     assert [(c.user_id, c.version, c.kind) for c in (first, second)] == [
         ("live", 1, "write"),
-        ("live", 1, "erase"),
+        ("", 1, "erase"),
     ]
 
 
@@ -252,7 +252,7 @@ async def test_a_notifying_writer_is_heard_once_in_its_own_process(postgres_url:
         got = [await asyncio.wait_for(anext(stream), timeout=10) for _ in range(3)]
         assert [(c.user_id, c.version, c.kind) for c in got] == [
             ("n1", 1, "write"),
-            ("n1", 1, "erase"),
+            ("", 1, "erase"),
             ("n2", 1, "write"),
         ]
         await repo.upsert_latest(snap("n3", "c"))
@@ -306,7 +306,7 @@ async def test_erasure_forgets_the_entries_of_pruned_versions(repo: sr.SnapshotR
     changes, _ = await read_all(repo, expect=2)
     assert [(c.user_id, c.version, c.kind) for c in changes] == [
         ("kept", 1, "write"),
-        ("gone", 4, "erase"),
+        ("", 4, "erase"),
     ]
 
 
@@ -338,7 +338,7 @@ async def test_an_erasure_during_a_prune_forgets_what_the_prune_moved(postgres_u
         await until_a_backend_waits_on_a_lock(observer)
         await pruning.commit()
         assert await erasing == 1
-        assert await feed_entries(observer) == [("gone", 3, "erase")]
+        assert await feed_entries(observer) == [("", 3, "erase")]
 
 
 async def test_concurrent_prunes_of_one_user_move_each_entry_once(postgres_url: str):
