@@ -1,0 +1,410 @@
+"""The MariaDB server itself fails: stopped, crashed or frozen, under load and idle.
+
+The MariaDB counterpart of `test_server.py`, on a throwaway server of this
+module (`tests/support/mariadb_server.py`), never on the shared one. The
+first test checks the server fixture itself with raw SQL (a kill keeps
+committed rows, a freeze stops answers), so that a failure below is the
+library's, not the harness's.
+
+MariaDB differs from Postgres in one way that shapes these tests: it has
+no statement timeout the driver can set per connection (`command_timeout`
+is Postgres-only), and asyncmy's `connect_timeout` covers the TCP connect
+but not the server's greeting. On a frozen server only the repository's
+`operation_timeout` bounds a call, so the frozen-server test sets it. The
+engine settings are the Postgres tests' `fault_settings` (conftest).
+
+Each test brings the server back up before it ends; the `server` fixture
+restarts it anyway if a test failed half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+
+import asyncmy.errors
+import pytest
+
+import snapshot_repo as sr
+from tests.support.databases import (
+    IN_CI,
+    MARIADB_CLEAR_ALL,
+    Cart,
+    mariadb_admin,
+    mariadb_connect,
+    mariadb_fetch,
+    migrate_database,
+    run_blocking,
+)
+
+from ..support.consistency import assert_consistent, payload_items, read_tables
+from ..support.mariadb_server import MariadbServer, ServerUnavailableError
+from ..support.pool import queue_pool
+
+# The same load and the same checks as the Postgres restart test, so that both
+# databases are held to one standard.
+from .test_server import CLOSE_BOUND, FAIL_FAST, HANG, WRITERS, Load, describe_calls
+
+pytestmark = pytest.mark.fault
+
+OPERATION_TIMEOUT = 1.0
+HEALTH_TIMEOUT = 1.0
+# A registered deadline fires up to an eighth of the shortest limit late, and the
+# connection's teardown follows: a bound, not a measured time.
+TIMEOUT_SLACK = 0.75
+CR_CONN_HOST_ERROR = 2003
+"""The client's "Can't connect to MySQL server" (the connection was refused)."""
+
+
+def snap(user_id: str, *items: str) -> sr.Snapshot[Cart]:
+    return sr.Snapshot(user_id=user_id, state=Cart(items=list(items)))
+
+
+@pytest.fixture(scope="module")
+def mariadb_process() -> Iterator[MariadbServer]:
+    """One throwaway MariaDB server for this module, destroyed at the end whatever happens.
+
+    Outside CI, a machine without MariaDB server binaries skips these tests
+    with the reason; with CI=true it fails them.
+    """
+    try:
+        server = MariadbServer.create()
+    except ServerUnavailableError as exc:
+        reason = f"cannot make a throwaway MariaDB server: {exc}"
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true: fault tests must run)")
+        pytest.skip(reason)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def server(mariadb_process: MariadbServer) -> Iterator[MariadbServer]:
+    """The throwaway server, running and thawed at the start and at the end of the test."""
+    _bring_up(mariadb_process)
+    yield mariadb_process
+    _bring_up(mariadb_process)
+
+
+def _bring_up(server: MariadbServer) -> None:
+    if server.frozen:
+        server.thaw()
+    if not server.running:
+        server.start()
+
+
+@pytest.fixture(scope="module")
+def migrated_url(mariadb_process: MariadbServer) -> str:
+    """A database on the throwaway server, migrated once by the library's migrations."""
+    url = mariadb_process.create_database(f"fault_{uuid.uuid4().hex[:12]}")
+    run_blocking(migrate_database(url))
+    return url
+
+
+@pytest.fixture
+def server_url(server: MariadbServer, migrated_url: str) -> str:
+    """The migrated database, emptied (migrating afresh per test would cost a second)."""
+    run_blocking(mariadb_admin(migrated_url, *MARIADB_CLEAR_ALL))
+    return migrated_url
+
+
+async def test_the_throwaway_server_keeps_commits_across_a_kill_and_freezes(
+    server: MariadbServer,
+) -> None:
+    """The harness itself: committed rows survive SIGKILL and a clean stop; while frozen,
+    a connection gets no greeting; after thawing the same connection answers."""
+    url = server.create_database(f"selfcheck_{uuid.uuid4().hex[:12]}")
+    database = url.rsplit("/", 1)[1]
+    await asyncio.to_thread(
+        server.execute,
+        "CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20)) ENGINE=InnoDB",
+        "INSERT INTO t VALUES (1, 'one'), (2, 'two')",
+        database=database,
+    )
+    await asyncio.to_thread(server.kill)
+    assert not server.running
+    with pytest.raises(asyncmy.errors.OperationalError) as refused:  # the port is closed
+        await mariadb_connect(url)
+    assert refused.value.args[0] == CR_CONN_HOST_ERROR, refused.value
+    await asyncio.to_thread(server.start)
+    assert await mariadb_fetch(url, "SELECT id, v FROM t ORDER BY id") == [(1, "one"), (2, "two")]
+
+    conn = await mariadb_connect(url)
+    try:
+        await asyncio.to_thread(server.freeze)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.5), conn.cursor() as cursor:
+                    await cursor.execute("SELECT 1")
+            with pytest.raises(TimeoutError):  # the handshake waits for a greeting
+                async with asyncio.timeout(0.5):
+                    await mariadb_connect(url)
+        finally:
+            await asyncio.to_thread(server.thaw)
+    finally:
+        conn.close()
+    await asyncio.to_thread(server.execute, "INSERT INTO t VALUES (3, 'three')", database=database)
+    await asyncio.to_thread(server.stop)
+    await asyncio.to_thread(server.start)
+    assert [r[0] for r in await mariadb_fetch(url, "SELECT id FROM t ORDER BY id")] == [1, 2, 3]
+
+
+async def check_acknowledged(url: str, acknowledged: dict[tuple[str, int], list[str]]) -> None:
+    """Every acknowledged write is stored under its version; the tables are consistent."""
+    rows = await read_tables(url)
+    assert_consistent(rows)
+    for (user, version), items in acknowledged.items():
+        assert user in rows, f"{user} lost every version"
+        stored = rows[user].history[version - 1]
+        assert payload_items(stored) == items, (user, version)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+async def test_server_restart_under_load(
+    server: MariadbServer, server_url: str, fault_settings: sr.EngineSettings, how: str
+) -> None:
+    """Writers keep writing while the server goes down and comes back (as `test_server.py`).
+
+    During the outage every call fails fast with StorageError; after the
+    restart the same repository writes again, with at most one failed call
+    per connection that was pooled when the server went down and per
+    writer; every acknowledged write is stored.
+    """
+    repo = sr.SnapshotRepository.from_url(server_url, Cart, settings=fault_settings)
+    load = Load(repo)
+    try:
+        load.start()
+        await load.wait_for("before", ok=True, count=100)
+        pool = queue_pool(repo.engine)
+        pooled = pool.checkedin() + pool.checkedout()
+
+        load.phase = "stopping"
+        await asyncio.to_thread(server.kill if how == "sigkill" else server.stop)
+        load.phase = "outage"  # the server has exited: nothing can succeed now
+        await load.wait_for("outage", ok=False, count=3 * WRITERS, within=10)
+
+        load.phase = "restarting"
+        await asyncio.to_thread(server.start)
+        load.phase = "after"
+        await load.wait_for("after", ok=True, count=200)
+    finally:
+        await load.stop()
+        await asyncio.wait_for(repo.close(), HANG)
+
+    calls = load.calls
+    print(f"\n{how}: {pooled} pooled connections at the stop; calls by phase:")
+    print(describe_calls(calls))
+    problems: list[str] = []  # gathered, so that one run reports every kind of problem
+    unexpected = [
+        f"{c.phase_at_start}->{c.phase_at_end} after {c.elapsed:.2f}s: "
+        f"{type(c.error).__module__}.{type(c.error).__qualname__}: {c.error}"
+        for c in calls
+        if c.error is not None and not isinstance(c.error, sr.StorageError)
+    ]
+    if unexpected:
+        problems.append(f"{len(unexpected)} calls failed without StorageError: {unexpected[:3]}")
+    outage = [c for c in calls if c.phase_at_start == "outage" and c.phase_at_end == "outage"]
+    if not outage:
+        problems.append("no call ran during the outage")
+    if any(c.error is None for c in outage):
+        problems.append("a write succeeded with the server down")
+    slow = sorted(c.elapsed for c in outage if c.elapsed >= FAIL_FAST)
+    if slow:
+        problems.append(f"{len(slow)} calls during the outage took up to {slow[-1]:.1f}s to fail")
+    after = [c for c in calls if c.phase_at_start == "after"]
+    failed_after = [c for c in after if c.error is not None]
+    print(f"after the restart: {len(failed_after)} failed of the first {len(after)} calls")
+    if len(failed_after) > pooled:
+        problems.append(f"{len(failed_after)} failures after the restart > {pooled} connections")
+    per_writer: dict[int, int] = {}
+    for c in failed_after:
+        per_writer[c.writer] = per_writer.get(c.writer, 0) + 1
+    if max(per_writer.values(), default=0) > 1:
+        problems.append(f"a writer failed more than once after the restart: {per_writer}")
+    acknowledged = {(c.user, c.version): c.items for c in calls if c.version is not None}
+    try:
+        await check_acknowledged(server_url, acknowledged)
+    except AssertionError as exc:
+        problems.append(f"stored rows: {exc}")
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+@pytest.mark.parametrize("first", ["write", "read"])
+async def test_idle_pool_after_a_restart(
+    server: MariadbServer,
+    server_url: str,
+    fault_settings: sr.EngineSettings,
+    first: str,
+    how: str,
+) -> None:
+    """The server restarts while every pooled connection is idle.
+
+    A read on a dead connection is repeated once on a fresh one, so it
+    succeeds. A write cannot be (it may have committed): the first one
+    fails with ConnectionLostError, which drops the whole dead generation of
+    the pool, and the call after it succeeds; then 100 calls in a row do.
+    """
+    async with sr.SnapshotRepository.from_url(server_url, Cart, settings=fault_settings) as repo:
+        await asyncio.gather(*(repo.upsert_latest(snap(f"idle{n}", "w")) for n in range(6)))
+        pooled = queue_pool(repo.engine).checkedin()
+        assert pooled >= 2, pooled  # the gather needed several connections
+        await asyncio.to_thread(server.kill if how == "sigkill" else server.stop)
+        await asyncio.to_thread(server.start)
+
+        failures: list[sr.StorageError] = []
+        successes = 0
+        for n in range(102):
+            user = f"idle{n % 6}"
+            write = (n % 2 == 0) == (first == "write")
+            call = repo.upsert_latest(snap(user, str(n))) if write else repo.get_latest(user)
+            try:
+                async with asyncio.timeout(HANG):
+                    await call
+            except sr.StorageError as exc:
+                failures.append(exc)
+                continue
+            successes += 1
+            if successes == 100:
+                break
+        print(f"\n{how}, {pooled} idle pooled connections, first a {first}: {failures}")
+        assert successes == 100
+        if first == "read":
+            assert failures == []
+        else:
+            assert len(failures) == 1, failures
+            assert isinstance(failures[0], sr.ConnectionLostError), repr(failures[0])
+            assert "idempotency key" in str(failures[0])
+    assert_consistent(await read_tables(server_url))
+
+
+async def test_a_write_whose_connection_died_is_retried_safely_with_its_idempotency_key(
+    server: MariadbServer, server_url: str, fault_settings: sr.EngineSettings
+) -> None:
+    """What ConnectionLostError tells callers to do works on a restarted server: the
+    retry with the same idempotency key stores the write once, whether or not it
+    had committed."""
+    async with sr.SnapshotRepository.from_url(server_url, Cart, settings=fault_settings) as repo:
+        await repo.upsert_latest(snap("k", "v1"), idempotency_key="k-1")
+        await asyncio.to_thread(server.kill)
+        await asyncio.to_thread(server.start)
+        with pytest.raises(sr.ConnectionLostError):
+            await repo.upsert_latest(snap("k", "v2"), idempotency_key="k-2")
+        retried = await repo.upsert_latest(snap("k", "v2"), idempotency_key="k-2")
+        again = await repo.upsert_latest(snap("k", "v2"), idempotency_key="k-2")
+        assert retried.version == again.version == 2
+        assert [s.version for s in await repo.get_history("k")] == [2, 1]
+    assert_consistent(await read_tables(server_url), expected_counts={"k": 2})
+
+
+async def test_writes_acknowledged_before_a_kill_are_all_readable_after_the_restart(
+    server: MariadbServer, server_url: str, fault_settings: sr.EngineSettings
+) -> None:
+    """SIGKILL right after a burst of concurrent writes and a batch: every write the
+    library acknowledged is there after crash recovery, through the library and raw."""
+    acknowledged: dict[tuple[str, int], list[str]] = {}
+    async with sr.SnapshotRepository.from_url(server_url, Cart, settings=fault_settings) as repo:
+
+        async def writer(n: int) -> None:
+            for i in range(15):
+                user, items = f"a{(n + i) % 5}", [f"{n}-{i}"]
+                stored = await repo.upsert_latest(snap(user, *items))
+                acknowledged[(user, stored.version)] = items
+
+        await asyncio.gather(*(writer(n) for n in range(6)))
+        batch = [snap(f"b{n}", f"batch-{n}") for n in range(20)]
+        for stored in await repo.upsert_many(batch):
+            acknowledged[(stored.user_id, stored.version)] = stored.state.items
+        await asyncio.to_thread(server.kill)
+        await asyncio.to_thread(server.start)
+
+        for (user, version), items in acknowledged.items():
+            found = await repo.get_version(user, version)
+            assert found is not None, (user, version)
+            assert found.state.items == items, (user, version)
+    assert len(acknowledged) == 6 * 15 + 20
+    await check_acknowledged(server_url, acknowledged)
+
+
+async def test_frozen_server_calls_are_bounded_by_the_operation_timeout(
+    server: MariadbServer, server_url: str, fault_settings: sr.EngineSettings
+) -> None:
+    """SIGSTOP the server: a read and a write on pooled connections, and a call that
+    needs a new connection, fail with StorageError ("timed out") within
+    `operation_timeout`; `health()` reports unreachable within its timeout;
+    `close()` of an idle repository returns within a few seconds. After SIGCONT
+    the same repository works again and the tables are consistent."""
+
+    def bounded() -> sr.SnapshotRepository[Cart]:
+        return sr.SnapshotRepository.from_url(
+            server_url,
+            Cart,
+            settings=fault_settings,
+            operation_timeout=OPERATION_TIMEOUT,
+            health_timeout=HEALTH_TIMEOUT,
+        )
+
+    repo, other, cold = bounded(), bounded(), bounded()
+    observed: list[str] = []
+    failures: list[str] = []
+    loop = asyncio.get_running_loop()
+    bound = OPERATION_TIMEOUT + TIMEOUT_SLACK
+    try:
+        for r in (repo, other):
+            await asyncio.gather(*(r.upsert_latest(snap(f"f{n}", "w")) for n in range(4)))
+        await asyncio.to_thread(server.freeze)
+        calls: dict[str, Callable[[], Awaitable[object]]] = {
+            "upsert_latest": lambda: repo.upsert_latest(snap("f0", "frozen")),
+            "get_latest": lambda: repo.get_latest("f0"),
+            "get_latest on a new connection": lambda: cold.get_latest("f0"),
+        }
+        for name, make in calls.items():
+            started = loop.time()
+            try:
+                async with asyncio.timeout(HANG):
+                    await make()
+                failures.append(f"{name} succeeded on a frozen server")
+            except sr.StorageError as exc:
+                elapsed = loop.time() - started
+                observed.append(f"{name} failed in {elapsed:.2f}s: {type(exc).__name__}: {exc}")
+                if elapsed >= bound:
+                    failures.append(f"{name} took {elapsed:.1f}s to fail")
+                if "timed out" not in str(exc):
+                    failures.append(f"{name} failed with {exc!r}, not a timeout")
+            except TimeoutError:
+                failures.append(f"{name} hung for {HANG}s")
+        started = loop.time()
+        async with asyncio.timeout(HANG):
+            report = await repo.health()
+        elapsed = loop.time() - started
+        observed.append(f"health {report.healthy} in {elapsed:.2f}s: {report.error}")
+        if report.healthy or report.reachable or elapsed >= HEALTH_TIMEOUT + TIMEOUT_SLACK:
+            failures.append(f"health() answered {report} after {elapsed:.1f}s")
+        started = loop.time()
+        async with asyncio.timeout(HANG):
+            await other.close()
+        elapsed = loop.time() - started
+        observed.append(f"close() of an idle repository took {elapsed:.2f}s")
+        if elapsed >= CLOSE_BOUND:
+            failures.append(f"close() took {elapsed:.1f}s on a frozen server")
+    finally:
+        await asyncio.to_thread(server.thaw)
+    try:
+        for n in range(20):
+            async with asyncio.timeout(HANG):
+                await repo.upsert_latest(snap("f0", f"thawed{n}"))
+        async with asyncio.timeout(HANG):
+            assert await repo.health_check() is True
+            assert await cold.get_latest("f0") is not None
+    finally:
+        for r in (repo, other, cold):
+            await asyncio.wait_for(r.close(), HANG)
+    print("\n" + "\n".join(observed))
+    assert not failures, failures
+    rows = await read_tables(server_url)
+    assert_consistent(rows)
+    assert payload_items(rows["f0"].history[-1]) == ["thawed19"]
