@@ -408,3 +408,26 @@ async def test_frozen_server_calls_are_bounded_by_the_operation_timeout(
     rows = await read_tables(server_url)
     assert_consistent(rows)
     assert payload_items(rows["f0"].history[-1]) == ["thawed19"]
+
+
+async def test_a_new_connection_to_a_frozen_server_is_bounded_by_connect_timeout(
+    server: MariadbServer, server_url: str
+) -> None:
+    """asyncmy bounds only the TCP connect; a frozen server accepts TCP and never greets.
+    The library bounds the whole connect by `connect_timeout`, which is what bounds
+    `migrate()` (it has no operation timeout): it took until `operation_timeout` (or
+    forever for `migrate`) before."""
+    settings = sr.EngineSettings(connect_timeout=1.0)
+    repo = sr.SnapshotRepository.from_url(server_url, Cart, settings=settings)
+    loop = asyncio.get_running_loop()
+    await asyncio.to_thread(server.freeze)
+    try:
+        started = loop.time()
+        with pytest.raises(sr.StorageError, match="TimeoutError"):
+            async with asyncio.timeout(HANG):
+                await repo.migrate()
+        elapsed = loop.time() - started
+        assert elapsed < 1.0 + TIMEOUT_SLACK, f"migrate() failed after {elapsed:.2f} s"
+    finally:
+        await asyncio.to_thread(server.thaw)
+        await repo.close()
