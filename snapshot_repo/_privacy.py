@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 from pydantic_core import from_json, to_json
@@ -23,7 +23,7 @@ from ._queries import (
     receipts_statement,
     users_page_statement,
 )
-from .errors import ConfigurationError
+from .errors import ConfigurationError, SnapshotValidationError
 from .retention import policy_from_arguments
 
 __all__ = [
@@ -59,12 +59,16 @@ class ErasureReceipt(BaseModel):
     cause: str
 
 
-async def erase(context: RepositoryContext[Any], user_id: str, *, vacuum: bool = False) -> int:
+async def erase(
+    context: RepositoryContext[Any], user_id: str, *, vacuum: bool | Literal["full"] = False
+) -> int:
     """See `SnapshotRepository.erase`."""
+    if not (isinstance(vacuum, bool) or vacuum == "full"):
+        raise SnapshotValidationError(f"vacuum must be False, True or 'full', not {vacuum!r}")
     erased = await context.erase(valid_user_id(user_id), "erase")
     if vacuum:
         async with context.guard("erase", user_id):
-            await context.backend.vacuum()
+            await context.backend.vacuum(full=vacuum == "full")
     return erased
 
 

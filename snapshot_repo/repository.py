@@ -24,7 +24,7 @@ import copy
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Generic, Self, Unpack, cast, overload
+from typing import Any, Generic, Literal, Self, Unpack, cast, overload
 
 from pydantic import JsonValue
 from sqlalchemy.engine import URL
@@ -552,16 +552,24 @@ class SnapshotRepository(Generic[StateT]):
 
     # --- privacy and the data lifecycle (`_privacy`) ---------------------------------
 
-    async def erase(self, user_id: str, *, vacuum: bool = False) -> int:
+    async def erase(self, user_id: str, *, vacuum: bool | Literal["full"] = False) -> int:
         """Erase the user (as `delete`) and, with `vacuum`, the traces the database keeps.
 
         On SQLite every erasure already overwrites the freed bytes
         (`secure_delete`) and checkpoints the WAL, so no string of the state
         stays in the database files. On Postgres deleted rows stay on disk as
         dead tuples until vacuumed: `vacuum=True` runs VACUUM on the snapshot
-        tables after the erasure commits (it takes a few milliseconds to
-        seconds, depending on table size). WAL segments, backups and
-        replicas keep their copies; see the README's erasure section.
+        tables after the erasure commits (milliseconds to seconds, by table
+        size), which frees the tuples but leaves their bytes in the freed page
+        space until it is reused; `vacuum="full"` runs VACUUM FULL, which
+        rewrites the tables and indexes into new files without them, and
+        blocks every other call on those tables while it runs. On MariaDB/MySQL
+        both run OPTIMIZE TABLE (an online rebuild). WAL, redo and undo logs,
+        binary logs, backups and replicas keep their copies; see the README's
+        erasure section.
+
+        Raises:
+            SnapshotValidationError: a bad user id, or `vacuum` not False, True or "full".
 
         Returns:
             How many versions were erased.

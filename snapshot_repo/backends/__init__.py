@@ -85,8 +85,13 @@ class Backend(Protocol):
         ...
 
     async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]: ...
-    async def vacuum(self) -> None:
-        """Reclaim dead rows of the snapshot tables now (Postgres VACUUM; SQLite checkpoint)."""
+    async def vacuum(self, full: bool = False) -> None:
+        """Reclaim dead rows of the snapshot tables now, after an erasure.
+
+        Postgres: VACUUM, or with `full` VACUUM FULL, which rewrites the tables
+        and their indexes into new files (plain VACUUM leaves deleted bytes in
+        the pages it frees). SQLite: a WAL checkpoint. MySQL: OPTIMIZE TABLE.
+        """
         ...
 
     async def checkpoint_erasures(self) -> None:

@@ -317,15 +317,14 @@ class CoreBackend:
             await self._truncate_wal(int(wait * 1000))
         return not self._truncation.pending
 
-    async def vacuum(self) -> None:
-        """Postgres: VACUUM the snapshot tables, outside a transaction (autocommit).
+    async def vacuum(self, full: bool = False) -> None:
+        """Postgres: VACUUM (FULL) the snapshot tables, outside a transaction (autocommit).
         SQLite: truncate the WAL, waiting for readers up to the busy timeout."""
         if self._postgres:
             async with self._connect() as conn:
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
-                await conn.exec_driver_sql(
-                    "VACUUM snapshot_latest, snapshot_history, snapshot_changes"
-                )
+                tables = "snapshot_latest, snapshot_history, snapshot_changes, snapshot_data_keys"
+                await conn.exec_driver_sql(f"{'VACUUM FULL' if full else 'VACUUM'} {tables}")
         elif self._sqlite:
             await self._truncate_wal(self._busy_ms)
 

@@ -176,8 +176,9 @@ class MysqlBackend(CoreBackend):
             result = await conn.exec_driver_sql(sql.text, sql.parameters(params))
             return list(result.all())
 
-    async def vacuum(self) -> None:
-        """`OPTIMIZE TABLE` the snapshot tables: InnoDB rebuilds them without deleted rows."""
+    async def vacuum(self, full: bool = False) -> None:
+        """`OPTIMIZE TABLE` the snapshot tables: InnoDB rebuilds them without deleted rows
+        (online: writes go on), so `full` asks nothing more."""
         async with self._connect() as conn:
             await conn.execution_options(isolation_level="AUTOCOMMIT")
             await conn.exec_driver_sql(f"OPTIMIZE TABLE {', '.join(_SNAPSHOT_TABLES)}")

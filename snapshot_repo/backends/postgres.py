@@ -47,6 +47,9 @@ from .values import (
 
 __all__ = ["PostgresBackend"]
 
+_ERASED_TABLES = ("snapshot_latest", "snapshot_history", "snapshot_changes", "snapshot_data_keys")
+"""The tables an erasure deletes from, whose indexes `vacuum` rebuilds."""
+
 register_driver_errors(asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -300,11 +303,11 @@ class PostgresBackend(SharedStatements):
                 )
         return (int(erased), int(version)) if version else (0, 0)
 
-    async def vacuum(self) -> None:
+    async def vacuum(self, full: bool = False) -> None:
         async with self._connections.checkout() as conn:
-            # Outside a transaction (asyncpg autocommits); removes the dead tuples that
-            # still hold erased rows' bytes until autovacuum would have.
-            await conn.execute("VACUUM snapshot_latest, snapshot_history, snapshot_changes")
+            # Outside a transaction (asyncpg autocommits). See `Backend.vacuum`.
+            command = "VACUUM FULL" if full else "VACUUM"
+            await conn.execute(f"{command} {', '.join(_ERASED_TABLES)}")
 
     async def checkpoint_erasures(self) -> None:
         """Nothing: Postgres erasures leave dead tuples to VACUUM (`erase(vacuum=True)`)."""

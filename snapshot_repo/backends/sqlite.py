@@ -286,8 +286,11 @@ class SqliteBackend(SharedStatements):
             run, self._truncate_after_erasure if checkpoint else None
         )
 
-    async def vacuum(self) -> None:
-        """Truncate the WAL now, waiting for readers as long as the call's deadline allows."""
+    async def vacuum(self, full: bool = False) -> None:
+        """Truncate the WAL now, waiting for readers as long as the call's deadline allows.
+
+        `full` changes nothing: with `secure_delete` freed bytes are zeroed already.
+        """
         await self._truncate_now(self._busy_ms)
 
     async def checkpoint_erasures(self) -> None:

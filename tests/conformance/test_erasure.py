@@ -20,6 +20,7 @@ from tests.support.conformance import (
     described,
     every_row_holding,
     files_hold,
+    postgres_files_holding,
     read_feed,
     snap,
     stored_versions,
@@ -179,7 +180,8 @@ class TestNoTrace:
         """After an erasure, the user id, its states, actor, reason, metadata and
         idempotency keys are in no row of any table: not in the feed's erase entry
         (which holds the receipt's HMAC), not in a receipt, not in a data key. On SQLite
-        the file (every table and index, the WAL truncated) holds none of them either."""
+        the file (every table and index, the WAL truncated) holds none of them either; on
+        Postgres, after `vacuum="full"`, no file of a table, index or TOAST relation does."""
         marker = uuid.uuid4().hex
         victim = f"victim-{marker}"
         repo = await make_repo(erasure_key=ERASURE_KEY)
@@ -192,12 +194,14 @@ class TestNoTrace:
                 metadata={"note": f"meta-{marker}"},
             )
         await repo.upsert_latest(snap("bystander", "stays"))
-        assert await repo.erase(victim, vacuum=True) == 3
+        assert await repo.erase(victim, vacuum="full") == 3
         assert await every_row_holding(repo.engine, marker) == []
         if target.database == "sqlite":
             database = repo.engine.url.database
             assert database is not None
             assert not files_hold(Path(database), marker)
+        if target.database == "postgres":  # VACUUM FULL wrote every table and index anew
+            assert await postgres_files_holding(repo.engine, marker) == []
 
     @pytest.mark.parametrize("vacuum", [False, True], ids=["delete", "erase-vacuum"])
     async def test_an_erased_state_leaves_no_trace(
@@ -225,6 +229,15 @@ class TestNoTrace:
             assert database is not None
             assert not files_hold(Path(database), marker)
         assert await repo.finish_erasures(wait=0.1) is True
+
+    @pytest.mark.parametrize("vacuum", [1, "FULL", None, "yes"])
+    async def test_a_bad_vacuum_is_refused_before_anything_is_erased(
+        self, repo: sr.SnapshotRepository[Doc], vacuum: object
+    ):
+        await repo.upsert_latest(snap("u", "kept"))
+        with pytest.raises(sr.SnapshotValidationError, match="vacuum must be"):
+            await repo.erase("u", vacuum=vacuum)  # type: ignore[arg-type]
+        assert await repo.get_latest("u") is not None
 
     async def test_a_bad_user_id_is_refused(self, repo: sr.SnapshotRepository[Doc]):
         with pytest.raises(sr.SnapshotValidationError):

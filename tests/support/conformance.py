@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import snapshot_repo as sr
@@ -39,6 +39,7 @@ __all__ = [
     "described",
     "every_row_holding",
     "files_hold",
+    "postgres_files_holding",
     "read_feed",
     "snap",
     "stored_payloads",
@@ -174,6 +175,42 @@ async def every_row_holding(engine: AsyncEngine, marker: str) -> list[str]:
                     if marker.encode() in raw:
                         found.append(f"{table.name}.{column}")
     return found
+
+
+async def postgres_files_holding(engine: AsyncEngine, marker: str) -> list[str]:
+    """The library's relations (tables, their indexes and TOAST) whose files on the
+    Postgres server hold `marker`, after a CHECKPOINT wrote every page out.
+
+    Reads the server's data directory, so the server must run on this machine and its
+    files be readable (the tests run as root beside it).
+    """
+    names = [table.name for table in metadata.sorted_tables]
+    relations = text(
+        "SELECT c.relname, pg_relation_filepath(c.oid) FROM pg_class c "
+        "WHERE c.oid IN ("
+        "  SELECT oid FROM pg_class WHERE relname = ANY(:names)"
+        "  UNION SELECT indexrelid FROM pg_index WHERE indrelid IN "
+        "    (SELECT oid FROM pg_class WHERE relname = ANY(:names))"
+        "  UNION SELECT reltoastrelid FROM pg_class WHERE relname = ANY(:names)"
+        "  UNION SELECT i.indexrelid FROM pg_index i JOIN pg_class t "
+        "    ON i.indrelid = t.reltoastrelid WHERE t.relname = ANY(:names))"
+    )
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.exec_driver_sql("CHECKPOINT")
+        data_directory = Path(str(await conn.scalar(text("SHOW data_directory"))))
+        found = (await conn.execute(relations, {"names": names})).all()
+    assert len(found) > len(names), found  # tables, indexes and TOAST were all listed
+    return await asyncio.to_thread(_segments_holding, data_directory, found, marker)
+
+
+def _segments_holding(data_directory: Path, relations: Sequence[Any], marker: str) -> list[str]:
+    holding = []
+    for relname, relative in relations:
+        for segment in sorted(data_directory.glob(f"{relative}*")):
+            if marker.encode() in segment.read_bytes():
+                holding.append(f"{relname} ({segment.name})")
+    return holding
 
 
 def files_hold(path: Path, marker: str) -> bool:
