@@ -229,6 +229,8 @@ async def load(
                     await loader.add_row(number, value)
             await loader.finish()
             check_end(end, loader.rows, loader.receipts)
+    async with storage_errors("load (analyze)"):
+        await bulk_transfer.analyze(engine, _TABLES)
     return loader.rows
 
 

@@ -26,7 +26,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from .._mysql_ddl import MYSQL
 from ..engine import WRITE_TRANSACTION, EngineSettings, install_sqlite_settings
 
-__all__ = ["database_file", "dump_options", "exclude_writers", "load_options", "prepare"]
+__all__ = [
+    "analyze",
+    "database_file",
+    "dump_options",
+    "exclude_writers",
+    "load_options",
+    "prepare",
+]
 
 
 def prepare(engine: AsyncEngine) -> None:
@@ -67,6 +74,26 @@ async def exclude_writers(conn: AsyncConnection, tables: Sequence[Table]) -> Non
     elif name in MYSQL:
         for table in tables:  # empty, or the load refuses: this locks the whole key range
             await conn.execute(select(literal(1)).select_from(table).limit(1).with_for_update())
+
+
+async def analyze(engine: AsyncEngine, tables: Sequence[Table]) -> None:
+    """After a load commits: give the planner statistics for the tables at once.
+
+    Postgres plans from statistics autovacuum takes later, if at all (it may be
+    off, or behind): until then a fresh load of a million users looks empty and
+    a read of many users can scan where it should probe (3.6 s instead of 5 ms
+    for `get_latest_many(100)`, measured). MySQL/MariaDB: `ANALYZE TABLE`.
+    SQLite: nothing (its statements pin their indexes, see `_sql.IndexedTable`).
+    """
+    name = engine.dialect.name
+    if name not in ("postgresql", *MYSQL):
+        return
+    names = ", ".join(table.name for table in tables)
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.exec_driver_sql(
+            f"ANALYZE {names}" if name == "postgresql" else f"ANALYZE TABLE {names}"
+        )
 
 
 def database_file(engine: AsyncEngine) -> str | None:
