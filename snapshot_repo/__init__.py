@@ -23,6 +23,7 @@ from .patch import apply_merge_patch, make_json_patch
 from .repository import MAX_BATCH_SIZE, MAX_HISTORY_LIMIT, RepositoryOptions, SnapshotRepository
 from .retention import RetentionPolicy
 from .snapshot import Snapshot
+from .subject_access import export_subject, export_subject_lines
 from .upgrades import Upgrader
 
 __all__ = [
@@ -58,6 +59,8 @@ __all__ = [
     "apply_merge_patch",
     "create_engine",
     "erase_user",
+    "export_subject",
+    "export_subject_lines",
     "make_json_patch",
     "set_redaction",
 ]

@@ -26,6 +26,7 @@ from .errors import redact
 from .migrate import head_revision
 from .repository import RepositoryOptions, SnapshotRepository
 from .snapshot import Snapshot
+from .subject_access import export_subject_lines
 
 __all__ = [
     "Command",
@@ -165,10 +166,23 @@ async def health(repo: _Repository) -> int:
     return EXIT_OK if report.healthy else EXIT_NOT_FOUND
 
 
-async def export(repo: _Repository, user_id: str, output: str | None) -> int:
-    """Write everything stored about the user as JSON Lines to `output` (None: stdout)."""
+async def export(
+    repo: _Repository,
+    user_id: str,
+    output: str | None,
+    everywhere: bool = False,
+    tenant: str | None = None,
+) -> int:
+    """Write everything stored about the user as JSON Lines to `output` (None: stdout):
+    in the repository's namespace, or with `everywhere` in every namespace holding the
+    user, of `tenant` or (None) of every tenant (`export_subject_lines`)."""
+    lines = (
+        export_subject_lines(repo.engine, user_id, tenant=tenant)
+        if everywhere
+        else repo.export_user_lines(user_id)
+    )
     with opened(output, "w") as out:
-        async for line in repo.export_user_lines(user_id):
+        async for line in lines:
             out.write(line)
     return EXIT_OK
 

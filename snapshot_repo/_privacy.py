@@ -31,6 +31,7 @@ __all__ = [
     "erase",
     "erasure_receipt",
     "erasure_subject",
+    "export_items",
     "export_user",
     "export_user_lines",
     "prune_history",
@@ -107,7 +108,7 @@ async def export_user(context: RepositoryContext[Any], user_id: str) -> dict[str
     """See `SnapshotRepository.export_user`."""
     versions: list[JsonValue] = []
     header: dict[str, JsonValue] = {}
-    async for item in _export_items(context, user_id):
+    async for item in export_items(context, user_id):
         if "format" in item:
             header = item
         else:
@@ -117,13 +118,14 @@ async def export_user(context: RepositoryContext[Any], user_id: str) -> dict[str
 
 async def export_user_lines(context: RepositoryContext[Any], user_id: str) -> AsyncIterator[str]:
     """See `SnapshotRepository.export_user_lines`."""
-    async for item in _export_items(context, user_id):
+    async for item in export_items(context, user_id):
         yield to_json(item).decode() + "\n"
 
 
-async def _export_items(
+async def export_items(
     context: RepositoryContext[Any], user_id: str
 ) -> AsyncIterator[dict[str, JsonValue]]:
+    """The export's header, then each stored version of the user in the scope, newest first."""
     user_id = valid_user_id(user_id)
     yield {
         "format": "snapshot_repo.subject_export",

@@ -190,6 +190,11 @@ def _parser() -> argparse.ArgumentParser:
     export = add("export", "write everything stored about a user as JSON Lines (GDPR art. 15/20)")
     export.add_argument("user_id", metavar="USER_ID")
     export.add_argument("--output", metavar="PATH", help="write to PATH instead of stdout")
+    export.add_argument(
+        "--everywhere",
+        action="store_true",
+        help="every namespace holding the user, of every tenant (or of --tenant)",
+    )
 
     prune = add("prune", "delete old history versions (never the latest) of one user or all")
     prune.add_argument("--user", metavar="USER_ID", help="only this user (default: all users)")
@@ -263,7 +268,13 @@ def _invocation(args: argparse.Namespace) -> commands.Invocation:
         case "health":
             command = commands.health
         case "export":
-            command = partial(commands.export, user_id=user_id, output=args.output)
+            command = partial(
+                commands.export,
+                user_id=user_id,
+                output=args.output,
+                everywhere=args.everywhere,
+                tenant=getattr(args, "tenant", None),
+            )
         case "prune":
             older_than = None if args.older_than is None else timedelta(seconds=args.older_than)
             command = partial(

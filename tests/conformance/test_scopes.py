@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import snapshot_repo as sr
 from tests.support.conformance import MakeRepo, snap, stored_versions
 
 
@@ -77,3 +78,42 @@ class TestScopes:
         assert [s.version for s in stored] == [1, 1]
         assert set(await acme.get_latest_many(["u", "v"])) == {"u", "v"}
         assert set(await repo.get_latest_many(["u", "v"])) == {"u"}
+
+
+class TestSubjectAccess:
+    async def test_everything_held_about_a_person_in_every_namespace_and_tenant(
+        self, make_repo: MakeRepo
+    ):
+        """The counterpart of `erase_user`: one document (or its JSON Lines) with every
+        scope holding the person, each with all its versions, newest first; others'
+        data is in none of it; `tenant` narrows it to one tenant."""
+        carts = await make_repo(namespace="carts")
+        prefs = await make_repo(namespace="prefs")
+        for repo in (carts, carts.for_tenant("acme"), prefs):
+            await repo.upsert_latest(snap("ann", "first"))
+            await repo.upsert_latest(snap("ann", "second"), actor="svc")
+            await repo.upsert_latest(snap("bob", "not ann's"))
+        document = await sr.export_subject(carts.engine, "ann")
+        assert document["format"] == sr.subject_access.SUBJECT_EXPORT_FORMAT
+        assert document["user_id"] == "ann"
+        scopes = document["scopes"]
+        assert isinstance(scopes, list)
+        assert [(s["tenant"], s["namespace"]) for s in scopes] == [  # type: ignore[index]
+            (None, "carts"),
+            (None, "prefs"),
+            ("acme", "carts"),
+        ]
+        for scope in scopes:
+            versions = scope["versions"]  # type: ignore[index]
+            assert [v["version"] for v in versions] == [2, 1]
+            assert [v["state"]["note"] for v in versions] == ["second", "first"]
+            assert versions[0]["actor"] == "svc"
+        assert "not ann's" not in str(document)
+
+        lines = [line async for line in sr.export_subject_lines(carts.engine, "ann")]
+        assert all(line.endswith("\n") for line in lines)
+        assert len(lines) == 1 + 3 * (1 + 2)  # header, then per scope its line and versions
+        only_acme = await sr.export_subject(carts.engine, "ann", tenant="acme")
+        assert [s["namespace"] for s in only_acme["scopes"]] == ["carts"]  # type: ignore[index,union-attr]
+        nobody = await sr.export_subject(carts.engine, "nobody")
+        assert nobody["scopes"] == []
