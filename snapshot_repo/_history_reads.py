@@ -17,10 +17,13 @@ from ._queries import (
     as_of_statement,
     count_users_statement,
     exists_statement,
+    history_before_statement,
+    history_within_bytes_statement,
     list_users_statement,
     version_row_statement,
     versions_statement,
 )
+from .backends import Row
 from .errors import SnapshotValidationError
 from .patch import JsonPatchOperation, make_json_patch
 from .snapshot import Snapshot, StateT
@@ -32,10 +35,31 @@ __all__ = [
     "exists",
     "get_as_of",
     "get_version",
+    "history_page",
     "list_users",
 ]
 
 MAX_LIST_LIMIT = 10_000
+
+
+async def history_page(
+    context: RepositoryContext[Any],
+    user_id: str,
+    limit: int,
+    before_version: int | None,
+    max_bytes: int | None,
+) -> list[Row]:
+    """A page of `get_history` (arguments checked): below `before_version` (None: from
+    the newest), cut by the byte budget `max_bytes` in the database (None: no budget)."""
+    params: dict[str, Any] = {
+        **context.scope.key(user_id),
+        "before_version": MAX_VERSION if before_version is None else before_version,
+        "limit": limit,
+    }
+    if max_bytes is None:
+        return await context.snapshot_rows(history_before_statement(), params)
+    budgeted = {**params, "max_bytes": max_bytes}
+    return await context.snapshot_rows(history_within_bytes_statement(), budgeted)
 
 
 async def get_version(

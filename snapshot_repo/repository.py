@@ -46,7 +46,6 @@ from ._checks import (
 )
 from ._context import DEFAULT_NAMESPACE, RepositoryContext, RepositoryOptions, logger
 from ._privacy import ErasureReceipt
-from ._queries import history_before_statement
 from ._translate import storage_errors
 from .backends import KEPT_CONNECTIONS, PendingBatch, PendingWrite
 from .changes import ChangeCallback, ChangePage, ChangeStream, Subscription, hub_for
@@ -401,11 +400,13 @@ class SnapshotRepository(Generic[StateT]):
         *,
         before_version: int | None = None,
         skip_invalid: bool = False,
+        max_bytes: int | None = None,
     ) -> list[Snapshot[StateT]]:
         """The user's newest `limit` versions, newest first (empty if none).
 
         Costs O(limit) whatever the length of the history: a backward scan of
-        the history primary key.
+        the history primary key. Memory: `limit` stored states at once, each
+        up to the 1 MiB state limit, unless `max_bytes` bounds the page.
 
         Args:
             user_id: whose history.
@@ -414,27 +415,33 @@ class SnapshotRepository(Generic[StateT]):
                 the last version of the previous page).
             skip_invalid: leave out (and log a warning for) stored states that
                 no longer validate against the model, instead of raising.
+            max_bytes: a byte budget for the page: it ends after the version
+                whose stored states (as stored: encrypted, if encryption is on)
+                add up to `max_bytes` or more; the newest is always returned.
+                The database does the sums, and sends no version past the
+                budget. Page on with `before_version`, or use `iter_history`.
 
         Raises:
             SnapshotValidationError: bad user id, `limit` outside 1 to 10,000,
-                or (unless `skip_invalid`) a stored state that no longer validates.
+                `max_bytes` below 1, or (unless `skip_invalid`) a stored state
+                that no longer validates.
             StorageError: the database failed or the operation timed out.
         """
         context = self._context
         user_id = valid_user_id(user_id)
         check_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
+        if before_version is not None:
+            check_int("before_version", before_version, minimum=1, maximum=MAX_VERSION)
+        if max_bytes is not None:
+            check_int("max_bytes", max_bytes, minimum=1)
         async with context.guard("get_history", user_id):
-            if before_version is None:
+            if before_version is None and max_bytes is None:
                 history = await context.read(context.backend.history, context.scope, user_id, limit)
                 rows = await context.open(history)
             else:
-                check_int("before_version", before_version, minimum=1, maximum=MAX_VERSION)
-                params = {
-                    **context.scope.key(user_id),
-                    "before_version": before_version,
-                    "limit": limit,
-                }
-                rows = await context.snapshot_rows(history_before_statement(), params)
+                rows = await _history_reads.history_page(
+                    context, user_id, limit, before_version, max_bytes
+                )
         if not skip_invalid:
             return [context.to_snapshot(row) for row in rows]
         snapshots = []
@@ -444,6 +451,46 @@ class SnapshotRepository(Generic[StateT]):
             except SnapshotValidationError as exc:
                 logger.warning("snapshot_repo skipped a stored state: %s", exc)
         return snapshots
+
+    async def iter_history(
+        self,
+        user_id: str,
+        *,
+        page_size: int = 100,
+        max_bytes: int | None = 16 * 1024 * 1024,
+        skip_invalid: bool = False,
+    ) -> AsyncIterator[Snapshot[StateT]]:
+        """Every version of the user, newest first, read page by page as it is consumed.
+
+        For callers that want a whole history of any length: each page is one
+        `get_history` call (keyset paging on the version, O(page) each), so
+        memory holds one page, at most `page_size` versions and about
+        `max_bytes` of stored states (16 MiB by default; None: no byte bound).
+        Versions written after the iteration began are not included; versions
+        pruned or erased meanwhile may be missing.
+
+        Raises:
+            SnapshotValidationError: as `get_history`, when the first page is read.
+            StorageError: the database failed, on the page being read.
+        """
+        before: int | None = None
+        while True:
+            page = await self.get_history(
+                user_id,
+                page_size,
+                before_version=before,
+                skip_invalid=skip_invalid,
+                max_bytes=max_bytes,
+            )
+            for snapshot in page:
+                yield snapshot
+            if not page:
+                return
+            last = page[-1].version
+            assert last is not None
+            if last <= 1:
+                return
+            before = last
 
     async def delete(self, user_id: str) -> int:
         """Erase the user's latest row and every history row, in one transaction.

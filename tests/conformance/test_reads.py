@@ -96,3 +96,43 @@ class TestReads:
     async def test_a_bad_limit_is_refused_before_any_read(self, repo: sr.SnapshotRepository[Doc]):
         with pytest.raises(sr.SnapshotValidationError):
             await repo.get_history("u", limit=0)
+
+
+class TestHistoryMemoryBounds:
+    async def test_a_byte_budget_ends_the_page_in_the_database(
+        self, repo: sr.SnapshotRepository[Doc]
+    ):
+        """Versions of 1, 2, ... 10 KB: with `max_bytes`, the page ends after the version
+        that reaches the budget (sizes as stored), and the newest is always returned."""
+        for n in range(1, 11):
+            await repo.upsert_latest(snap("u", "x" * (1000 * n)))
+        sizes = {  # stored size of each version, newest first
+            s.version: len(s.state.model_dump_json()) for s in await repo.get_history("u")
+        }
+        budget = sizes[10] + sizes[9] + 1  # reached by version 8
+        page = await repo.get_history("u", max_bytes=budget)
+        assert [s.version for s in page] == [10, 9, 8]
+        assert [s.version for s in await repo.get_history("u", max_bytes=1)] == [10]
+        tail = await repo.get_history("u", before_version=8, max_bytes=sizes[7])
+        assert [s.version for s in tail] == [7]
+        assert [s.version for s in await repo.get_history("u", limit=2, max_bytes=10**9)] == [
+            10,
+            9,
+        ]
+
+    async def test_iter_history_streams_every_version_page_by_page(
+        self, repo: sr.SnapshotRepository[Doc]
+    ):
+        for n in range(1, 26):
+            await repo.upsert_latest(snap("u", str(n) * 200))
+        streamed = [s async for s in repo.iter_history("u", page_size=7, max_bytes=1000)]
+        assert [s.version for s in streamed] == list(range(25, 0, -1))
+        assert streamed == await repo.get_history("u", limit=100)
+        assert [s async for s in repo.iter_history("nobody")] == []
+
+    @pytest.mark.parametrize("max_bytes", [0, -1, 1.5, True])
+    async def test_a_bad_byte_budget_is_refused(
+        self, repo: sr.SnapshotRepository[Doc], max_bytes: object
+    ):
+        with pytest.raises(sr.SnapshotValidationError, match="max_bytes"):
+            await repo.get_history("u", max_bytes=max_bytes)  # type: ignore[arg-type]
