@@ -15,7 +15,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 import snapshot_repo as sr
 from snapshot_repo._dialects import prune_statement
 from snapshot_repo.changes import Change
-from tests.support.databases import Backend, Cart, refusing_history_insert
+from tests.support.databases import (
+    Backend,
+    Cart,
+    refusing_history_insert,
+    wait_for_mariadb_lock_waits,
+)
 
 from .support.conformance import read_feed
 from .support.feed import feed_entries
@@ -103,6 +108,29 @@ async def test_a_late_committing_write_is_not_skipped(
         assert len((await read_all(repo, expect=1))[0]) == 1
         return
     engine = repo.engine
+    if backend.name == "mariadb":
+        async with engine.connect() as slow:
+            # An open transaction takes a feed entry (and its seq) first, as a writer
+            # does: under the feed gate's share lock ...
+            await slow.exec_driver_sql(
+                "SELECT id FROM snapshot_feed_gate WHERE id = 1 LOCK IN SHARE MODE"
+            )
+            await slow.exec_driver_sql(
+                "INSERT INTO snapshot_changes (txid, tenant, namespace, user_id, version, "
+                "kind, created_at) VALUES (NULL, '', 'default', 'slow', 1, 'write', "
+                "UTC_TIMESTAMP(6))"
+            )
+            # ... a later write commits first ...
+            await repo.upsert_latest(snap("fast", "1"))
+            # ... and a reader waits for the older transaction (the gate's exclusive lock)
+            # rather than return the later entry alone.
+            reading = asyncio.create_task(read_all(repo, expect=2))
+            await wait_for_mariadb_lock_waits(backend.url, 1)
+            assert not reading.done()
+            await slow.commit()
+        seen, _ = await reading
+        assert [c.user_id for c in seen] == ["slow", "fast"]
+        return
     async with engine.connect() as slow:
         # An open transaction takes a feed entry (and its seq) first ...
         await slow.exec_driver_sql(

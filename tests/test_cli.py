@@ -1,7 +1,7 @@
 """The `snapshot-repo` console script, in-process through `main()` and as a real subprocess.
 
 Tests that touch a database take the `backend` fixture, so they run on
-SQLite and on Postgres. Exit statuses are written as literals on purpose:
+SQLite, on Postgres and on MariaDB. Exit statuses are written as literals on purpose:
 they are a public contract that scripts and probes rely on.
 """
 
@@ -23,11 +23,13 @@ import pytest
 
 from snapshot_repo.cli import main
 from snapshot_repo.migrate import head_revision
+from snapshot_repo.subject_access import SUBJECT_EXPORT_FORMAT
 from tests.support.databases import Backend
 
 PREFIX = "snapshot-repo: error: "
 UNREACHABLE = {
     "postgres": lambda tmp: "postgresql+asyncpg://postgres@127.0.0.1:1/x",
+    "mariadb": lambda tmp: "mariadb+asyncmy://root@127.0.0.1:1/x",
     "sqlite": lambda tmp: f"sqlite+aiosqlite:///{tmp / 'no-such-dir' / 'x.db'}",
 }
 
@@ -304,7 +306,7 @@ def test_out_of_range_numbers_are_bad_input(backend: Backend, cli: Cli) -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        pytest.param("mysql://x/y", "unsupported database URL", id="mysql"),
+        pytest.param("oracle://x/y", "unsupported database URL", id="oracle"),
         pytest.param("not a url", "not a database URL", id="garbage"),
     ],
 )
@@ -345,7 +347,7 @@ def test_environment_url_is_used_and_url_option_wins(
     put = cli("put", "ivy", stdin='{"from": "env"}')
     assert put.status == 0, put.err
 
-    monkeypatch.setenv("SNAPSHOT_REPO_URL", "mysql://x/y")
+    monkeypatch.setenv("SNAPSHOT_REPO_URL", "oracle://x/y")  # an unsupported database
     assert cli("get", "ivy").status == 2, "the environment variable was not read"
     before = cli("--url", backend.url, "get", "ivy")
     after = cli("get", "ivy", "--url", backend.url)
@@ -428,7 +430,7 @@ def test_console_script_end_to_end(backend: Backend, tmp_path: Path) -> None:
 
 
 def test_console_script_on_bad_configuration(tmp_path: Path) -> None:
-    unsupported = _console("--url", "mysql://x/y", "get", "u", cwd=tmp_path)
+    unsupported = _console("--url", "oracle://x/y", "get", "u", cwd=tmp_path)
     assert unsupported.returncode == 2
     _one_line_error(unsupported.stderr)
 
@@ -597,3 +599,21 @@ def test_dump_then_load_into_an_empty_database(backend: Backend, cli: Cli, tmp_p
         assert cli("--url", fresh, *argv).json() == cli("--url", backend.url, *argv).json()
     again = cli("--url", fresh, "load", "--input", str(target))
     assert again.status == 2  # the target is no longer empty
+
+
+def test_export_everywhere_covers_every_namespace_and_tenant(backend: Backend, cli: Cli) -> None:
+    for scope in ([], ["--namespace", "cart"], ["--namespace", "cart", "--tenant", "acme"]):
+        _put(cli, backend.url, "person", {"in": scope}, *scope)
+    everywhere = cli("--url", backend.url, "export", "person", "--everywhere")
+    assert everywhere.status == 0, everywhere.err
+    header, *lines = [json.loads(line) for line in everywhere.out.splitlines()]
+    assert (header["format"], header["user_id"]) == (
+        SUBJECT_EXPORT_FORMAT,
+        "person",
+    )
+    scopes = [(line["tenant"], line["namespace"]) for line in lines if "versions" in line]
+    assert scopes == [(None, "cart"), (None, "default"), ("acme", "cart")]
+    assert len(lines) == 6  # each scope's line and its one version
+    one_tenant = cli("--url", backend.url, "export", "person", "--everywhere", "--tenant", "acme")
+    assert [json.loads(line).get("namespace") for line in one_tenant.out.splitlines()][1] == "cart"
+    assert len(one_tenant.out.splitlines()) == 3

@@ -69,13 +69,13 @@ BAD_VALUES = [
 ]
 
 
-@pytest.fixture(params=["sqlite", "postgres", "memory"])
+@pytest.fixture(params=["sqlite", "postgres", "mariadb", "memory"])
 def kv_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
     """Where the stores of a test keep their data: a migrated, empty database, or memory (None)."""
     if request.param == "sqlite":
         return sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template")).url
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
+    if request.param in ("postgres", "mariadb"):
+        url: str = request.getfixturevalue(f"{request.param}_url")
         return url
     return None
 
@@ -417,7 +417,7 @@ async def test_from_url_passes_repository_options(backend: Backend):
     with pytest.raises(sr.ConfigurationError):
         KeyValueStore.from_url(backend.url, namespace="")
     with pytest.raises(sr.ConfigurationError):
-        KeyValueStore.from_url("mysql://localhost/db")
+        KeyValueStore.from_url("oracle://localhost/db")  # an unsupported database
 
 
 async def test_migrate_creates_the_tables(backend: Backend):

@@ -307,10 +307,15 @@ async def test_expiry_boundary_is_exactly_at_the_deadline(repo: sr.SnapshotRepos
     async with repo.engine.connect() as conn:
         # Move the deadline to now, exactly, through the table (no clock games).
         now = datetime.now(UTC)
+        # The driver's placeholder, and the value as the column holds it: SQLite and
+        # MariaDB (DATETIME(6)) store naive UTC, Postgres a timestamptz.
+        placeholder, value = {
+            "sqlite": ("?", now.replace(tzinfo=None)),
+            "mariadb": ("%s", now.replace(tzinfo=None)),
+            "postgresql": ("$1", now),
+        }[repo.engine.dialect.name]
         await conn.exec_driver_sql(
-            "UPDATE snapshot_latest SET expires_at = "
-            + ("?" if repo.engine.dialect.name == "sqlite" else "$1"),
-            ((now.replace(tzinfo=None) if repo.engine.dialect.name == "sqlite" else now),),
+            f"UPDATE snapshot_latest SET expires_at = {placeholder}", (value,)
         )
         await conn.commit()
     assert deadline > now

@@ -380,9 +380,15 @@ def test_unsupported_urls_are_configuration_errors():
 
 
 async def test_plain_scheme_urls_map_to_async_drivers(backend: Backend):
-    plain = backend.url.replace("+aiosqlite", "").replace("+asyncpg", "")
+    plain = backend.url.replace("+aiosqlite", "").replace("+asyncpg", "").replace("+asyncmy", "")
+    assert "+" not in plain.partition("://")[0], plain
+    driver = {
+        "sqlite": "sqlite+aiosqlite",
+        "postgres": "postgresql+asyncpg",
+        "mariadb": "mariadb+asyncmy",
+    }[backend.name]
     async with sr.SnapshotRepository.from_url(plain, Cart) as repo:
-        assert repo.engine.url.drivername in ("sqlite+aiosqlite", "postgresql+asyncpg")
+        assert repo.engine.url.drivername == driver
         assert (await repo.upsert_latest(snap("u1", "a"))).version == 1
 
 

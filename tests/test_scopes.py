@@ -152,12 +152,17 @@ async def test_upgrade_from_0002_keeps_rows_in_the_default_scope(backend: Backen
         async with sr.SnapshotRepository(engine, Cart) as old:
             # The 0002 schema has no scope columns; write it with plain SQL.
             async with engine.begin() as conn:
-                blob = "X'7b7d'" if backend.name == "sqlite" else "'\\x7b7d'::bytea"
+                # `{}`, and now (MariaDB's DATETIME(6) holds naive UTC).
+                blob, now = {
+                    "sqlite": ("X'7b7d'", "CURRENT_TIMESTAMP"),
+                    "postgres": ("'\\x7b7d'::bytea", "CURRENT_TIMESTAMP"),
+                    "mariadb": ("X'7b7d'", "UTC_TIMESTAMP(6)"),
+                }[backend.name]
                 for version in (1, 2):
                     await conn.exec_driver_sql(
                         "INSERT INTO snapshot_history (user_id, version, schema_version, "
                         f"payload, created_at, idempotency_key) VALUES ('old', {version}, 1, "
-                        f"{blob}, CURRENT_TIMESTAMP, 'key{version}')"
+                        f"{blob}, {now}, 'key{version}')"
                     )
                 await conn.exec_driver_sql(
                     "INSERT INTO snapshot_latest SELECT * FROM snapshot_history WHERE version = 2"

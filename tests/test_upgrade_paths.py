@@ -19,12 +19,13 @@ KEY = b"an application secret of 32 bytes"
 
 
 def blob(backend: Backend, hex_text: str) -> str:
-    return f"X'{hex_text}'" if backend.name == "sqlite" else f"'\\x{hex_text}'::bytea"
+    return f"'\\x{hex_text}'::bytea" if backend.name == "postgres" else f"X'{hex_text}'"
 
 
 def moment(backend: Backend, at: datetime) -> str:
+    """A timestamp literal: SQLite and MariaDB (DATETIME(6)) hold naive UTC."""
     text = at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    return f"'{text}'" if backend.name == "sqlite" else f"'{text}+00'::timestamptz"
+    return f"'{text}+00'::timestamptz" if backend.name == "postgres" else f"'{text}'"
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
 from snapshot_repo.migrate import VERSION_TABLE, head_revision
-from tests.support.databases import Backend, Cart
+from tests.support.databases import Backend, Cart, mariadb_fetch
 
 from ..support.consistency import assert_consistent, payload_items, read_tables
 from ..support.processes import WorkerProcess, worker
@@ -187,6 +187,20 @@ async def _schema_facts(url: str) -> tuple[list[str], Counter[str]]:
             )
         finally:
             conn.close()
+        return revisions, tables
+    if parsed.get_backend_name() in ("mariadb", "mysql"):
+        revisions = [
+            r[0] for r in await mariadb_fetch(url, f"SELECT version_num FROM {VERSION_TABLE}")
+        ]
+        tables = Counter(
+            r[0]
+            for r in await mariadb_fetch(
+                url,
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = DATABASE() AND table_name IN (%s, %s, %s)",
+                *names,
+            )
+        )
         return revisions, tables
     dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
     conn = await asyncpg.connect(dsn, timeout=10)

@@ -1,8 +1,9 @@
 """Read the snapshot tables through a plain driver connection and check their invariants.
 
 Fault tests must not trust the library to report on itself, so this module
-reads `snapshot_latest` and `snapshot_history` with raw asyncpg (Postgres) or
-the standard `sqlite3` module (SQLite), on a connection of its own.
+reads `snapshot_latest` and `snapshot_history` with raw asyncpg (Postgres),
+raw asyncmy (MariaDB) or the standard `sqlite3` module (SQLite), on a
+connection of its own.
 
 The invariants, per user:
 
@@ -22,6 +23,8 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
+
+from .databases import mariadb_fetch
 
 __all__ = [
     "StoredRow",
@@ -90,6 +93,14 @@ async def _read_postgres(url: str) -> dict[str, UserRows]:
     return _group([tuple(r) for r in latest], [tuple(r) for r in history])
 
 
+async def _read_mariadb(url: str) -> dict[str, UserRows]:
+    latest = await mariadb_fetch(url, f"SELECT {_COLUMNS} FROM snapshot_latest")
+    history = await mariadb_fetch(
+        url, f"SELECT {_COLUMNS} FROM snapshot_history ORDER BY user_id, version"
+    )
+    return _group(latest, history)
+
+
 def _read_sqlite(path: str) -> dict[str, UserRows]:
     conn = sqlite3.connect(path, timeout=30)
     try:
@@ -107,12 +118,14 @@ async def read_tables(url: str) -> dict[str, UserRows]:
 
     Args:
         url: the SQLAlchemy URL the repository used (`sqlite+aiosqlite:///...`
-            or `postgresql+asyncpg://...`).
+            `postgresql+asyncpg://...` or `mariadb+asyncmy://...`).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         assert parsed.database, "a SQLite URL with a file is needed"
         return await asyncio.to_thread(_read_sqlite, parsed.database)
+    if parsed.get_backend_name() in ("mariadb", "mysql"):
+        return await _read_mariadb(url)
     return await _read_postgres(url)
 
 

@@ -47,7 +47,7 @@ class Backend:
     """One database under test.
 
     Attributes:
-        name: "sqlite" or "postgres".
+        name: "sqlite", "postgres" or "mariadb".
         url: a migrated, empty database for this test.
         fresh_url: makes another database that exists but was never migrated.
     """
@@ -99,26 +99,71 @@ class PostgresServer:
             run_blocking(admin(self.admin_url, *drops))
 
 
-async def mariadb_admin(url: str, *statements: str) -> None:
-    """Run `statements` on the MariaDB server of `url` (autocommit), with the raw driver."""
+async def mariadb_connect(url: str, *, autocommit: bool = True) -> Any:
+    """A raw asyncmy connection to the MariaDB database of `url` (close it with `.close()`)."""
     import asyncmy  # only the MariaDB tests need it
 
     parsed = make_url(url)
-    conn = await asyncmy.connect(
+    return await asyncmy.connect(
         host=parsed.host or "127.0.0.1",
         port=parsed.port or 3306,
         user=parsed.username or "root",
         password=parsed.password or "",
         database=parsed.database or "",
         connect_timeout=5,
-        autocommit=True,
+        autocommit=autocommit,
     )
+
+
+async def mariadb_admin(url: str, *statements: str) -> None:
+    """Run `statements` on the MariaDB server of `url` (autocommit), with the raw driver."""
+    conn = await mariadb_connect(url)
     try:
         async with conn.cursor() as cursor:
             for statement in statements:
                 await cursor.execute(statement)
     finally:
         conn.close()
+
+
+async def mariadb_fetch(url: str, statement: str, *args: Any) -> list[tuple[Any, ...]]:
+    """The rows of one query (`%s` placeholders) on the MariaDB database of `url`, read raw."""
+    conn = await mariadb_connect(url)
+    try:
+        async with conn.cursor() as cursor:
+            await cursor.execute(statement, args or None)
+            return [tuple(row) for row in await cursor.fetchall()]
+    finally:
+        conn.close()
+
+
+LOCK_WAIT_POLL = 0.15
+"""Seconds between polls of InnoDB's lock waits (see `wait_for_mariadb_lock_waits`)."""
+
+
+async def wait_for_mariadb_lock_waits(url: str, count: int, within: float = 10.0) -> None:
+    """Poll until `count` sessions on the database of `url` wait for an InnoDB row lock.
+
+    Fails after `within` seconds (a session starts waiting within milliseconds).
+    The polls are `LOCK_WAIT_POLL` apart: InnoDB's information_schema tables are
+    a cache that the server refreshes only when nobody read it for 100 ms, so
+    a faster poll (by any client of the server) would keep reading a stale list.
+    """
+    database = make_url(url).database
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        ((waiting,),) = await mariadb_fetch(
+            url,
+            "SELECT count(*) FROM information_schema.innodb_trx t "
+            "JOIN information_schema.processlist p ON p.id = t.trx_mysql_thread_id "
+            "WHERE t.trx_state = 'LOCK WAIT' AND p.db = %s",
+            database,
+        )
+        if waiting >= count:
+            return
+        assert loop.time() < deadline, f"{waiting} of {count} sessions waited for a lock"
+        await asyncio.sleep(LOCK_WAIT_POLL)
 
 
 MARIADB_CLEAR_ALL = tuple(f"DELETE FROM {table.name}" for table in metadata.sorted_tables)
@@ -134,7 +179,7 @@ class MariadbServer:
 
     def create_database(self) -> str:
         name = f"snaprepo_test_{uuid.uuid4().hex[:12]}"
-        statement = f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        statement = f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin"
         run_blocking(mariadb_admin(self.admin_url, statement))
         self.created.append(name)
         return make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
@@ -174,11 +219,18 @@ async def refusing_history_insert(
     The trigger is dropped again on exit, so tests sharing a database stay
     independent.
     """
+    mariadb = engine.dialect.name in ("mariadb", "mysql")
     async with engine.begin() as conn:
         if engine.dialect.name == "sqlite":
             await conn.exec_driver_sql(
                 "CREATE TRIGGER refuse_history BEFORE INSERT ON snapshot_history "
                 f"WHEN {condition} BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            )
+        elif mariadb:
+            await conn.exec_driver_sql(
+                "CREATE TRIGGER refuse_history BEFORE INSERT ON snapshot_history "
+                f"FOR EACH ROW BEGIN IF {condition} THEN "
+                f"SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = '{message}'; END IF; END"
             )
         else:
             await conn.exec_driver_sql(
@@ -194,7 +246,7 @@ async def refusing_history_insert(
         yield
     finally:
         async with engine.begin() as conn:
-            if engine.dialect.name == "sqlite":
+            if engine.dialect.name == "sqlite" or mariadb:
                 await conn.exec_driver_sql("DROP TRIGGER refuse_history")
             else:
                 await conn.exec_driver_sql("DROP TRIGGER refuse_history ON snapshot_history")
