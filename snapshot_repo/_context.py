@@ -37,7 +37,14 @@ from .backends import (
     is_retryable,
 )
 from .changes import Change, ChangeHub, hub_for
-from .codec import DEFAULT_MAX_PAYLOAD_BYTES, StateCodec, decode_metadata
+from .codec import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    HARD_MAX_PAYLOAD_BYTES,
+    StateCodec,
+    decode_metadata,
+)
+from .compression import Compression, decompress, is_compressed
+from .compression import check as check_compression
 from .crypto import KeyProvider
 from .errors import ConfigurationError, StorageError
 from .retention import RetentionPolicy
@@ -94,6 +101,12 @@ class RepositoryOptions(TypedDict, total=False):
             writes are stored under it unless a snapshot names another.
         upgraders: `{n: fn}` upgrading a state document from schema version
             n to n + 1, applied when older rows are read (see `upgrades`).
+        compression: "zstd" compresses each state (after validation and the
+            `max_payload_bytes` check, which apply to the JSON, and before
+            encryption) when that saves bytes; needs `snapshot-repo[zstd]` on
+            Python < 3.14. Every row says whether it is compressed, so rows of
+            either kind read with or without the option (reading a compressed
+            row needs the codec installed).
         backend: "auto" (the default) runs on the fast backend of the engine's
             database; "core" runs every call through SQLAlchemy's public Core
             API: slower, for databases and drivers the fast backends do not
@@ -108,6 +121,7 @@ class RepositoryOptions(TypedDict, total=False):
     schema_version: int
     upgraders: Mapping[int, Upgrader]
     max_payload_bytes: int
+    compression: Compression | None
     health_timeout: float
     operation_timeout: float | None
     backend: BackendKind
@@ -139,6 +153,7 @@ class RepositoryContext(Generic[StateT]):
                 options.get("upgraders"),
                 any_version=state_type is None,
             ),
+            compress=check_compression(options.get("compression")) is not None,
         )
         self.snapshot_type: type[Snapshot[StateT]] = Snapshot[self.codec.state_type]  # type: ignore[name-defined]
         self.erasure_key = _erasure_key(options.get("erasure_key"))
@@ -199,16 +214,19 @@ class RepositoryContext(Generic[StateT]):
         return await self.open([self.backend.decode_snapshot_row(row) for row in raw])
 
     async def open(self, rows: Sequence[Row]) -> list[Row]:
-        """Rows with their payloads decrypted (unchanged when encryption is off)."""
-        if self.keys is None:
-            return list(rows)
-        return await self.keys.open_rows(self.scope, rows)
+        """Rows with their payloads as JSON: decrypted when encryption is on, then
+        decompressed where compressed (see `compression`)."""
+        opened = list(rows) if self.keys is None else await self.keys.open_rows(self.scope, rows)
+        if not any(is_compressed(row.payload) for row in opened):
+            return opened
+        limit = HARD_MAX_PAYLOAD_BYTES
+        return [row._replace(payload=decompress(row.payload, limit)) for row in opened]
 
     async def open_stored(self, user_id: str, version: int, payload: bytes) -> bytes:
-        """One stored payload of the user, decrypted when encryption is on."""
-        if self.keys is None:
-            return payload
-        return await self.keys.open_stored(self.scope, user_id, version, payload)
+        """One stored payload of the user as JSON: decrypted, decompressed (as `open`)."""
+        if self.keys is not None:
+            payload = await self.keys.open_stored(self.scope, user_id, version, payload)
+        return decompress(payload, HARD_MAX_PAYLOAD_BYTES)
 
     async def seal(self, user_id: str, payload: bytes) -> bytes:
         """The payload as stored: encrypted under the user's data key when encryption is on."""

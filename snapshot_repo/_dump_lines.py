@@ -13,6 +13,8 @@ from typing import IO, Any, Final
 from pydantic_core import from_json, to_json
 
 from ._dump_format import COLUMNS, RECEIPT_COLUMNS, check_utf8, is_text, json_problem
+from .codec import HARD_MAX_PAYLOAD_BYTES
+from .compression import decompress
 from .crypto import SEALED_PREFIX
 from .errors import SnapshotValidationError
 
@@ -67,7 +69,7 @@ def _stored_json(values: Mapping[str, Any], column: str) -> Any:
             "and no data keys, so stores with encryption cannot be dumped"
         )
     try:
-        return from_json(bytes(stored))
+        return from_json(decompress(bytes(stored), HARD_MAX_PAYLOAD_BYTES))
     except ValueError as exc:
         raise SnapshotValidationError(
             f"dump found a stored {column} that is not JSON ({json_problem(exc)}) in "

@@ -28,6 +28,7 @@ from typing import Any, Generic, cast
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError, from_json
 
+from .compression import compress, decompress, is_compressed
 from .errors import ConfigurationError, SnapshotValidationError, redact
 from .snapshot import StateT
 from .upgrades import PayloadUpgrades
@@ -107,6 +108,7 @@ class StateCodec(Generic[StateT]):
         state_type: type[StateT] | None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         upgrades: PayloadUpgrades | None = None,
+        compress: bool = False,
     ) -> None:
         if not 1 <= max_payload_bytes <= HARD_MAX_PAYLOAD_BYTES:
             raise ConfigurationError(
@@ -116,6 +118,7 @@ class StateCodec(Generic[StateT]):
         self.state_type: Any = JsonObject if state_type is None else state_type
         self.max_payload_bytes = max_payload_bytes
         self.upgrades = upgrades or PayloadUpgrades(1)
+        self.compress = compress
         self._adapter = _adapter(cast(Any, self.state_type))
         # The serializer and validator themselves: `TypeAdapter.dump_json` spends a third
         # of a 1 KB state's serialization passing its keyword defaults on (0.5 of 1.8 µs),
@@ -181,7 +184,7 @@ class StateCodec(Generic[StateT]):
             )
         if self._may_nest_too_deeply and _too_deep_to_read(payload):
             raise _too_deep(f"state for user {redact(user_id)}", _json_depth(payload))
-        return payload
+        return compress(payload) if self.compress else payload
 
     def decode(
         self, payload: bytes, user_id: str, version: int, schema_version: int | None = None
@@ -194,6 +197,8 @@ class StateCodec(Generic[StateT]):
             SnapshotValidationError: the stored state no longer fits the model
                 (the model changed since it was written); names user and version.
         """
+        if is_compressed(payload):  # rows read by a path that did not open them (kv)
+            payload = decompress(payload, HARD_MAX_PAYLOAD_BYTES)
         try:
             upgrades = self.upgrades
             if schema_version is None or schema_version == upgrades.current or upgrades.any_version:
