@@ -14,7 +14,14 @@ from typing import Any
 from sqlalchemy import DateTime, LargeBinary
 from sqlalchemy.dialects import mysql
 
-__all__ = ["BYTES", "MYSQL", "TABLE_OPTIONS", "TIMESTAMP"]
+__all__ = [
+    "BYTES",
+    "IDEMPOTENCY_LOOKUP_INDEX",
+    "MYSQL",
+    "MYSQL_ONLY_INDEXES",
+    "TABLE_OPTIONS",
+    "TIMESTAMP",
+]
 
 MYSQL = ("mysql", "mariadb")
 """SQLAlchemy's names for the family: variants and table options are given for both."""
@@ -39,3 +46,9 @@ TABLE_OPTIONS: dict[str, Any] = {
 """InnoDB (row locks, transactions) and a binary NO PAD collation, so user ids, scopes and
 keys compare byte for byte as on SQLite and Postgres: "Ann" is not "ann", and "a" is not
 "a " (MariaDB's `utf8mb4_bin` pads with spaces, so it would take them for one user)."""
+
+IDEMPOTENCY_LOOKUP_INDEX = "ix_snapshot_history_idempotency_lookup"
+"""Revision 0015: finds a keyed write on MySQL, whose unique index is a hash it cannot search."""
+
+MYSQL_ONLY_INDEXES = frozenset({IDEMPOTENCY_LOOKUP_INDEX})
+"""Indexes the migrations make on MySQL alone (not in `tables`: `check` ignores them)."""

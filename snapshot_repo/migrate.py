@@ -27,6 +27,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ._mysql_ddl import MYSQL_ONLY_INDEXES
 from .backends.migration_lock import migration_lock
 from .engine import WRITE_TRANSACTION
 from .tables import metadata
@@ -67,7 +68,10 @@ def is_own_schema_object(name: str | None, type_: str, parent_names: Any) -> boo
     """Alembic's `include_name` filter: `check` compares this library's tables only.
 
     A database the application shares holds its own tables too; they are not drift.
+    Nor are the indexes the migrations make on MySQL alone (`MYSQL_ONLY_INDEXES`).
     """
+    if type_ == "index":
+        return name not in MYSQL_ONLY_INDEXES
     return type_ != "table" or name in metadata.tables
 
 
@@ -96,8 +100,33 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
 
 
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
-    """Downgrade the database to `revision` (`"base"` drops every table this package made)."""
-    await _run_locked(engine, lambda config: command.downgrade(config, revision))
+    """Downgrade the database to `revision` (`"base"` drops every table this package made).
+
+    First every revision on the way is asked whether it must refuse (a
+    `refuse_downgrade(connection)` in its module, such as 0003's when rows
+    sit outside the default scope): on MySQL each DDL statement commits at
+    once, so a refusal found half-way would leave the schema half downgraded.
+    """
+
+    def run(config: Config) -> None:
+        _refuse_early(config, revision)
+        command.downgrade(config, revision)
+
+    await _run_locked(engine, run)
+
+
+def _refuse_early(config: Config, revision: str) -> None:
+    """Run the `refuse_downgrade` of each revision a downgrade to `revision` would undo."""
+    connection = config.attributes["connection"]
+    current = MigrationContext.configure(connection, opts=_context_options())
+    head = current.get_current_revision()
+    if head is None:
+        return
+    script = ScriptDirectory.from_config(config)
+    for step in script.iterate_revisions(head, revision):
+        refuse = getattr(step.module, "refuse_downgrade", None)
+        if step.revision != revision and refuse is not None:
+            refuse(connection)
 
 
 async def check(engine: AsyncEngine) -> None:

@@ -46,9 +46,13 @@ def upgrade() -> None:
     )
 
 
-def downgrade() -> None:
-    """Refuses to merge scopes silently: fails if any row is outside the default scope."""
-    bind = op.get_bind()
+def refuse_downgrade(bind: sa.Connection) -> None:
+    """Refuse to merge scopes silently: raise if any row is outside the default scope.
+
+    Run by `downgrade` itself, and by `snapshot_repo.migrate.downgrade` before
+    any revision is downgraded where DDL commits at once (MySQL), so that a
+    refusal leaves the schema as it was rather than half downgraded.
+    """
     for table in _TABLES:
         outside = bind.execute(
             sa.text(f"SELECT count(*) FROM {table} WHERE tenant <> '' OR namespace <> 'default'")
@@ -58,6 +62,11 @@ def downgrade() -> None:
                 f"{table} has {outside} rows outside the default tenant and namespace; "
                 "downgrading would merge or lose them. Erase or export them first."
             )
+
+
+def downgrade() -> None:
+    """Refuses to merge scopes silently: fails if any row is outside the default scope."""
+    refuse_downgrade(op.get_bind())
     op.drop_index(_KEY_INDEX, table_name="snapshot_history")
     for table, key in _TABLES.items():
         with op.batch_alter_table(table) as batch:
