@@ -34,7 +34,7 @@ from snapshot_repo.tables import (
     history_table,
     latest_table,
 )
-from tests.support.databases import Backend, PostgresServer, run_blocking
+from tests.support.databases import Backend, MariadbServer, PostgresServer, run_blocking
 
 from .support.feed import feed_entries
 
@@ -78,10 +78,6 @@ def sqlite_copy(template: Path, directory: Path) -> str:
     path = directory / f"{uuid.uuid4().hex}.db"
     shutil.copyfile(template, path)
     return f"sqlite+aiosqlite:///{path}"
-
-
-async def new_postgres(server: PostgresServer) -> str:
-    return await migrated(server.create_database())
 
 
 # --- data -----------------------------------------------------------------------
@@ -343,27 +339,35 @@ async def test_a_dump_loaded_into_an_empty_database_gives_identical_reads(backen
     assert row_lines(await dump_bytes(target)) == row_lines(dumped)
 
 
-@pytest.mark.parametrize("source_kind", ["sqlite", "postgres"])
-async def test_a_dump_of_one_backend_loads_into_the_other(
-    source_kind: str,
-    postgres_server: PostgresServer,
-    sqlite_template: Path,
-    tmp_path: Path,
+DIALECTS = {"sqlite": "sqlite", "postgres": "postgresql", "mariadb": "mariadb"}
+
+
+@pytest.mark.parametrize(
+    ("source_kind", "target_kind"),
+    [(source, target) for source in DIALECTS for target in DIALECTS if source != target],
+)
+async def test_a_dump_of_one_database_loads_into_each_other(
+    source_kind: str, target_kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ):
-    sqlite_url = sqlite_copy(sqlite_template, tmp_path)
-    postgres_url = await new_postgres(postgres_server)
-    source, target = (
-        (sqlite_url, postgres_url) if source_kind == "sqlite" else (postgres_url, sqlite_url)
-    )
+    """Between every pair of the three databases: same reads, and the target dumps back
+    the same row lines byte for byte."""
+
+    async def fresh(kind: str) -> str:
+        if kind == "sqlite":
+            return sqlite_copy(request.getfixturevalue("sqlite_template"), tmp_path)
+        server: PostgresServer | MariadbServer = request.getfixturevalue(f"{kind}_server")
+        return await migrated(server.create_database())
+
+    source, target = await fresh(source_kind), await fresh(target_kind)
     await populate_store(source)
     dumped = await dump_bytes(source)
     header = from_json(dumped.split(b"\n", 1)[0])
-    assert header["dialect"] == ("sqlite" if source_kind == "sqlite" else "postgresql")
+    assert header["dialect"] == DIALECTS[source_kind]
 
     await load_lines(target, io.BytesIO(dumped))
 
     await assert_same_store(source, target)
-    # Dumped back out of the other backend, every row line is byte for byte the same.
+    # Dumped back out of the other database, every row line is byte for byte the same.
     assert row_lines(await dump_bytes(target)) == row_lines(dumped)
 
 
