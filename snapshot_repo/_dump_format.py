@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Final
 
-from ._dialects import STORED_COLUMNS
+from .backends.statements import STORED_COLUMNS
 from .errors import ConfigurationError
 
 __all__ = [

@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy import Select, Update, bindparam, select, update
 
-from ._dialects import is_key
 from .backends import Backend, DataKeyRef, Row, Scope
+from .backends.statements import is_key
 from .crypto import KeyProvider, new_data_key, open_payload, seal_payload
 from .errors import DecryptionError, redact
 from .tables import data_keys_table

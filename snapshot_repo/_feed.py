@@ -6,8 +6,8 @@ from typing import Any
 
 from ._checks import check_int
 from ._context import RepositoryContext
-from ._queries import CHANGE_FEED_COLUMNS
 from .backends import row_decoder
+from .backends.statements import CHANGE_FEED_COLUMNS
 from .changes import (
     ChangeCallback,
     ChangePage,

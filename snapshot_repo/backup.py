@@ -18,7 +18,7 @@ A dump is UTF-8 JSON Lines, one JSON object per line:
    cut short (a full disk, a killed process) is refused rather than restoring
    part of a store.
 
-`snapshot_latest` is not dumped: every write path (`_dialects`, `backends`)
+`snapshot_latest` is not dumped: every write path (`backends.statements`, `backends`)
 writes the latest row and appends the row it returned to history in the same
 transaction, a batch write gives each user's last row the highest version,
 retention never drops the newest version, and an erasure deletes both; so a

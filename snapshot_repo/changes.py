@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, JsonValue
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._dialects import NOTIFY_CHANNEL
+from .backends.statements import NOTIFY_CHANNEL
 from .errors import SnapshotValidationError, redact
 
 __all__ = [

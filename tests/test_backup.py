@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import snapshot_repo as sr
 from snapshot_repo import migrate
-from snapshot_repo._dialects import FEED_POSITION_COLUMNS
+from snapshot_repo.backends.statements import FEED_POSITION_COLUMNS
 from snapshot_repo.backup import DUMP_FORMAT, DUMP_FORMAT_VERSION, dump, load
 from snapshot_repo.engine import create_engine
 from snapshot_repo.tables import (

@@ -1,10 +1,13 @@
-"""Smoke tests of the benchmark harness (benchmarks/harness/) on SQLite and Postgres.
+"""Smoke tests of the benchmark harness (benchmarks/harness/) on SQLite, Postgres and MariaDB.
 
 Tiny sizes, so each run takes a few seconds. They check that the harness
 runs every workload on every side (the library's core backend and the
 plain-SQLAlchemy peer included) and reports ops/s, p50, p99 and the
 library/side and core/side ratios in its JSON; they never assert speed,
-which depends on the machine and on whatever else it is running.
+which depends on the machine and on whatever else it is running. MariaDB
+runs where the other tests find it (unreachable: skipped, or failed with
+CI=true, by the `backend` fixture); the harness's own skip of a server it
+cannot reach is tested on a port nothing listens on.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ from benchmarks.harness import (
     timing,
 )
 from benchmarks.harness import workloads as workloads_module
-from benchmarks.harness.databases import open_postgres, open_sqlite, sqlite_pragmas
+from benchmarks.harness.databases import (
+    open_mariadb,
+    open_postgres,
+    open_sqlite,
+    sqlite_pragmas,
+)
 from benchmarks.harness.parity import check_parity
 from benchmarks.harness.peer import PeerSide, PeerStatements, peer_engine
 from benchmarks.harness.seeding import Seeder
@@ -39,6 +47,7 @@ from benchmarks.harness.sides import CoreSide, LibrarySide, Side
 from benchmarks.harness.state import make_states
 from benchmarks.harness.stats import bulk_speedups, summarize
 from benchmarks.harness.timing import Sample
+from snapshot_repo.backends import backend_for
 from snapshot_repo.backends.core import CoreBackend
 from snapshot_repo.engine import normalize_url
 from snapshot_repo.repository import DEFAULT_NAMESPACE
@@ -60,7 +69,9 @@ TINY: dict[str, Any] = {
     "bulk_size": 6,
     "bulk_batches": 2,
 }
-RAW_SIDES = {"sqlite": ["aiosqlite", "sqlite3"], "postgres": ["asyncpg"]}
+RAW_SIDES = {"sqlite": ["aiosqlite", "sqlite3"], "postgres": ["asyncpg"], "mariadb": ["asyncmy"]}
+OPENERS = {"sqlite": open_sqlite, "postgres": open_postgres, "mariadb": open_mariadb}
+NOBODY_LISTENS = "mariadb://root@127.0.0.1:1/test"  # port 1: refused at once
 PEER = "sqlalchemy"  # plain SQLAlchemy Core, run with `peer=True` / `--peer`
 BULK = {"bulk_write": "upsert_many", "bulk_read": "get_latest_many"}
 TINY_FLAGS = [
@@ -81,12 +92,16 @@ def where(backend: Backend, url: str) -> dict[str, Any]:
     """BenchConfig fields that run the benchmark in the database at `url`."""
     if backend.name == "sqlite":
         return {"backends": ("sqlite",), "sqlite_path": Path(str(make_url(url).database))}
+    if backend.name == "mariadb":
+        return {"backends": ("mariadb",), "mariadb_url": url, "mariadb_create_database": False}
     return {"backends": ("postgres",), "postgres_url": url, "postgres_create_database": False}
 
 
 def where_flags(backend: Backend, url: str) -> list[str]:
     if backend.name == "sqlite":
         return ["--backends=sqlite", f"--sqlite-path={make_url(url).database}"]
+    if backend.name == "mariadb":
+        return ["--backends=mariadb", f"--mariadb-url={url}", "--mariadb-use-database"]
     return ["--backends=postgres", f"--postgres-url={url}", "--postgres-use-database"]
 
 
@@ -117,8 +132,8 @@ def assert_complete(data: dict[str, Any], backend: str) -> None:
         assert set(workload["results"]) == set(result["sides"])
         for side, outcome in workload["results"].items():
             if not outcome["available"] and name in ("delete_traceless", "delete_plain"):
-                # Only SQLite erasures checkpoint the WAL; on Postgres no side runs these.
-                assert backend == "postgres", (name, side)
+                # Only SQLite erasures checkpoint the WAL; elsewhere no side runs these.
+                assert backend != "sqlite", (name, side)
                 assert outcome["reason"]
                 continue
             if not outcome["available"]:
@@ -312,16 +327,18 @@ async def test_each_library_side_runs_on_its_own_backend(backend: Backend, core:
     """The library side runs on the database's fast backend, the core side (only with
     `core`) on the core backend, on its own repositories and engine."""
     config = BenchConfig(**TINY, **where(backend, backend.fresh_url()), core=core)
-    opener = open_sqlite if backend.name == "sqlite" else open_postgres
-    async with opener(config) as setup:
+    async with OPENERS[backend.name](config) as setup:
         libraries = [side for side in setup.sides if isinstance(side, LibrarySide)]
         assert [side.name for side in libraries] == ["library", *([CORE] if core else [])]
         library = libraries[0].repository
-        assert not isinstance(library._backend, CoreBackend)
+        assert type(library._backend) is type(backend_for(library.engine))
+        if backend.name != "mariadb":  # MariaDB's backend is the core one, in MySQL's SQL
+            assert not isinstance(library._backend, CoreBackend)
         if core:
             assert isinstance(libraries[1], CoreSide)
             core_repo = libraries[1].repository
             assert isinstance(core_repo._backend, CoreBackend)
+            assert type(core_repo._backend) is type(backend_for(core_repo.engine, "core"))
             assert core_repo.engine is not library.engine
             # On SQLite it has an opt-out repository of its own for `delete_plain`.
             expected = None if backend.name == "sqlite" else "only SQLite erasures"
@@ -351,6 +368,39 @@ async def _write_then_history(url: str, user_id: str, write: bool) -> list[int]:
         if write:
             await repo.upsert_latest(sr.Snapshot(user_id=user_id, state=Cart(items=["a"])))
         return [s.version for s in await repo.get_history(user_id)]
+
+
+async def test_an_unreachable_mariadb_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    """Harness logic, no MariaDB: a server that cannot be reached skips that backend (in the
+    report, its JSON and its table, with why), before anything is created; the others run."""
+    config = BenchConfig(
+        **{**TINY, "rounds": 1, "warmup_ops": 0},
+        backends=("mariadb", "sqlite"),
+        mariadb_url=NOBODY_LISTENS,
+        sqlite_path=tmp_path / "bench.db",
+    )
+    progress: list[str] = []
+    report = await run_benchmark(config, progress.append)
+    assert list(report.backends) == ["sqlite"]
+    assert list(report.skipped) == ["mariadb"]
+    assert "127.0.0.1:1" in report.skipped["mariadb"]
+    assert "unreachable" in report.skipped["mariadb"]
+    assert f"[mariadb] skipped: {report.skipped['mariadb']}" in progress
+    assert json.loads(json.dumps(report.to_dict()))["skipped"] == report.skipped
+    assert f"== mariadb: skipped: {report.skipped['mariadb']} ==" in report.format_table()
+
+
+def test_main_fails_when_every_backend_was_skipped(tmp_path: Path, capsys):
+    out = tmp_path / "results.json"
+    flags = [*TINY_FLAGS, "--backends=mariadb", f"--mariadb-url={NOBODY_LISTENS}"]
+    status = main([*flags, f"--json={out}"])
+    assert status == 3
+    err = capsys.readouterr().err
+    assert (
+        "mariadb skipped: MariaDB at mariadb+asyncmy://root@127.0.0.1:1/test is unreachable" in err
+    )
+    assert "no backend ran" in err
+    assert not out.exists()
 
 
 def test_output_paths_are_checked_before_the_run(tmp_path: Path, capsys):

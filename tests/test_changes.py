@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 import snapshot_repo as sr
-from snapshot_repo._dialects import prune_statement
+from snapshot_repo.backends.statements import prune_statement
 from snapshot_repo.changes import Change
 from tests.support.databases import (
     Backend,

@@ -12,16 +12,17 @@ import asyncpg
 import pytest
 
 import snapshot_repo as sr
-from snapshot_repo._dialects import (
+from snapshot_repo._queries import expired_users_statement
+from snapshot_repo.backends._compiled import compile_statement as _compile
+from snapshot_repo.backends.core_sql import latest_many
+from snapshot_repo.backends.statements import (
+    changes_since_statement,
     history_statement,
     idempotent_write_statement,
     latest_many_statement,
     latest_statement,
     sqlite_erasure_feed_statements,
 )
-from snapshot_repo._queries import changes_since_statement, expired_users_statement
-from snapshot_repo.backends._compiled import compile_statement as _compile
-from snapshot_repo.backends.core_sql import latest_many
 from snapshot_repo.backup import dump, load
 from tests.support.databases import (
     Backend,

@@ -9,8 +9,6 @@ import pytest
 from sqlalchemy.dialects.postgresql import asyncpg as postgres_dialect
 from sqlalchemy.dialects.sqlite import aiosqlite as sqlite_dialect
 
-from snapshot_repo._dialects import WRITE_COLUMNS, sqlite_erasure_feed_statements
-from snapshot_repo._queries import changes_since_statement
 from snapshot_repo._sql import indexed_by
 from snapshot_repo.backends import PendingWrite, Scope
 from snapshot_repo.backends._compiled import compile_statement as _compile
@@ -20,6 +18,11 @@ from snapshot_repo.backends.postgres_sql import (
     postgres_write_statement,
 )
 from snapshot_repo.backends.sqlite_sql import sqlite_write_statements
+from snapshot_repo.backends.statements import (
+    WRITE_COLUMNS,
+    changes_since_statement,
+    sqlite_erasure_feed_statements,
+)
 from snapshot_repo.tables import changes_table
 
 DIALECTS = {"postgres": postgres_dialect.dialect(), "sqlite": sqlite_dialect.dialect()}

@@ -4,7 +4,7 @@ Why not SQLAlchemy's own execution: measured on a 2-core machine against
 Postgres on loopback, `get_latest` through a Core `AsyncConnection` took
 270-450 µs, the same statement on the asyncpg connection 100-150 µs: the
 Connection object, its transaction bookkeeping and the result machinery cost
-more than the round trip. Statements are the Core constructs of `_dialects`
+more than the round trip. Statements are the Core constructs of `statements`
 and of each backend's statements module (`postgres_sql`, `sqlite_sql`),
 compiled by SQLAlchemy's compiler, with parameters and results converted by
 SQLAlchemy's own type processors; only the execution is the driver's.
@@ -22,7 +22,9 @@ from sqlalchemy import ClauseElement, ColumnElement, Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from .._dialects import (
+from ..tables import latest_table
+from ._pool import Connections
+from .statements import (
     ROW_COLUMNS,
     DialectName,
     history_statement,
@@ -31,8 +33,6 @@ from .._dialects import (
     latest_statement,
     version_statement,
 )
-from ..tables import latest_table
-from ._pool import Connections
 from .values import Row, StoredRow
 
 __all__ = [

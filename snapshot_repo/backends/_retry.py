@@ -6,7 +6,7 @@ server or role default; the library itself runs READ COMMITTED) aborts a
 transaction that cannot be serialized (40001). Either way the victim was
 rolled back whole, so running the same statement or transaction again is
 safe, and it usually succeeds: the other side has gone on. Writes and
-pruning take their row locks in one order (see `_dialects.prune_statement`)
+pruning take their row locks in one order (see `statements.prune_statement`)
 and do not deadlock each other; this covers the rest, such as the
 application's own transactions on the same rows.
 

@@ -17,7 +17,7 @@ takes the user's row lock, which orders the user's writers and erasers.
 What is not dialect-neutral, and why:
 
 - ON CONFLICT: SQLAlchemy has no neutral upsert, so the latest-row upsert and
-  the data-key claim (`_dialects.latest_write_statement`,
+  the data-key claim (`statements.latest_write_statement`,
   `claim_key_statement`) use `postgresql.insert` on Postgres and
   `sqlite.insert` elsewhere (a dialect needs one of the two forms, plus RETURNING).
 - Postgres's feed (revision 0010): a write's entry is its history row
@@ -40,26 +40,6 @@ from sqlalchemy import ClauseElement, Insert, Select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._dialects import (
-    CHANGE_COLUMNS,
-    ROW_COLUMNS,
-    STORED_COLUMNS,
-    DialectName,
-    claim_key_statement,
-    delete_statements,
-    forget_key_statement,
-    history_statement,
-    hold_key_statement,
-    idempotent_write_statement,
-    latest_statement,
-    latest_write_statement,
-    prune_statement,
-    receipt_statement,
-    sqlite_erasure_feed_statements,
-    version_statement,
-    write_mode,
-)
-from .._queries import changes_since_statement
 from ..engine import WRITE_TRANSACTION, EngineSettings, engine_settings, install_sqlite_settings
 from ..errors import ConnectionLostError
 from ._compiled import expired, snapshot_row_decoder
@@ -75,6 +55,26 @@ from .core_sql import (
     pruning,
 )
 from .sqlite_commit import pending_truncation
+from .statements import (
+    CHANGE_COLUMNS,
+    ROW_COLUMNS,
+    STORED_COLUMNS,
+    DialectName,
+    changes_since_statement,
+    claim_key_statement,
+    delete_statements,
+    forget_key_statement,
+    history_statement,
+    hold_key_statement,
+    idempotent_write_statement,
+    latest_statement,
+    latest_write_statement,
+    prune_statement,
+    receipt_statement,
+    sqlite_erasure_feed_statements,
+    version_statement,
+    write_mode,
+)
 from .values import (
     DataKeyChanged,
     DataKeyRef,

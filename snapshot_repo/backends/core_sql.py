@@ -5,7 +5,7 @@ transaction (see `core`), built from Core constructs that every dialect
 renders, except where `core` says why not: Postgres's feed position,
 transaction id and `pg_notify`. The latest-row upsert, the reads, the
 erasure's deletes and the data-key statements it shares with the fast
-backends are in `_dialects`.
+backends are in `statements`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from sqlalchemy import Sequence as DbSequence
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from .._dialects import (
+from ..tables import changes_table, data_keys_table, history_table, latest_table
+from .statements import (
     CHANGE_COLUMNS,
     FEED_SEQUENCE,
     NOTIFY_CHANNEL,
@@ -47,7 +48,6 @@ from .._dialects import (
     is_key,
     prune_condition,
 )
-from ..tables import changes_table, data_keys_table, history_table, latest_table
 
 __all__ = [
     "DriverSql",

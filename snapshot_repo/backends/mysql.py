@@ -32,7 +32,6 @@ from sqlalchemy import ClauseElement
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .._dialects import hold_key_statement, write_mode
 from .._translate import register_driver_errors, register_missing_schema
 from ._retry import register_rolled_back, retry_rolled_back
 from .core import CoreBackend
@@ -45,6 +44,7 @@ from .mysql_sql import (
     latest_write_statement,
     stored_latest_statement,
 )
+from .statements import hold_key_statement, write_mode
 from .values import DataKeyChanged, DataKeyRef, Erasure, PendingBatch, PendingWrite, Scope
 
 __all__ = ["MysqlBackend", "error_code"]

@@ -8,7 +8,7 @@ record orders the user's writers, and the row as stored is read back in
 the same transaction, under that lock (`stored_latest_statement`).
 
 Everything else a write or an erasure runs is the core backend's (see
-`core_sql` and `_dialects`), rendered by SQLAlchemy's MySQL dialect.
+`core_sql` and `statements`), rendered by SQLAlchemy's MySQL dialect.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 
-from .._dialects import (
+from ..tables import data_keys_table, latest_table
+from .statements import (
     KEY_COLUMNS,
     STORED_COLUMNS,
     WRITE_COLUMNS,
@@ -39,7 +40,6 @@ from .._dialects import (
     is_key,
     plain_latest_write,
 )
-from ..tables import data_keys_table, latest_table
 
 __all__ = [
     "FEED_GATE",

@@ -16,8 +16,6 @@ from asyncpg.exceptions import InternalClientError
 from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .._dialects import claim_key_statement, hold_key_statement, prune_statement, write_mode
-from .._queries import changes_since_statement
 from .._translate import register_driver_errors
 from ._compiled import (
     SharedStatements,
@@ -33,6 +31,13 @@ from .postgres_sql import (
     postgres_erase_statement,
     postgres_write_statement,
     sorted_batch,
+)
+from .statements import (
+    changes_since_statement,
+    claim_key_statement,
+    hold_key_statement,
+    prune_statement,
+    write_mode,
 )
 from .values import (
     DataKeyChanged,

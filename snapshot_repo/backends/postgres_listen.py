@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
-from .._dialects import NOTIFY_CHANNEL
+from .statements import NOTIFY_CHANNEL
 
 __all__ = ["listen"]
 

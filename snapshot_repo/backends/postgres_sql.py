@@ -1,7 +1,7 @@
 """The Postgres backend's own statements: a write, a batch and an erasure, each one statement.
 
 - A write is one statement, a data-modifying CTE whose first part is the
-  latest-row write (`_dialects.latest_write_statement`) and whose second part
+  latest-row write (`statements.latest_write_statement`) and whose second part
   inserts its `RETURNING` row into the history, with its feed position
   (revision 0010): the history row is the write's feed entry. The row lock
   taken by the first part orders concurrent writers, so versions are
@@ -12,7 +12,7 @@
 
 Retention and NOTIFY ride along in the same statement when asked for. What
 Postgres shares with the other backends (reads, pruning, data keys) is in
-`_dialects`.
+`statements`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import BindParameter
 
-from .._dialects import (
+from ..tables import history_table, latest_table
+from .statements import (
     FEED_POSITION_COLUMNS,
     FEED_SEQUENCE,
     KEY_COLUMNS,
@@ -62,7 +63,6 @@ from .._dialects import (
     prune_condition,
     update_on_key_conflict,
 )
-from ..tables import history_table, latest_table
 
 __all__ = [
     "postgres_bulk_write_statement",

@@ -27,18 +27,6 @@ from sqlalchemy import ClauseElement
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import _deadlines
-from .._dialects import (
-    STORED_COLUMNS,
-    claim_key_statement,
-    delete_statements,
-    forget_key_statement,
-    hold_key_statement,
-    prune_statement,
-    receipt_statement,
-    sqlite_erasure_feed_statements,
-    write_mode,
-)
-from .._queries import changes_since_statement
 from .._translate import register_driver_errors
 from ..engine import EngineSettings, engine_settings, install_sqlite_settings
 from ._compiled import (
@@ -54,6 +42,18 @@ from ._pool import Connections
 from ._privates import run_on_thread, sqlite_connection
 from .sqlite_commit import Commit, pending_truncation, truncate_committed
 from .sqlite_sql import sqlite_bulk_write_statements, sqlite_write_statements
+from .statements import (
+    STORED_COLUMNS,
+    changes_since_statement,
+    claim_key_statement,
+    delete_statements,
+    forget_key_statement,
+    hold_key_statement,
+    prune_statement,
+    receipt_statement,
+    sqlite_erasure_feed_statements,
+    write_mode,
+)
 from .values import (
     DataKeyChanged,
     DataKeyRef,

@@ -1,11 +1,11 @@
 """The SQLite backend's own statements: a write and a batch as a few statements each.
 
 SQLite cannot put DML in a CTE, so a write is the latest-row write
-(`_dialects.latest_write_statement`, returning the row it wrote), then the
+(`statements.latest_write_statement`, returning the row it wrote), then the
 history append and the feed entry, inside one `BEGIN IMMEDIATE` transaction
 whose write lock orders writers. A batch of distinct users is three
 statements whatever its size. What SQLite shares with the other backends
-(reads, erasure, pruning, data keys) is in `_dialects`.
+(reads, erasure, pruning, data keys) is in `statements`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.dml import ReturningInsert
 
-from .._dialects import (
+from ..tables import changes_table, history_table, latest_table
+from .statements import (
     CHANGE_COLUMNS,
     STORED_COLUMNS,
     WriteMode,
@@ -38,7 +39,6 @@ from .._dialects import (
     latest_write_statement,
     plain_latest_write,
 )
-from ..tables import changes_table, history_table, latest_table
 
 __all__ = ["sqlite_bulk_write_statements", "sqlite_write_statements"]
 
