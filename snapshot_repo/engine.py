@@ -267,8 +267,12 @@ def _bounded_mysql_connect(
     cparams.update(connect_args)
 
     async def connect() -> Any:
-        async with asyncio.timeout(timeout):
-            return await asyncmy.connect(*cargs, **cparams)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncmy.connect(*cargs, **cparams)
+        except TimeoutError:
+            message = f"connecting to the server timed out after {timeout:g} s (connect_timeout)"
+            raise TimeoutError(message) from None
 
     return connect
 
