@@ -3,7 +3,8 @@
 The question it answers is what the abstraction costs: the same workload runs
 through the public `SnapshotRepository` API and through a careful
 hand-written implementation on the bare driver (asyncpg on Postgres;
-aiosqlite, and stdlib `sqlite3` on one worker thread, on SQLite), against the
+aiosqlite, and stdlib `sqlite3` on one worker thread, on SQLite; asyncmy on
+MariaDB), against the
 same tables and with the same semantics and durability, so that the ratio
 library/raw isolates the library's own overhead. A fourth kind of side, the
 peer (`sqlalchemy`, see `peer`), runs the same workloads in plain
@@ -23,7 +24,9 @@ What keeps the comparison fair:
 - Same semantics: a write bumps `snapshot_latest` with `INSERT ... ON
   CONFLICT DO UPDATE SET version = snapshot_latest.version + 1` and appends
   the same row to `snapshot_history` atomically (Postgres: one CTE statement;
-  SQLite: `BEGIN IMMEDIATE`, two statements, `COMMIT`); reads decode with
+  SQLite: `BEGIN IMMEDIATE`, two statements, `COMMIT`; MariaDB: `ON DUPLICATE
+  KEY UPDATE`, the version read back, history and feed entry, in one
+  transaction); reads decode with
   `Model.model_validate_json`; a delete removes the latest row first, then
   the history up to its version, in one transaction.
 - A good raw baseline, not a strawman: statements are prepared once and
@@ -33,7 +36,8 @@ What keeps the comparison fair:
 - Same durability: Postgres with its own `synchronous_commit`; SQLite in WAL
   mode with the `synchronous` level, busy timeout and `secure_delete` taken
   from the library's `EngineSettings`, checked on every connection before
-  timing.
+  timing; MariaDB with the server's `innodb_flush_log_at_trx_commit`, every
+  side's connections READ COMMITTED, as the library's.
 - Same conditions: every round runs every workload on every side in turn
   (the order rotates per round), in one process and one event loop, after an
   untimed warm-up; the garbage collector is run before each timed phase and
@@ -57,7 +61,7 @@ command line (`python benchmarks/run.py`), and `add_arguments` /
 - `sides`: the interface every side implements, and the library's sides (its
   fast backend, and its core backend);
 - `rows`, `sql`: rows and statements written by hand;
-- `asyncpg_side`, `sqlite_sides`: the raw baselines;
+- `asyncpg_side`, `sqlite_sides`, `mariadb_side`: the raw baselines;
 - `peer`: the plain-SQLAlchemy peer;
 - `databases`, `seeding`: a migrated, seeded database with every side connected;
 - `workloads`, `timing`, `parity`: what is timed, how, and the check that the
@@ -72,8 +76,10 @@ from .cli import add_arguments, build_parser, config_from_args, main
 from .config import (
     CORE,
     DEFAULT_JSON_PATH,
+    DEFAULT_MARIADB_URL,
     DEFAULT_POSTGRES_URL,
     LIBRARY,
+    MARIADB_URL_ENV,
     POSTGRES_URL_ENV,
     WORKLOADS,
     BackendName,
@@ -88,8 +94,10 @@ from .state import BenchState
 __all__ = [
     "CORE",
     "DEFAULT_JSON_PATH",
+    "DEFAULT_MARIADB_URL",
     "DEFAULT_POSTGRES_URL",
     "LIBRARY",
+    "MARIADB_URL_ENV",
     "PEER",
     "POSTGRES_URL_ENV",
     "WORKLOADS",

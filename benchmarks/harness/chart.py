@@ -33,6 +33,7 @@ __all__ = ["write_chart"]
 _COLORS = {
     "asyncpg": "#4C72B0",
     "aiosqlite": "#4C72B0",
+    "asyncmy": "#4C72B0",
     "sqlite3": "#8172B3",
     "sqlalchemy": "#DD8452",
     CORE: "#55A868",

@@ -24,7 +24,9 @@ from snapshot_repo.engine import SqliteSynchronous
 
 from .config import (
     DEFAULT_JSON_PATH,
+    DEFAULT_MARIADB_URL,
     DEFAULT_POSTGRES_URL,
+    MARIADB_URL_ENV,
     POSTGRES_URL_ENV,
     BackendName,
     BenchConfig,
@@ -35,6 +37,25 @@ from .runner import run_benchmark
 __all__ = ["add_arguments", "build_parser", "config_from_args", "main"]
 
 _EXIT_OK, _EXIT_USAGE, _EXIT_STORAGE, _EXIT_INTERRUPTED = 0, 2, 3, 130
+
+
+def _failures() -> tuple[type[Exception], ...]:
+    """What says a database failed (exit 3): the library's and the raw drivers' errors
+    (asyncmy's only if installed), and the harness's RuntimeError (the sides disagree, or
+    the schema is one the raw baselines do not know)."""
+    failures: tuple[type[Exception], ...] = (
+        RuntimeError,
+        SnapshotRepoError,
+        OSError,
+        sqlite3.Error,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    )
+    try:
+        import asyncmy.errors
+    except ModuleNotFoundError:  # an optional extra: MariaDB is then skipped, not failed
+        return failures
+    return (*failures, asyncmy.errors.Error)
 
 
 def _positive_int(text_value: str) -> int:
@@ -52,7 +73,7 @@ def _backends(text_value: str) -> tuple[BackendName, ...]:
     for name in names:
         if name not in get_args(BackendName):
             raise argparse.ArgumentTypeError(
-                f"unknown backend {name!r}: use sqlite and/or postgres"
+                f"unknown backend {name!r}: use sqlite, postgres and/or mariadb"
             )
     return cast(tuple[BackendName, ...], names)
 
@@ -141,7 +162,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backends",
         type=_backends,
         default=defaults.backends,
-        help="comma-separated: sqlite,postgres (default: both)",
+        help="comma-separated: sqlite,postgres,mariadb (default: all three; a MariaDB server "
+        "that cannot be reached is skipped with a message)",
     )
     where.add_argument(
         "--postgres-url",
@@ -161,6 +183,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="synchronous_commit for every side, set on the throwaway database "
         "(default: the server's, normally on)",
+    )
+    where.add_argument(
+        "--mariadb-url",
+        default=os.environ.get(MARIADB_URL_ENV, defaults.mariadb_url),
+        help=f"MariaDB server to create a throwaway database on (default "
+        f"${MARIADB_URL_ENV}, else {DEFAULT_MARIADB_URL})",
+    )
+    where.add_argument(
+        "--mariadb-use-database",
+        action="store_true",
+        help="run in --mariadb-url's own database (it must hold no snapshots; "
+        "the benchmark's rows stay there) instead of a throwaway one",
     )
     where.add_argument(
         "--sqlite-path",
@@ -213,6 +247,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         postgres_url=args.postgres_url,
         postgres_create_database=not args.postgres_use_database,
         postgres_synchronous_commit=args.postgres_synchronous_commit,
+        mariadb_url=args.mariadb_url,
+        mariadb_create_database=not args.mariadb_use_database,
         sqlite_path=args.sqlite_path,
         settings=replace(EngineSettings(), sqlite_synchronous=args.sqlite_synchronous),
         seed=args.seed,
@@ -226,8 +262,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Compare snapshot_repo with hand-written SQL on the raw drivers "
-        "(asyncpg; aiosqlite and sqlite3), with its own core backend (--core) and, with --peer, "
-        "with plain SQLAlchemy Core, and print ops/s, p50, p99 and the library's ratio to each.",
+        "(asyncpg; aiosqlite and sqlite3; asyncmy), with its own core backend (--core) and, "
+        "with --peer, with plain SQLAlchemy Core, and print ops/s, p50, p99 and the library's "
+        "ratio to each.",
     )
     add_arguments(parser)
     return parser
@@ -239,7 +276,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     Returns the exit status.
 
     Exit status: 0 done; 2 bad flags or configuration (including a database
-    that already holds snapshots); 3 a database failed; 130 interrupted.
+    that already holds snapshots); 3 a database failed, or every backend was
+    skipped (an unreachable MariaDB alone is skipped, not failed); 130 interrupted.
     """
     parser = build_parser(prog)
     args = parser.parse_args(argv)
@@ -269,19 +307,17 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     except ConfigurationError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return _EXIT_USAGE
-    except (
-        RuntimeError,  # the sides disagree, or the schema is one the raw baselines do not know
-        SnapshotRepoError,
-        OSError,
-        sqlite3.Error,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-    ) as exc:
+    except _failures() as exc:
         print(f"{name}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return _EXIT_STORAGE
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return _EXIT_INTERRUPTED
+    if not report.backends:
+        for backend, reason in report.skipped.items():
+            print(f"{name}: error: {backend} skipped: {reason}", file=sys.stderr)
+        print(f"{name}: error: no backend ran", file=sys.stderr)
+        return _EXIT_STORAGE
     print(report.format_table())
     try:
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")

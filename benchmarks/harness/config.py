@@ -16,8 +16,10 @@ from snapshot_repo.engine import normalize_url
 __all__ = [
     "CORE",
     "DEFAULT_JSON_PATH",
+    "DEFAULT_MARIADB_URL",
     "DEFAULT_POSTGRES_URL",
     "LIBRARY",
+    "MARIADB_URL_ENV",
     "POSTGRES_URL_ENV",
     "WORKLOADS",
     "BackendName",
@@ -26,13 +28,18 @@ __all__ = [
     "hide_password",
 ]
 
-BackendName = Literal["sqlite", "postgres"]
+BackendName = Literal["sqlite", "postgres", "mariadb"]
 SynchronousCommit = Literal["on", "off", "local", "remote_write", "remote_apply"]
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 """The server the benchmark creates its throwaway database on, unless told otherwise."""
 
 POSTGRES_URL_ENV = "SNAPSHOT_REPO_BENCH_POSTGRES_URL"
+
+DEFAULT_MARIADB_URL = "mariadb://root@127.0.0.1:3306/test"
+"""The MariaDB server the benchmark creates its throwaway database on, unless told otherwise."""
+
+MARIADB_URL_ENV = "SNAPSHOT_REPO_BENCH_MARIADB_URL"
 DEFAULT_JSON_PATH = "benchmark-results.json"
 
 LIBRARY = "library"
@@ -63,7 +70,8 @@ WORKLOADS: tuple[str, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
-    """What to run and how big; the defaults take under 3 minutes for both backends on 2 cores.
+    """What to run and how big; the defaults take under 3 minutes for the three backends on 2
+    cores.
 
     Attributes:
         backends: which databases to benchmark, in order.
@@ -89,6 +97,12 @@ class BenchConfig:
         postgres_synchronous_commit: None runs with the server's setting (on
             by default); a value is set on the throwaway database for every
             side (e.g. "off" to take fsync waits out of the comparison).
+        mariadb_url: with `mariadb_create_database`, the MariaDB server on which a
+            throwaway database is created and dropped afterwards; otherwise the
+            database to run in. A server that cannot be reached (or no asyncmy
+            installed) skips the MariaDB backend with a message, not the run.
+        mariadb_create_database: create a throwaway database (needs the CREATE
+            and DROP privileges) rather than run in `mariadb_url`'s database.
         sqlite_path: the SQLite file to run in; None: a file in a temporary
             directory removed afterwards. Put it on the disk you care about:
             on tmpfs an fsync costs nothing.
@@ -97,16 +111,16 @@ class BenchConfig:
         seed: seeds the random choice of users, so runs are repeatable.
         peer: also run the peer, plain SQLAlchemy Core (`peer`). Off by
             default: its calls are 2 to 10 times slower than the other sides',
-            so it about doubles the run (both backends on 2 cores: 64 to 68 s
+            so it about doubles the run (SQLite and Postgres on 2 cores: 64 to 68 s
             without, 138 s with).
         core: also run the library on its `core` backend (`CORE`), on the same
             workloads and databases, with repositories (and a pool) of its own.
             Off by default: its calls are 3 to 50 times slower than the fast
-            backend's, so it about triples the run (both backends on 2 cores:
+            backend's, so it about triples the run (SQLite and Postgres on 2 cores:
             62 s without, 192 s with).
     """
 
-    backends: tuple[BackendName, ...] = ("sqlite", "postgres")
+    backends: tuple[BackendName, ...] = ("sqlite", "postgres", "mariadb")
     # Many short rounds rather than a few long ones: a median of nine pairings of the sides
     # rather than three, on a machine whose fsync switches between two speeds at second
     # scale or faster. Postgres sequential writes measured 0.69 to 1.31 of asyncpg over
@@ -128,6 +142,8 @@ class BenchConfig:
     postgres_url: str = DEFAULT_POSTGRES_URL
     postgres_create_database: bool = True
     postgres_synchronous_commit: SynchronousCommit | None = None
+    mariadb_url: str = DEFAULT_MARIADB_URL
+    mariadb_create_database: bool = True
     sqlite_path: Path | None = None
     settings: EngineSettings = field(default_factory=EngineSettings)
     seed: int = 1
@@ -139,7 +155,9 @@ class BenchConfig:
             raise ConfigurationError("choose at least one backend")
         for backend in self.backends:
             if backend not in get_args(BackendName):
-                raise ConfigurationError(f"unknown backend {backend!r}: use sqlite or postgres")
+                raise ConfigurationError(
+                    f"unknown backend {backend!r}: use sqlite, postgres or mariadb"
+                )
         if len(set(self.backends)) != len(self.backends):
             raise ConfigurationError("a backend is listed twice")
         positive = (
@@ -180,6 +198,7 @@ class BenchConfig:
         values["backends"] = list(self.backends)
         values["sqlite_path"] = None if self.sqlite_path is None else str(self.sqlite_path)
         values["postgres_url"] = hide_password(self.postgres_url)
+        values["mariadb_url"] = hide_password(self.mariadb_url)
         return values
 
 

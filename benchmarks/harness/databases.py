@@ -2,9 +2,11 @@
 durability check.
 
 Each opener is an async context manager that yields a `Setup` and removes
-whatever it created (a throwaway Postgres database, a temporary SQLite
-file) on exit, failure included. Both refuse a database that already holds
-snapshots before migrating or writing anything.
+whatever it created (a throwaway Postgres or MariaDB database, a temporary
+SQLite file) on exit, failure included. Each refuses a database that already
+holds snapshots before migrating or writing anything. A MariaDB server that
+cannot be reached, or no asyncmy installed, raises `BackendUnavailable`
+before anything is created: the run goes on without that backend.
 """
 
 from __future__ import annotations
@@ -30,14 +32,32 @@ from snapshot_repo.engine import normalize_url
 
 from .asyncpg_side import AsyncpgSide, keep_session
 from .config import CORE, LIBRARY, BenchConfig, hide_password
+from .mariadb_side import READ_COMMITTED, MariadbSide
 from .peer import PEER, PeerSide, PeerStatements, peer_engine
-from .seeding import PostgresSeeder, Seeder, SqliteSeeder
+from .seeding import MariadbSeeder, PostgresSeeder, Seeder, SqliteSeeder
 from .sides import CoreSide, LibrarySide, Side
 from .sql import holds_snapshots, raw_statements, scope_of
 from .sqlite_sides import AiosqliteSide, Sqlite3Side, Sqlite3Thread
 from .state import BenchState
 
-__all__ = ["Setup", "open_postgres", "open_sqlite", "sqlite_pragmas"]
+__all__ = [
+    "BackendUnavailable",
+    "Setup",
+    "mariadb_admin",
+    "mariadb_connect_args",
+    "mariadb_value",
+    "open_mariadb",
+    "open_postgres",
+    "open_sqlite",
+    "sqlite_pragmas",
+]
+
+
+class BackendUnavailable(Exception):
+    """The database cannot be reached (or its driver is not installed): skip the backend.
+
+    Raised by an opener before it creates or changes anything.
+    """
 
 
 @dataclass
@@ -151,6 +171,176 @@ async def _drop_database(url: URL, name: str, connect_timeout: float) -> None:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+MARIADB_STATEMENT_CACHE = 64
+"""Server-side prepared statements each raw MariaDB connection keeps (asyncmy's
+`stmt_cache_size`): every statement of the raw side is then prepared once per
+connection and runs in the binary protocol, as asyncpg's statement cache does on
+Postgres; 0 would send every statement as text, with its values escaped in."""
+
+
+def mariadb_connect_args(url: URL, settings: EngineSettings) -> dict[str, Any]:
+    """asyncmy's (and aiomysql's) `connect` arguments for the server of `url`, no database."""
+    return {
+        "host": url.host or "127.0.0.1",
+        "port": url.port or 3306,
+        "user": url.username or "root",
+        "password": url.password or "",
+        "charset": "utf8mb4",  # as the library's connections
+        "connect_timeout": max(1, round(settings.connect_timeout)),
+    }
+
+
+async def mariadb_value(conn: Any, query: str) -> Any:
+    """The first column of the first row of `query`, on a raw connection."""
+    async with conn.cursor() as cursor:
+        await cursor.execute(query)
+        row = await cursor.fetchone()
+    return None if row is None else row[0]
+
+
+async def mariadb_admin(connect: Mapping[str, Any], within: float) -> Any:
+    """A raw asyncmy connection to the server (no database), in autocommit mode, made within
+    `within` seconds (asyncmy's own `connect_timeout` bounds the TCP connect only)."""
+    import asyncmy
+
+    async with asyncio.timeout(within):
+        return await asyncmy.connect(**connect, autocommit=True)
+
+
+async def _drop_mariadb_database(connect: Mapping[str, Any], name: str, within: float) -> None:
+    admin = await mariadb_admin(connect, within)
+    try:
+        await mariadb_value(admin, f"DROP DATABASE IF EXISTS `{name}`")
+    finally:
+        admin.close()
+
+
+_ISOLATION = "SELECT @@SESSION.tx_isolation"
+"""A connection's isolation level, read back from every side's connections."""
+
+
+@asynccontextmanager
+async def open_mariadb(config: BenchConfig) -> AsyncIterator[Setup]:
+    """A migrated, empty MariaDB database with the library, raw asyncmy, (`core`) the library
+    on its core backend and (`peer`) the peer.
+
+    A throwaway database (`bench_snapshot_repo_<random>`, utf8mb4 with a binary
+    collation) unless `mariadb_create_database` is off, dropped on exit even on
+    failure.
+
+    Raises:
+        BackendUnavailable: the server cannot be reached, or asyncmy is not
+            installed; nothing was created.
+        ConfigurationError: not a MariaDB URL, a MySQL server (the raw side's SQL
+            is MariaDB's: `DELETE ... RETURNING`, the sequence engine), or the
+            database holds snapshots.
+        RuntimeError: the sides run with different isolation levels.
+    """
+    url = normalize_url(config.mariadb_url)
+    where = hide_password(config.mariadb_url)
+    if url.get_backend_name() not in ("mariadb", "mysql"):
+        raise ConfigurationError(f"not a MariaDB URL: {where}")
+    if not config.mariadb_create_database and not url.database:
+        raise ConfigurationError(f"no database to run in: {where} names none")
+    try:
+        import asyncmy
+        import asyncmy.errors
+    except ModuleNotFoundError as exc:
+        raise BackendUnavailable(
+            f"the MariaDB driver is not installed ({exc.name}): pip install 'snapshot-repo[mysql]'"
+        ) from None
+    settings = config.settings
+    connect = mariadb_connect_args(url, settings)
+    try:
+        admin = await mariadb_admin(connect, settings.connect_timeout)
+    except (OSError, TimeoutError, asyncmy.errors.Error) as exc:
+        raise BackendUnavailable(f"MariaDB at {where} is unreachable: {exc!r}") from exc
+    async with AsyncExitStack() as stack:
+        try:
+            version = str(await mariadb_value(admin, "SELECT VERSION()"))
+            if "mariadb" not in version.lower():
+                raise ConfigurationError(
+                    f"{where} is not MariaDB but {version}: the raw side's SQL is MariaDB's"
+                )
+            durability = {
+                "innodb_flush_log_at_trx_commit": str(
+                    await mariadb_value(admin, "SELECT @@GLOBAL.innodb_flush_log_at_trx_commit")
+                ),
+                "log_bin": str(await mariadb_value(admin, "SELECT @@GLOBAL.log_bin")),
+            }
+            if config.mariadb_create_database:
+                name = f"bench_snapshot_repo_{secrets.token_hex(4)}"
+                await mariadb_value(
+                    admin,
+                    f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+                )
+                stack.push_async_callback(
+                    _drop_mariadb_database, connect, name, settings.connect_timeout
+                )
+                url = url.set(database=name)
+        finally:
+            admin.close()
+        pool = await asyncmy.create_pool(
+            minsize=settings.pool_size,
+            maxsize=settings.pool_size,
+            database=url.database,
+            autocommit=True,
+            init_command=READ_COMMITTED,
+            stmt_cache_size=MARIADB_STATEMENT_CACHE,
+            **connect,
+        )
+
+        async def close_pool() -> None:
+            pool.close()
+            await pool.wait_closed()
+
+        stack.push_async_callback(close_pool)
+
+        async def value(query: str) -> Any:
+            async with pool.acquire() as conn:
+                return await mariadb_value(conn, query)
+
+        async def first_row(query: str) -> Sequence[Any]:
+            async with pool.acquire() as conn, conn.cursor() as cursor:
+                await cursor.execute(query)
+                return tuple(await cursor.fetchone())
+
+        exists = (
+            "SELECT COUNT(*) > 0 FROM information_schema.tables "
+            "WHERE table_schema = DATABASE() AND table_name = {table}"
+        )
+        if await holds_snapshots(value, exists):
+            raise _refuse_data(where)
+        repo = SnapshotRepository.from_url(url, BenchState, settings=settings)
+        stack.push_async_callback(repo.close)
+        await repo.migrate()
+        scope = await scope_of(repo, first_row, quote="`")
+        sql = raw_statements("mariadb", scope)
+        sides: list[Side] = [LibrarySide(repo), MariadbSide(pool, sql)]
+        engines = {LIBRARY: repo.engine}
+        if config.core:
+            core = SnapshotRepository.from_url(url, BenchState, settings=settings, backend="core")
+            stack.push_async_callback(core.close)
+            sides.append(CoreSide(core))
+            engines[CORE] = core.engine
+        if config.peer:
+            peer = peer_engine(url, settings, ())
+            stack.push_async_callback(peer.dispose)
+            sides.append(PeerSide(peer, PeerStatements(peer.dialect.name, scope)))
+            engines[PEER] = peer
+        levels = await _engine_answers(engines, (_ISOLATION,))
+        raw_level = str(await value(_ISOLATION))
+        levels["asyncmy"] = [raw_level]
+        if any(values != [raw_level] for values in levels.values()):
+            raise RuntimeError(f"isolation levels differ between sides: {levels}")
+        yield Setup(
+            server="MariaDB " + version.split("-", 1)[0],  # 10.11.19-MariaDB-0+deb12u1
+            sides=sides,
+            seeder=MariadbSeeder(pool, sql),
+            durability={**durability, "isolation": raw_level},
+        )
 
 
 def sqlite_pragmas(settings: EngineSettings) -> tuple[str, ...]:

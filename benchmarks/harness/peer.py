@@ -11,12 +11,14 @@ alternative written well, not a strawman:
   column types), so SQLAlchemy's compiled cache serves every call;
 - a Postgres write is one statement (the upsert as a data-modifying CTE, the
   history row inserted from its `RETURNING`), a SQLite write two statements
-  in one transaction;
+  in one transaction; on MariaDB, as its raw side, four in one transaction
+  (the upsert, its version read back, the history row, the feed entry);
 - a batch is one transaction of two `executemany` calls, the upserts with
   `RETURNING` (SQLAlchemy's "insertmanyvalues" turns each into a few
-  multi-row statements);
-- the pool has the library's size and overflow, and SQLite connections get
-  the library's durability pragmas.
+  multi-row statements); on MariaDB the upserts' `executemany`, then the
+  batch's latest rows copied into the history and the feed (`INSERT ... SELECT`);
+- the pool has the library's size and overflow, SQLite connections get the
+  library's durability pragmas, MariaDB connections its READ COMMITTED.
 
 What it keeps is what plain SQLAlchemy does by itself: a pool checkout and
 return per call (with the pool's reset-on-return rollback), a transaction
@@ -31,14 +33,24 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Delete, Select, bindparam, delete, event, insert, literal, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import (
+    Delete,
+    Select,
+    bindparam,
+    delete,
+    event,
+    insert,
+    literal,
+    literal_column,
+    select,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.dml import Insert, ReturningDelete
 
 from snapshot_repo import EngineSettings
-from snapshot_repo.tables import history_table, latest_table
+from snapshot_repo.tables import changes_table, history_table, latest_table
 
 from .rows import BASELINE_COLUMNS, RawSnapshot, decode_row, require_distinct
 from .sides import CHECKPOINT, Side
@@ -68,6 +80,12 @@ def peer_engine(url: URL, settings: EngineSettings, sqlite_pragmas: Sequence[str
             "command_timeout": settings.command_timeout,
         }
         return create_async_engine(url, connect_args=connect_args, **pool)
+    if url.get_backend_name() in ("mariadb", "mysql"):
+        # The library's connection settings: utf8mb4, READ COMMITTED set once per connection.
+        connect_args = {"connect_timeout": settings.connect_timeout, "charset": "utf8mb4"}
+        return create_async_engine(
+            url, connect_args=connect_args, isolation_level="READ COMMITTED", **pool
+        )
     engine = create_async_engine(url, connect_args={"timeout": settings.busy_timeout}, **pool)
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -91,11 +109,11 @@ class PeerStatements:
 
     def __init__(self, dialect: str, scope: Mapping[str, str]) -> None:
         postgres = dialect == "postgresql"
+        self.mariadb = dialect in ("mariadb", "mysql")
         latest, history = latest_table, history_table
         in_scope = [latest.c[name] == value for name, value in scope.items()]
         in_history_scope = [history.c[name] == value for name, value in scope.items()]
         fixed = {name: literal(value) for name, value in scope.items()}
-        make_insert = postgresql.insert if postgres else sqlite.insert
         values = {
             **fixed,
             "user_id": bindparam("user_id"),
@@ -104,15 +122,64 @@ class PeerStatements:
             "payload": bindparam("payload"),
             "created_at": bindparam("created_at"),
         }
-        stmt = make_insert(latest).values(values)
-        self.upsert = stmt.on_conflict_do_update(
-            index_elements=[*scope, "user_id"],
-            set_={
-                "version": latest.c.version + 1,
-                "schema_version": stmt.excluded.schema_version,
-                "payload": stmt.excluded.payload,
-                "created_at": stmt.excluded.created_at,
-            },
+        user = latest.c.user_id == bindparam("user_id")
+        self.upsert: Insert
+        if self.mariadb:
+            # No ON CONFLICT and no RETURNING for the upsert's UPDATE: the version is read back.
+            upserting = mysql.insert(latest).values(values)
+            self.upsert = upserting.on_duplicate_key_update(
+                # Inline: the drivers' executemany rewrites the statement into one multi-row
+                # INSERT, which takes parameters in its VALUES only.
+                version=latest.c.version + literal_column("1"),
+                schema_version=upserting.inserted.schema_version,
+                payload=upserting.inserted.payload,
+                created_at=upserting.inserted.created_at,
+            )
+        else:
+            stmt = (postgresql.insert if postgres else sqlite.insert)(latest).values(values)
+            self.upsert = stmt.on_conflict_do_update(
+                index_elements=[*scope, "user_id"],
+                set_={
+                    "version": latest.c.version + 1,
+                    "schema_version": stmt.excluded.schema_version,
+                    "payload": stmt.excluded.payload,
+                    "created_at": stmt.excluded.created_at,
+                },
+            )
+        # MariaDB only: the version read back, the feed (`snapshot_changes`), whose entries
+        # a delete erases, and the batch's history and feed copied from its latest rows.
+        self.read_back: Select[Any] = select(latest.c.version).where(*in_scope, user)
+        changes = changes_table
+        self.feed: Insert = insert(changes).values(
+            {
+                **fixed,
+                "user_id": bindparam("user_id"),
+                "version": bindparam("version"),
+                "kind": literal("write"),
+                "created_at": bindparam("created_at"),
+            }
+        )
+        self.forget_feed: Delete = delete(changes).where(
+            *(changes.c[name] == value for name, value in scope.items()),
+            changes.c.user_id == bindparam("user_id"),
+        )
+        batch = latest.c.user_id.in_(bindparam("user_ids", expanding=True))
+        self.copy_history: Insert = insert(history).from_select(
+            [*scope, *BASELINE_COLUMNS],
+            select(
+                *(literal(value) for value in scope.values()),
+                *(latest.c[name] for name in BASELINE_COLUMNS),
+            ).where(*in_scope, batch),
+        )
+        self.copy_feed: Insert = insert(changes).from_select(
+            [*scope, "user_id", "version", "kind", "created_at"],
+            select(
+                *(literal(value) for value in scope.values()),
+                latest.c.user_id,
+                latest.c.version,
+                literal("write"),
+                latest.c.created_at,
+            ).where(*in_scope, batch),
         )
         self.append: Insert = insert(history).values(
             {**fixed, **{name: bindparam(name) for name in BASELINE_COLUMNS}}
@@ -141,7 +208,6 @@ class PeerStatements:
             latest.c.user_id, latest.c.version, sort_by_parameter_order=True
         )
         row = [latest.c[name] for name in BASELINE_COLUMNS]
-        user = latest.c.user_id == bindparam("user_id")
         self.latest: Select[Any] = select(*row).where(*in_scope, user)
         self.latest_many: Select[Any] = select(*row).where(
             *in_scope, latest.c.user_id.in_(bindparam("user_ids", expanding=True))
@@ -181,6 +247,13 @@ class PeerSide(Side):
         async with self._engine.begin() as conn:
             if self._sql.write is not None:  # Postgres: one statement
                 return int((await conn.execute(self._sql.write, params)).scalar_one())
+            if self._sql.mariadb:
+                await conn.execute(self._sql.upsert, params)
+                version = (await conn.execute(self._sql.read_back, params)).scalar_one()
+                params["version"] = version
+                await conn.execute(self._sql.append, params)
+                await conn.execute(self._sql.feed, params)
+                return int(version)
             _user_id, version = (await conn.execute(self._sql.upsert_returning, params)).one()
             await conn.execute(self._sql.append, {**params, "version": version})
         return int(version)
@@ -203,6 +276,8 @@ class PeerSide(Side):
                 return 0
             params = {"user_id": user_id, "up_to": version}
             erased: int = (await conn.execute(self._sql.delete_history, params)).rowcount
+            if self._sql.mariadb:
+                await conn.execute(self._sql.forget_feed, params)
         return erased
 
     def traceless_delete_unavailable(self) -> str | None:
@@ -232,6 +307,12 @@ class PeerSide(Side):
             for user_id, state in items
         ]
         async with self._engine.begin() as conn:
+            if self._sql.mariadb:
+                await conn.execute(self._sql.upsert, rows)
+                batch = {"user_ids": user_ids}
+                copied: int = (await conn.execute(self._sql.copy_history, batch)).rowcount
+                await conn.execute(self._sql.copy_feed, batch)
+                return copied
             written = (await conn.execute(self._sql.upsert_returning, rows)).all()
             for row, (_user_id, version) in zip(rows, written, strict=True):
                 row["version"] = version

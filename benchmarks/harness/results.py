@@ -108,11 +108,17 @@ class BackendReport:
 
 @dataclass(frozen=True, slots=True)
 class BenchReport:
-    """The whole run: configuration, environment, and one report per backend."""
+    """The whole run: configuration, environment, and one report per backend.
+
+    Attributes:
+        skipped: per backend that did not run, why (a MariaDB server that
+            cannot be reached, or no asyncmy installed).
+    """
 
     config: BenchConfig
     environment: dict[str, Any]
     backends: dict[str, BackendReport]
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready values (what `--json` writes)."""
@@ -120,6 +126,7 @@ class BenchReport:
             "config": self.config.to_dict(),
             "environment": self.environment,
             "backends": {name: asdict(report) for name, report in self.backends.items()},
+            "skipped": dict(self.skipped),
         }
 
     def format_table(self) -> str:

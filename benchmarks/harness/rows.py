@@ -1,8 +1,9 @@
 """Rows written and read by hand: what the raw sides and the peer share.
 
 The library stores a snapshot as the model's JSON bytes and, on SQLite, its
-time as naive UTC text; hand-written code has to do the same to store rows
-the library reads back (and the parity check makes sure it does).
+time as naive UTC text (on MariaDB a naive UTC `DATETIME(6)`); hand-written
+code has to do the same to store rows the library reads back (and the parity
+check makes sure it does).
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from typing import Any
 
 from .state import BenchState
 
-__all__ = ["BASELINE_COLUMNS", "RawSnapshot", "decode_row", "require_distinct", "sqlite_time"]
+__all__ = [
+    "BASELINE_COLUMNS",
+    "RawSnapshot",
+    "decode_row",
+    "naive_utc",
+    "require_distinct",
+    "sqlite_time",
+]
 
 BASELINE_COLUMNS = ("user_id", "version", "schema_version", "payload", "created_at")
 """The columns the raw sides and the peer write and read; later columns keep their defaults."""
@@ -36,11 +44,18 @@ def sqlite_time(moment: datetime) -> str:
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
+def naive_utc(moment: datetime) -> datetime:
+    """`moment` as the library stores it on MariaDB: a naive UTC datetime."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
 def decode_row(row: Sequence[Any]) -> RawSnapshot:
-    """A raw row (asyncpg `Record` or sqlite3 tuple) as a decoded snapshot."""
+    """A raw row (asyncpg `Record`, sqlite3 or MariaDB driver tuple) as a decoded snapshot."""
     created_at = row[4]
     if isinstance(created_at, str):  # SQLite: naive UTC text
         created_at = datetime.fromisoformat(created_at).replace(tzinfo=UTC)
+    elif created_at.tzinfo is None:  # MariaDB: a naive UTC DATETIME
+        created_at = created_at.replace(tzinfo=UTC)
     return RawSnapshot(
         user_id=row[0],
         version=row[1],

@@ -18,7 +18,7 @@ from importlib import metadata
 from typing import Any
 
 from .config import CORE, LIBRARY, WORKLOADS, BackendName, BenchConfig
-from .databases import open_postgres, open_sqlite
+from .databases import BackendUnavailable, open_mariadb, open_postgres, open_sqlite
 from .parity import check_parity
 from .results import BackendReport, BenchReport, WorkloadResult
 from .state import STATE_VARIANTS, make_states, payload_of
@@ -33,7 +33,7 @@ async def _run_backend(
     backend: BackendName, config: BenchConfig, progress: Callable[[str], None]
 ) -> BackendReport:
     started = time.perf_counter()
-    opener = open_postgres if backend == "postgres" else open_sqlite
+    opener = {"sqlite": open_sqlite, "postgres": open_postgres, "mariadb": open_mariadb}[backend]
     async with opener(config) as setup:
         sides = setup.sides
         names = tuple(side.name for side in sides)
@@ -104,7 +104,14 @@ def _environment() -> dict[str, Any]:
         "loadavg_start": _loadavg(),
         "packages": {
             name: _package_version(name)
-            for name in ("snapshot-repo", "sqlalchemy", "asyncpg", "aiosqlite", "pydantic")
+            for name in (
+                "snapshot-repo",
+                "sqlalchemy",
+                "asyncpg",
+                "aiosqlite",
+                "asyncmy",
+                "pydantic",
+            )
         },
         "sqlite_library": sqlite3.sqlite_version,
         "payload_bytes": round(
@@ -130,10 +137,13 @@ async def run_benchmark(
 ) -> BenchReport:
     """Run every workload on every side of every configured backend; return the medians.
 
-    Creates (Postgres) or opens (SQLite) the database, migrates it with the
-    library, seeds it in bulk, checks that every side reads what every other
-    side writes, warms up, then times `config.rounds` interleaved rounds.
-    Throwaway databases and temporary files are removed on return or failure.
+    Creates (Postgres, MariaDB) or opens (SQLite) the database, migrates it
+    with the library, seeds it in bulk, checks that every side reads what
+    every other side writes, warms up, then times `config.rounds` interleaved
+    rounds. Throwaway databases and temporary files are removed on return or
+    failure. A MariaDB server that cannot be reached (or no asyncmy) is
+    skipped: reported in `BenchReport.skipped` and to `progress`, and the other
+    backends run.
 
     Args:
         config: what to run and how big.
@@ -146,14 +156,20 @@ async def run_benchmark(
             settings, or the schema has a required column the raw baselines
             do not know: no fair comparison is possible.
         SnapshotRepoError: the library failed (e.g. `StorageError`).
-        asyncpg.PostgresError, OSError, sqlite3.Error: a raw driver failed.
+        asyncpg.PostgresError, asyncmy.errors.Error, OSError, sqlite3.Error: a raw
+            driver failed.
     """
     report_progress = progress or (lambda _line: None)
     environment = _environment()
     started = time.perf_counter()
-    backends: dict[str, BackendReport] = {
-        backend: await _run_backend(backend, config, report_progress) for backend in config.backends
-    }
+    backends: dict[str, BackendReport] = {}
+    skipped: dict[str, str] = {}
+    for backend in config.backends:
+        try:
+            backends[backend] = await _run_backend(backend, config, report_progress)
+        except BackendUnavailable as exc:
+            skipped[backend] = str(exc)
+            report_progress(f"[{backend}] skipped: {exc}")
     environment["loadavg_end"] = _loadavg()
     environment["seconds"] = round(time.perf_counter() - started, 1)
-    return BenchReport(config=config, environment=environment, backends=backends)
+    return BenchReport(config=config, environment=environment, backends=backends, skipped=skipped)

@@ -15,7 +15,7 @@ from .rows import sqlite_time
 from .sql import RawSql
 from .sqlite_sides import Sqlite3Thread
 
-__all__ = ["PostgresSeeder", "Seeder", "SqliteSeeder"]
+__all__ = ["MariadbSeeder", "PostgresSeeder", "Seeder", "SqliteSeeder"]
 
 _SEED_TIMEOUT = 600.0  # seconds: bulk seeding of a deep history is one long statement
 
@@ -56,6 +56,43 @@ class PostgresSeeder(Seeder):
 
     async def level(self) -> None:
         """Nothing: Postgres checkpoints in a process of its own, not inside a client's call."""
+
+
+class MariadbSeeder(Seeder):
+    """Seeds with the sequence engine's tables (`seq_0_to_N`), one transaction per call, on the
+    raw side's pool (its connections are in autocommit mode)."""
+
+    def __init__(self, pool: Any, sql: RawSql) -> None:
+        self._pool = pool
+        self._sql = sql
+
+    async def seed(self, prefix: str, users: int, versions: int, payload: bytes) -> None:
+        def sized(statement: str) -> str:
+            return statement.replace("{last_user}", str(users - 1)).replace(
+                "{versions}", str(versions)
+            )
+
+        args = (prefix, payload, datetime.now(UTC).replace(tzinfo=None))
+        async with self._pool.acquire() as conn:
+            await conn.begin()
+            try:
+                async with conn.cursor() as cursor:
+                    await cursor.execute(sized(self._sql.seed_history), args)
+                    await cursor.execute(sized(self._sql.seed_latest), args)
+            except BaseException:
+                await conn.rollback()
+                raise
+            await conn.commit()
+
+    async def settle(self) -> None:
+        async with self._pool.acquire() as conn, conn.cursor() as cursor:
+            await cursor.execute(
+                "ANALYZE TABLE snapshot_latest, snapshot_history, snapshot_changes"
+            )
+            await cursor.fetchall()
+
+    async def level(self) -> None:
+        """Nothing: InnoDB flushes and purges in threads of its own, not inside a client's call."""
 
 
 class SqliteSeeder(Seeder):

@@ -66,7 +66,7 @@ class Side(abc.ABC):
 
     def traceless_delete_unavailable(self) -> str | None:
         """Why `traceless_delete` cannot run on this side, or None if it can."""
-        return "only SQLite erasures checkpoint the WAL (Postgres: see `delete`)"
+        return "only SQLite erasures checkpoint the WAL (elsewhere: see `delete`)"
 
     async def traceless_delete(self, user_id: str) -> int:
         """`delete`, then leave no byte of the user in the files, as the library's

@@ -31,6 +31,13 @@ class RawSql:
     take those columns from the library's metadata and their values from a
     row the library wrote (`scope_of`), so they address exactly the rows
     the library does, through the same index.
+
+    MariaDB's (`%s` placeholders) differ in shape: no one-statement `write`
+    (a write is `upsert`, `read_back`, `append` and `feed` in one transaction),
+    `bulk_write` copies the batch's history and `bulk_feed` its feed entries,
+    the statements over a list of users take it where `IDS` stands
+    (`with_ids`), and the seeding statements name their sizes as
+    `{last_user}` and `{versions}` (sequence engine tables).
     """
 
     write: str
@@ -44,15 +51,37 @@ class RawSql:
     delete_history: str
     seed_history: str
     seed_latest: str
+    # MariaDB only: no RETURNING on its upsert, and a feed of its own (`snapshot_changes`).
+    read_back: str = ""
+    feed: str = ""
+    forget_feed: str = ""
+    bulk_feed: str = ""
 
 
-def sql_literal(value: str) -> str:
-    """`value` as a quoted SQL string literal (scope values are inlined as constants)."""
+IDS = "{ids}"
+"""Where a MariaDB statement takes its list of user ids: one `%s` per id (see `with_ids`)."""
+
+
+def with_ids(statement: str, count: int) -> str:
+    """A MariaDB statement with `IDS` replaced by `count` placeholders."""
+    return statement.replace(IDS, ", ".join(["%s"] * count))
+
+
+def sql_literal(value: str, backend: BackendName = "postgres") -> str:
+    """`value` as a quoted SQL string literal (scope values are inlined as constants).
+
+    MariaDB also treats a backslash as an escape character in a literal (unless
+    `NO_BACKSLASH_ESCAPES`, which this benchmark does not set).
+    """
+    if backend == "mariadb":
+        value = value.replace("\\", "\\\\")
     return "'" + value.replace("'", "''") + "'"
 
 
 def raw_statements(backend: BackendName, scope: dict[str, str]) -> RawSql:
     """Build every raw statement for `backend`, with the scope columns inlined as constants."""
+    if backend == "mariadb":
+        return _mariadb_statements(scope)
     columns = ", ".join([*(f'"{name}"' for name in scope), *BASELINE_COLUMNS])
     selected = ", ".join(BASELINE_COLUMNS)
     fixed = "".join(f"{sql_literal(value)}, " for value in scope.values())  # scope values first
@@ -153,6 +182,67 @@ INSERT INTO snapshot_latest ({columns})
     )
 
 
+def _mariadb_statements(scope: dict[str, str]) -> RawSql:
+    """MariaDB's statements: `%s` placeholders (asyncmy, aiomysql), identifiers in backticks.
+
+    A write is the library's write transaction written by hand: the upsert
+    (`ON DUPLICATE KEY UPDATE`, no RETURNING for its UPDATE), the version read
+    back under the row lock the upsert took, the history row, the feed entry.
+    """
+    columns = ", ".join([*(f"`{name}`" for name in scope), *BASELINE_COLUMNS])
+    selected = ", ".join(BASELINE_COLUMNS)
+    fixed = "".join(f"{sql_literal(value, 'mariadb')}, " for value in scope.values())
+    where = "".join(
+        f"`{name}` = {sql_literal(value, 'mariadb')} AND " for name, value in scope.items()
+    )
+    feed_columns = ", ".join(
+        [*(f"`{name}`" for name in scope), "user_id, version, kind, created_at"]
+    )
+    upsert = f"""INSERT INTO snapshot_latest ({columns}) VALUES ({fixed}%s, 1, %s, %s, %s)
+ON DUPLICATE KEY UPDATE
+    version = version + 1,
+    schema_version = VALUES(schema_version),
+    payload = VALUES(payload),
+    created_at = VALUES(created_at)"""
+    # The sequence engine's tables (seq_0_to_N) stand in for generate_series.
+    users = "seq_0_to_{last_user} AS u"
+    return RawSql(
+        write="",
+        upsert=upsert,
+        append=f"INSERT INTO snapshot_history ({columns}) VALUES ({fixed}%s, %s, %s, %s, %s)",
+        # After the batch's upserts, under their row locks, the batch's latest rows are
+        # exactly the versions to append: one statement copies them, another their feed.
+        bulk_write=f"""
+INSERT INTO snapshot_history ({columns})
+SELECT {fixed}{selected} FROM snapshot_latest WHERE {where}user_id IN ({IDS})""",
+        latest=f"SELECT {selected} FROM snapshot_latest WHERE {where}user_id = %s",
+        latest_many=f"SELECT {selected} FROM snapshot_latest WHERE {where}user_id IN ({IDS})",
+        history=(
+            f"SELECT {selected} FROM snapshot_history WHERE {where}user_id = %s "
+            "ORDER BY version DESC LIMIT %s"
+        ),
+        # MariaDB has DELETE ... RETURNING (10.0.5+): the latest row's lock and its version
+        # in one statement, as on Postgres.
+        delete_latest=f"DELETE FROM snapshot_latest WHERE {where}user_id = %s RETURNING version",
+        delete_history=(
+            f"DELETE FROM snapshot_history WHERE {where}user_id = %s AND version <= %s"
+        ),
+        seed_history=f"""
+INSERT INTO snapshot_history ({columns})
+SELECT {fixed}CONCAT(%s, u.seq), v.seq, 1, %s, %s FROM {users}, seq_1_to_{{versions}} AS v""",
+        seed_latest=f"""
+INSERT INTO snapshot_latest ({columns})
+SELECT {fixed}CONCAT(%s, u.seq), {{versions}}, 1, %s, %s FROM {users}""",
+        read_back=f"SELECT version FROM snapshot_latest WHERE {where}user_id = %s",
+        feed=f"INSERT INTO snapshot_changes ({feed_columns}) VALUES ({fixed}%s, %s, 'write', %s)",
+        forget_feed=f"DELETE FROM snapshot_changes WHERE {where}user_id = %s",
+        bulk_feed=f"""
+INSERT INTO snapshot_changes ({feed_columns})
+SELECT {fixed}user_id, version, 'write', created_at
+FROM snapshot_latest WHERE {where}user_id IN ({IDS})""",
+    )
+
+
 def _scope_columns() -> list[str]:
     """The library's key columns before `user_id`; refuses a schema the baselines cannot fill.
 
@@ -196,17 +286,20 @@ async def holds_snapshots(fetch_value: Callable[[str], Awaitable[Any]], table_ex
 
 
 async def scope_of(
-    repo: SnapshotRepository[BenchState], fetch: Callable[[str], Awaitable[Sequence[Any]]]
+    repo: SnapshotRepository[BenchState],
+    fetch: Callable[[str], Awaitable[Sequence[Any]]],
+    quote: str = '"',
 ) -> dict[str, str]:
     """The scope values the library writes under, read from a row it wrote (then erased).
 
-    `fetch` runs a query on the raw side and returns its first row.
+    `fetch` runs a query on the raw side and returns its first row; `quote`
+    quotes its identifiers (a backtick on MariaDB, where `"tenant"` is a string).
     """
     columns = _scope_columns()
     if not columns:
         return {}
     await repo.upsert_latest(Snapshot(user_id=_SCOPE_PROBE, state=make_states(1)[0]))
-    quoted = ", ".join(f'"{name}"' for name in columns)
+    quoted = ", ".join(f"{quote}{name}{quote}" for name in columns)
     row = await fetch(
         f"SELECT {quoted} FROM snapshot_latest WHERE user_id = {sql_literal(_SCOPE_PROBE)}"
     )

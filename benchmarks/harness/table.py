@@ -85,6 +85,9 @@ def format_report(report: BenchReport) -> str:
                 )
             )
         lines.append("")
+    for backend, reason in report.skipped.items():
+        lines.append(f"== {backend}: skipped: {reason} ==")
+        lines.append("")
     lines.append(
         "ops/s counts snapshots for bulk_* workloads; p50/p99 are per call. lib/side = library "
         "ops/s / that side's ops/s (a raw driver, the core side or the plain-SQLAlchemy peer), "

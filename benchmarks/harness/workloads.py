@@ -44,7 +44,8 @@ class Workloads:
                 f"{c.concurrency} concurrent writers, each on its own users "
                 f"(library pool_size {c.settings.pool_size} + max_overflow "
                 f"{c.settings.max_overflow}{f', as {same_pool}' if same_pool else ''}; "
-                f"asyncpg pool {c.settings.pool_size}; SQLite raw: one connection)",
+                f"asyncpg and asyncmy: pools of {c.settings.pool_size}; SQLite raw: one "
+                "connection)",
                 "call, queueing included",
             ),
             "get_latest": (f"get_latest of random users among {c.read_users}", "call"),
