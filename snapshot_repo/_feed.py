@@ -7,7 +7,7 @@ from typing import Any
 from ._checks import check_int
 from ._context import RepositoryContext
 from .backends import row_decoder
-from .backends.statements import CHANGE_FEED_COLUMNS
+from .backends.feed_sql import CHANGE_FEED_COLUMNS
 from .changes import (
     ChangeCallback,
     ChangePage,

@@ -9,8 +9,6 @@ rest. Postgres (asyncpg) connections get connect and command timeouts.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -231,7 +229,9 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
             pool_reset_on_return=None,
         )
     if parsed.get_backend_name() in ("mysql", "mariadb"):
-        kwargs["async_creator"] = _bounded_mysql_connect(
+        from .backends.mysql_connect import bounded_connect  # imports asyncmy
+
+        kwargs["async_creator"] = bounded_connect(
             parsed, kwargs.pop("connect_args"), settings.connect_timeout
         )
     try:
@@ -245,36 +245,6 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
     if parsed.get_backend_name() == "sqlite":
         install_sqlite_settings(engine, settings)
     return engine
-
-
-def _bounded_mysql_connect(
-    url: URL, connect_args: dict[str, Any], timeout: float
-) -> Callable[[], Awaitable[Any]]:
-    """asyncmy's connect, bounded by `timeout` as a whole.
-
-    asyncmy's own `connect_timeout` bounds the TCP connect only: a server that
-    accepts the connection and never greets (frozen, overloaded) would hold the
-    caller until its operation timeout, or forever where there is none
-    (`migrate`). The arguments are the ones SQLAlchemy's dialect would pass.
-    """
-    try:
-        import asyncmy
-    except ModuleNotFoundError as exc:
-        raise ConfigurationError(
-            f"{url.drivername} needs the {exc.name!r} package: pip install 'snapshot-repo[mysql]'"
-        ) from None
-    cargs, cparams = url.get_dialect()().create_connect_args(url)
-    cparams.update(connect_args)
-
-    async def connect() -> Any:
-        try:
-            async with asyncio.timeout(timeout):
-                return await asyncmy.connect(*cargs, **cparams)
-        except TimeoutError:
-            message = f"connecting to the server timed out after {timeout:g} s (connect_timeout)"
-            raise TimeoutError(message) from None
-
-    return connect
 
 
 def _use_wal(cursor: Any) -> None:

@@ -15,8 +15,8 @@ import snapshot_repo as sr
 from snapshot_repo._queries import expired_users_statement
 from snapshot_repo.backends._compiled import compile_statement as _compile
 from snapshot_repo.backends.core_sql import latest_many
+from snapshot_repo.backends.feed_sql import changes_since_statement
 from snapshot_repo.backends.statements import (
-    changes_since_statement,
     history_statement,
     idempotent_write_statement,
     latest_many_statement,

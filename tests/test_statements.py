@@ -12,6 +12,7 @@ from sqlalchemy.dialects.sqlite import aiosqlite as sqlite_dialect
 from snapshot_repo._sql import indexed_by
 from snapshot_repo.backends import PendingWrite, Scope
 from snapshot_repo.backends._compiled import compile_statement as _compile
+from snapshot_repo.backends.feed_sql import changes_since_statement
 from snapshot_repo.backends.postgres_sql import (
     postgres_bulk_write_statement,
     postgres_erase_statement,
@@ -20,7 +21,6 @@ from snapshot_repo.backends.postgres_sql import (
 from snapshot_repo.backends.sqlite_sql import sqlite_write_statements
 from snapshot_repo.backends.statements import (
     WRITE_COLUMNS,
-    changes_since_statement,
     sqlite_erasure_feed_statements,
 )
 from snapshot_repo.tables import changes_table

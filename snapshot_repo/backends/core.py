@@ -54,13 +54,13 @@ from .core_sql import (
     pruned_entries_move,
     pruning,
 )
+from .feed_sql import changes_since_statement
 from .sqlite_commit import pending_truncation
 from .statements import (
     CHANGE_COLUMNS,
     ROW_COLUMNS,
     STORED_COLUMNS,
     DialectName,
-    changes_since_statement,
     claim_key_statement,
     delete_statements,
     forget_key_statement,

@@ -26,6 +26,7 @@ from ._compiled import (
 )
 from ._pool import Connections
 from ._retry import retry_rolled_back
+from .feed_sql import changes_since_statement
 from .postgres_sql import (
     postgres_bulk_write_statement,
     postgres_erase_statement,
@@ -33,7 +34,6 @@ from .postgres_sql import (
     sorted_batch,
 )
 from .statements import (
-    changes_since_statement,
     claim_key_statement,
     hold_key_statement,
     prune_statement,

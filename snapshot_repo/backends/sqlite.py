@@ -40,11 +40,11 @@ from ._compiled import (
 )
 from ._pool import Connections
 from ._privates import run_on_thread, sqlite_connection
+from .feed_sql import changes_since_statement
 from .sqlite_commit import Commit, pending_truncation, truncate_committed
 from .sqlite_sql import sqlite_bulk_write_statements, sqlite_write_statements
 from .statements import (
     STORED_COLUMNS,
-    changes_since_statement,
     claim_key_statement,
     delete_statements,
     forget_key_statement,
