@@ -38,9 +38,9 @@ from pathlib import Path
 import pytest
 
 import snapshot_repo as sr
-from tests.support.databases import IN_CI, Cart, mariadb_fetch, migrate_database
+from tests.support.databases import Cart, mariadb_fetch, migrate_database
 
-from ..support.mariadb_server import MariadbServer, ServerUnavailableError
+from ..support.mariadb_server import MariadbServer, running_server
 
 pytestmark = pytest.mark.fault
 
@@ -73,19 +73,8 @@ def erasure_server(request: pytest.FixtureRequest) -> Iterator[MariadbServer]:
     Outside CI, a machine without MariaDB server binaries skips with the
     reason; with CI=true it fails.
     """
-    options = CONFIGURATIONS[request.param]
-    try:
-        server = MariadbServer.create(options)
-    except ServerUnavailableError as exc:
-        reason = f"cannot make a throwaway MariaDB server: {exc}"
-        if IN_CI:
-            pytest.fail(f"{reason} (CI=true: fault tests must run)")
-        pytest.skip(reason)
-    try:
-        server.start()
+    with running_server(CONFIGURATIONS[request.param]) as server:
         yield server
-    finally:
-        server.destroy()
 
 
 def token() -> str:

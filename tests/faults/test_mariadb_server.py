@@ -28,7 +28,6 @@ import pytest
 
 import snapshot_repo as sr
 from tests.support.databases import (
-    IN_CI,
     MARIADB_CLEAR_ALL,
     Cart,
     mariadb_admin,
@@ -39,12 +38,19 @@ from tests.support.databases import (
 )
 
 from ..support.consistency import assert_consistent, payload_items, read_tables
-from ..support.mariadb_server import MariadbServer, ServerUnavailableError
+from ..support.mariadb_server import MariadbServer, running_server
 from ..support.pool import queue_pool
 
 # The same load and the same checks as the Postgres restart test, so that both
 # databases are held to one standard.
-from .test_server import CLOSE_BOUND, FAIL_FAST, HANG, WRITERS, Load, describe_calls
+from .test_server import (
+    CLOSE_BOUND,
+    HANG,
+    WRITERS,
+    Load,
+    describe_calls,
+    restart_problems,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -68,18 +74,8 @@ def mariadb_process() -> Iterator[MariadbServer]:
     Outside CI, a machine without MariaDB server binaries skips these tests
     with the reason; with CI=true it fails them.
     """
-    try:
-        server = MariadbServer.create()
-    except ServerUnavailableError as exc:
-        reason = f"cannot make a throwaway MariaDB server: {exc}"
-        if IN_CI:
-            pytest.fail(f"{reason} (CI=true: fault tests must run)")
-        pytest.skip(reason)
-    try:
-        server.start()
+    with running_server(()) as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture
@@ -198,33 +194,7 @@ async def test_server_restart_under_load(
     calls = load.calls
     print(f"\n{how}: {pooled} pooled connections at the stop; calls by phase:")
     print(describe_calls(calls))
-    problems: list[str] = []  # gathered, so that one run reports every kind of problem
-    unexpected = [
-        f"{c.phase_at_start}->{c.phase_at_end} after {c.elapsed:.2f}s: "
-        f"{type(c.error).__module__}.{type(c.error).__qualname__}: {c.error}"
-        for c in calls
-        if c.error is not None and not isinstance(c.error, sr.StorageError)
-    ]
-    if unexpected:
-        problems.append(f"{len(unexpected)} calls failed without StorageError: {unexpected[:3]}")
-    outage = [c for c in calls if c.phase_at_start == "outage" and c.phase_at_end == "outage"]
-    if not outage:
-        problems.append("no call ran during the outage")
-    if any(c.error is None for c in outage):
-        problems.append("a write succeeded with the server down")
-    slow = sorted(c.elapsed for c in outage if c.elapsed >= FAIL_FAST)
-    if slow:
-        problems.append(f"{len(slow)} calls during the outage took up to {slow[-1]:.1f}s to fail")
-    after = [c for c in calls if c.phase_at_start == "after"]
-    failed_after = [c for c in after if c.error is not None]
-    print(f"after the restart: {len(failed_after)} failed of the first {len(after)} calls")
-    if len(failed_after) > pooled:
-        problems.append(f"{len(failed_after)} failures after the restart > {pooled} connections")
-    per_writer: dict[int, int] = {}
-    for c in failed_after:
-        per_writer[c.writer] = per_writer.get(c.writer, 0) + 1
-    if max(per_writer.values(), default=0) > 1:
-        problems.append(f"a writer failed more than once after the restart: {per_writer}")
+    problems = restart_problems(calls, pooled)
     acknowledged = {(c.user, c.version): c.items for c in calls if c.version is not None}
     try:
         await check_acknowledged(server_url, acknowledged)

@@ -128,6 +128,39 @@ async def check_acknowledged(url: str, calls: list[Call]) -> None:
             assert payload_items(stored) == call.items, (call.user, call.version)
 
 
+def restart_problems(calls: list[Call], pooled: int) -> list[str]:
+    """What a restart under load must not show, gathered so that one run reports them all:
+    a call failing with anything but `StorageError`, a write succeeding with the server
+    down, a call slow to fail during the outage, more failures after the restart than
+    pooled connections, or one writer failing twice."""
+    problems: list[str] = []  # gathered, so that one run reports every kind of problem
+    unexpected = [
+        f"{c.phase_at_start}->{c.phase_at_end} after {c.elapsed:.2f}s: "
+        f"{type(c.error).__module__}.{type(c.error).__qualname__}: {c.error}"
+        for c in calls
+        if c.error is not None and not isinstance(c.error, sr.StorageError)
+    ]
+    if unexpected:
+        problems.append(f"{len(unexpected)} calls failed without StorageError: {unexpected[:3]}")
+    outage = [c for c in calls if c.phase_at_start == "outage" and c.phase_at_end == "outage"]
+    if not outage:
+        problems.append("no call ran during the outage")
+    if any(c.error is None for c in outage):
+        problems.append("a write succeeded with the server down")
+    slow = sorted(c.elapsed for c in outage if c.elapsed >= FAIL_FAST)
+    if slow:
+        problems.append(f"{len(slow)} calls during the outage took up to {slow[-1]:.1f}s to fail")
+    after = [c for c in calls if c.phase_at_start == "after"]
+    failed_after = [c for c in after if c.error is not None]
+    print(f"after the restart: {len(failed_after)} failed of the first {len(after)} calls")
+    if len(failed_after) > pooled:
+        problems.append(f"{len(failed_after)} failures after the restart > {pooled} connections")
+    per_writer = Counter(c.writer for c in failed_after)
+    if max(per_writer.values(), default=0) > 1:
+        problems.append(f"a writer failed more than once after the restart: {per_writer}")
+    return problems
+
+
 @pytest.mark.parametrize("how", ["pg_ctl_stop_fast", "sigkill_all"])
 async def test_server_restart_under_load(
     cluster: PgCluster, cluster_url: str, fault_settings: sr.EngineSettings, how: str
@@ -165,31 +198,7 @@ async def test_server_restart_under_load(
     calls = load.calls
     print(f"\n{how}: {pooled} pooled connections at the stop; calls by phase:")
     print(describe_calls(calls))
-    problems: list[str] = []  # gathered, so that one run reports every kind of problem
-    unexpected = [
-        f"{c.phase_at_start}->{c.phase_at_end} after {c.elapsed:.2f}s: "
-        f"{type(c.error).__module__}.{type(c.error).__qualname__}: {c.error}"
-        for c in calls
-        if c.error is not None and not isinstance(c.error, sr.StorageError)
-    ]
-    if unexpected:
-        problems.append(f"{len(unexpected)} calls failed without StorageError: {unexpected[:3]}")
-    outage = [c for c in calls if c.phase_at_start == "outage" and c.phase_at_end == "outage"]
-    if not outage:
-        problems.append("no call ran during the outage")
-    if any(c.error is None for c in outage):
-        problems.append("a write succeeded with the server down")
-    slow = sorted(c.elapsed for c in outage if c.elapsed >= FAIL_FAST)
-    if slow:
-        problems.append(f"{len(slow)} calls during the outage took up to {slow[-1]:.1f}s to fail")
-    after = [c for c in calls if c.phase_at_start == "after"]
-    failed_after = [c for c in after if c.error is not None]
-    print(f"after the restart: {len(failed_after)} failed of the first {len(after)} calls")
-    if len(failed_after) > pooled:
-        problems.append(f"{len(failed_after)} failures after the restart > {pooled} connections")
-    per_writer = Counter(c.writer for c in failed_after)
-    if max(per_writer.values(), default=0) > 1:
-        problems.append(f"a writer failed more than once after the restart: {per_writer}")
+    problems = restart_problems(calls, pooled)
     try:
         await check_acknowledged(cluster_url, calls)
     except AssertionError as exc:

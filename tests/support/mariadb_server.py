@@ -33,10 +33,13 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 __all__ = ["MariadbServer", "ServerUnavailableError", "find_binaries"]
 
@@ -429,4 +432,25 @@ class MariadbServer:
 @atexit.register
 def _kill_leftover_servers() -> None:
     for server in list(_live_servers):
+        server.destroy()
+
+
+@contextmanager
+def running_server(options: Sequence[str] = ()) -> Iterator[MariadbServer]:
+    """A started throwaway server with `options`, destroyed at the end whatever happens.
+
+    Outside CI, a machine without MariaDB server binaries skips the test with
+    the reason; with CI=true it fails it (fault tests must run there).
+    """
+    try:
+        server = MariadbServer.create(options)
+    except ServerUnavailableError as exc:
+        reason = f"cannot make a throwaway MariaDB server: {exc}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"{reason} (CI=true: fault tests must run)")
+        pytest.skip(reason)
+    try:
+        server.start()
+        yield server
+    finally:
         server.destroy()
