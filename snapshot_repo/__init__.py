@@ -1,4 +1,4 @@
-"""snapshot_repo: typed, versioned per-user state snapshots on SQLite and Postgres."""
+"""snapshot_repo: typed, versioned per-user state on SQLite, Postgres and MariaDB/MySQL."""
 
 from .changes import Change, ChangePage, ChangeStream, Subscription
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, JsonObject

@@ -231,14 +231,3 @@ async def test_concurrent_migrations_take_turns_on_get_lock(mariadb_server: Mari
     finally:
         for engine in engines:
             await engine.dispose()
-
-
-async def test_check_ignores_the_applications_own_tables(mariadb_url: str):
-    """A database the application shares holds its tables too: they are not drift."""
-    await mariadb_admin(mariadb_url, "CREATE TABLE app_orders (id INT PRIMARY KEY)")
-    engine = create_engine(mariadb_url)
-    try:
-        await migrate.check(engine)
-    finally:
-        await engine.dispose()
-        await mariadb_admin(mariadb_url, "DROP TABLE app_orders")

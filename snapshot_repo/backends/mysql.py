@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._translate import register_driver_errors, register_missing_schema
+from ..errors import StorageError, redact
 from ._retry import register_rolled_back, retry_rolled_back
 from .core import CoreBackend
 from .mysql_sql import (
@@ -42,6 +43,7 @@ from .mysql_sql import (
     gate_shared_statement,
     latest_for_erasure_statement,
     latest_write_statement,
+    max_packet_statement,
     stored_latest_statement,
 )
 from .statements import hold_key_statement, write_mode
@@ -56,6 +58,17 @@ statement was; the backend then rolls back the rest): the whole transaction runs
 _NO_SUCH_TABLE = 1146
 
 _SNAPSHOT_TABLES = ("snapshot_latest", "snapshot_history", "snapshot_changes", "snapshot_data_keys")
+
+
+_STATEMENT_ROOM = 8192
+"""Bytes of a write statement besides its payload and metadata: SQL text, key, actor, reason."""
+
+_ESCAPED = (b"\x00", b"\n", b"\r", b"\\", b"'", b'"', b"\x1a")
+"""Bytes the text protocol sends as two (MySQL's string escaping)."""
+
+
+def _escaped_length(value: bytes) -> int:
+    return len(value) + sum(value.count(byte) for byte in _ESCAPED)
 
 
 def error_code(exc: BaseException) -> int | None:
@@ -76,6 +89,7 @@ class MysqlBackend(CoreBackend):
     def __init__(self, engine: AsyncEngine) -> None:
         super().__init__(engine)
         self.claim_key_statement = claim_key_statement()
+        self._packet_limit: int | None = None  # the server's max_allowed_packet, once read
         # `create_engine` sets READ COMMITTED on each new connection; setting it for each
         # write too would cost a round trip, and on a dead connection fail outside
         # SQLAlchemy's disconnect handling.
@@ -115,6 +129,7 @@ class MysqlBackend(CoreBackend):
         self, conn: AsyncConnection, write: PendingWrite
     ) -> Mapping[str, Any] | None:
         """Write the latest row (see `mysql_sql.latest_write_statement`), then read it back."""
+        await self._check_packet(conn, write)
         mode = write_mode(write.expected_version)
         statement = latest_write_statement(mode)
         if mode == "create":
@@ -129,6 +144,26 @@ class MysqlBackend(CoreBackend):
         found = await conn.execute(stored_latest_statement(), write.scope.key(write.user_id))
         row = found.first()
         return None if row is None else dict(row._mapping)
+
+    async def _check_packet(self, conn: AsyncConnection, write: PendingWrite) -> None:
+        """Refuse, before sending, a write whose statement the server would not take.
+
+        A statement longer than the server's `max_allowed_packet` makes the server
+        drop the connection (the client sees "server has gone away"), which would
+        read as a lost connection to be retried, and would fail again. The limit is
+        read once per backend; the statement's length is the payload and metadata
+        as the text protocol escapes them, plus room for the rest.
+        """
+        if self._packet_limit is None:
+            self._packet_limit = int(await conn.scalar(max_packet_statement()) or 0)
+        needed = _escaped_length(write.payload) + _escaped_length(write.metadata or b"")
+        if needed + _STATEMENT_ROOM > self._packet_limit:
+            raise StorageError(
+                f"a write for user {redact(write.user_id)} needs a statement of about "
+                f"{needed + _STATEMENT_ROOM} bytes, over the server's max_allowed_packet "
+                f"({self._packet_limit}): raise max_allowed_packet or lower "
+                "max_payload_bytes; nothing was written"
+            )
 
     async def _record(self, conn: AsyncConnection, kind: str, entry: Mapping[str, Any]) -> None:
         """Append the feed entry under the feed gate's share lock (held until commit)."""

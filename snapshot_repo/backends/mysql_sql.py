@@ -27,6 +27,7 @@ from sqlalchemy import (
     Update,
     bindparam,
     delete,
+    literal_column,
     select,
 )
 from sqlalchemy.dialects import mysql
@@ -50,6 +51,7 @@ __all__ = [
     "gate_shared_statement",
     "latest_for_erasure_statement",
     "latest_write_statement",
+    "max_packet_statement",
     "stored_latest_statement",
 ]
 
@@ -90,6 +92,12 @@ def latest_write_statement(mode: WriteMode) -> Insert | Update:
     return insert.on_duplicate_key_update(
         [("version", table.c.version + 1), *((name, insert.inserted[name]) for name in copied)]
     )
+
+
+@cache
+def max_packet_statement() -> Select[Any]:
+    """The server's `max_allowed_packet`: the longest statement it accepts."""
+    return select(literal_column("@@max_allowed_packet"))
 
 
 @cache

@@ -401,3 +401,26 @@ async def test_a_new_connection_to_a_frozen_server_is_bounded_by_connect_timeout
     finally:
         await asyncio.to_thread(server.thaw)
         await repo.close()
+
+
+async def test_a_state_over_the_servers_max_allowed_packet_is_refused_before_it_is_sent() -> None:
+    """A server with a 1 MiB `max_allowed_packet` and a repository accepting 4 MiB states:
+    a 2 MB state is refused with a StorageError that names the setting, nothing is
+    written, and the connection stays usable (the server dropped it before: "server has
+    gone away", read as a lost connection that a retry would hit again)."""
+    with running_server(["--max-allowed-packet=1M"]) as small_packets:
+        url = small_packets.create_database(f"packets_{uuid.uuid4().hex[:8]}")
+        await migrate_database(url)
+        options: dict[str, int] = {"max_payload_bytes": 4 * 1024 * 1024}
+        async with sr.SnapshotRepository.from_url(url, Cart, **options) as repo:  # type: ignore[arg-type]
+            await repo.upsert_latest(snap("fits", "x" * 900_000))
+            with pytest.raises(sr.StorageError, match="max_allowed_packet") as refused:
+                await repo.upsert_latest(snap("big", "x" * 2_000_000))
+            assert not isinstance(refused.value, sr.ConnectionLostError)
+            with pytest.raises(sr.StorageError, match="max_allowed_packet"):
+                await repo.upsert_many([snap("small", "y"), snap("big", "x" * 2_000_000)])
+            assert await repo.get_latest("big") is None
+            assert await repo.get_latest("small") is None  # the batch wrote nothing
+            fits = await repo.get_latest("fits")
+            assert fits is not None
+            assert fits.state.items == ["x" * 900_000]
