@@ -103,26 +103,25 @@ def history_within_bytes_statement() -> Select[Any]:
     """Keyset paging under a byte budget: the newest `limit` versions below
     `before_version`, cut after the first whose stored payloads add up to `max_bytes`.
 
-    The database adds the sizes up (a window over the page, newest first) and
-    returns only the rows within the budget: the rows past it are never sent,
+    The database adds the sizes up (a window over the page, which its LIMIT
+    bounds before the window runs: MariaDB computes windows before an outer
+    LIMIT), and returns only the rows within the budget: the rows past it are never sent,
     so a caller's memory is bounded by the budget, not by `limit` times the
     largest payload. The first version is always returned, whatever its size.
     """
-    size = func.length(history_table.c.payload)
-    page = (
-        select(
-            *_history_row(),
-            (func.sum(size).over(order_by=history_table.c.version.desc()) - size).label("before"),
-        )
+    page = (  # the LIMIT first, in a subquery of its own: the window sees only the page
+        select(*_history_row(), func.length(history_table.c.payload).label("size"))
         .where(is_key(history_table), history_table.c.version < bindparam("before_version"))
         .order_by(history_table.c.version.desc())
         .limit(bindparam("limit"))
         .subquery("page")
     )
+    running = func.sum(page.c.size).over(order_by=page.c.version.desc())
+    sized = select(*page.c, (running - page.c.size).label("before")).subquery("sized")
     return (
-        select(*(page.c[column.name] for column in _history_row()))
-        .where(page.c.before < bindparam("max_bytes", type_=BigInteger))
-        .order_by(page.c.version.desc())
+        select(*(sized.c[column.name] for column in _history_row()))
+        .where(sized.c.before < bindparam("max_bytes", type_=BigInteger))
+        .order_by(sized.c.version.desc())
     )
 
 

@@ -38,6 +38,7 @@ line-splitting convention can cut a line in two.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from datetime import UTC, datetime
@@ -64,8 +65,15 @@ from ._load_lines import check_end, check_header, numbered, parse
 from ._loader import Loader
 from ._translate import storage_errors
 from .backends import bulk_transfer
-from .errors import ConfigurationError, SchemaNotReadyError, SnapshotValidationError
+from .errors import (
+    ConfigurationError,
+    SchemaNotReadyError,
+    SnapshotValidationError,
+    StorageError,
+)
 from .tables import changes_table, erasure_receipts_table, history_table, latest_table
+
+logger = logging.getLogger("snapshot_repo")
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DUMP_FORMAT", "DUMP_FORMAT_VERSION", "Progress", "dump", "load"]
 
@@ -229,8 +237,11 @@ async def load(
                     await loader.add_row(number, value)
             await loader.finish()
             check_end(end, loader.rows, loader.receipts)
-    async with storage_errors("load (analyze)"):
-        await bulk_transfer.analyze(engine, _TABLES)
+    try:  # the load has committed: a failure here must not report it as failed
+        async with storage_errors("load (analyze)"):
+            await bulk_transfer.analyze(engine, _TABLES)
+    except StorageError as exc:
+        logger.warning("snapshot_repo: ANALYZE after a load failed (the load stands): %s", exc)
     return loader.rows
 
 

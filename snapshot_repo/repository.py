@@ -463,7 +463,7 @@ class SnapshotRepository(Generic[StateT]):
         """Every version of the user, newest first, read page by page as it is consumed.
 
         For callers that want a whole history of any length: each page is one
-        `get_history` call (keyset paging on the version, O(page) each), so
+        keyset read as `get_history(before_version=...)` makes (O(page) each), so
         memory holds one page, at most `page_size` versions and about
         `max_bytes` of stored states (16 MiB by default; None: no byte bound).
         Versions written after the iteration began are not included; versions
@@ -473,24 +473,31 @@ class SnapshotRepository(Generic[StateT]):
             SnapshotValidationError: as `get_history`, when the first page is read.
             StorageError: the database failed, on the page being read.
         """
+        context = self._context
+        user_id = valid_user_id(user_id)
+        check_int("page_size", page_size, minimum=1, maximum=MAX_HISTORY_LIMIT)
+        if max_bytes is not None:
+            check_int("max_bytes", max_bytes, minimum=1)
         before: int | None = None
         while True:
-            page = await self.get_history(
-                user_id,
-                page_size,
-                before_version=before,
-                skip_invalid=skip_invalid,
-                max_bytes=max_bytes,
-            )
-            for snapshot in page:
+            async with context.guard("iter_history", user_id):
+                rows = await _history_reads.history_page(
+                    context, user_id, page_size, before, max_bytes
+                )
+            for row in rows:
+                try:
+                    snapshot = context.to_snapshot(row)
+                except SnapshotValidationError as exc:
+                    if not skip_invalid:
+                        raise
+                    logger.warning("snapshot_repo skipped a stored state: %s", exc)
+                    continue
                 yield snapshot
-            if not page:
+            # Page on from the last version read, valid or not: an invalid one skipped
+            # must neither end the iteration nor be read again.
+            if not rows or rows[-1].version <= 1:
                 return
-            last = page[-1].version
-            assert last is not None
-            if last <= 1:
-                return
-            before = last
+            before = rows[-1].version
 
     async def delete(self, user_id: str) -> int:
         """Erase the user's latest row and every history row, in one transaction.

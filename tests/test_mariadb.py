@@ -219,6 +219,21 @@ async def test_a_lost_connection_gives_a_typed_error_and_the_next_call_works(
         assert latest.version == 2
 
 
+async def test_a_mysql_url_on_mariadb_is_refused_before_it_migrates(
+    mariadb_server: MariadbServer,
+):
+    """MySQL's binary NO PAD collation (utf8mb4_0900_bin) does not exist on MariaDB 10.11,
+    and the `mysql` dialect would ask for it: the migration says so and changes nothing."""
+    url = make_url(mariadb_server.create_database()).set(drivername="mysql+asyncmy")
+    engine = create_engine(url)
+    try:
+        with pytest.raises(sr.ConfigurationError, match="mariadb://"):
+            await migrate.upgrade(engine)
+        assert await migrate.current_revision(engine) is None
+    finally:
+        await engine.dispose()
+
+
 async def test_concurrent_migrations_take_turns_on_get_lock(mariadb_server: MariadbServer):
     """Five engines migrate one fresh database at once: GET_LOCK lets one at a time in
     (MySQL commits each DDL statement, so a transaction could not), each revision once."""

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from sqlalchemy import Connection, func, select
 
 from .._mysql_ddl import MYSQL
-from ..errors import StorageError
+from ..errors import ConfigurationError, StorageError
 
 __all__ = ["migration_lock"]
 
@@ -31,8 +31,18 @@ _NAMED_LOCK_WAIT_SECONDS = 300
 
 @contextmanager
 def migration_lock(connection: Connection) -> Iterator[None]:
-    """Hold the migration lock of `connection`'s database for the block."""
+    """Hold the migration lock of `connection`'s database for the block.
+
+    Raises:
+        ConfigurationError: a `mysql://` URL reached a MariaDB server, whose tables
+            would be made with MySQL's collation, which MariaDB lacks.
+    """
     name = connection.dialect.name
+    if name == "mysql" and getattr(connection.dialect, "is_mariadb", False):
+        raise ConfigurationError(
+            "this is a MariaDB server: migrate it through a mariadb:// URL (its tables "
+            "take MariaDB's binary collation, utf8mb4_nopad_bin); nothing was changed"
+        )
     if name == "postgresql":
         connection.execute(select(func.pg_advisory_xact_lock(_ADVISORY_LOCK_KEY)))
         yield

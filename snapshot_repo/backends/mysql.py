@@ -60,8 +60,8 @@ _NO_SUCH_TABLE = 1146
 _SNAPSHOT_TABLES = ("snapshot_latest", "snapshot_history", "snapshot_changes", "snapshot_data_keys")
 
 
-_STATEMENT_ROOM = 8192
-"""Bytes of a write statement besides its payload and metadata: SQL text, key, actor, reason."""
+_STATEMENT_ROOM = 4096
+"""Bytes of a write statement besides its values: the SQL text, numbers and timestamps."""
 
 _ESCAPED = (b"\x00", b"\n", b"\r", b"\\", b"'", b'"', b"\x1a")
 """Bytes the text protocol sends as two (MySQL's string escaping)."""
@@ -151,12 +151,17 @@ class MysqlBackend(CoreBackend):
         A statement longer than the server's `max_allowed_packet` makes the server
         drop the connection (the client sees "server has gone away"), which would
         read as a lost connection to be retried, and would fail again. The limit is
-        read once per backend; the statement's length is the payload and metadata
-        as the text protocol escapes them, plus room for the rest.
+        read once per backend; the statement's length is its text values (payload,
+        metadata, ids, actor, reason, key) as the text protocol escapes them, plus
+        room for the rest.
         """
         if self._packet_limit is None:
             self._packet_limit = int(await conn.scalar(max_packet_statement()) or 0)
-        needed = _escaped_length(write.payload) + _escaped_length(write.metadata or b"")
+        needed = sum(
+            _escaped_length(value if isinstance(value, bytes) else value.encode())
+            for value in write.params().values()
+            if isinstance(value, bytes | str)
+        )
         if needed + _STATEMENT_ROOM > self._packet_limit:
             raise StorageError(
                 f"a write for user {redact(write.user_id)} needs a statement of about "
@@ -203,8 +208,17 @@ class MysqlBackend(CoreBackend):
         The lock waits until every writer that holds an uncommitted seq has
         committed or rolled back (see `mysql_sql.gate_shared_statement`), and
         keeps new ones out while the page is read: the page cannot skip an
-        entry that commits later. Writers wait for this one read at most.
+        entry that commits later. A waiting reader also holds back writers
+        that ask for the gate after it, so a batch writer waiting on such a
+        writer's row closes a cycle that InnoDB breaks by rolling one back,
+        usually the reader: the read then runs again (it is safe to repeat).
         """
+        try:
+            return await self._feed_page(params)
+        except DBAPIError as exc:
+            return await retry_rolled_back(exc, self._feed_page, params)
+
+    async def _feed_page(self, params: Mapping[str, Any]) -> list[Any]:
         async with self._write_transaction() as conn:
             await conn.execute(gate_exclusive_statement())
             sql = self._compiled(self.changes_since_statement)

@@ -136,3 +136,18 @@ class TestHistoryMemoryBounds:
     ):
         with pytest.raises(sr.SnapshotValidationError, match="max_bytes"):
             await repo.get_history("u", max_bytes=max_bytes)  # type: ignore[arg-type]
+
+
+class TestHistoryIteration:
+    async def test_iter_history_skips_invalid_versions_without_stopping(self, make_repo: MakeRepo):
+        """Pages of one version, some of which no longer validate: the iteration goes on
+        past them (it pages by the versions read, not by the ones returned)."""
+        plain = await make_repo(state_type=None)
+        for n in range(1, 7):
+            state = {"items": ["ok"], "note": str(n)} if n % 3 else {"items": "not a list"}
+            await plain.upsert_latest(sr.Snapshot(user_id="u", state=state))
+        typed = await make_repo()
+        kept = [s.version async for s in typed.iter_history("u", page_size=1, skip_invalid=True)]
+        assert kept == [5, 4, 2, 1]
+        with pytest.raises(sr.SnapshotValidationError):
+            [s async for s in typed.iter_history("u", page_size=1)]
