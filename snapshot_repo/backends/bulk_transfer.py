@@ -82,7 +82,7 @@ async def analyze(engine: AsyncEngine, tables: Sequence[Table]) -> None:
     Postgres plans from statistics autovacuum takes later, if at all (it may be
     off, or behind): until then a fresh load of a million users looks empty and
     a read of many users can scan where it should probe (3.6 s instead of 5 ms
-    for `get_latest_many(100)`, measured). MySQL/MariaDB: `ANALYZE TABLE`.
+    for `get_latest_many(100)`, as issue #19 measured). MySQL/MariaDB: `ANALYZE TABLE`.
     SQLite: nothing (its statements pin their indexes, see `_sql.IndexedTable`).
     """
     name = engine.dialect.name

@@ -431,7 +431,7 @@ def _postgres_latest_many() -> Select[Any]:
 
     `user_id = ANY(:ids)` let the planner choose: on a freshly loaded table with
     no statistics yet (autovacuum has not analysed it), it filtered the whole
-    scope instead of probing the key, 3.6 s for 100 ids at 1M users, and the
+    scope instead of probing the key (3.6 s for 100 ids at 1M users, issue #19), and the
     prepared generic plan kept doing so. A LATERAL subquery per element of
     `unnest(:ids)`, which its LIMIT keeps the planner from merging into a join
     (without it, the same table got a hash join over the whole scope), leaves
