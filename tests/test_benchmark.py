@@ -68,6 +68,9 @@ TINY: dict[str, Any] = {
     "delete_versions": 2,
     "bulk_size": 6,
     "bulk_batches": 2,
+    # These tests check the harness, not durability: no fsync per SQLite commit (it was
+    # most of their time, 10 to 30 s a run on this machine's disk).
+    "settings": sr.EngineSettings(sqlite_synchronous="OFF"),
 }
 RAW_SIDES = {"sqlite": ["aiosqlite", "sqlite3"], "postgres": ["asyncpg"], "mariadb": ["asyncmy"]}
 OPENERS = {"sqlite": open_sqlite, "postgres": open_postgres, "mariadb": open_mariadb}
@@ -84,6 +87,7 @@ TINY_FLAGS = [
     "--history-versions=12",
     "--bulk-size=6",
     "--bulk-batches=1",
+    "--sqlite-synchronous=OFF",  # as TINY's settings
     "--quiet",
 ]
 
