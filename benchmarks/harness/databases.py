@@ -80,6 +80,29 @@ def _refuse_data(where: str) -> ConfigurationError:
     )
 
 
+async def _add_core_and_peer(
+    stack: AsyncExitStack,
+    config: BenchConfig,
+    url: URL,
+    settings: EngineSettings,
+    scope: dict[str, str],
+    sides: list[Side],
+    engines: dict[str, AsyncEngine],
+) -> None:
+    """The core-backend and plain-SQLAlchemy sides a server database runs with `--core`
+    and `--peer` (SQLite adds its own: its core side also runs untraced)."""
+    if config.core:
+        core = SnapshotRepository.from_url(url, BenchState, settings=settings, backend="core")
+        stack.push_async_callback(core.close)
+        sides.append(CoreSide(core))
+        engines[CORE] = core.engine
+    if config.peer:
+        peer = peer_engine(url, settings, ())
+        stack.push_async_callback(peer.dispose)
+        sides.append(PeerSide(peer, PeerStatements(peer.dialect.name, scope)))
+        engines[PEER] = peer
+
+
 @asynccontextmanager
 async def open_postgres(config: BenchConfig) -> AsyncIterator[Setup]:
     """A migrated, empty Postgres database with the library, asyncpg, (`core`) the library on
@@ -130,16 +153,7 @@ async def open_postgres(config: BenchConfig) -> AsyncIterator[Setup]:
         sql = raw_statements("postgres", scope)
         sides: list[Side] = [LibrarySide(repo), AsyncpgSide(pool, sql)]
         engines = {LIBRARY: repo.engine}
-        if config.core:
-            core = SnapshotRepository.from_url(url, BenchState, settings=settings, backend="core")
-            stack.push_async_callback(core.close)
-            sides.append(CoreSide(core))
-            engines[CORE] = core.engine
-        if config.peer:
-            peer = peer_engine(url, settings, ())
-            stack.push_async_callback(peer.dispose)
-            sides.append(PeerSide(peer, PeerStatements("postgresql", scope)))
-            engines[PEER] = peer
+        await _add_core_and_peer(stack, config, url, settings, scope, sides, engines)
         commits = await _engine_answers(engines, ("SHOW synchronous_commit",))
         raw_commit = str(await pool.fetchval("SHOW synchronous_commit"))
         commits["asyncpg"] = [raw_commit]
@@ -320,16 +334,7 @@ async def open_mariadb(config: BenchConfig) -> AsyncIterator[Setup]:
         sql = raw_statements("mariadb", scope)
         sides: list[Side] = [LibrarySide(repo), MariadbSide(pool, sql)]
         engines = {LIBRARY: repo.engine}
-        if config.core:
-            core = SnapshotRepository.from_url(url, BenchState, settings=settings, backend="core")
-            stack.push_async_callback(core.close)
-            sides.append(CoreSide(core))
-            engines[CORE] = core.engine
-        if config.peer:
-            peer = peer_engine(url, settings, ())
-            stack.push_async_callback(peer.dispose)
-            sides.append(PeerSide(peer, PeerStatements(peer.dialect.name, scope)))
-            engines[PEER] = peer
+        await _add_core_and_peer(stack, config, url, settings, scope, sides, engines)
         levels = await _engine_answers(engines, (_ISOLATION,))
         raw_level = str(await value(_ISOLATION))
         levels["asyncmy"] = [raw_level]

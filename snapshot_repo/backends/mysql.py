@@ -60,6 +60,9 @@ _NO_SUCH_TABLE = 1146
 _SNAPSHOT_TABLES = ("snapshot_latest", "snapshot_history", "snapshot_changes", "snapshot_data_keys")
 
 
+_GATE_HELD_BY = "snapshot_repo_feed_gate"
+"""`conn.info` key: the transaction that holds the feed gate's share lock on this connection."""
+
 _STATEMENT_ROOM = 4096
 """Bytes of a write statement besides its values: the SQL text, numbers and timestamps."""
 
@@ -129,23 +132,26 @@ class MysqlBackend(CoreBackend):
         self, conn: AsyncConnection, write: PendingWrite
     ) -> Mapping[str, Any] | None:
         """Write the latest row (see `mysql_sql.latest_write_statement`), then read it back."""
-        await self._check_packet(conn, write)
+        params = write.params()
+        await self._check_packet(conn, write, params)
         mode = write_mode(write.expected_version)
         statement = latest_write_statement(mode)
         if mode == "create":
             try:
-                await conn.execute(statement, write.params())
+                await conn.execute(statement, params)
             except IntegrityError as exc:  # InnoDB rolled back this statement alone
                 if error_code(exc) != _DUPLICATE_KEY:
                     raise
                 return None
-        elif (await conn.execute(statement, write.params())).rowcount == 0:
+        elif (await conn.execute(statement, params)).rowcount == 0:
             return None  # a replace that found another version, or no row
         found = await conn.execute(stored_latest_statement(), write.scope.key(write.user_id))
         row = found.first()
         return None if row is None else dict(row._mapping)
 
-    async def _check_packet(self, conn: AsyncConnection, write: PendingWrite) -> None:
+    async def _check_packet(
+        self, conn: AsyncConnection, write: PendingWrite, params: Mapping[str, Any]
+    ) -> None:
         """Refuse, before sending, a write whose statement the server would not take.
 
         A statement longer than the server's `max_allowed_packet` makes the server
@@ -153,15 +159,20 @@ class MysqlBackend(CoreBackend):
         read as a lost connection to be retried, and would fail again. The limit is
         read once per backend; the statement's length is its text values (payload,
         metadata, ids, actor, reason, key) as the text protocol escapes them, plus
-        room for the rest.
+        room for the rest. Escaping at most doubles a value, so the values are only
+        scanned when twice their length could exceed the limit (never with the
+        default 1 MiB states and a 16 MiB limit: no scan on the write path).
         """
         if self._packet_limit is None:
             self._packet_limit = int(await conn.scalar(max_packet_statement()) or 0)
-        needed = sum(
-            _escaped_length(value if isinstance(value, bytes) else value.encode())
-            for value in write.params().values()
+        values = [
+            value if isinstance(value, bytes) else value.encode()
+            for value in params.values()
             if isinstance(value, bytes | str)
-        )
+        ]
+        if 2 * sum(map(len, values)) + _STATEMENT_ROOM <= self._packet_limit:
+            return
+        needed = sum(map(_escaped_length, values))
         if needed + _STATEMENT_ROOM > self._packet_limit:
             raise StorageError(
                 f"a write for user {redact(write.user_id)} needs a statement of about "
@@ -171,8 +182,13 @@ class MysqlBackend(CoreBackend):
             )
 
     async def _record(self, conn: AsyncConnection, kind: str, entry: Mapping[str, Any]) -> None:
-        """Append the feed entry under the feed gate's share lock (held until commit)."""
-        await conn.execute(gate_shared_statement())
+        """Append the feed entry under the feed gate's share lock (held until commit),
+        taken once per transaction: a batch's entries share it."""
+        sync = conn.sync_connection
+        transaction = sync.get_transaction() if sync is not None else None
+        if transaction is None or conn.info.get(_GATE_HELD_BY) is not transaction:
+            await conn.execute(gate_shared_statement())
+            conn.info[_GATE_HELD_BY] = transaction
         await super()._record(conn, kind, entry)
 
     async def _keep_key(
