@@ -20,6 +20,7 @@ restarts it anyway if a test failed half-way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -424,3 +425,34 @@ async def test_a_state_over_the_servers_max_allowed_packet_is_refused_before_it_
             fits = await repo.get_latest("fits")
             assert fits is not None
             assert fits.state.items == ["x" * 900_000]
+
+
+async def test_a_lock_wait_timeout_is_retried_inside_the_library(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """InnoDB gives up waiting for a row lock after `innodb_lock_wait_timeout` (1 s on this
+    server) with error 1205 and rolls back the statement: the library rolls back the rest
+    and runs the write again, which then finds the row free. The row is held for 1.5 s by
+    another transaction: the fault itself, not a wait for the library."""
+    caplog.set_level(logging.INFO, logger="snapshot_repo")
+    with running_server(["--innodb-lock-wait-timeout=1"]) as server:
+        url = server.create_database(f"locks_{uuid.uuid4().hex[:8]}")
+        await migrate_database(url)
+        async with sr.SnapshotRepository.from_url(url, Cart) as repo:
+            await repo.upsert_latest(snap("held", "v1"))
+            holder = await mariadb_connect(url, autocommit=False)
+            try:
+                async with holder.cursor() as cursor:
+                    await cursor.execute(
+                        "SELECT version FROM snapshot_latest WHERE user_id = 'held' FOR UPDATE"
+                    )
+                write = asyncio.create_task(repo.upsert_latest(snap("held", "v2")))
+                await asyncio.sleep(1.5)  # the library's first attempt times out at 1 s
+                await holder.rollback()
+                stored = await write
+            finally:
+                holder.close()
+        assert stored.version == 2
+    retried = [r.getMessage() for r in caplog.records if "rolled back" in r.getMessage()]
+    assert len(retried) == 1, retried
+    assert "1205" in retried[0]
