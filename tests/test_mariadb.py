@@ -16,7 +16,6 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-import asyncmy
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -24,7 +23,7 @@ import snapshot_repo as sr
 from snapshot_repo import migrate
 from snapshot_repo.backends.mysql import MysqlBackend
 from snapshot_repo.engine import create_engine
-from tests.support.databases import Cart, MariadbServer, mariadb_admin
+from tests.support.databases import Cart, MariadbServer, mariadb_admin, mariadb_connect
 
 LOCK_WAIT_DEADLINE = 10.0
 """Seconds a test waits for a session to be seen waiting on a lock (it takes milliseconds)."""
@@ -37,15 +36,7 @@ def snap(user_id: str, *items: str) -> sr.Snapshot[Cart]:
 @asynccontextmanager
 async def raw_session(url: str) -> AsyncIterator[Any]:
     """A raw asyncmy connection to the test's database, outside the library (autocommit off)."""
-    parsed = make_url(url)
-    conn = await asyncmy.connect(
-        host=parsed.host,
-        port=parsed.port or 3306,
-        user=parsed.username,
-        password=parsed.password or "",
-        database=parsed.database,
-        autocommit=False,
-    )
+    conn = await mariadb_connect(url, autocommit=False)
     try:
         async with conn.cursor() as cursor:  # as the library's sessions: no gap locks
             await cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
