@@ -215,6 +215,11 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
             # default, REPEATABLE READ, also takes gap locks: more lock waits). Set
             # once per connection, not per transaction: a round trip fewer per write.
             isolation_level="READ COMMITTED",
+            # Every transaction here ends itself (SQLAlchemy's Connection rolls back on
+            # close, the driver path commits or rolls back, see `backends.mysql_driver`),
+            # so the pool's reset-on-return ROLLBACK would be a round trip per call, and
+            # one that hangs on a frozen server when `close()` returns kept connections.
+            pool_reset_on_return=None,
         )
     elif parsed.database not in (None, "", ":memory:"):
         kwargs["connect_args"] = {"timeout": settings.busy_timeout}

@@ -351,14 +351,11 @@ async def test_a_call_waiting_for_this_repositorys_connections_times_out_naming_
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         await repo.upsert_latest(snap("u1", "a"))
         loop = asyncio.get_running_loop()
-        # The MySQL backend is a core one: its calls borrow from the engine's pool alone,
-        # so there the pool's only connection is this repository's.
-        holding = (
-            repo.engine.connect()
-            if backend.name == "mariadb"
-            else repo._backend._connections.checkout()
+        backend_ = repo._backend
+        connections = (
+            backend_._driver.connections if backend.name == "mariadb" else backend_._connections
         )
-        async with holding:
+        async with connections.checkout():
             started = loop.time()
             with pytest.raises(sr.StorageError, match=r"limit of size 1 overflow 0"):
                 await repo.get_latest("u1")
@@ -391,8 +388,7 @@ async def test_connections_kept_between_calls_leave_the_engine_one(
     async with sr.SnapshotRepository.from_url(backend.url, Cart, settings=settings) as repo:
         await repo.upsert_latest(snap("u1", "a"))
         await asyncio.gather(*(repo.get_latest("u1") for _ in range(4)))  # all connections open
-        # The MySQL backend is a core one: it keeps none between calls (the pool does).
-        kept = 0 if backend.name == "mariadb" else pool_size - 1
+        kept = pool_size - 1
         assert repo._backend.kept_connections == kept
         assert queue_pool(repo.engine).checkedout() == kept
         await repo.migrate()  # at head already: only needs a connection
@@ -426,13 +422,7 @@ async def test_concurrent_calls_pass_connections_on_and_return_the_extra_ones_af
                 assert await repo.get_latest(f"w{number}") is not None
 
         await asyncio.gather(*(worker(number) for number in range(16)))
-        if backend.name == "mariadb":
-            # The MySQL backend is a core one: each call borrows from the engine's pool
-            # and gives the connection back (nothing to pass on), so none stays kept.
-            assert repo._backend.kept_connections == 0
-            assert queue_pool(repo.engine).checkedout() == 0
-        else:
-            assert checkouts <= 20, f"{checkouts} pool checkouts for 320 calls"  # was 52
-            assert repo._backend.kept_connections == KEPT_CONNECTIONS
-            assert queue_pool(repo.engine).checkedout() == KEPT_CONNECTIONS
+        assert checkouts <= 20, f"{checkouts} pool checkouts for 320 calls"  # was 52
+        assert repo._backend.kept_connections == KEPT_CONNECTIONS
+        assert queue_pool(repo.engine).checkedout() == KEPT_CONNECTIONS
         assert [s.version for s in await repo.get_history("w3", limit=10)] == list(range(10, 0, -1))

@@ -11,7 +11,7 @@ The library's operations, statement by statement, on the bare driver:
 - a read is one primary-key `SELECT` in autocommit mode (no transaction to end);
 - a delete is one transaction: the latest row (`DELETE ... RETURNING version`,
   which takes its lock), the history up to that version and the user's feed
-  entries;
+  entries, and the erasure's own feed entry;
 - a batch is one transaction: `executemany` of the upsert, then one
   `INSERT ... SELECT` copying the batch's new latest rows into the history and
   one copying them into the feed.
@@ -110,6 +110,7 @@ class MariadbSide(Side):
                 return 0
             erased = await cursor.execute(sql.delete_history, (user_id, row[0]))
             await cursor.execute(sql.forget_feed, (user_id,))
+            await cursor.execute(sql.erase_entry, (row[0], _now()))
         return int(erased)
 
     async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> int:

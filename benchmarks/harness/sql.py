@@ -55,6 +55,7 @@ class RawSql:
     read_back: str = ""
     feed: str = ""
     forget_feed: str = ""
+    erase_entry: str = ""
     bulk_feed: str = ""
 
 
@@ -236,6 +237,11 @@ SELECT {fixed}CONCAT(%s, u.seq), {{versions}}, 1, %s, %s FROM {users}""",
         read_back=f"SELECT version FROM snapshot_latest WHERE {where}user_id = %s",
         feed=f"INSERT INTO snapshot_changes ({feed_columns}) VALUES ({fixed}%s, %s, 'write', %s)",
         forget_feed=f"DELETE FROM snapshot_changes WHERE {where}user_id = %s",
+        # The erasure's own feed entry, which tells consumers to drop the user: its
+        # subject is the receipts' HMAC, or "" with no erasure key (as here).
+        erase_entry=(
+            f"INSERT INTO snapshot_changes ({feed_columns}) VALUES ({fixed}'', %s, 'erase', %s)"
+        ),
         bulk_feed=f"""
 INSERT INTO snapshot_changes ({feed_columns})
 SELECT {fixed}user_id, version, 'write', created_at

@@ -161,10 +161,10 @@ def backend_for(engine: AsyncEngine, kind: BackendKind = "auto") -> Backend:
             f"unsupported database {name!r}: use SQLite, Postgres or MySQL/MariaDB, "
             "or backend='core'"
         )
-    if name in ("mysql", "mariadb"):  # already the core backend, in MySQL's SQL
+    if name in ("mysql", "mariadb"):  # the core backend in MySQL's SQL, plus its driver path
         from .mysql import MysqlBackend
 
-        return MysqlBackend(engine)
+        return MysqlBackend(engine, driver=kind == "auto")
     if kind == "core":
         from .core import CoreBackend
 

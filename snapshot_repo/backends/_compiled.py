@@ -41,6 +41,7 @@ __all__ = [
     "compile_all",
     "compile_statement",
     "expired",
+    "result_processor",
     "row_decoder",
 ]
 
@@ -213,7 +214,7 @@ def compile_shared(target: SharedStatements, dialect: Dialect) -> None:
     if target._latest.names != _KEY_ARGS or history_names[:4] != (*_KEY_ARGS, "limit"):
         raise AssertionError("latest/history statements bind other parameters than expected")
     target._history_tail = tuple(target._history.defaults[n] for n in history_names[4:])
-    target._expiry = _result_processor(latest_table.c.expires_at, dialect)
+    target._expiry = result_processor(latest_table.c.expires_at, dialect)
     target._version = compile_statement(version_statement(), dialect)
     target._latest_many = compile_statement(latest_many_statement(name), dialect)
 
@@ -221,7 +222,7 @@ def compile_shared(target: SharedStatements, dialect: Dialect) -> None:
 _KEY_ARGS = ("tenant", "namespace", "user_id")
 
 
-def _result_processor(column: ColumnElement[Any], dialect: Dialect) -> Callable[[Any], Any]:
+def result_processor(column: ColumnElement[Any], dialect: Dialect) -> Callable[[Any], Any]:
     """How `dialect` turns a raw value of `column` into its Python value."""
     process = column.type.dialect_impl(dialect).result_processor(dialect, None)
     return process if process is not None else (lambda value: value)

@@ -1,7 +1,10 @@
 """The MySQL and MariaDB backend: the core backend's transactions, in MySQL's SQL.
 
-It runs on SQLAlchemy's public async API with asyncmy, as the core backend
-does (see `core`), and differs only where MySQL does:
+Reads and plain writes (no retention policy, no data key; batches of
+distinct users) run on asyncmy's own connections (`mysql_driver`), the rest
+on SQLAlchemy's public async API with asyncmy, as the core backend does (see
+`core`); `backend="core"` runs everything there. It differs from the core
+backend only where MySQL does:
 
 - Writes: `INSERT ... ON DUPLICATE KEY UPDATE version = version + 1` takes
   the X lock on the user's primary-key record (a new user's writers wait on
@@ -33,9 +36,10 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._translate import register_driver_errors, register_missing_schema
-from ..errors import StorageError, redact
+from ._compiled import Compiled, compile_statement
 from ._retry import register_rolled_back, retry_rolled_back
 from .core import CoreBackend
+from .mysql_driver import DUPLICATE_KEY, MysqlDriver, check_packet, error_code
 from .mysql_sql import (
     claim_key_statement,
     delete_latest_statement,
@@ -47,11 +51,19 @@ from .mysql_sql import (
     stored_latest_statement,
 )
 from .statements import hold_key_statement, write_mode
-from .values import DataKeyChanged, DataKeyRef, Erasure, PendingBatch, PendingWrite, Scope
+from .values import (
+    DataKeyChanged,
+    DataKeyRef,
+    Erasure,
+    PendingBatch,
+    PendingWrite,
+    Row,
+    Scope,
+    WriteOutcome,
+)
 
 __all__ = ["MysqlBackend", "error_code"]
 
-_DUPLICATE_KEY = 1062
 _ROLLED_BACK = frozenset({1213, 1205})
 """ER_LOCK_DEADLOCK (the transaction was rolled back) and ER_LOCK_WAIT_TIMEOUT (the
 statement was; the backend then rolls back the rest): the whole transaction runs again."""
@@ -63,22 +75,8 @@ _SNAPSHOT_TABLES = ("snapshot_latest", "snapshot_history", "snapshot_changes", "
 _GATE_HELD_BY = "snapshot_repo_feed_gate"
 """`conn.info` key: the transaction that holds the feed gate's share lock on this connection."""
 
-_STATEMENT_ROOM = 4096
-"""Bytes of a write statement besides its values: the SQL text, numbers and timestamps."""
-
-_ESCAPED = (b"\x00", b"\n", b"\r", b"\\", b"'", b'"', b"\x1a")
-"""Bytes the text protocol sends as two (MySQL's string escaping)."""
-
-
-def _escaped_length(value: bytes) -> int:
-    return len(value) + sum(value.count(byte) for byte in _ESCAPED)
-
-
-def error_code(exc: BaseException) -> int | None:
-    """The MySQL error number of a driver error (wrapped by SQLAlchemy or not), or None."""
-    orig = exc.orig if isinstance(exc, DBAPIError) else exc
-    args = getattr(orig, "args", ())
-    return args[0] if args and isinstance(args[0], int) else None
+_FAILED = (DBAPIError, asyncmy.errors.MySQLError)
+"""What a failed transaction raises: SQLAlchemy's wrapper (core path) or asyncmy's own."""
 
 
 register_driver_errors(asyncmy.errors.MySQLError)
@@ -89,7 +87,8 @@ register_missing_schema(lambda exc: error_code(exc) == _NO_SUCH_TABLE)
 class MysqlBackend(CoreBackend):
     """`Backend` on MySQL and MariaDB (InnoDB), through `AsyncConnection` and Core statements."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, driver: bool = True) -> None:
+        """`driver=False` (`backend="core"`): everything through `AsyncConnection`."""
         super().__init__(engine)
         self.claim_key_statement = claim_key_statement()
         self._packet_limit: int | None = None  # the server's max_allowed_packet, once read
@@ -97,26 +96,90 @@ class MysqlBackend(CoreBackend):
         # write too would cost a round trip, and on a dead connection fail outside
         # SQLAlchemy's disconnect handling.
         self._write_options = {}
+        self._driver = MysqlDriver(engine) if driver else None
+        self._prepared: dict[int, tuple[ClauseElement, Compiled]] = {}
+
+    # --- connections kept by the driver path -----------------------------------------
+
+    @property
+    def kept_connections(self) -> int:  # type: ignore[override]
+        """Idle connections the driver path holds for reuse (see `_pool.Connections`)."""
+        return 0 if self._driver is None else self._driver.connections.kept
+
+    async def release(self) -> None:
+        if self._driver is not None:
+            await self._driver.connections.release()
+
+    def keep_connections(self, count: int) -> None:
+        if self._driver is not None:
+            self._driver.connections.keep_up_to(count)
+
+    # --- reads: the driver path ---------------------------------------------------------
+
+    async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
+        if self._driver is None:
+            return await super().latest(scope, user_id, now)
+        return await self._driver.latest(scope, user_id, now)
+
+    async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
+        if self._driver is None:
+            return await super().history(scope, user_id, limit)
+        return await self._driver.history(scope, user_id, limit)
+
+    async def current_version(self, scope: Scope, user_id: str) -> int:
+        if self._driver is None:
+            return await super().current_version(scope, user_id)
+        return await self._driver.current_version(scope, user_id)
+
+    async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
+        if self._driver is None or not user_ids:
+            return await super().latest_many(scope, user_ids, now)
+        return await self._driver.latest_many(scope, user_ids, now)
+
+    async def fetch(self, statement: ClauseElement, params: Mapping[str, Any]) -> list[Any]:
+        if self._driver is None:
+            return await super().fetch(statement, params)
+        hit = self._prepared.get(id(statement))
+        if hit is None or hit[0] is not statement:  # statements are module-level singletons
+            hit = (statement, compile_statement(statement, self._engine.dialect))
+            self._prepared[id(statement)] = hit
+        return await self._driver.fetch(hit[1], params)
 
     # --- whole transactions, run again when InnoDB rolled them back -------------------
 
-    async def write(self, write: PendingWrite) -> Any:
+    async def write(self, write: PendingWrite) -> WriteOutcome:
+        """The driver path for a plain write (`MysqlDriver.write`), else the core path."""
+        run = (
+            self._driver.write
+            if self._driver is not None and write.retention is None and write.data_key is None
+            else super().write
+        )
         try:
-            return await super().write(write)
-        except DBAPIError as exc:
-            return await retry_rolled_back(exc, super().write, write)
+            return await run(write)
+        except _FAILED as exc:
+            return await retry_rolled_back(exc, run, write)
 
     async def write_many(self, batch: PendingBatch) -> list[int]:
+        """The driver path for a batch of distinct users with no retention policy and no
+        data keys (`MysqlDriver.write_many`), else the core path."""
+        plain = batch.retention is None and batch.data_keys is None and batch.distinct_users()
+        run = (
+            self._driver.write_many
+            if self._driver is not None and plain and batch.user_ids
+            else super().write_many
+        )
         try:
-            return await super().write_many(batch)
-        except DBAPIError as exc:
-            return await retry_rolled_back(exc, super().write_many, batch)
+            return await run(batch)
+        except _FAILED as exc:
+            return await retry_rolled_back(exc, run, batch)
 
     async def delete(self, erasure: Erasure) -> tuple[int, int]:
+        """The driver path's erasure (`MysqlDriver.delete`), or the core path's."""
+        run = super().delete if self._driver is None else self._driver.delete
         try:
-            return await super().delete(erasure)
-        except DBAPIError as exc:
-            return await retry_rolled_back(exc, super().delete, erasure)
+            return await run(erasure)
+        except _FAILED as exc:
+            return await retry_rolled_back(exc, run, erasure)
 
     async def execute_in_transaction(
         self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
@@ -140,7 +203,7 @@ class MysqlBackend(CoreBackend):
             try:
                 await conn.execute(statement, params)
             except IntegrityError as exc:  # InnoDB rolled back this statement alone
-                if error_code(exc) != _DUPLICATE_KEY:
+                if error_code(exc) != DUPLICATE_KEY:
                     raise
                 return None
         elif (await conn.execute(statement, params)).rowcount == 0:
@@ -152,34 +215,10 @@ class MysqlBackend(CoreBackend):
     async def _check_packet(
         self, conn: AsyncConnection, write: PendingWrite, params: Mapping[str, Any]
     ) -> None:
-        """Refuse, before sending, a write whose statement the server would not take.
-
-        A statement longer than the server's `max_allowed_packet` makes the server
-        drop the connection (the client sees "server has gone away"), which would
-        read as a lost connection to be retried, and would fail again. The limit is
-        read once per backend; the statement's length is its text values (payload,
-        metadata, ids, actor, reason, key) as the text protocol escapes them, plus
-        room for the rest. Escaping at most doubles a value, so the values are only
-        scanned when twice their length could exceed the limit (never with the
-        default 1 MiB states and a 16 MiB limit: no scan on the write path).
-        """
+        """`mysql_driver.check_packet` against the server's `max_allowed_packet`, read once."""
         if self._packet_limit is None:
             self._packet_limit = int(await conn.scalar(max_packet_statement()) or 0)
-        values = [
-            value if isinstance(value, bytes) else value.encode()
-            for value in params.values()
-            if isinstance(value, bytes | str)
-        ]
-        if 2 * sum(map(len, values)) + _STATEMENT_ROOM <= self._packet_limit:
-            return
-        needed = sum(map(_escaped_length, values))
-        if needed + _STATEMENT_ROOM > self._packet_limit:
-            raise StorageError(
-                f"a write for user {redact(write.user_id)} needs a statement of about "
-                f"{needed + _STATEMENT_ROOM} bytes, over the server's max_allowed_packet "
-                f"({self._packet_limit}): raise max_allowed_packet or lower "
-                "max_payload_bytes; nothing was written"
-            )
+        check_packet(self._packet_limit, write.user_id, params)
 
     async def _record(self, conn: AsyncConnection, kind: str, entry: Mapping[str, Any]) -> None:
         """Append the feed entry under the feed gate's share lock (held until commit),

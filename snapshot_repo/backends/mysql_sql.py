@@ -13,11 +13,12 @@ Everything else a write or an erasure runs is the core backend's (see
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from sqlalchemy import (
     Column,
+    ColumnElement,
     Delete,
     Insert,
     Integer,
@@ -27,33 +28,49 @@ from sqlalchemy import (
     Update,
     bindparam,
     delete,
+    insert,
+    literal,
     literal_column,
     select,
 )
 from sqlalchemy.dialects import mysql
 
-from ..tables import data_keys_table, latest_table
+from ..tables import changes_table, data_keys_table, history_table, latest_table
 from .statements import (
+    CHANGE_COLUMNS,
     KEY_COLUMNS,
+    ROW_COLUMNS,
     STORED_COLUMNS,
     WRITE_COLUMNS,
     WriteMode,
+    alive,
+    in_scope,
     is_key,
     plain_latest_write,
 )
 
 __all__ = [
     "FEED_GATE",
+    "batch_feed_copy_statement",
+    "batch_history_copy_statement",
+    "batch_versions_statement",
     "claim_key_statement",
     "delete_latest_statement",
+    "feed_copy_statement",
     "feed_gate_table",
     "gate_exclusive_statement",
     "gate_shared_statement",
+    "history_copy_statement",
     "latest_for_erasure_statement",
+    "latest_many_statement",
     "latest_write_statement",
     "max_packet_statement",
     "stored_latest_statement",
+    "version_under_gate_statement",
 ]
+
+_SIZES = 64
+"""Statements kept per batch size (an IN list of one placeholder per user)."""
 
 FEED_GATE = 1
 """The id of the one row of `snapshot_feed_gate` (revision 0013)."""
@@ -89,8 +106,11 @@ def latest_write_statement(mode: WriteMode) -> Insert | Update:
     if mode == "create":
         return insert
     copied = [name for name in (*WRITE_COLUMNS, "expires_at") if name not in KEY_COLUMNS]
+    # `+ 1` as a literal, not a bound value: the driver's `executemany` sends a batch as
+    # one multi-row INSERT only when every placeholder is inside the VALUES list.
+    increment = table.c.version + literal_column("1")
     return insert.on_duplicate_key_update(
-        [("version", table.c.version + 1), *((name, insert.inserted[name]) for name in copied)]
+        [("version", increment), *((name, insert.inserted[name]) for name in copied)]
     )
 
 
@@ -164,3 +184,80 @@ def gate_shared_statement() -> Select[Any]:
 def gate_exclusive_statement() -> Select[Any]:
     """A feed reader's exclusive lock on the feed gate (see `gate_shared_statement`)."""
     return select(feed_gate_table.c.id).where(feed_gate_table.c.id == FEED_GATE).with_for_update()
+
+
+@cache
+def version_under_gate_statement() -> Select[Any]:
+    """The version a write just gave the user's latest row, and the feed gate's share lock.
+
+    One round trip for two needs of a write: MySQL returns nothing from the
+    upsert, so the version is read back (the write holds the row's X lock, so
+    this is its own row), and the write must hold the gate's share lock before
+    its feed entry takes a seq (see `gate_shared_statement`). A locking read of
+    the two rows: the latest row's share lock is the write's own X lock already.
+    """
+    return (
+        select(latest_table.c.version)
+        .where(is_key(latest_table), feed_gate_table.c.id == FEED_GATE)
+        .with_for_update(read=True)
+    )
+
+
+@cache
+def history_copy_statement() -> Insert:
+    """Append the user's latest row, as this transaction wrote it, to history.
+
+    `INSERT ... SELECT` from the row (here and for the feed entry): the
+    payload and metadata are not sent to the server again.
+    """
+    return _history_copy(is_key(latest_table))
+
+
+@cache
+def feed_copy_statement() -> Insert:
+    """Record the write feed entry of the user's latest row, as this transaction wrote it."""
+    return _feed_copy(is_key(latest_table))
+
+
+def _batch_users(count: int) -> tuple[ColumnElement[bool], ...]:
+    """`user_id IN (:u0, ..., :u<count-1>)` in the bound scope: one statement per size."""
+    ids: list[Any] = [bindparam(f"u{index}") for index in range(count)]
+    return (in_scope(latest_table), latest_table.c.user_id.in_(ids))
+
+
+@lru_cache(maxsize=_SIZES)
+def batch_history_copy_statement(count: int) -> Insert:
+    """Append the latest rows of a batch's `count` users (bound `u0`...) to history."""
+    return _history_copy(*_batch_users(count))
+
+
+@lru_cache(maxsize=_SIZES)
+def batch_feed_copy_statement(count: int) -> Insert:
+    """Record a write feed entry for each of a batch's `count` users, from its latest row,
+    in primary-key order (the order the batch wrote them in)."""
+    return _feed_copy(*_batch_users(count))
+
+
+def _history_copy(*where: ColumnElement[bool]) -> Insert:
+    source = select(*(latest_table.c[name] for name in STORED_COLUMNS)).where(*where)
+    return insert(history_table).from_select(list(STORED_COLUMNS), source)
+
+
+def _feed_copy(*where: ColumnElement[bool]) -> Insert:
+    columns = [latest_table.c[name] for name in CHANGE_COLUMNS]
+    source = select(literal("write"), *columns).where(*where).order_by(latest_table.c.user_id)
+    return insert(changes_table).from_select(["kind", *CHANGE_COLUMNS], source)
+
+
+@lru_cache(maxsize=_SIZES)
+def batch_versions_statement(count: int) -> Select[Any]:
+    """The versions a batch just gave its `count` users (it holds their rows' locks)."""
+    return select(latest_table.c.user_id, latest_table.c.version).where(*_batch_users(count))
+
+
+@lru_cache(maxsize=_SIZES)
+def latest_many_statement(count: int) -> Select[Any]:
+    """The live latest rows of `count` users (bound `u0`...): primary-key probes."""
+    return select(*(latest_table.c[name] for name in ROW_COLUMNS)).where(
+        *_batch_users(count), alive()
+    )
