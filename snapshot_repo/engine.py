@@ -4,12 +4,16 @@ SQLite (aiosqlite) connections get WAL journaling, a busy timeout, the
 configured `synchronous` level, and transactions begun by us rather than by
 the sqlite3 module: `BEGIN IMMEDIATE` for writes (so two writers never
 deadlock upgrading read locks into write locks), a deferred `BEGIN` for the
-rest. Postgres (asyncpg) connections get connect and command timeouts.
+rest. Postgres (asyncpg) connections get connect and command timeouts, and
+behind a transaction pooler (`EngineSettings.transaction_pooler`) unnamed,
+uncached statements.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal, get_args
 
 from sqlalchemy import event
@@ -26,6 +30,7 @@ __all__ = [
     "MAX_WAIT_SECONDS",
     "WRITE_TRANSACTION",
     "EngineSettings",
+    "behind_transaction_pooler",
     "create_engine",
     "engine_settings",
     "install_sqlite_settings",
@@ -105,6 +110,22 @@ class EngineSettings:
             with 0 a burst waits for a pooled connection instead (up to
             `pool_timeout`), as asyncpg's own pool does.
         pool_timeout: seconds to wait for a free pooled connection.
+        transaction_pooler: Postgres is reached through a pooler in transaction
+            mode (PgBouncer's `pool_mode = transaction`, or pgcat, Supavisor, RDS
+            Proxy), which may run each transaction on a different server
+            connection. Statements are then never cached or named, neither by
+            SQLAlchemy nor by asyncpg: a named prepared statement lives on one
+            server connection, so the next transaction would find it missing,
+            or its name taken by another client's. Each statement is then
+            parsed and planned on every call, in one more round trip (measured
+            straight to Postgres: a read 0.2 -> 0.55 ms, a write 0.5 -> 1.3 ms;
+            the default keeps its cache). `subscribe()` and `changes()` raise
+            `ConfigurationError`: LISTEN holds a server connection, which the
+            pooler gives away after the statement. Everything else works,
+            `migrate()` included (its lock is transaction-scoped). Also turned
+            on by `transaction_pooler=true` or asyncpg's `statement_cache_size=0`
+            in the URL (see `create_engine`). Default off; ignored for SQLite
+            and MySQL/MariaDB.
     """
 
     connect_timeout: float = 5.0
@@ -116,6 +137,7 @@ class EngineSettings:
     pool_size: int = 10
     max_overflow: int = 0
     pool_timeout: float = 10.0
+    transaction_pooler: bool = False
 
     def __post_init__(self) -> None:
         """Refuse every bad setting here, so that no construction path can open a connection
@@ -133,7 +155,7 @@ class EngineSettings:
         positive_seconds(
             "busy_timeout", self.busy_timeout, least=_MIN_BUSY_TIMEOUT, most=MAX_WAIT_SECONDS
         )
-        for name in ("sqlite_secure_delete", "sqlite_inline_reads"):
+        for name in ("sqlite_secure_delete", "sqlite_inline_reads", "transaction_pooler"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(
                     f"{name} must be True or False, not {getattr(self, name)!r}"
@@ -180,9 +202,20 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
 
     No connection is opened here; the first operation opens one.
 
+    A Postgres URL's query options are asyncpg's connection arguments, checked
+    and converted here (a URL carries text): `statement_cache_size`,
+    `max_cached_statement_lifetime`, `max_cacheable_statement_size` and
+    SQLAlchemy's `prepared_statement_cache_size` are whole numbers of at least 0.
+    Two more turn on `EngineSettings.transaction_pooler`: `transaction_pooler=true`
+    and `statement_cache_size=0`, asyncpg's documented setting for PgBouncer (to
+    turn statement caching off without the pooler's restrictions, add
+    `transaction_pooler=false`).
+
     Raises:
-        ConfigurationError: the URL is not SQLite or Postgres, or `settings` is
-            not an `EngineSettings` (whose own constructor refuses bad values).
+        ConfigurationError: the URL is not SQLite, Postgres or MySQL/MariaDB, a
+            Postgres query option is unknown to asyncpg or has a bad value, a
+            transaction pooler is combined with a statement cache, or `settings`
+            is not an `EngineSettings` (whose own constructor refuses bad values).
     """
     if settings is None:
         settings = EngineSettings()
@@ -192,11 +225,16 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
         )
     parsed = normalize_url(url)
     kwargs: dict[str, Any] = {}
+    pooled = False
     if parsed.get_backend_name() == "postgresql":
+        parsed, query_args, pooled = _postgres_query(parsed, settings.transaction_pooler)
         kwargs["connect_args"] = {
+            **query_args,
             "timeout": settings.connect_timeout,
             "command_timeout": settings.command_timeout,
         }
+        if pooled:
+            kwargs["connect_args"].update(_UNCACHED_STATEMENTS)
         kwargs.update(
             pool_size=settings.pool_size,
             max_overflow=settings.max_overflow,
@@ -249,7 +287,129 @@ def create_engine(url: str | URL, settings: EngineSettings | None = None) -> Asy
         ) from None
     if parsed.get_backend_name() == "sqlite":
         install_sqlite_settings(engine, settings)
+    if pooled:
+        setattr(engine.sync_engine, _POOLER_ATTRIBUTE, True)
     return engine
+
+
+_POOLER_ATTRIBUTE = "_snapshot_repo_transaction_pooler"
+
+_POOLER_OPTION = "transaction_pooler"
+"""This library's own URL query option (see `create_engine`); not passed to asyncpg."""
+
+_WHOLE_NUMBER_OPTIONS = frozenset(
+    {
+        "statement_cache_size",
+        "max_cached_statement_lifetime",
+        "max_cacheable_statement_size",
+        "prepared_statement_cache_size",  # SQLAlchemy's, for its own statement cache
+    }
+)
+"""URL query options that asyncpg or SQLAlchemy's adapter needs as integers, not text."""
+
+_CACHE_OPTIONS = ("statement_cache_size", "prepared_statement_cache_size")
+
+_OTHER_OPTIONS = frozenset({"plugin", "plugins"})
+"""Query options SQLAlchemy's `create_engine` takes for itself (it loads those plugins)."""
+
+_NOT_TEXT = frozenset({"dsn", "loop", "connection_class", "record_class", "server_settings"})
+"""asyncpg's connection arguments that no URL can give (objects, not text)."""
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "on": True}
+_BOOLEANS.update(dict.fromkeys(("false", "0", "no", "off"), False))
+
+
+def _unnamed_statement() -> str:
+    """The name SQLAlchemy's adapter gives asyncpg for each statement it prepares.
+
+    asyncpg prepares a statement named "" as Postgres's unnamed statement,
+    which lasts until the next one and is never left on a server connection;
+    Parse and Bind are sent without a Sync between them, so a transaction
+    pooler keeps both on one server connection.
+    """
+    return ""
+
+
+_UNCACHED_STATEMENTS: dict[str, Any] = {
+    "statement_cache_size": 0,  # asyncpg's `fetch` and `execute` then use unnamed statements
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": _unnamed_statement,
+}
+"""The connection arguments for a transaction pooler: no statement is named or kept."""
+
+
+def behind_transaction_pooler(engine: AsyncEngine) -> bool:
+    """Whether `engine` was made by `create_engine` for a transaction pooler.
+
+    An engine the application created itself reads False: make it with
+    `create_engine(url, EngineSettings(transaction_pooler=True))` instead.
+    """
+    return getattr(engine.sync_engine, _POOLER_ATTRIBUTE, False) is True
+
+
+def _postgres_query(url: URL, pooler: bool) -> tuple[URL, dict[str, Any], bool]:
+    """Check and convert a Postgres URL's query options (see `create_engine`).
+
+    Returns the URL without the options converted here, those options as
+    asyncpg's connection arguments, and whether a transaction pooler is in front.
+    """
+    query = dict(url.query)
+    known = _url_options()
+    unknown = [] if known is None else sorted(set(query) - known)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown Postgres URL option {unknown[0]!r}: the query options are "
+            "asyncpg's connection arguments (e.g. ssl=require, statement_cache_size=0)"
+        )
+    converted: dict[str, Any] = {}
+    for name in sorted(_WHOLE_NUMBER_OPTIONS & set(query)):
+        converted[name] = _whole_number(name, query[name])
+    said = _url_boolean(query[_POOLER_OPTION]) if _POOLER_OPTION in query else None
+    if pooler and said is False:
+        raise ConfigurationError(
+            "EngineSettings(transaction_pooler=True) contradicts "
+            "transaction_pooler=false in the URL"
+        )
+    pooled = pooler or said is True or (said is None and converted.get("statement_cache_size") == 0)
+    cached = [name for name in _CACHE_OPTIONS if converted.get(name, 0) > 0]
+    if pooled and cached:
+        raise ConfigurationError(
+            f"{cached[0]}={converted[cached[0]]} in the URL cannot work through a transaction "
+            "pooler: a statement cached on one server connection is missing on the next "
+            "(remove it; transaction_pooler turns both statement caches off)"
+        )
+    return url.difference_update_query([*converted, _POOLER_OPTION]), converted, pooled
+
+
+@cache
+def _url_options() -> frozenset[str] | None:
+    """The query options a Postgres URL may have: `asyncpg.connect`'s text arguments, and
+    SQLAlchemy's and ours. None without asyncpg (`create_async_engine` then names the extra)."""
+    try:
+        import asyncpg
+    except ModuleNotFoundError:
+        return None
+    arguments = frozenset(inspect.signature(asyncpg.connect).parameters) - _NOT_TEXT
+    return arguments | _WHOLE_NUMBER_OPTIONS | _OTHER_OPTIONS | {_POOLER_OPTION}
+
+
+def _whole_number(name: str, value: str | tuple[str, ...]) -> int:
+    """A URL query option that must be an integer of at least 0."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise ConfigurationError(
+        f"{name} in the URL must be a whole number of at least 0, not {value!r}"
+    )
+
+
+def _url_boolean(value: str | tuple[str, ...]) -> bool:
+    """`transaction_pooler=` in a URL: true/false (or 1/0, yes/no, on/off)."""
+    flag = _BOOLEANS.get(value.lower()) if isinstance(value, str) else None
+    if flag is None:
+        raise ConfigurationError(
+            f"transaction_pooler in the URL must be true or false, not {value!r}"
+        )
+    return flag
 
 
 def _use_wal(cursor: Any) -> None:

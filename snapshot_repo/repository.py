@@ -593,6 +593,11 @@ class SnapshotRepository(Generic[StateT]):
         whose repositories have `notify=True` (LISTEN/NOTIFY; one pooled
         connection is held while anyone listens).
         Close the returned subscription to stop.
+
+        Raises:
+            ConfigurationError: the engine is behind a transaction pooler
+                (`EngineSettings.transaction_pooler`), which cannot carry LISTEN;
+                `changes()` raises it too, on entering.
         """
         return await _feed.subscribe(self._context, callback)
 

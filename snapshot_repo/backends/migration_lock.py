@@ -3,7 +3,9 @@
 Each database's own kind of lock, taken on the connection the migration
 runs on, before Alembic reads the current revision:
 
-- Postgres: a transaction-scoped advisory lock, released at COMMIT.
+- Postgres: a transaction-scoped advisory lock, released at COMMIT. Being
+  tied to the transaction, not the session, it also works through a
+  transaction pooler such as PgBouncer's `pool_mode = transaction`.
 - MySQL/MariaDB: `GET_LOCK`, a named lock of the session. DDL commits
   implicitly there, so a lock tied to the transaction would end at the
   first `CREATE TABLE`; this one is held until `RELEASE_LOCK`, after the

@@ -4,6 +4,11 @@ A write with `notify` sends `pg_notify` on `NOTIFY_CHANNEL`, delivered at
 commit. One pooled connection per engine LISTENs while anyone subscribes
 (see `changes.ChangeHub`), through asyncpg's listener API on the driver
 connection, and listens again after that connection is lost.
+
+Not through a transaction pooler (`EngineSettings.transaction_pooler`): LISTEN
+registers on the server connection the pooler lends for that one statement,
+then gives to other clients, so nothing would ever be heard. `listen` refuses
+at once there, instead of subscribing to silence.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
+from ..engine import behind_transaction_pooler
+from ..errors import ConfigurationError
 from .statements import NOTIFY_CHANNEL
 
 __all__ = ["listen"]
@@ -30,9 +37,21 @@ async def listen(
     """Hold a LISTEN connection, passing each payload to `deliver`, until cancelled.
 
     `ready` gets its result once LISTEN is active, or the first failure (then
-    this returns). A lost connection is replaced after a pause that doubles
-    up to 5 s.
+    this returns): `ConfigurationError` at once for an engine behind a
+    transaction pooler. A lost connection is replaced after a pause that
+    doubles up to 5 s.
     """
+    if behind_transaction_pooler(engine):
+        ready.set_exception(
+            ConfigurationError(
+                "subscribe() and changes() need LISTEN, which cannot work through a "
+                "transaction pooler (EngineSettings.transaction_pooler): the pooler gives "
+                "the listening server connection to other clients after each statement. "
+                "Poll changes_since() instead, or subscribe through an engine connected "
+                "to Postgres directly (or to a pooler in session mode)"
+            )
+        )
+        return
     delay = 0.1
 
     def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:

@@ -5,6 +5,8 @@ so a behaviour of the contract is written once and checked on all of them:
 the fast backends (`sqlite`, `postgres`), the core backend on each of their
 databases (`sqlite-core`, `postgres-core`), the reference they are tested
 against, and the MySQL/MariaDB backend (`mariadb`), itself a core backend.
+`postgres-pgbouncer` is the fast Postgres backend through a real PgBouncer in
+transaction mode (`tests.support.pgbouncer`), with `transaction_pooler=true`.
 """
 
 from __future__ import annotations
@@ -52,15 +54,18 @@ class Target:
     """One backend on one database.
 
     Attributes:
-        name: the test id: "sqlite", "postgres", "sqlite-core", "postgres-core" or
-            "mariadb".
+        name: the test id: "sqlite", "postgres", "sqlite-core", "postgres-core",
+            "mariadb" or "postgres-pgbouncer".
         database: "sqlite", "postgres" or "mariadb".
         core: whether the repository runs on the core backend (`backend="core"`).
+        pooler: whether the database is reached through PgBouncer in transaction
+            mode, its URL saying `transaction_pooler=true`.
     """
 
     name: str
     database: str
     core: bool
+    pooler: bool = False
 
     @property
     def options(self) -> dict[str, Any]:
@@ -74,6 +79,7 @@ TARGETS = (
     Target("sqlite-core", "sqlite", core=True),
     Target("postgres-core", "postgres", core=True),
     Target("mariadb", "mariadb", core=False),
+    Target("postgres-pgbouncer", "postgres", core=False, pooler=True),
 )
 
 
