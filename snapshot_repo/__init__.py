@@ -1,6 +1,6 @@
 """snapshot_repo: typed, versioned per-user state on SQLite, Postgres and MariaDB/MySQL."""
 
-from .changes import Change, ChangePage, ChangeStream, Subscription
+from .changes import Change, ChangePage, ChangeStream, FeedConsumer, Subscription
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, JsonObject
 from .crypto import KeyProvider, LocalKeyProvider
 from .engine import EngineSettings, create_engine
@@ -8,6 +8,7 @@ from .erasure import erase_user
 from .errors import (
     ConfigurationError,
     ConnectionLostError,
+    CursorExpiredError,
     DecryptionError,
     SchemaNotReadyError,
     SchemaVersionError,
@@ -35,8 +36,10 @@ __all__ = [
     "ChangeStream",
     "ConfigurationError",
     "ConnectionLostError",
+    "CursorExpiredError",
     "DecryptionError",
     "EngineSettings",
+    "FeedConsumer",
     "HealthReport",
     "InMemoryStore",
     "JsonObject",

@@ -33,8 +33,10 @@ __all__ = [
     "Invocation",
     "PutOptions",
     "delete",
+    "drop_consumer",
     "dump",
     "export",
+    "feed_consumers",
     "get",
     "health",
     "history",
@@ -44,6 +46,7 @@ __all__ = [
     "put",
     "reap",
     "run",
+    "trim_changes",
     "upgrade_payloads",
 ]
 
@@ -204,6 +207,24 @@ async def reap(repo: _Repository) -> int:
     with Progress("reaped users") as progress:
         print(await repo.reap_expired(progress=progress))
     return EXIT_OK
+
+
+async def trim_changes(repo: _Repository, older_than: timedelta) -> int:
+    """Trim change-feed entries older than `older_than` that every registered consumer
+    acknowledged, and print how many."""
+    print(await repo.trim_changes(older_than=older_than))
+    return EXIT_OK
+
+
+async def feed_consumers(repo: _Repository) -> int:
+    """Print the registered feed consumers and their acknowledged cursors as a JSON array."""
+    print_json([consumer.model_dump(mode="json") for consumer in await repo.feed_consumers()])
+    return EXIT_OK
+
+
+async def drop_consumer(repo: _Repository, name: str) -> int:
+    """Forget a registered feed consumer; exit 1 if there was none of that name."""
+    return EXIT_OK if await repo.drop_feed_consumer(name) else EXIT_NOT_FOUND
 
 
 async def upgrade_payloads(repo: _Repository) -> int:

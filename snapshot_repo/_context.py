@@ -14,7 +14,7 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Literal, ParamSpec, TypedDict, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -107,6 +107,10 @@ class RepositoryOptions(TypedDict, total=False):
             Python < 3.14. Every row says whether it is compressed, so rows of
             either kind read with or without the option (reading a compressed
             row needs the codec installed).
+        feed_retention: how long the change feed keeps entries (a `timedelta`;
+            default None: for ever). `prune_history` and `reap_expired` then
+            trim older entries too (as `trim_changes` does), never one a
+            consumer registered with `acknowledge_changes` has not acknowledged.
         backend: "auto" (the default) runs on the fast backend of the engine's
             database; "core" runs every call through SQLAlchemy's public Core
             API: slower, for databases and drivers the fast backends do not
@@ -124,6 +128,7 @@ class RepositoryOptions(TypedDict, total=False):
     compression: Compression | None
     health_timeout: float
     operation_timeout: float | None
+    feed_retention: timedelta | None
     backend: BackendKind
 
 
@@ -160,6 +165,7 @@ class RepositoryContext(Generic[StateT]):
         self.retention = options.get("retention")
         if self.retention is not None and not isinstance(self.retention, RetentionPolicy):
             raise ConfigurationError("retention must be a RetentionPolicy")
+        self.feed_retention = _feed_retention(options.get("feed_retention"))
         self.health_timeout = positive_seconds(
             "health_timeout", options.get("health_timeout", DEFAULT_HEALTH_TIMEOUT)
         )
@@ -502,6 +508,14 @@ def _backend_kind(kind: object) -> BackendKind:
     if kind == "auto":
         return "auto"
     raise ConfigurationError(f"backend must be 'auto' or 'core', not {kind!r}")
+
+
+def _feed_retention(retention: object) -> timedelta | None:
+    if retention is None:
+        return None
+    if not isinstance(retention, timedelta) or retention < timedelta(0):
+        raise ConfigurationError("feed_retention must be a non-negative timedelta or None")
+    return retention
 
 
 def _erasure_key(key: object) -> bytes | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import _feed_retention
 from ._checks import check_int
 from ._context import RepositoryContext
 from .backends import row_decoder
@@ -24,29 +25,43 @@ __all__ = ["MAX_FEED_PAGE", "changes", "changes_since", "subscribe"]
 
 MAX_FEED_PAGE = 10_000
 _LIVE_QUEUE = 10_000
+_START_ATTEMPTS = 3
+"""Reads of a page from the feed's start while trims keep moving it, before giving up."""
 
 
 async def changes_since(
     context: RepositoryContext[Any], cursor: str | None, limit: int
 ) -> ChangePage:
-    """One page of the scope's committed changes after `cursor` (see the repository's)."""
-    after_txid, after_seq = decode_cursor(cursor)
+    """One page of the scope's committed changes after `cursor` (see the repository's).
+
+    The page is checked against the scope's trim horizon, read after it: a
+    trim that committed before the page was read is seen there, so a cursor
+    it passed raises `CursorExpiredError` instead of returning a page with a
+    gap. Without a cursor the page starts at the horizon, read again after
+    the page until no trim moved it meanwhile.
+    """
+    after = decode_cursor(cursor)
     check_int("limit", limit, minimum=1, maximum=MAX_FEED_PAGE)
-    scope = context.scope
-    params = {
-        "tenant": scope.tenant,
-        "namespace": scope.namespace,
-        "after_txid": after_txid,
-        "after_seq": after_seq,
-        "limit": limit,
-    }
+    scope = {"tenant": context.scope.tenant, "namespace": context.scope.namespace}
+    start = after
     async with context.guard("changes_since", None):
-        raw_rows = await context.read(context.backend.feed_page, params)
+        for attempt in range(_START_ATTEMPTS):
+            if cursor is None or cursor == "":
+                start = await _feed_retention.horizon(context, scope) or (0, 0)
+            params = {**scope, "after_txid": start[0], "after_seq": start[1], "limit": limit}
+            raw_rows = await context.read(context.backend.feed_page, params)
+            trimmed = await _feed_retention.horizon(context, scope)
+            if cursor or trimmed is None or trimmed <= start:
+                break
+            if attempt == _START_ATTEMPTS - 1:  # trims kept passing the start: report it
+                _feed_retention.check_cursor(encode_cursor(*start), start, trimmed)
+    if cursor:
+        _feed_retention.check_cursor(cursor, after, trimmed)
     decode = row_decoder(
         context.engine.dialect, [changes_table.c[name] for name in CHANGE_FEED_COLUMNS]
     )
     page = []
-    next_cursor = cursor or encode_cursor(0, 0)
+    next_cursor = cursor or encode_cursor(*start)
     for raw in raw_rows:
         seq, txid, user_id, version, kind, created_at, actor, reason, metadata = decode(raw)
         page.append(

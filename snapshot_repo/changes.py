@@ -12,6 +12,12 @@ Two ways to follow changes (seeds 003 and 004):
   cross-process notification. Live delivery is best effort (a slow
   consumer's queue drops its oldest entries, a dropped LISTEN connection
   loses what was sent meanwhile): catch up with `changes_since`.
+
+The durable feed keeps every entry unless the repository trims it
+(`trim_changes`, or `feed_retention` with `prune_history`/`reap_expired`):
+a consumer that must not lose entries says where it is with
+`acknowledge_changes`, and a cursor before the trimmed horizon raises
+`CursorExpiredError` rather than skip anything.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ __all__ = [
     "ChangeHub",
     "ChangePage",
     "ChangeStream",
+    "FeedConsumer",
     "Subscription",
     "decode_cursor",
     "encode_cursor",
@@ -101,6 +108,22 @@ class ChangePage(BaseModel):
 
     changes: list[Change]
     cursor: str
+
+
+class FeedConsumer(BaseModel):
+    """A registered consumer of a scope's change feed (see `acknowledge_changes`).
+
+    Attributes:
+        name: the name it registered under.
+        cursor: the position it acknowledged; trimming keeps every entry after it.
+        acknowledged_at: when it last moved forward (or registered).
+    """
+
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
+
+    name: str
+    cursor: str
+    acknowledged_at: datetime
 
 
 _CURSOR_PREFIX = "v1"

@@ -14,7 +14,8 @@ directory.
 Exit status, distinct per outcome so that scripts and probes can branch on it:
 
     0  success
-    1  not found (`get` of a user without a snapshot) or unhealthy (`health`)
+    1  not found (`get` of a user without a snapshot, `drop-consumer` of an unknown
+       consumer) or unhealthy (`health`)
     2  usage error or bad input: arguments, JSON, user id, state, URL
     3  storage failure: database unreachable, timed out, or not migrated
        (and any other error of the library)
@@ -205,6 +206,18 @@ def _parser() -> argparse.ArgumentParser:
 
     add("reap", "erase every user whose snapshot expired, and print how many")
 
+    trim = add("trim-changes", "delete old change-feed entries every registered consumer has read")
+    trim.add_argument(
+        "--older-than",
+        type=float,
+        required=True,
+        metavar="SECONDS",
+        help="keep entries younger than this",
+    )
+    add("feed-consumers", "print the registered feed consumers and their cursors as JSON")
+    drop_consumer = add("drop-consumer", "forget a feed consumer, so trimming stops waiting")
+    drop_consumer.add_argument("consumer", metavar="NAME")
+
     upgrade = add("upgrade-payloads", "rewrite states stored under older schema versions")
     upgrade.add_argument(
         "--model",
@@ -282,6 +295,12 @@ def _invocation(args: argparse.Namespace) -> commands.Invocation:
             )
         case "reap":
             command = commands.reap
+        case "trim-changes":
+            command = partial(commands.trim_changes, older_than=timedelta(seconds=args.older_than))
+        case "feed-consumers":
+            command = commands.feed_consumers
+        case "drop-consumer":
+            command = partial(commands.drop_consumer, name=args.consumer)
         case "upgrade-payloads":
             options["schema_version"] = args.schema_version
             options["upgraders"] = import_object(args.upgraders, "--upgraders")

@@ -8,6 +8,7 @@ escape the public API unchained::
     │   └── SchemaVersionError             a stored state's schema version the code cannot read
     ├── ConfigurationError                 bad URL, driver or setting (also a ValueError)
     ├── VersionConflictError               compare-and-set lost; nothing was written
+    ├── CursorExpiredError                 feed cursor before the trimmed horizon (a LookupError)
     ├── DecryptionError                    an encrypted state's key is missing (shredded) or wrong
     └── StorageError                       the database failed; the driver error is chained
         ├── ConnectionLostError            the connection died mid-operation (server restart, kill)
@@ -22,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "ConfigurationError",
     "ConnectionLostError",
+    "CursorExpiredError",
     "DecryptionError",
     "SchemaNotReadyError",
     "SchemaVersionError",
@@ -99,6 +101,32 @@ class VersionConflictError(SnapshotRepoError):
         super().__init__(
             f"version conflict for user {redact(user_id)}: expected version "
             f"{expected_version}, found {actual_version}; nothing was written"
+        )
+
+
+class CursorExpiredError(SnapshotRepoError, LookupError):
+    """A change-feed cursor points before the entries trimming removed.
+
+    The feed was trimmed (`trim_changes`, or `prune_history`/`reap_expired`
+    with `feed_retention`) past an entry the cursor had not read, so reading
+    on from it would skip that entry: the read is refused instead. Nothing
+    was lost for a consumer that acknowledged its position
+    (`acknowledge_changes`), which trimming never passes. Rebuild what the
+    consumer derives from the feed (its current states, from `get_latest`),
+    then resume from `horizon`.
+
+    Attributes:
+        cursor: the cursor that was refused.
+        horizon: the cursor just after the trimmed entries, where reading can
+            resume knowingly.
+    """
+
+    def __init__(self, cursor: str, horizon: str) -> None:
+        self.cursor = cursor
+        self.horizon = horizon
+        super().__init__(
+            f"change feed cursor {cursor!r} points before the trimmed horizon {horizon!r}: "
+            "entries after it were trimmed; rebuild, then resume from the horizon"
         )
 
 

@@ -30,7 +30,7 @@ from pydantic import JsonValue
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _feed, _history_reads, _lifecycle, _privacy
+from . import _feed, _feed_retention, _history_reads, _lifecycle, _privacy
 from . import migrate as _migrate
 from ._checks import (
     MAX_BATCH_SIZE,
@@ -48,7 +48,14 @@ from ._context import DEFAULT_NAMESPACE, RepositoryContext, RepositoryOptions, l
 from ._privacy import ErasureReceipt
 from ._translate import storage_errors
 from .backends import KEPT_CONNECTIONS, PendingBatch, PendingWrite
-from .changes import ChangeCallback, ChangePage, ChangeStream, Subscription, hub_for
+from .changes import (
+    ChangeCallback,
+    ChangePage,
+    ChangeStream,
+    FeedConsumer,
+    Subscription,
+    hub_for,
+)
 from .codec import JsonObject, encode_metadata
 from .engine import EngineSettings, create_engine
 from .errors import SnapshotRepoError, SnapshotValidationError, VersionConflictError
@@ -575,11 +582,16 @@ class SnapshotRepository(Generic[StateT]):
         Start with `cursor=None`; pass each page's `cursor` to the next call.
         A consumer that was down resumes where it stopped and misses nothing
         that is still in the feed. Erased users' earlier writes leave the feed
-        with their data; their erasure remains as one `erase` entry.
+        with their data; their erasure remains as one `erase` entry. Entries
+        trimmed by retention (`trim_changes`) are gone: a cursor from before
+        them raises `CursorExpiredError`, never a page that skips them, and
+        `cursor=None` starts after them. Register with `acknowledge_changes`
+        so that trimming waits for you.
 
         Raises:
             SnapshotValidationError: a cursor this library did not make, or
                 `limit` outside 1 to 10,000.
+            CursorExpiredError: the feed was trimmed past an entry after `cursor`.
             StorageError: the database failed.
         """
         return await _feed.changes_since(self._context, cursor, limit)
@@ -608,6 +620,62 @@ class SnapshotRepository(Generic[StateT]):
         `changes_since` where nothing may be missed.
         """
         return _feed.changes(self._context)
+
+    async def acknowledge_changes(self, consumer: str, cursor: str | None) -> None:
+        """Record that `consumer` has processed this scope's feed up to `cursor`.
+
+        Registers the consumer on first call. From then on trimming (see
+        `trim_changes`) never removes an entry after its position, however
+        old: a registered consumer never loses an entry, and one that stops
+        acknowledging holds the feed back until `drop_feed_consumer`. The
+        position only moves forward: an older cursor leaves it (drop, then
+        acknowledge, to rewind). Pass a `ChangePage.cursor` once its changes are
+        processed; `None` registers at the feed's start.
+
+        Raises:
+            SnapshotValidationError: a bad consumer name (1 to 255 characters)
+                or a cursor this library did not make.
+            CursorExpiredError: `cursor` is before the trimmed horizon (entries
+                after it are gone); the consumer is registered at it all the same.
+            StorageError: the database failed.
+        """
+        await _feed_retention.acknowledge_changes(self._context, consumer, cursor)
+
+    async def drop_feed_consumer(self, consumer: str) -> bool:
+        """Forget a registered consumer, so trimming no longer waits for it.
+
+        Returns:
+            Whether it was registered.
+        """
+        return await _feed_retention.drop_feed_consumer(self._context, consumer)
+
+    async def feed_consumers(self) -> list[FeedConsumer]:
+        """This scope's registered consumers and the positions they acknowledged, by name."""
+        return await _feed_retention.feed_consumers(self._context)
+
+    async def trim_changes(
+        self, *, older_than: timedelta | None = None, batch_size: int = 1_000
+    ) -> int:
+        """Delete change-feed entries older than `older_than` (default: `feed_retention`).
+
+        Trims from the start of each scope's feed (every tenant of the
+        namespace; one tenant via a tenant view) up to the first entry that
+        is too young or that a registered consumer has not acknowledged
+        (consumers win over the age bound), `batch_size` entries per
+        transaction. A later `changes_since` from a cursor before what was
+        trimmed raises `CursorExpiredError`; without a cursor it starts after
+        it. `prune_history` and `reap_expired` run this too when the
+        repository has `feed_retention`.
+
+        Returns:
+            How many feed entries were trimmed.
+
+        Raises:
+            SnapshotValidationError: no `older_than` and no `feed_retention`, a
+                negative one, or `batch_size` outside 1 to 10,000.
+            StorageError: the database failed.
+        """
+        return await _feed_retention.trim_changes(self._context, older_than, batch_size)
 
     # --- privacy and the data lifecycle (`_privacy`) ---------------------------------
 
@@ -698,11 +766,16 @@ class SnapshotRepository(Generic[StateT]):
         unless a write cleared the expiry meanwhile. Covers every tenant of
         the namespace (one tenant through a tenant view). On SQLite each batch
         of `batch_size` users shares one WAL checkpoint (see `_erase_batch`).
+        With `feed_retention`, the change feed is then trimmed (`trim_changes`).
 
         Returns:
             How many users were erased.
         """
-        return await _privacy.reap_expired(self._context, batch_size=batch_size, progress=progress)
+        reaped = await _privacy.reap_expired(
+            self._context, batch_size=batch_size, progress=progress
+        )
+        await _feed_retention.trim_configured(self._context)
+        return reaped
 
     async def prune_history(
         self,
@@ -721,6 +794,7 @@ class SnapshotRepository(Generic[StateT]):
         a tenant view) is pruned, `batch_size` users per transaction. On
         Postgres each user is locked as a write locks it, so writers of a
         page's users wait for that page's transaction to commit.
+        With `feed_retention`, the change feed is then trimmed (`trim_changes`).
 
         Returns:
             How many versions were deleted.
@@ -728,7 +802,7 @@ class SnapshotRepository(Generic[StateT]):
         Raises:
             SnapshotValidationError: no bound, or a bound out of range.
         """
-        return await _privacy.prune_history(
+        pruned = await _privacy.prune_history(
             self._context,
             user_id,
             keep_last=keep_last,
@@ -736,6 +810,8 @@ class SnapshotRepository(Generic[StateT]):
             batch_size=batch_size,
             progress=progress,
         )
+        await _feed_retention.trim_configured(self._context)
+        return pruned
 
     # --- versions derived from stored ones, bulk maintenance (`_lifecycle`) ----------
 

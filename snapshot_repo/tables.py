@@ -15,6 +15,9 @@ position, `snapshot_latest` an expiry); with them:
   row instead; see the table).
 - `snapshot_erasure_receipts`: proof of each erasure, keyed by an HMAC of the user id.
 - `snapshot_data_keys`: per-user data keys for crypto-shredding, stored wrapped.
+- `snapshot_feed_consumers` and `snapshot_feed_horizons` (revision 0016): where
+  each registered feed consumer has read to, and how far each scope's feed
+  has been trimmed (see `feed_retention`).
 
 Later capabilities (tenant, namespace, expiry, write metadata) add columns in
 new Alembic revisions; nothing here is created outside migrations.
@@ -58,6 +61,8 @@ __all__ = [
     "changes_table",
     "data_keys_table",
     "erasure_receipts_table",
+    "feed_consumers_table",
+    "feed_horizons_table",
     "history_table",
     "latest_table",
     "metadata",
@@ -298,5 +303,38 @@ data_keys_table = Table(
     Column("wrapped_key", BYTES, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("tenant", "namespace", "user_id"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+feed_consumers_table = Table(
+    "snapshot_feed_consumers",
+    metadata,
+    # A consumer of a scope's change feed that said where it is
+    # (`acknowledge_changes`): trimming keeps every entry after its position.
+    Column("tenant", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("namespace", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("consumer", String(MAX_SCOPE_LENGTH), nullable=False),
+    # The feed position of the last entry it acknowledged, as in its cursor
+    # (`txid` 0 outside Postgres). Never moves back.
+    Column("acked_txid", BigInteger, nullable=False),
+    Column("acked_seq", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant", "namespace", "consumer"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+feed_horizons_table = Table(
+    "snapshot_feed_horizons",
+    metadata,
+    # How far a scope's feed was trimmed: every entry at or before this position
+    # is gone, so a cursor before it raises `CursorExpiredError` instead of
+    # silently skipping what was trimmed. One row per scope, made by the first
+    # trim or acknowledgement; its lock orders the two (see `feed_retention`).
+    Column("tenant", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("namespace", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("txid", BigInteger, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    Column("trimmed_at", UTCDateTime, nullable=False),
+    PrimaryKeyConstraint("tenant", "namespace"),
     **MYSQL_TABLE_OPTIONS,
 )
