@@ -13,14 +13,16 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Literal, ParamSpec, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypedDict, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._checks import positive_seconds, valid_scope_name
 from ._encryption import DataKeys
+from ._telemetry import Telemetry, telemetry_for
 from ._translate import describe, storage_errors
 from .backends import (
     Backend,
@@ -50,6 +52,10 @@ from .errors import ConfigurationError, StorageError
 from .retention import RetentionPolicy
 from .snapshot import Snapshot, StateT, stored_snapshot
 from .upgrades import PayloadUpgrades, Upgrader
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["DEFAULT_NAMESPACE", "RepositoryContext", "RepositoryOptions", "logger"]
 
@@ -115,6 +121,14 @@ class RepositoryOptions(TypedDict, total=False):
             database; "core" runs every call through SQLAlchemy's public Core
             API: slower, for databases and drivers the fast backends do not
             cover, and the reference they are tested against.
+        tracer_provider: the OpenTelemetry `TracerProvider` of the spans (one per
+            public call, named "{method} {database}", database client semantic
+            conventions); default: the global one. Needs `snapshot-repo[otel]`;
+            without it, no telemetry and no cost.
+        meter_provider: the OpenTelemetry `MeterProvider` of the metrics
+            (`db.client.operation.duration`, `db.client.connection.count` and
+            `.max`); default: the global one. Spans and metrics never hold a
+            user id, tenant, state, metadata, key or error message: see `_telemetry`.
     """
 
     namespace: str
@@ -130,6 +144,8 @@ class RepositoryOptions(TypedDict, total=False):
     operation_timeout: float | None
     feed_retention: timedelta | None
     backend: BackendKind
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
 
 
 class RepositoryContext(Generic[StateT]):
@@ -181,6 +197,10 @@ class RepositoryContext(Generic[StateT]):
         if provider is not None and not isinstance(provider, KeyProvider):
             raise ConfigurationError("encryption must be a KeyProvider, e.g. LocalKeyProvider")
         self.keys = None if provider is None else DataKeys(provider, self.backend)
+        # None without the OpenTelemetry API: then `guard` costs one `is None` more.
+        self.telemetry: Telemetry | None = telemetry_for(
+            engine, self.backend, options.get("tracer_provider"), options.get("meter_provider")
+        )
 
     def for_tenant(self, tenant: str) -> RepositoryContext[StateT]:
         """This context confined to `tenant` (validated), sharing everything else."""
@@ -193,9 +213,14 @@ class RepositoryContext(Generic[StateT]):
 
     # --- calls ---------------------------------------------------------------------
 
-    def guard(self, operation: str, user_id: str | None) -> storage_errors:
-        """Error translation plus the per-operation timeout, around one public call."""
-        return storage_errors(operation, user_id, time_limit=self.operation_timeout)
+    def guard(self, operation: str, user_id: str | None) -> AbstractAsyncContextManager[None]:
+        """Error translation plus the per-operation timeout, around one public call
+        (and its span, when no traced method encloses it: see `Telemetry.guard`)."""
+        errors = storage_errors(operation, user_id, time_limit=self.operation_timeout)
+        telemetry = self.telemetry
+        if telemetry is None:
+            return errors
+        return telemetry.guard(operation, errors)
 
     async def read(
         self, fetch: Callable[_P, Awaitable[_ResultT]], *args: _P.args, **kwargs: _P.kwargs

@@ -46,6 +46,7 @@ from ._checks import (
 )
 from ._context import DEFAULT_NAMESPACE, RepositoryContext, RepositoryOptions, logger
 from ._privacy import ErasureReceipt
+from ._telemetry import traced
 from ._translate import storage_errors
 from .backends import KEPT_CONNECTIONS, PendingBatch, PendingWrite
 from .changes import (
@@ -203,6 +204,7 @@ class SnapshotRepository(Generic[StateT]):
 
     # --- the core contract -----------------------------------------------------------
 
+    @traced
     async def upsert_latest(
         self,
         snapshot: Snapshot[StateT] | Snapshot[Any],
@@ -287,6 +289,7 @@ class SnapshotRepository(Generic[StateT]):
         context.announce("write", user_id, outcome, write.created_at, stored)
         return stored
 
+    @traced
     async def upsert_many(
         self,
         snapshots: Sequence[Snapshot[StateT] | Snapshot[Any]],
@@ -356,6 +359,7 @@ class SnapshotRepository(Generic[StateT]):
         context.announce_writes(stored, created_at)
         return stored
 
+    @traced
     async def get_latest(self, user_id: str) -> Snapshot[StateT] | None:
         """The user's newest snapshot, or None if the user has none.
 
@@ -374,6 +378,7 @@ class SnapshotRepository(Generic[StateT]):
                 row = (await context.open([row]))[0]
         return None if row is None else context.to_snapshot(row)
 
+    @traced
     async def get_latest_many(self, user_ids: Sequence[str]) -> dict[str, Snapshot[StateT]]:
         """The newest snapshot of each of `user_ids` that has one, in one query.
 
@@ -400,6 +405,7 @@ class SnapshotRepository(Generic[StateT]):
             rows = await context.open(rows)
         return {snapshot.user_id: snapshot for snapshot in map(context.to_snapshot, rows)}
 
+    @traced
     async def get_history(
         self,
         user_id: str,
@@ -506,6 +512,7 @@ class SnapshotRepository(Generic[StateT]):
                 return
             before = rows[-1].version
 
+    @traced
     async def delete(self, user_id: str) -> int:
         """Erase the user's latest row and every history row, in one transaction.
 
@@ -522,6 +529,7 @@ class SnapshotRepository(Generic[StateT]):
 
     # --- history queries (`_history_reads`) ------------------------------------------
 
+    @traced
     async def get_version(self, user_id: str, version: int) -> Snapshot[StateT] | None:
         """Exactly version `version` of the user, or None if it does not exist.
 
@@ -531,6 +539,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _history_reads.get_version(self._context, user_id, version)
 
+    @traced
     async def get_as_of(self, user_id: str, at: datetime) -> Snapshot[StateT] | None:
         """The user's state as it was at `at`: the newest version stored at or before it.
 
@@ -543,6 +552,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _history_reads.get_as_of(self._context, user_id, at)
 
+    @traced
     async def diff(
         self, user_id: str, from_version: int, to_version: int
     ) -> list[JsonPatchOperation]:
@@ -554,10 +564,12 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _history_reads.diff(self._context, user_id, from_version, to_version)
 
+    @traced
     async def exists(self, user_id: str) -> bool:
         """Whether the user has a snapshot here (in this namespace and tenant)."""
         return await _history_reads.exists(self._context, user_id)
 
+    @traced
     async def list_users(self, after: str | None = None, limit: int = 100) -> list[str]:
         """User ids with a snapshot here, in id order, after `after` (keyset paging).
 
@@ -570,12 +582,14 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _history_reads.list_users(self._context, after, limit)
 
+    @traced
     async def count_users(self) -> int:
         """How many users have a snapshot here."""
         return await _history_reads.count_users(self._context)
 
     # --- change feed and listeners (`_feed`) -----------------------------------------
 
+    @traced
     async def changes_since(self, cursor: str | None = None, limit: int = 100) -> ChangePage:
         """Committed changes after `cursor`, oldest first (seed 004's `transitions_since`).
 
@@ -596,6 +610,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _feed.changes_since(self._context, cursor, limit)
 
+    @traced
     async def subscribe(self, callback: ChangeCallback) -> Subscription:
         """Call `callback(change)` after each committed write or erasure in this scope.
 
@@ -679,6 +694,7 @@ class SnapshotRepository(Generic[StateT]):
 
     # --- privacy and the data lifecycle (`_privacy`) ---------------------------------
 
+    @traced
     async def erase(self, user_id: str, *, vacuum: bool | Literal["full"] = False) -> int:
         """Erase the user (as `delete`) and, with `vacuum`, the traces the database keeps.
 
@@ -703,6 +719,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _privacy.erase(self._context, user_id, vacuum=vacuum)
 
+    @traced
     async def erasure_receipt(self, user_id: str) -> ErasureReceipt | None:
         """The newest erasure receipt for `user_id` in this scope, found by its keyed hash.
 
@@ -727,6 +744,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         return _privacy.erasure_subject(self._context, user_id)
 
+    @traced
     async def export_user(self, user_id: str) -> dict[str, JsonValue]:
         """Everything stored about the user in this scope, as one JSON-serialisable document.
 
@@ -741,6 +759,7 @@ class SnapshotRepository(Generic[StateT]):
         """The export as JSON Lines, streamed: a header line, then one line per version."""
         return _privacy.export_user_lines(self._context, user_id)
 
+    @traced
     async def rotate_wrapping_key(self, progress: Callable[[int], None] | None = None) -> int:
         """Re-wrap every data key under the key provider's active key, without touching payloads.
 
@@ -757,6 +776,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _privacy.rotate_wrapping_key(self._context, progress)
 
+    @traced
     async def reap_expired(
         self, *, batch_size: int = 500, progress: Callable[[int], None] | None = None
     ) -> int:
@@ -777,6 +797,7 @@ class SnapshotRepository(Generic[StateT]):
         await _feed_retention.trim_configured(self._context)
         return reaped
 
+    @traced
     async def prune_history(
         self,
         user_id: str | None = None,
@@ -815,6 +836,7 @@ class SnapshotRepository(Generic[StateT]):
 
     # --- versions derived from stored ones, bulk maintenance (`_lifecycle`) ----------
 
+    @traced
     async def restore(
         self,
         user_id: str,
@@ -837,6 +859,7 @@ class SnapshotRepository(Generic[StateT]):
             self, self._context, user_id, version, actor=actor, reason=reason
         )
 
+    @traced
     async def merge(
         self,
         user_id: str,
@@ -866,6 +889,7 @@ class SnapshotRepository(Generic[StateT]):
             self, self._context, user_id, partial, actor=actor, reason=reason, metadata=metadata
         )
 
+    @traced
     async def purge_all(self, *, confirm: str) -> int:
         """Erase every user of this namespace (and tenant, for a tenant view): seed 003's reset.
 
@@ -888,6 +912,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         return await _lifecycle.purge_all(self._context, confirm=confirm)
 
+    @traced
     async def upgrade_payloads(
         self, *, batch_size: int = 500, progress: Callable[[int], None] | None = None
     ) -> int:
@@ -914,6 +939,7 @@ class SnapshotRepository(Generic[StateT]):
 
     # --- schema, readiness, closing --------------------------------------------------
 
+    @traced
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision this package ships.
 
@@ -926,6 +952,7 @@ class SnapshotRepository(Generic[StateT]):
         async with storage_errors("migrate"):  # no operation timeout: migrations may be slow
             await _migrate.upgrade(self._context.engine)
 
+    @traced
     async def health(self) -> HealthReport:
         """A readiness report: reachable, round-trip latency, schema revision vs. head.
 
@@ -944,6 +971,7 @@ class SnapshotRepository(Generic[StateT]):
             )
         return report
 
+    @traced
     async def health_check(self) -> bool:
         """True only when the database is reachable and migrated to this package's head.
 
@@ -952,6 +980,7 @@ class SnapshotRepository(Generic[StateT]):
         """
         return (await self.health()).healthy
 
+    @traced
     async def finish_erasures(self, wait: float = 5.0) -> bool:
         """Wait up to `wait` seconds for readers, then remove what erasures left behind.
 
