@@ -1,5 +1,6 @@
 """snapshot_repo: typed, versioned per-user state on SQLite, Postgres and MariaDB/MySQL."""
 
+from .backends.replicas import primary_reads
 from .changes import Change, ChangePage, ChangeStream, FeedConsumer, Subscription
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES, JsonObject
 from .crypto import KeyProvider, LocalKeyProvider
@@ -18,7 +19,7 @@ from .errors import (
     VersionConflictError,
     set_redaction,
 )
-from .health import HealthReport
+from .health import HealthReport, ReplicaHealth
 from .kv import InMemoryStore, KeyValue, KeyValueStore
 from .patch import apply_merge_patch, make_json_patch
 from .repository import MAX_BATCH_SIZE, MAX_HISTORY_LIMIT, RepositoryOptions, SnapshotRepository
@@ -47,6 +48,7 @@ __all__ = [
     "KeyValue",
     "KeyValueStore",
     "LocalKeyProvider",
+    "ReplicaHealth",
     "RepositoryOptions",
     "RetentionPolicy",
     "SchemaNotReadyError",
@@ -65,5 +67,6 @@ __all__ = [
     "export_subject",
     "export_subject_lines",
     "make_json_patch",
+    "primary_reads",
     "set_redaction",
 ]

@@ -7,6 +7,7 @@ database is the head revision this installed package ships.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from pydantic import BaseModel, ConfigDict, computed_field
@@ -16,8 +17,31 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import _deadlines, migrate
 from ._translate import describe, is_missing_schema
 from .backends import Backend
+from .backends.replicas import ReplicaRouter
 
-__all__ = ["HealthReport", "probe"]
+__all__ = ["HealthReport", "ReplicaHealth", "probe"]
+
+
+class ReplicaHealth(BaseModel):
+    """One read replica, as `HealthReport.replicas` reports it.
+
+    Attributes:
+        url: the replica's URL, password hidden.
+        reachable: it answered within the health timeout, as a standby.
+        lag_seconds: how far behind the primary it is: the time since the
+            newest primary WAL position it has replayed was current (None when
+            unreachable or not measured yet).
+        in_use: reads go to it: reachable, and at most `max_replica_lag` behind.
+        error: why it is unreachable, one line (None when it is reachable).
+    """
+
+    model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
+
+    url: str
+    reachable: bool
+    lag_seconds: float | None
+    in_use: bool
+    error: str | None = None
 
 
 class HealthReport(BaseModel):
@@ -30,6 +54,9 @@ class HealthReport(BaseModel):
             if never migrated or unreachable).
         head_revision: the newest revision this installed package ships.
         error: why the probe failed, one line (None when it did not).
+        replicas: each read replica (`from_url(replicas=...)`), in the order
+            given. They do not count towards `healthy`: reads skip a replica
+            that is down or lagging, so the primary alone serves every call.
     """
 
     model_config = ConfigDict(frozen=True, hide_input_in_errors=True)
@@ -39,6 +66,7 @@ class HealthReport(BaseModel):
     database_revision: str | None
     head_revision: str
     error: str | None = None
+    replicas: tuple[ReplicaHealth, ...] = ()
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -50,9 +78,32 @@ class HealthReport(BaseModel):
 async def probe(engine: AsyncEngine, ops: Backend, time_limit: float) -> HealthReport:
     """Measure one round trip and read the schema revision, within `time_limit` seconds.
 
-    Never raises (but for cancellation) and never creates anything: a
-    missing SQLite file is reported unreachable rather than created.
+    With read replicas, each is checked at the same time (its lag measured
+    anew) within the same time limit. Never raises (but for cancellation)
+    and never creates anything: a missing SQLite file is reported
+    unreachable rather than created.
     """
+    if not isinstance(ops, ReplicaRouter):
+        return await _probe(engine, ops, time_limit)
+    report, replicas = await asyncio.gather(_probe(engine, ops, time_limit), ops.check(time_limit))
+    return report.model_copy(
+        update={
+            "replicas": tuple(
+                ReplicaHealth(
+                    url=state.url,
+                    reachable=state.reachable,
+                    lag_seconds=state.lag_seconds,
+                    in_use=state.in_use,
+                    error=state.error,
+                )
+                for state in replicas
+            )
+        }
+    )
+
+
+async def _probe(engine: AsyncEngine, ops: Backend, time_limit: float) -> HealthReport:
+    """`probe` of the database `ops` writes to."""
     head = migrate.head_revision()
     missing = await ops.missing_database()
     if missing is not None:

@@ -30,7 +30,7 @@ from pydantic import JsonValue
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import _feed, _feed_retention, _history_reads, _lifecycle, _privacy
+from . import _feed, _feed_retention, _history_reads, _lifecycle, _privacy, _queries
 from . import migrate as _migrate
 from ._checks import (
     MAX_BATCH_SIZE,
@@ -49,6 +49,7 @@ from ._privacy import ErasureReceipt
 from ._telemetry import traced
 from ._translate import storage_errors
 from .backends import KEPT_CONNECTIONS, PendingBatch, PendingWrite
+from .backends.replicas import DEFAULT_MAX_REPLICA_LAG, route_reads
 from .changes import (
     ChangeCallback,
     ChangePage,
@@ -110,6 +111,8 @@ class SnapshotRepository(Generic[StateT]):
         state_type: None = None,
         *,
         settings: EngineSettings | None = None,
+        replicas: Sequence[str | URL] = (),
+        max_replica_lag: float = DEFAULT_MAX_REPLICA_LAG,
         **options: Unpack[RepositoryOptions],
     ) -> SnapshotRepository[JsonObject]: ...
 
@@ -121,6 +124,8 @@ class SnapshotRepository(Generic[StateT]):
         state_type: type[StateT],
         *,
         settings: EngineSettings | None = None,
+        replicas: Sequence[str | URL] = (),
+        max_replica_lag: float = DEFAULT_MAX_REPLICA_LAG,
         **options: Unpack[RepositoryOptions],
     ) -> SnapshotRepository[StateT]: ...
 
@@ -131,6 +136,8 @@ class SnapshotRepository(Generic[StateT]):
         state_type: type[Any] | None = None,
         *,
         settings: EngineSettings | None = None,
+        replicas: Sequence[str | URL] = (),
+        max_replica_lag: float = DEFAULT_MAX_REPLICA_LAG,
         **options: Unpack[RepositoryOptions],
     ) -> SnapshotRepository[Any]:
         """A repository that owns an engine created from `url`; `close()` disposes it.
@@ -138,12 +145,39 @@ class SnapshotRepository(Generic[StateT]):
         `sqlite://` and `postgresql://` URLs are mapped to aiosqlite and asyncpg.
         `settings` are the connection settings (timeouts, pool, SQLite pragmas).
 
+        `replicas`: URLs of Postgres streaming standbys of `url` (same settings).
+        Reads then go to a replica, round robin, and everything else to the
+        primary. A read of a user this repository (or a tenant view of it)
+        wrote goes to the primary until the replica has replayed that write:
+        read-your-writes at no cost to writes, checked against WAL positions
+        sampled every `max_replica_lag / 10` seconds (0.05 to 1 s).
+        A replica that is down, or more than `max_replica_lag` seconds behind
+        the primary, is skipped (its reads go to another replica or the
+        primary: none fails because a replica did), and `health()` reports
+        each. Writes made elsewhere are read from replicas once replayed: read
+        inside `primary_reads()` for a read that must see them at once. See
+        `snapshot_repo.backends.replicas` for which calls count as reads.
+
         Raises:
-            ConfigurationError: the URL is not SQLite or Postgres, or a setting is invalid.
+            ConfigurationError: the URL is not SQLite, Postgres or MySQL/MariaDB,
+                a setting is invalid, or a replica (or, with replicas, the
+                primary) is not Postgres.
         """
         engine = create_engine(url, settings)
         try:
             repository = cls(engine, state_type, **options)
+            if replicas:
+                # A router over the backend the context just made: data keys and
+                # telemetry, set up on that backend, stay on the primary.
+                repository._context.backend = route_reads(
+                    repository._context.backend,
+                    engine,
+                    replicas,
+                    settings=settings,
+                    kind=options.get("backend", "auto"),
+                    max_lag=max_replica_lag,
+                    plain_reads=_plain_reads(),
+                )
         except BaseException:
             # Nothing has connected yet, so dropping the engine's (empty) pool is enough.
             engine.sync_engine.dispose(close=False)
@@ -1038,6 +1072,22 @@ class SnapshotRepository(Generic[StateT]):
             f"SnapshotRepository({url!r}, {context.codec.state_type!r}, "
             f"namespace={self.namespace!r}{tenant})"
         )
+
+
+def _plain_reads() -> tuple[Any, ...]:
+    """The statements `fetch` runs for reads only, which replicas may serve (see
+    `backends.replicas`); any other statement runs on the primary."""
+    return (
+        _queries.version_row_statement(),
+        _queries.versions_statement(),
+        _queries.as_of_statement(),
+        _queries.history_before_statement(),
+        _queries.history_within_bytes_statement(),
+        _queries.exists_statement(),
+        _queries.list_users_statement(),
+        _queries.count_users_statement(),
+        _queries.receipts_statement(),
+    )
 
 
 async def _dispose_within(engine: AsyncEngine, seconds: float) -> None:

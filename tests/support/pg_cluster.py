@@ -7,6 +7,9 @@ the same directory. `initdb` and `postgres` refuse to run as root, so when
 the tests run as root the cluster runs as an unprivileged user (`nobody`,
 or a system user created for the purpose) and owns its directory.
 
+`PgCluster.create_standby(primary)` makes a streaming standby of a running
+cluster (`pg_basebackup -R`) on a port of its own, run the same way.
+
 Every cluster registers itself for an `atexit` kill, so a crashed test run
 does not leave servers behind; fixtures should still call `destroy()`.
 """
@@ -189,16 +192,7 @@ class PgCluster:
             ClusterUnavailableError: no binaries, or no unprivileged user to run them as.
             subprocess.CalledProcessError: initdb failed (its output is in the exception).
         """
-        bindir = find_bindir()
-        identity = _server_identity()
-        parent = Path(tempfile.gettempdir())
-        if identity.uid is not None and not _traversable_by_all(parent):
-            parent = Path("/tmp")  # world-traversable, unlike a TMPDIR only root can enter
-        base_dir = Path(tempfile.mkdtemp(prefix="snaprepo-pg-", dir=parent))
-        if identity.uid is not None:
-            os.chown(base_dir, identity.uid, identity.gid if identity.gid is not None else -1)
-        cluster = cls(bindir, base_dir, identity, _free_port())
-        _live_clusters.add(cluster)
+        cluster = cls._new(find_bindir(), _server_identity())
         try:
             cluster._run(
                 "initdb",
@@ -217,6 +211,55 @@ class PgCluster:
         except BaseException:
             cluster.destroy()
             raise
+        return cluster
+
+    @classmethod
+    def create_standby(cls, primary: PgCluster) -> PgCluster:
+        """A streaming standby of the running `primary`, on a port of its own (not started).
+
+        `pg_basebackup -R` copies the primary (initdb's pg_hba already lets
+        the loopback replicate, and wal_level is `replica` by default) and
+        writes `standby.signal` and `primary_conninfo`, so `start()` brings
+        it up as a hot standby that replays the primary's WAL as it streams in.
+
+        Raises:
+            subprocess.CalledProcessError: pg_basebackup failed (its output is in the exception).
+        """
+        standby = cls._new(primary.bindir, primary._identity)
+        try:
+            standby._run(
+                "pg_basebackup",
+                "--pgdata",
+                str(standby.data_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(primary.port),
+                "--username",
+                "postgres",
+                "--wal-method",
+                "stream",
+                "--checkpoint",
+                "fast",
+                "--write-recovery-conf",
+                "--no-sync",
+            )
+        except BaseException:
+            standby.destroy()
+            raise
+        return standby
+
+    @classmethod
+    def _new(cls, bindir: Path, identity: _Identity) -> PgCluster:
+        """A cluster object on a fresh directory the server user owns and a free port."""
+        parent = Path(tempfile.gettempdir())
+        if identity.uid is not None and not _traversable_by_all(parent):
+            parent = Path("/tmp")  # world-traversable, unlike a TMPDIR only root can enter
+        base_dir = Path(tempfile.mkdtemp(prefix="snaprepo-pg-", dir=parent))
+        if identity.uid is not None:
+            os.chown(base_dir, identity.uid, identity.gid if identity.gid is not None else -1)
+        cluster = cls(bindir, base_dir, identity, _free_port())
+        _live_clusters.add(cluster)
         return cluster
 
     @property
