@@ -26,6 +26,7 @@ from .repository import MAX_BATCH_SIZE, MAX_HISTORY_LIMIT, RepositoryOptions, Sn
 from .retention import RetentionPolicy
 from .snapshot import Snapshot
 from .subject_access import export_subject, export_subject_lines
+from .sync import SyncSnapshotRepository
 from .upgrades import Upgrader
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "SnapshotValidationError",
     "StorageError",
     "Subscription",
+    "SyncSnapshotRepository",
     "Upgrader",
     "VersionConflictError",
     "apply_merge_patch",
