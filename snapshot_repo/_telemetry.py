@@ -6,7 +6,8 @@ attributes (`db.system.name`, `db.operation.name`, `db.namespace`,
 `server.address`, `server.port`, and `error.type` when it fails), and one
 `db.client.operation.duration` measurement in seconds with the same
 attributes. The pools of the engines repositories run on are observed as
-`db.client.connection.count` (state `used` or `idle`) and
+`db.client.connection.count` (state `used` or `idle`),
+`db.client.connection.pending_requests` (calls waiting for a connection) and
 `db.client.connection.max`.
 
 What is recorded is fixed by configuration only: the database, the server
@@ -327,6 +328,12 @@ class _Pools:
             "described by the state attribute.",
         )
         meter.create_observable_up_down_counter(
+            "db.client.connection.pending_requests",
+            callbacks=[self._observe_pending],
+            unit="{request}",
+            description="The number of current pending requests for an open connection.",
+        )
+        meter.create_observable_up_down_counter(
             "db.client.connection.max",
             callbacks=[self._observe_max],
             unit="{connection}",
@@ -344,6 +351,12 @@ class _Pools:
 
     def _pools(self) -> Iterator[tuple[str, Any, int]]:
         """(pool name, pool, connections kept by repositories) of each live queue pool."""
+        for name, pool, backends in self._entries():
+            kept = sum(getattr(backend, "kept_connections", 0) for backend in backends)
+            yield name, pool, kept
+
+    def _entries(self) -> Iterator[tuple[str, Any, list[Any]]]:
+        """(pool name, pool, backends watched on it) of each live queue pool."""
         with self._lock:
             entries = [
                 (engine, name, list(backends)) for engine, (name, backends) in self._engines.items()
@@ -351,8 +364,20 @@ class _Pools:
         for engine, name, backends in entries:
             pool = engine.pool
             if callable(getattr(pool, "checkedout", None)):  # a queue pool, with counts
-                kept = sum(getattr(backend, "kept_connections", 0) for backend in backends)
-                yield name, pool, kept
+                yield name, pool, backends
+
+    def _observe_pending(self, _options: CallbackOptions) -> Iterable[Observation]:
+        """Calls waiting for a connection: those the fast backends queue in turn
+        (`_pool.Connections`); the core backend's waits in SQLAlchemy's pool are not counted
+        (the pool does not say how many wait)."""
+        pending: dict[str, int] = {}
+        for name, _pool, backends in self._entries():
+            waiting = sum(getattr(backend, "waiting_calls", 0) for backend in backends)
+            pending[name] = pending.get(name, 0) + waiting
+        return [
+            Observation(count, {"db.client.connection.pool.name": name})
+            for name, count in pending.items()
+        ]
 
     def _observe_count(self, _options: CallbackOptions) -> Iterable[Observation]:
         counts: dict[tuple[str, str], int] = {}

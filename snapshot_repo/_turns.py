@@ -32,6 +32,11 @@ class Turns:
         self._wake_scheduled = False
 
     @property
+    def waiting(self) -> int:
+        """How many callers wait for a turn now."""
+        return len(self._waiters)
+
+    @property
     def others_active(self) -> bool:
         """Whether anyone besides one turn holder holds or waits for a turn."""
         return self._width - self._free > 1 or bool(self._waiters)

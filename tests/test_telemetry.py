@@ -9,6 +9,7 @@ without OpenTelemetry at all.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -213,6 +214,31 @@ async def test_durations_and_pool_connections_are_measured(db_url: str, recorded
         engine_pool: Any = repo.engine.sync_engine.pool
         (limit,) = recorded.points("db.client.connection.max")
         assert limit.value == engine_pool.size() + engine_pool._max_overflow
+
+
+async def test_calls_waiting_for_a_connection_are_pending_requests(
+    db_url: str, recorded: Recorded
+) -> None:
+    settings = sr.EngineSettings(pool_size=1, pool_timeout=5)
+    async with sr.SnapshotRepository.from_url(
+        db_url, settings=settings, **recorded.options
+    ) as repo:
+        await repo.upsert_latest(sr.Snapshot(user_id="u1", state={"n": 1}))
+
+        def pending() -> int:
+            (point,) = recorded.points("db.client.connection.pending_requests")
+            return int(point.value)
+
+        assert pending() == 0
+        connections = repo._backend._connections
+        async with connections.checkout():  # the pool's only connection
+            reads = [asyncio.create_task(repo.get_latest("u1")) for _ in range(2)]
+            async with asyncio.timeout(5):
+                while connections.waiting < 2:
+                    await asyncio.sleep(0.001)
+            assert pending() == 2
+        assert [(await read) is not None for read in reads] == [True, True]
+        assert pending() == 0
 
 
 async def test_pages_of_iterators_and_cross_namespace_calls_are_spans(
@@ -456,5 +482,5 @@ def test_the_global_providers_are_used_even_when_set_after_the_repository(
     assert "spans: ['get_latest']" in out
     assert (
         "metrics: ['db.client.connection.count', 'db.client.connection.max', "
-        "'db.client.operation.duration']" in out
+        "'db.client.connection.pending_requests', 'db.client.operation.duration']" in out
     )

@@ -170,6 +170,11 @@ class SharedStatements:
         """Idle connections held for reuse between operations (see `Connections`)."""
         return self._connections.kept
 
+    @property
+    def waiting_calls(self) -> int:
+        """Calls waiting for a connection now (see `Connections.waiting`)."""
+        return self._connections.waiting
+
     async def release(self) -> None:
         """Return the kept connections to the pool (before the engine is disposed)."""
         await self._connections.release()

@@ -137,6 +137,11 @@ class Connections:
         self._keep_while_busy = busy_limit if self.keep else 0
 
     @property
+    def waiting(self) -> int:
+        """How many calls wait for a connection now (for the pool's pending-requests gauge)."""
+        return 0 if self._turns is None else self._turns.waiting
+
+    @property
     def kept(self) -> int:
         """How many idle connections are held for reuse (counted as checked out by the pool)."""
         return len(self._kept)

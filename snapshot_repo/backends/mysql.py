@@ -106,6 +106,11 @@ class MysqlBackend(CoreBackend):
         """Idle connections the driver path holds for reuse (see `_pool.Connections`)."""
         return 0 if self._driver is None else self._driver.connections.kept
 
+    @property
+    def waiting_calls(self) -> int:
+        """Calls of the driver path waiting for a connection now (`Connections.waiting`)."""
+        return 0 if self._driver is None else self._driver.connections.waiting
+
     async def release(self) -> None:
         if self._driver is not None:
             await self._driver.connections.release()
