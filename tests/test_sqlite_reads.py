@@ -125,3 +125,18 @@ async def test_inline_reads_see_what_another_engine_committed(
             assert latest is not None
             assert (latest.version, latest.state.note) == (version, str(version))
             assert len(await reader.get_history("ada")) == version
+
+
+async def test_count_users_runs_off_the_loop_thread(tmp_path: Path, sqlite_template: Path):
+    """`count_users` scans the scope (50-76 ms at 200,000 users): inline it would freeze
+    every other task of the loop for that long, so it hops even with inline reads on."""
+    backend = sqlite_backend(tmp_path, sqlite_template)
+    async with sr.SnapshotRepository.from_url(backend.url, Cart) as repo:
+        trace = trace_statements(repo.engine)
+        await write_some(repo)
+        assert await repo.count_users() == 2
+        await read_everything(repo)
+    loop_thread = threading.get_ident()
+    counted = threads_of(trace, lambda sql: sql.startswith("SELECT count(*)"))
+    assert loop_thread not in counted
+    assert threads_of(trace, lambda sql: is_read(sql) and "count(*)" not in sql) == {loop_thread}

@@ -67,6 +67,7 @@ __all__ = [
     "KEY_COLUMNS",
     "NOTIFY_CHANNEL",
     "ROW_COLUMNS",
+    "SCAN",
     "SCOPE_COLUMNS",
     "STORED_COLUMNS",
     "WRITE_COLUMNS",
@@ -98,6 +99,10 @@ __all__ = [
 ]
 
 DialectName = Literal["postgresql", "sqlite"]
+
+SCAN = "snapshot_repo_scan"
+"""Execution option of a read whose cost grows with the table (`count_users`): a backend
+that runs reads on the event loop's thread (SQLite's inline reads) runs it elsewhere."""
 WriteMode = Literal["upsert", "create", "replace"]
 
 SCOPE_COLUMNS = ("tenant", "namespace")
