@@ -46,8 +46,8 @@ async def raw_session(url: str) -> AsyncIterator[Any]:
 
 
 async def wait_for_statement(url: str, pattern: str) -> None:
-    """Poll until a session of the test's database is running a statement LIKE `pattern`
-    (one that waits for a row lock stays there until the lock is granted)."""
+    """Poll until a session of the test's database is running a statement LIKE `pattern`,
+    as text or prepared (one that waits for a row lock stays there until it is granted)."""
     database = make_url(url).database
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LOCK_WAIT_DEADLINE
@@ -56,7 +56,7 @@ async def wait_for_statement(url: str, pattern: str) -> None:
             async with conn.cursor() as cursor:
                 await cursor.execute(
                     "SELECT count(*) FROM information_schema.processlist "
-                    "WHERE db = %s AND command = 'Query' AND info LIKE %s",
+                    "WHERE db = %s AND command IN ('Query', 'Execute') AND info LIKE %s",
                     (database, pattern),
                 )
                 (running,) = await cursor.fetchone()
