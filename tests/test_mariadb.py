@@ -183,6 +183,27 @@ async def test_a_large_state_and_microsecond_timestamps_are_kept(mariadb_url: st
         assert await repo.get_as_of("big", second.created_at) == second
 
 
+async def test_batches_past_one_statements_limits_are_stored_whole(mariadb_url: str):
+    """A batch's upserts run as multi-row statements of at most 65,535 values and about
+    4 MiB each: a batch of 6,000 users (72,000 values) and one of 8 states of 700 KB each
+    take several, in one transaction, and every write is stored with its version."""
+    big = "x" * 700_000
+    async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
+        many = [snap(f"many-{n:05d}", str(n)) for n in range(6_000)]
+        assert {s.version for s in await repo.upsert_many(many)} == {1}
+        heavy = [sr.Snapshot(user_id=f"heavy-{n}", state=Cart(note=big)) for n in range(8)]
+        await repo.upsert_many(heavy)
+        stored = await repo.upsert_many(heavy)
+        assert [s.version for s in stored] == [2] * 8
+        assert await repo.count_users() == 6_008
+        found = await repo.get_latest_many([f"many-{n:05d}" for n in (0, 2_999, 5_999)])
+        assert [found[u].state.items for u in sorted(found)] == [["0"], ["2999"], ["5999"]]
+        latest = await repo.get_latest("heavy-7")
+        assert latest is not None
+        assert latest.state.note == big
+        assert [s.version for s in await repo.get_history("heavy-7")] == [2, 1]
+
+
 async def test_a_lost_connection_gives_a_typed_error_and_the_next_call_works(
     mariadb_url: str,
 ):

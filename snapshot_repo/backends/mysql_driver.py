@@ -22,6 +22,7 @@ users (the core path, migrations, the application) keep their transactions.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -82,6 +83,15 @@ _ESCAPED = (b"\x00", b"\n", b"\r", b"\\", b"'", b'"', b"\x1a")
 
 _BATCH_VARYING = ("w_user_id", "w_schema_version", "w_payload")
 """The upsert's values that differ between a batch's writes; the rest are the batch's."""
+
+_MAX_PLACEHOLDERS = 65_535
+"""The most values one prepared statement takes (MySQL's protocol counts them in 16 bits)."""
+
+_CHUNK_BYTES = 4 << 20
+"""Values one multi-row upsert of a batch carries at most (a batch runs as several)."""
+
+_ONE_ROW = re.compile(r"(?s)^(INSERT INTO .+? VALUES )(\([%s, ]+\))( ON DUPLICATE KEY UPDATE .+)$")
+"""The single-row upsert as SQLAlchemy compiles it: head, the row's placeholders, tail."""
 
 
 def error_code(exc: BaseException) -> int | None:
@@ -144,12 +154,33 @@ class MysqlDriver:
         self._erasing = _ErasureStatements(dialect)
         self._packet_limit: int | None = None  # the server's max_allowed_packet, once read
         self._sized: dict[tuple[Callable[[int], ClauseElement], int], Compiled] = {}
+        self._upsert_parts = _ONE_ROW.match(self._writes["upsert"].sql)
+        if self._upsert_parts is None:  # a SQLAlchemy that renders it otherwise: fail loudly
+            raise AssertionError("the MySQL upsert compiles to an unexpected form")
+        self._multi_row: dict[int, str] = {}
 
     def _lost(self, exc: BaseException) -> bool:
         """Whether asyncmy's `exc` leaves its connection unusable (SQLAlchemy's own test)."""
         return isinstance(exc, asyncmy.errors.Error) and bool(
             self._is_disconnect(exc, None, None)  # type: ignore[arg-type]
         )
+
+    def _upsert_rows(self, rows: int) -> str:
+        """The upsert of `rows` rows in one statement: the single-row upsert's VALUES list
+        repeated (what asyncmy's `executemany` sends as text, here one prepared statement).
+
+        Not `executemany`: with a statement cache, asyncmy sends a batch to MariaDB
+        as `COM_STMT_BULK_EXECUTE`, which the server runs row by row: 48 ms for 500
+        rows on this machine, against 7 to 13 ms for one multi-row statement.
+        """
+        sql = self._multi_row.get(rows)
+        if sql is None:
+            assert self._upsert_parts is not None
+            head, row, tail = self._upsert_parts.groups()
+            if len(self._multi_row) >= 64:
+                self._multi_row.clear()
+            sql = self._multi_row[rows] = head + ", ".join([row] * rows) + tail
+        return sql
 
     def _for_size(self, build: Callable[[int], ClauseElement], count: int) -> Compiled:
         """`build(count)` compiled once: statements with an IN list of `count` placeholders."""
@@ -265,9 +296,9 @@ class MysqlDriver:
     async def write_many(self, batch: PendingBatch) -> list[int]:
         """A batch of distinct users (no retention, no data keys) in one transaction.
 
-        The upserts go as one multi-row `INSERT ... ON DUPLICATE KEY UPDATE`
-        (the driver's `executemany`; split at its statement length limit) in
-        code point order of the user ids, the order every batch locks users in,
+        The upserts go as multi-row `INSERT ... ON DUPLICATE KEY UPDATE`s
+        (`_upsert_rows`; one for 500 small states, more past 4 MiB or 65,535
+        values) in code point order of the user ids, the order every batch locks users in,
         so concurrent batches cannot deadlock; then the feed gate's share lock,
         the rows copied into history and the feed, and their versions read back.
         """
@@ -285,8 +316,12 @@ class MysqlDriver:
         feed = self._for_size(batch_feed_copy_statement, count)
         versions = self._for_size(batch_versions_statement, count)
 
+        chunks = _chunks(args, len(upsert.names))
+
         async def statements(cursor: Any) -> list[Any]:
-            await cursor.executemany(upsert.sql, args)
+            for chunk in chunks:
+                rows = len(chunk) // len(upsert.names)
+                await cursor.execute(self._upsert_rows(rows), chunk)
             await cursor.execute(self._gate.sql, self._gate.args({}))
             await cursor.fetchall()
             await cursor.execute(history.sql, history.args(scoped))
@@ -433,6 +468,24 @@ def check_packet(limit: int, user_id: str, params: Mapping[str, Any]) -> None:
             f"({limit}): raise max_allowed_packet or lower max_payload_bytes; "
             "nothing was written"
         )
+
+
+def _chunks(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """The rows' values, flat, cut into the multi-row statements that carry them: at most
+    `_MAX_PLACEHOLDERS` values and about `_CHUNK_BYTES` of them each."""
+    chunks: list[list[Any]] = []
+    current: list[Any] = []
+    size = 0
+    for row in rows:
+        row_size = sum(len(value) for value in row if isinstance(value, bytes | str))
+        if current and (len(current) + width > _MAX_PLACEHOLDERS or size + row_size > _CHUNK_BYTES):
+            chunks.append(current)
+            current, size = [], 0
+        current.extend(row)
+        size += row_size
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 async def _autocommit(conn: Any) -> None:
