@@ -233,8 +233,10 @@ async def test_calls_waiting_for_a_connection_are_pending_requests(
         connections = repo._backend._connections
         async with connections.checkout():  # the pool's only connection
             reads = [asyncio.create_task(repo.get_latest("u1")) for _ in range(2)]
-            async with asyncio.timeout(5):
-                while connections.waiting < 2:
+            async with asyncio.timeout(5):  # they queue at once
+                while True:
+                    if connections.waiting == 2:
+                        break
                     await asyncio.sleep(0.001)
             assert pending() == 2
         assert [(await read) is not None for read in reads] == [True, True]
