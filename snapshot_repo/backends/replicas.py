@@ -46,6 +46,10 @@ guarantee for writes assumes commits are flushed before they return (the
 default `synchronous_commit = on`); with it off, a write may reach
 replicas up to the WAL writer's delay (`wal_writer_delay`, 200 ms) later
 than its own reads go back to them.
+
+This module holds the routing rules; the measurements they rest on (WAL
+samples, each replica's replayed position, the last write per user) are in
+`replica_positions`.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, ClauseElement, ColumnElement, cast, func, literal_column, select
+from sqlalchemy import ClauseElement
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -68,6 +72,7 @@ from .._translate import describe
 from ..engine import EngineSettings, create_engine
 from ..errors import ConfigurationError
 from . import Backend, BackendKind, backend_for
+from .replica_positions import PRIMARY_POSITION, LastWrites, Replica, WalSamples, users_of
 from .values import Erasure, PendingBatch, PendingWrite, Row, Scope, WriteOutcome
 
 __all__ = [
@@ -82,21 +87,6 @@ logger = logging.getLogger("snapshot_repo")
 
 DEFAULT_MAX_REPLICA_LAG = 5.0
 """Seconds a replica may be behind the primary before reads skip it."""
-
-_MAX_TRACKED_USERS = 100_000
-"""Users whose last write is remembered one by one; beyond that the oldest are folded
-into one moment that every user's reads wait for (safe, and bounded in memory)."""
-
-_ORIGIN: ColumnElement[Any] = literal_column("'0/0'")
-_PRIMARY_POSITION = select(
-    cast(func.pg_wal_lsn_diff(func.pg_current_wal_lsn(), _ORIGIN), BigInteger)
-)
-"""The primary's WAL position, in bytes."""
-_REPLAY_POSITION = select(
-    func.pg_is_in_recovery(),
-    cast(func.pg_wal_lsn_diff(func.pg_last_wal_replay_lsn(), _ORIGIN), BigInteger),
-)
-"""Whether a server is a standby, and the WAL position it has replayed (None on a primary)."""
 
 _primary_only: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "snapshot_repo_primary_reads", default=False
@@ -141,34 +131,6 @@ class ReplicaState:
     error: str | None
 
 
-class _Replica:
-    """One replica's backend and what the checks measured (times are `time.monotonic()`)."""
-
-    __slots__ = ("backend", "checked_at", "engine", "error", "ok", "replayed", "url", "visible_at")
-
-    def __init__(self, engine: AsyncEngine, backend: Backend) -> None:
-        self.engine = engine
-        self.backend = backend
-        self.url = engine.url.render_as_string(hide_password=True)
-        self.ok = False  # unknown until the first check: reads go to the primary meanwhile
-        self.error: str | None = "not checked yet"
-        self.checked_at = 0.0
-        self.replayed: int | None = None
-        # Everything the primary committed before this moment has been replayed here.
-        self.visible_at = 0.0
-
-    def usable(self, now: float, since: float, max_lag: float) -> bool:
-        """Fit for a read that must see writes up to `since`, `now`."""
-        visible_at = self.visible_at
-        return self.ok and visible_at > since and now - visible_at <= max_lag
-
-    def fail(self, reason: str) -> None:
-        if self.ok:
-            logger.warning("snapshot_repo: replica %s is not used: %s", self.url, reason)
-        self.ok = False
-        self.error = reason
-
-
 class ReplicaRouter:
     """A `Backend` over a Postgres primary and its streaming replicas (see the module docstring).
 
@@ -185,7 +147,7 @@ class ReplicaRouter:
         plain_reads: Collection[ClauseElement],
     ) -> None:
         self._primary = primary
-        self._replicas = [_Replica(engine, backend) for engine, backend in replicas]
+        self._replicas = [Replica(engine, backend) for engine, backend in replicas]
         self.max_lag = max_lag
         # Often enough that a replica's staleness is known to a tenth of the bound;
         # at least once a second, at most every 50 ms.
@@ -193,12 +155,8 @@ class ReplicaRouter:
         self._check_timeout = min(5.0, max(0.5, max_lag))
         self._plain_reads = frozenset(id(statement) for statement in plain_reads)
         self._keep_alive = list(plain_reads)  # the ids above stay theirs
-        # User id -> when this repository's last write of it returned, oldest first.
-        self._written: dict[str, float] = {}
-        self._written_floor = 0.0  # every user's write before this (forgotten one by one)
-        self._last_write = 0.0
-        self._samples: list[tuple[float, int]] = []  # (when asked, primary WAL position)
-        self._max_samples = int(max_lag / self.check_interval) * 4 + 8
+        self._writes = LastWrites()
+        self._samples = WalSamples(int(max_lag / self.check_interval) * 4 + 8)
         self._primary_failing = False  # logged once, when the primary stops answering
         self._next = 0
         self._monitor: asyncio.Task[None] | None = None
@@ -223,19 +181,19 @@ class ReplicaRouter:
         try:
             return await self._primary.write(write)
         finally:  # also after a failure: its outcome may be unknown, committed
-            self._note_writes((write.user_id,))
+            self._writes.note((write.user_id,))
 
     async def write_many(self, batch: PendingBatch) -> list[int]:
         try:
             return await self._primary.write_many(batch)
         finally:
-            self._note_writes(batch.user_ids)
+            self._writes.note(batch.user_ids)
 
     async def delete(self, erasure: Erasure) -> tuple[int, int]:
         try:
             return await self._primary.delete(erasure)
         finally:
-            self._note_writes((erasure.user_id,))
+            self._writes.note((erasure.user_id,))
 
     async def execute_in_transaction(
         self, work: Sequence[tuple[ClauseElement, Mapping[str, Any]]]
@@ -243,21 +201,21 @@ class ReplicaRouter:
         try:
             return await self._primary.execute_in_transaction(work)
         finally:
-            self._note_writes(_users_of(params for _statement, params in work))
+            self._writes.note(users_of(params for _statement, params in work))
 
     async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
         return await self._read(
-            self._written_since(user_id), lambda backend: backend.latest(scope, user_id, now)
+            self._writes.since(user_id), lambda backend: backend.latest(scope, user_id, now)
         )
 
     async def history(self, scope: Scope, user_id: str, limit: int) -> list[Row]:
         return await self._read(
-            self._written_since(user_id), lambda backend: backend.history(scope, user_id, limit)
+            self._writes.since(user_id), lambda backend: backend.history(scope, user_id, limit)
         )
 
     async def latest_many(self, scope: Scope, user_ids: Sequence[str], now: Any) -> list[Row]:
         return await self._read(
-            max(map(self._written_since, user_ids), default=0.0),
+            max(map(self._writes.since, user_ids), default=0.0),
             lambda backend: backend.latest_many(scope, user_ids, now),
         )
 
@@ -272,9 +230,9 @@ class ReplicaRouter:
             try:  # a write with RETURNING
                 return await self._primary.fetch(statement, params)
             finally:
-                self._note_writes(_users_of((params,)))
+                self._writes.note(users_of((params,)))
         user_id = params.get("user_id")
-        since = self._last_write if user_id is None else self._written_since(user_id)
+        since = self._writes.last if user_id is None else self._writes.since(user_id)
         return await self._read(since, lambda backend: backend.fetch(statement, params))
 
     async def feed_page(self, params: Mapping[str, Any]) -> list[Any]:
@@ -328,7 +286,7 @@ class ReplicaRouter:
         `user_id` None stands for reads of no one user (`list_users`). Each call
         moves the round robin on, as a read does.
         """
-        since = self._last_write if user_id is None else self._written_since(user_id)
+        since = self._writes.last if user_id is None else self._writes.since(user_id)
         replica = self._replica_for(since)
         return None if replica is None else replica.url
 
@@ -349,29 +307,7 @@ class ReplicaRouter:
                 self._replica_failed(replica, describe(exc))
         return await read(self._primary)
 
-    def _written_since(self, user_id: str) -> float:
-        """When this repository's last write of `user_id` returned (0.0: not lately)."""
-        floor = self._written_floor
-        written = self._written.get(user_id, floor)
-        return written if written > floor else floor
-
-    def _note_writes(self, user_ids: Sequence[str] | None) -> None:
-        """Remember that these users (None: possibly anyone) were written just now."""
-        now = time.monotonic()
-        self._last_write = now
-        if user_ids is None:
-            self._written_floor = now
-            self._written.clear()
-            return
-        written = self._written
-        for user_id in user_ids:
-            written.pop(user_id, None)  # re-inserted last: the dict stays oldest first
-            written[user_id] = now
-        while len(written) > _MAX_TRACKED_USERS:
-            oldest = next(iter(written))
-            self._written_floor = max(self._written_floor, written.pop(oldest))
-
-    def _replica_for(self, since: float) -> _Replica | None:
+    def _replica_for(self, since: float) -> Replica | None:
         """A replica fit for a read that must see this repository's writes up to `since`."""
         self._ensure_monitor()
         if _primary_only.get():
@@ -387,7 +323,7 @@ class ReplicaRouter:
                 return replica
         return None
 
-    def _replica_failed(self, replica: _Replica, reason: str) -> None:
+    def _replica_failed(self, replica: Replica, reason: str) -> None:
         logger.info(
             "snapshot_repo: a read on replica %s failed, reading from the primary: %s",
             replica.url,
@@ -448,7 +384,7 @@ class ReplicaRouter:
         asked = time.monotonic()
         try:
             async with asyncio.timeout(time_limit):
-                rows = await self._primary.fetch(_PRIMARY_POSITION, {})
+                rows = await self._primary.fetch(PRIMARY_POSITION, {})
         except Exception as exc:
             # Without a new sample replicas go on being measured against older ones,
             # so their staleness grows until the primary answers again.
@@ -459,82 +395,19 @@ class ReplicaRouter:
             self._primary_failing = True
         else:
             self._primary_failing = False
-            self._add_sample(asked, int(rows[0][0]))
+            self._samples.add(asked, int(rows[0][0]))
         left = max(0.0, time_limit - (time.monotonic() - asked))
         await asyncio.gather(
-            *(self._measure_replica(replica, left, time_limit) for replica in self._replicas)
+            *(replica.measure(self._samples, left, time_limit) for replica in self._replicas)
         )
         self._forget_replayed_writes()
-
-    def _add_sample(self, asked: float, position: int) -> None:
-        samples = self._samples
-        if samples and samples[-1][0] > asked:  # a concurrent check (health) sampled later
-            samples.append((asked, position))
-            samples.sort()
-        else:
-            samples.append((asked, position))
-        if len(samples) > self._max_samples:
-            del samples[: len(samples) - self._max_samples]
-
-    async def _measure_replica(self, replica: _Replica, left: float, time_limit: float) -> None:
-        """Ask `replica` how far it replayed, waiting `left` of the check's `time_limit` s."""
-        asked = time.monotonic()
-        try:
-            async with asyncio.timeout(left):
-                rows = await replica.backend.fetch(_REPLAY_POSITION, {})
-        except TimeoutError:
-            replica.fail(f"no answer within {time_limit:g} s")
-            return
-        except Exception as exc:
-            replica.fail(describe(exc))
-            return
-        in_recovery, replayed = rows[0]
-        if not in_recovery or replayed is None:
-            replica.fail("not a standby (pg_is_in_recovery() is false): promoted, or a primary")
-            return
-        replayed = int(replayed)
-        if asked < replica.checked_at:  # a later check already answered
-            return
-        # The newest sample the replica has replayed: everything committed before it was
-        # asked for is there. (Positions need not grow with time across concurrent checks.)
-        for sampled_at, position in reversed(self._samples):
-            if position <= replayed:
-                replica.visible_at = max(replica.visible_at, sampled_at)
-                break
-        replica.checked_at = asked
-        replica.replayed = replayed
-        if not replica.ok:
-            logger.info("snapshot_repo: replica %s answers again", replica.url)
-        replica.ok = True
-        replica.error = None
 
     def _forget_replayed_writes(self) -> None:
         """Drop the remembered writes that every working replica has replayed."""
         working = [replica.visible_at for replica in self._replicas if replica.ok]
         if not working:
             return
-        everywhere = min(working)
-        written = self._written
-        while written:
-            oldest = next(iter(written))
-            moment = written[oldest]
-            if moment >= everywhere:
-                break
-            del written[oldest]
-            # A replica back from an outage must also have replayed it (it is safe, if
-            # conservative, to wait for the moment of any forgotten write).
-            self._written_floor = max(self._written_floor, moment)
-
-
-def _users_of(params: Any) -> list[str] | None:
-    """The user ids a write's statements name; None when one names none (a bulk change)."""
-    users = []
-    for values in params:
-        user_id = values.get("user_id")
-        if not isinstance(user_id, str):
-            return None
-        users.append(user_id)
-    return users
+        self._writes.forget_replayed(min(working))
 
 
 def route_reads(
