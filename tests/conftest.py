@@ -117,6 +117,16 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return Backend(name="postgres", url=url, fresh_url=server.create_database)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def sqlite_or_postgres_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated, empty database: a SQLite file under tmp_path, or the test Postgres (for
+    tests of a layer above the backends, which need not run on every database)."""
+    if request.param == "sqlite":
+        return sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template")).url
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
 @pytest.fixture
 def postgres_url(migrated_postgres_url: str) -> str:
     """A migrated, empty Postgres database, for tests about Postgres by nature."""

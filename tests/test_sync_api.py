@@ -23,13 +23,9 @@ WAIT = 10.0
 """Seconds any wait for another thread may take before the test fails."""
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated, empty database: a SQLite file under tmp_path, or the test Postgres."""
-    if request.param == "sqlite":
-        return sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template")).url
-    postgres_url: str = request.getfixturevalue("postgres_url")
-    return postgres_url
+@pytest.fixture
+def url(sqlite_or_postgres_url: str) -> str:
+    return sqlite_or_postgres_url
 
 
 @pytest.fixture

@@ -76,13 +76,9 @@ def recorded() -> Iterator[Recorded]:
     meter_provider.shutdown()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated, empty database: a SQLite file, or Postgres."""
-    if request.param == "sqlite":
-        return sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template")).url
-    url: str = request.getfixturevalue("postgres_url")
-    return url
+@pytest.fixture
+def db_url(sqlite_or_postgres_url: str) -> str:
+    return sqlite_or_postgres_url
 
 
 def expected_attributes(url: str, operation: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 
 from examples.fastapi_app import create_app
-from tests.support.databases import PostgresServer, admin, run_blocking, sqlite_backend
+from tests.support.databases import PostgresServer, admin, run_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
 ERASURE_KEY = "a test erasure key of enough bytes"
@@ -28,13 +28,9 @@ CART = {"items": [{"sku": "tea", "quantity": 2}], "currency": "EUR"}
 STARTUP_SECONDS = 15.0
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated, empty database: a SQLite file under tmp_path, or the test Postgres."""
-    if request.param == "sqlite":
-        return sqlite_backend(tmp_path, request.getfixturevalue("sqlite_template")).url
-    postgres_url: str = request.getfixturevalue("postgres_url")
-    return postgres_url
+@pytest.fixture
+def database_url(sqlite_or_postgres_url: str) -> str:
+    return sqlite_or_postgres_url
 
 
 @asynccontextmanager
