@@ -22,9 +22,9 @@ import pytest
 
 import snapshot_repo as sr
 from snapshot_repo.backends.replicas import ReplicaRouter, primary_reads
-from tests.support.databases import IN_CI, Cart, migrate_database, run_blocking
+from tests.support.databases import Cart, migrate_database, run_blocking
 
-from .support.pg_cluster import ClusterUnavailableError, PgCluster
+from .support.pg_cluster import PgCluster, create_or_skip
 
 _WAIT = 15.0
 """Seconds a condition may take to come true (replay, a check noticing) before a test fails."""
@@ -51,13 +51,7 @@ class Servers:
 @pytest.fixture(scope="module")
 def servers() -> Iterator[Servers]:
     """A migrated database on a throwaway primary, and a streaming standby of it."""
-    try:
-        primary = PgCluster.create()
-    except ClusterUnavailableError as exc:
-        reason = f"cannot make a throwaway Postgres cluster: {exc}"
-        if IN_CI:
-            pytest.fail(f"{reason} (CI=true: replica tests must run)")
-        pytest.skip(reason)
+    primary = create_or_skip("replica tests")
     standby: PgCluster | None = None
     try:
         primary.start()

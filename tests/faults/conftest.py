@@ -21,9 +21,9 @@ import asyncpg
 import pytest
 
 import snapshot_repo as sr
-from tests.support.databases import IN_CI, migrate_database, run_blocking
+from tests.support.databases import migrate_database, run_blocking
 
-from ..support.pg_cluster import ClusterUnavailableError, PgCluster
+from ..support.pg_cluster import PgCluster, create_or_skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -38,13 +38,7 @@ migrate_url = migrate_database  # the shared suite's helper: upgrade `url` to he
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[PgCluster]:
     """A throwaway PostgreSQL cluster for this test run, destroyed at the end whatever happens."""
-    try:
-        cluster = PgCluster.create()
-    except ClusterUnavailableError as exc:
-        reason = f"cannot make a throwaway Postgres cluster: {exc}"
-        if IN_CI:
-            pytest.fail(f"{reason} (CI=true: fault tests must run)")
-        pytest.skip(reason)
+    cluster = create_or_skip("fault tests")
     try:
         cluster.start()
         yield cluster

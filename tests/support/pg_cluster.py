@@ -30,10 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pytest
+
+from tests.support.databases import IN_CI
+
 __all__ = [
     "ClusterUnavailableError",
     "PgCluster",
     "StopMode",
+    "create_or_skip",
     "find_bindir",
 ]
 
@@ -478,3 +483,15 @@ class PgCluster:
 def _kill_leftover_clusters() -> None:
     for cluster in list(_live_clusters):
         cluster.destroy()
+
+
+def create_or_skip(purpose: str) -> PgCluster:
+    """A new throwaway cluster (not started); without PostgreSQL's server binaries the
+    test is skipped, or fails under CI=true, where `purpose` (e.g. "fault tests") must run."""
+    try:
+        return PgCluster.create()
+    except ClusterUnavailableError as exc:
+        reason = f"cannot make a throwaway Postgres cluster: {exc}"
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true: {purpose} must run)")
+        pytest.skip(reason)
