@@ -23,6 +23,7 @@ from ._queries import (
     scope_users_statement,
 )
 from .backends import Row, StoredRow
+from .backends.replicas import primary_reads
 from .codec import JsonObject
 from .errors import SnapshotValidationError, VersionConflictError
 from .patch import apply_merge_patch
@@ -46,8 +47,14 @@ async def restore(
     actor: str | None = None,
     reason: str | None = None,
 ) -> Snapshot[StateT]:
-    """See `SnapshotRepository.restore`."""
-    old = await repo.get_version(user_id, version)
+    """See `SnapshotRepository.restore`.
+
+    The version is read from the primary even with read replicas: a replica
+    may still hold a version another process has just erased or pruned, and
+    writing it back would undo that erasure.
+    """
+    with primary_reads():
+        old = await repo.get_version(user_id, version)
     if old is None:
         raise SnapshotValidationError(f"restore: version {version} of this user does not exist")
     return await repo.upsert_latest(

@@ -266,6 +266,23 @@ async def test_read_your_writes_while_replay_is_paused(pair: Servers) -> None:
         await _proves_replica_serves(pair, reader, writer, bob)
 
 
+async def test_restore_reads_the_version_it_copies_from_the_primary(pair: Servers) -> None:
+    """Another process erases a user; within the replica's lag this repository restores
+    version 1, which the replica still holds. Read there, the erased state would be
+    written back: `restore` reads its version from the primary, where it is gone."""
+    async with _repositories(pair) as (reader, writer, router):
+        alice = _user()
+        await _put(writer, alice, "alice's data")
+        await _caught_up(pair)
+        await _replica_in_use(pair, router, alice)
+        async with _replay_paused(pair):
+            assert await writer.delete(alice) == 1
+            assert await reader.get_version(alice, 1) is not None  # the replica still has it
+            with pytest.raises(sr.SnapshotValidationError, match="does not exist"):
+                await reader.restore(alice, 1)
+        assert await writer.get_latest(alice) is None
+
+
 async def test_a_stopped_replica_is_skipped_and_used_again_when_back(pair: Servers) -> None:
     async with _repositories(pair) as (reader, writer, router):
         erin = _user()

@@ -5,14 +5,15 @@ Which calls go where:
 
 - to a replica (when one is usable, see below): `latest`, `history`,
   `latest_many`, and `fetch` of the statements the repository names as plain
-  reads (`get_version`, also the version `restore` copies, `get_as_of`,
+  reads (`get_version`, `get_as_of`,
   `diff`, `exists`, `list_users`, `count_users`, `get_history` pages,
   `iter_history`, `export_user`, `erasure_receipt`);
 - to the primary, always: every write (`write`, `write_many`, `delete`,
   `execute_in_transaction`, `vacuum`, erasure upkeep), `current_version`
   (compare-and-set conflicts and `merge`), the change feed (`feed_page`,
   whose cursor must follow the primary's commit order), and `fetch` of any
-  other statement: the reads that decide a write (merge, purges, upgrades,
+  other statement, and every read inside `primary_reads()`: the reads that
+  decide a write (the version `restore` copies, merge, purges, upgrades,
   reaping, data keys, feed retention, erasure across namespaces, subject
   access) and the health probe's schema revision.
 
