@@ -88,7 +88,11 @@ _MAX_PLACEHOLDERS = 65_535
 """The most values one prepared statement takes (MySQL's protocol counts them in 16 bits)."""
 
 _CHUNK_BYTES = 4 << 20
-"""Values one multi-row upsert of a batch carries at most (a batch runs as several)."""
+"""Values one multi-row upsert of a batch carries at most (a batch runs as several), and
+at most half the server's `max_allowed_packet`."""
+
+_VALUE_OVERHEAD = 20
+"""Bytes a value costs in a statement besides its own: its type, length and separator."""
 
 _ONE_ROW = re.compile(r"(?s)^(INSERT INTO .+? VALUES )(\([%s, ]+\))( ON DUPLICATE KEY UPDATE .+)$")
 """The single-row upsert as SQLAlchemy compiles it: head, the row's placeholders, tail."""
@@ -316,10 +320,12 @@ class MysqlDriver:
         feed = self._for_size(batch_feed_copy_statement, count)
         versions = self._for_size(batch_versions_statement, count)
 
-        chunks = _chunks(args, len(upsert.names))
-
         async def statements(cursor: Any) -> list[Any]:
-            for chunk in chunks:
+            assert self._packet_limit is not None  # read by `_check_packet` first
+            # The server drops a statement longer than its `max_allowed_packet` (and the
+            # connection with it): half of it, as text escaping can double a value.
+            budget = min(_CHUNK_BYTES, (self._packet_limit - _STATEMENT_ROOM) // 2)
+            for chunk in _chunks(args, len(upsert.names), budget):
                 rows = len(chunk) // len(upsert.names)
                 await cursor.execute(self._upsert_rows(rows), chunk)
             await cursor.execute(self._gate.sql, self._gate.args({}))
@@ -470,15 +476,18 @@ def check_packet(limit: int, user_id: str, params: Mapping[str, Any]) -> None:
         )
 
 
-def _chunks(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+def _chunks(rows: Sequence[tuple[Any, ...]], width: int, budget: int) -> list[list[Any]]:
     """The rows' values, flat, cut into the multi-row statements that carry them: at most
-    `_MAX_PLACEHOLDERS` values and about `_CHUNK_BYTES` of them each."""
+    `_MAX_PLACEHOLDERS` values and about `budget` bytes each (counting `_VALUE_OVERHEAD`
+    per value); a row alone over the budget goes alone (`check_packet` let it through)."""
     chunks: list[list[Any]] = []
     current: list[Any] = []
     size = 0
     for row in rows:
-        row_size = sum(len(value) for value in row if isinstance(value, bytes | str))
-        if current and (len(current) + width > _MAX_PLACEHOLDERS or size + row_size > _CHUNK_BYTES):
+        row_size = _VALUE_OVERHEAD * width + sum(
+            len(value) for value in row if isinstance(value, bytes | str)
+        )
+        if current and (len(current) + width > _MAX_PLACEHOLDERS or size + row_size > budget):
             chunks.append(current)
             current, size = [], 0
         current.extend(row)
@@ -489,8 +498,10 @@ def _chunks(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 
 
 async def _autocommit(conn: Any) -> None:
-    """Switch a connection this module uses to autocommit (a round trip, once per checkout
-    from SQLAlchemy's pool; kept connections stay switched)."""
+    """Switch a connection this module uses to autocommit: a round trip per checkout from
+    SQLAlchemy's pool, which has just switched it off (`_transactional_on_checkout`
+    cannot tell this module's checkouts from others'), so two per borrow; connections
+    kept between calls stay switched (a repository on a borrowed engine keeps none)."""
     if not conn.get_autocommit():
         await conn.autocommit(True)
 
