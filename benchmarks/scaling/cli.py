@@ -1,0 +1,104 @@
+"""The scale benchmark's command line: `python benchmarks/scale.py --scale USERS [flags]`.
+
+Also reached as `python benchmarks/run.py --scale USERS [flags]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from ..harness.config import DEFAULT_POSTGRES_URL
+from .created_at import render_experiment
+from .report import render
+from .runner import ScaleOptions, created_at_experiment, run_scale
+
+__all__ = ["build_parser", "main"]
+
+
+def _count(text_value: str) -> int:
+    try:
+        value = int(text_value.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text_value!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
+    return value
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The scale benchmark's argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Load USERS users x M versions through upsert_many into a big database and "
+            "1,000 users into a small one, then time both interleaved: p50/p99 ratios "
+            "big/small, and bytes per row of every table and index."
+        ),
+    )
+    parser.add_argument("--scale", type=_count, required=True, metavar="USERS")
+    parser.add_argument("--scale-versions", type=_count, default=10, metavar="M")
+    parser.add_argument("--small-users", type=_count, default=1000)
+    parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
+    parser.add_argument("--batch", type=_count, default=1000, help="snapshots per upsert_many")
+    parser.add_argument("--workers", type=_count, default=2, help="concurrent loaders")
+    parser.add_argument("--rounds", type=_count, default=30)
+    parser.add_argument("--block", type=_count, default=25, help="calls per size in a row")
+    parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
+    parser.add_argument("--sqlite-dir", type=Path, default=None)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the databases created (names in the notes)"
+    )
+    parser.add_argument("--big-database", default=None, help="reuse a loaded database or file")
+    parser.add_argument("--small-database", default=None)
+    parser.add_argument(
+        "--created-at",
+        action="store_true",
+        help="instead: the created_at index experiment on --big-database/--small-database",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """Run the scale benchmark; 0 on success."""
+    args = build_parser(prog).parse_args(argv)
+    options = ScaleOptions(
+        backend=args.backend,
+        users=args.scale,
+        small_users=args.small_users,
+        versions=args.scale_versions,
+        batch=args.batch,
+        workers=args.workers,
+        rounds=args.rounds,
+        block=args.block,
+        postgres_url=args.postgres_url,
+        directory=args.sqlite_dir,
+        keep=args.keep,
+        big_database=args.big_database,
+        small_database=args.small_database,
+    )
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(line, file=sys.stderr, flush=True)
+
+    if args.created_at:
+        if args.big_database is None or args.small_database is None or args.backend != "postgres":
+            print("--created-at needs --big-database and --small-database on Postgres")
+            return 2
+        results = asyncio.run(created_at_experiment(options, progress))
+        print(render_experiment(results))
+        if args.json is not None:
+            args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+        return 0
+    report = asyncio.run(run_scale(options, progress))
+    print(render(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    return 0

@@ -1,0 +1,179 @@
+"""One scale run on one backend: open (or reuse) both databases, load, analyze, time, size.
+
+The big and the small database are loaded the same way (`load.load`,
+through `upsert_many`), timed without statistics once, analyzed, measured
+for bytes per row, then timed interleaved (`measure.interleave`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from .created_at import VARIANTS, VariantResult, run_experiment
+from .databases import ScaleBackend, ScaleDatabase, open_scale_database
+from .load import analyze, analyzed, load, set_autovacuum
+from .measure import CALLS, Target, interleave, time_before_analyze
+from .report import ScaleReport
+from .sizes import relation_sizes
+
+__all__ = ["ScaleOptions", "created_at_experiment", "run_scale"]
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    """What to load and how to time it.
+
+    Attributes:
+        backend: "postgres" or "sqlite".
+        users: users in the big database.
+        small_users: users in the small one (the issue's baseline: 1,000).
+        versions: versions per user in both.
+        batch: snapshots per `upsert_many` call while loading.
+        workers: concurrent `upsert_many` calls while loading.
+        rounds: timed rounds (after one untimed warm-up round).
+        block: calls of one kind on one database before switching to the other.
+        before_analyze_calls: `get_latest_many(100)` calls timed before ANALYZE.
+        postgres_url: the server throwaway databases are created on.
+        directory: where SQLite files go (None: a temporary directory).
+        keep: keep the databases created (their names are in the report's notes).
+        big_database: an existing database (name or path) to use as the big one.
+        small_database: the same for the small one.
+    """
+
+    backend: ScaleBackend
+    users: int
+    small_users: int = 1000
+    versions: int = 10
+    batch: int = 1000
+    workers: int = 2
+    rounds: int = 30
+    block: int = 25
+    before_analyze_calls: int = 3
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    directory: Path | None = None
+    keep: bool = False
+    big_database: str | None = None
+    small_database: str | None = None
+
+
+async def _prepare(
+    database: ScaleDatabase,
+    users: int,
+    options: ScaleOptions,
+    report: ScaleReport,
+    progress: Callable[[str], None],
+) -> int:
+    """Load `database` if empty and time it unanalysed; the number of users it holds."""
+    label = database.label
+    if await database.repo.count_users() == 0:
+        await set_autovacuum(database, False)
+        report.load_seconds[label] = await load(
+            database,
+            users,
+            options.versions,
+            batch=options.batch,
+            workers=options.workers,
+            progress=progress,
+        )
+    held = await database.repo.count_users()
+    if not await analyzed(database):
+        target = Target(database, held)
+        report.before_analyze_ms[label] = await time_before_analyze(
+            target, options.before_analyze_calls
+        )
+        progress(f"{label}: analyzing")
+        report.analyze_seconds[label] = await analyze(database)
+    await set_autovacuum(database, True)
+    return held
+
+
+async def run_scale(
+    options: ScaleOptions, progress: Callable[[str], None] = lambda _: None
+) -> ScaleReport:
+    """Run the scale benchmark on `options.backend`; the databases go unless `keep`."""
+    async with AsyncExitStack() as stack:
+        opened = {}
+        for label, existing in (("big", options.big_database), ("small", options.small_database)):
+            opened[label] = await stack.enter_async_context(
+                open_scale_database(
+                    label,
+                    options.backend,
+                    postgres_url=options.postgres_url,
+                    directory=options.directory,
+                    keep=options.keep,
+                    existing=existing,
+                )
+            )
+        big, small = opened["big"], opened["small"]
+        report = ScaleReport(
+            backend=options.backend,
+            server=await _server(big),
+            big_users=options.users,
+            small_users=options.small_users,
+            versions=options.versions,
+            load_seconds={},
+            analyze_seconds={},
+            before_analyze_ms={},
+            ratios=[],
+            sizes={},
+        )
+        report.big_users = await _prepare(big, options.users, options, report, progress)
+        report.small_users = await _prepare(small, options.small_users, options, report, progress)
+        for database in (big, small):
+            report.sizes[database.label] = await relation_sizes(database)
+        progress("timing, interleaved")
+        report.ratios = await interleave(
+            Target(big, report.big_users),
+            Target(small, report.small_users),
+            rounds=options.rounds,
+            block=options.block,
+            calls=CALLS,
+        )
+        if options.keep:
+            report.notes += [f"kept {db.label} database: {db.name}" for db in (big, small)]
+        return report
+
+
+async def _server(database: ScaleDatabase) -> str:
+    async with database.repo.engine.connect() as conn:
+        if database.backend == "postgres":
+            version = (await conn.exec_driver_sql("SHOW server_version")).scalar()
+            return f"PostgreSQL {version}"
+        version = (await conn.exec_driver_sql("SELECT sqlite_version()")).scalar()
+        return f"SQLite {version}"
+
+
+async def created_at_experiment(
+    options: ScaleOptions, progress: Callable[[str], None] = lambda _: None
+) -> list[VariantResult]:
+    """The created_at index experiment on two loaded, analyzed Postgres databases.
+
+    Every variant in turn, then the current index again (so the lead sees
+    how far the machine drifted between the first and the last).
+    """
+    async with AsyncExitStack() as stack:
+        opened = {}
+        for label, existing in (("big", options.big_database), ("small", options.small_database)):
+            opened[label] = await stack.enter_async_context(
+                open_scale_database(
+                    label,
+                    "postgres",
+                    postgres_url=options.postgres_url,
+                    directory=None,
+                    keep=True,
+                    existing=existing,
+                )
+            )
+        targets = {label: Target(db, await db.repo.count_users()) for label, db in opened.items()}
+        names = tuple(VARIANTS)
+        return await run_experiment(
+            targets["big"],
+            targets["small"],
+            order=(*names, names[0]),
+            rounds=options.rounds,
+            block=options.block,
+            progress=progress,
+        )

@@ -1,0 +1,101 @@
+"""The scale benchmark (benchmarks/scaling/, issue #19) at tiny scale, on SQLite and Postgres.
+
+50 users x 2 versions against 10: the run must load exactly those rows
+through `upsert_many`, time every call on both sizes into finite ratios,
+measure bytes per row of every table and index, time `get_latest_many`
+before ANALYZE, and drop what it created. Speed is never asserted (it
+depends on the machine and on whatever else runs on it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import asyncpg
+
+from benchmarks.scaling import TARGETS, ScaleOptions, main, run_scale
+from benchmarks.scaling.measure import CALLS
+from tests.support.databases import PostgresServer
+
+USERS, SMALL_USERS, VERSIONS = 50, 10, 2
+
+
+def tiny(backend: Literal["postgres", "sqlite"], **where: Any) -> ScaleOptions:
+    """Options for a run of a few seconds: 50 users x 2 versions against 10."""
+    return ScaleOptions(
+        backend,
+        USERS,
+        small_users=SMALL_USERS,
+        versions=VERSIONS,
+        batch=20,
+        rounds=2,
+        block=3,
+        **where,
+    )
+
+
+async def _scale_databases(admin_url: str) -> set[str]:
+    conn = await asyncpg.connect(admin_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        rows = await conn.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'snapshot_repo_scale_%'"
+        )
+    finally:
+        await conn.close()
+    return {row[0] for row in rows}
+
+
+async def _check_run(options: ScaleOptions) -> None:
+    report = await run_scale(options)
+    assert (report.big_users, report.small_users) == (USERS, SMALL_USERS)
+    assert set(report.load_seconds) == set(report.analyze_seconds) == {"big", "small"}
+    for label in ("big", "small"):
+        times = report.before_analyze_ms[label]
+        assert len(times) == 3
+        assert all(math.isfinite(t) and t > 0 for t in times)
+    assert [ratio.call for ratio in report.ratios] == list(CALLS)
+    for ratio in report.ratios:
+        assert ratio.calls_each > 0
+        for value in (ratio.p50_ratio, ratio.p99_ratio, ratio.big_p99_us, ratio.small_p50_us):
+            assert math.isfinite(value), ratio
+            assert value > 0, ratio
+    for label, users in (("big", USERS), ("small", SMALL_USERS)):
+        sizes = {size.relation: size for size in report.sizes[label]}
+        # Measured before the timed writes: exactly what the load wrote.
+        assert sizes["snapshot_latest"].rows == users
+        assert sizes["snapshot_history"].rows == users * VERSIONS
+        assert "ix_snapshot_history_created_at" in sizes
+        for name in ("snapshot_latest", "snapshot_history", "ix_snapshot_history_created_at"):
+            per_row = sizes[name].bytes_per_row
+            assert per_row is not None
+            assert per_row > 0
+
+
+async def test_sqlite_scale_run_reports_every_call_and_cleans_up(tmp_path: Path) -> None:
+    await _check_run(tiny("sqlite", directory=tmp_path))
+    assert os.listdir(tmp_path) == []  # both files (and their WAL) removed
+
+
+async def test_postgres_scale_run_reports_every_call_and_drops_its_databases(
+    postgres_server: PostgresServer,
+) -> None:
+    before = await _scale_databases(postgres_server.admin_url)
+    await _check_run(tiny("postgres", postgres_url=postgres_server.admin_url))
+    assert await _scale_databases(postgres_server.admin_url) <= before
+
+
+def test_cli_writes_the_json_report_with_every_target(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    work = tmp_path / "files"
+    work.mkdir()
+    flags = ["--backend", "sqlite", "--scale", str(USERS), "--small-users", str(SMALL_USERS)]
+    flags += ["--scale-versions", "2", "--rounds", "1", "--block", "2", "--batch", "25"]
+    assert main([*flags, "--sqlite-dir", str(work), "--json", str(out), "--quiet"]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["targets"]) == set(TARGETS) == set(CALLS)
+    assert all(isinstance(target["met"], bool) for target in report["targets"].values())
+    assert {size["relation"] for size in report["sizes"]["big"]} >= {"snapshot_history"}
