@@ -31,19 +31,17 @@ from ._checks import check_int, valid_identifier
 from ._context import RepositoryContext
 from .backends import row_decoder
 from .backends.feed_sql import (
+    RetentionStatements,
     advance_consumer_statement,
     advance_horizon_statement,
-    claim_consumer_statement,
-    claim_horizon_statement,
     consumers_statement,
     drop_consumer_statement,
     floor_statement,
     horizon_statement,
     lock_horizon_statement,
     next_tenant_statement,
-    trim_statement,
+    retention_statements,
 )
-from .backends.statements import DialectName
 from .changes import FeedConsumer, decode_cursor, encode_cursor
 from .errors import CursorExpiredError, SnapshotValidationError
 from .snapshot import MAX_SCOPE_LENGTH
@@ -68,8 +66,8 @@ Position = tuple[int, int]
 """A feed position as in a cursor: (txid, seq), txid 0 outside Postgres."""
 
 
-def _family(context: RepositoryContext[Any]) -> DialectName:
-    return "postgresql" if context.engine.dialect.name == "postgresql" else "sqlite"
+def _statements(context: RepositoryContext[Any]) -> RetentionStatements:
+    return retention_statements(context.engine.dialect.name)
 
 
 def _scope(context: RepositoryContext[Any], tenant: str | None = None) -> dict[str, Any]:
@@ -96,7 +94,7 @@ async def _claim_horizon(context: RepositoryContext[Any], scope: dict[str, Any])
     found = await horizon(context, scope)
     if found is not None:
         return found
-    claim = claim_horizon_statement(context.engine.dialect.name)
+    claim = _statements(context).claim_horizon
     await context.backend.execute_in_transaction([(claim, {**scope, "now": datetime.now(UTC)})])
     return (0, 0)
 
@@ -116,7 +114,7 @@ async def acknowledge_changes(
         await context.backend.execute_in_transaction(
             [
                 (lock_horizon_statement(exclusive=False), scope),
-                (claim_consumer_statement(context.engine.dialect.name), params),
+                (_statements(context).claim_consumer, params),
                 (advance_consumer_statement(), params),
             ]
         )
@@ -214,9 +212,8 @@ async def _trim_scope(
     context: RepositoryContext[Any], scope: dict[str, Any], cutoff: datetime, batch_size: int
 ) -> int:
     """Trim one scope's feed in batches; how many entries its horizon passed."""
-    family = _family(context)
     decode = row_decoder(context.engine.dialect, [changes_table.c[name] for name in _PAGE_COLUMNS])
-    trim_work = [(trim_statement(family), scope)]
+    trim_work = [(_statements(context).trim, scope)]
     async with context.guard("trim_changes", None):
         current = await _claim_horizon(context, scope)
         # Entries below the horizon that came back since (Postgres: a pruned version's

@@ -14,6 +14,7 @@ passed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -54,6 +55,7 @@ from .statements import DialectName, in_scope
 
 __all__ = [
     "CHANGE_FEED_COLUMNS",
+    "RetentionStatements",
     "advance_consumer_statement",
     "advance_horizon_statement",
     "changes_since_statement",
@@ -65,6 +67,7 @@ __all__ = [
     "horizon_statement",
     "lock_horizon_statement",
     "next_tenant_statement",
+    "retention_statements",
     "trim_statement",
 ]
 
@@ -353,4 +356,25 @@ def next_tenant_statement(table_name: str) -> Select[Any]:
         )
         .order_by(table.c.tenant)
         .limit(1)
+    )
+
+
+@dataclass(frozen=True)
+class RetentionStatements:
+    """Feed retention's statements that differ between databases (see `retention_statements`)."""
+
+    claim_horizon: Insert
+    claim_consumer: Insert
+    trim: Delete
+
+
+@cache
+def retention_statements(dialect_name: str) -> RetentionStatements:
+    """The feed retention statements for a dialect: the claims' insert-unless-present form,
+    and the trim (Postgres's feed also lives in history rows)."""
+    family: DialectName = "postgresql" if dialect_name == "postgresql" else "sqlite"
+    return RetentionStatements(
+        claim_horizon=claim_horizon_statement(dialect_name),
+        claim_consumer=claim_consumer_statement(dialect_name),
+        trim=trim_statement(family),
     )
