@@ -85,7 +85,9 @@ register_missing_schema(lambda exc: error_code(exc) == _NO_SUCH_TABLE)
 
 
 class MysqlBackend(CoreBackend):
-    """`Backend` on MySQL and MariaDB (InnoDB), through `AsyncConnection` and Core statements."""
+    """`Backend` on MySQL and MariaDB (InnoDB): reads, plain writes, batches of distinct
+    users and erasures on asyncmy's connections (`MysqlDriver`), the rest through
+    `AsyncConnection` and Core statements, as the core backend runs them."""
 
     def __init__(self, engine: AsyncEngine, *, driver: bool = True) -> None:
         """`driver=False` (`backend="core"`): everything through `AsyncConnection`."""
