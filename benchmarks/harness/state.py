@@ -27,15 +27,16 @@ class BenchState(BaseModel):
     tags: list[str]
 
 
-def make_states(count: int) -> list[BenchState]:
-    """`count` distinct states of about 1 KB each, built before timing starts."""
+def make_states(count: int, tags: int = 30) -> list[BenchState]:
+    """`count` distinct states, built before timing starts: about 1 KB each with the
+    default 30 tags (each tag about 30 bytes)."""
     return [
         BenchState(
             owner=f"owner-{i:04d}",
             counter=i,
             balance=round(1000.0 + i * 3.25, 2),
             active=i % 2 == 0,
-            tags=[f"tag-{i:04d}-{j:02d}-abcdefghijklmnop" for j in range(30)],
+            tags=[f"tag-{i:04d}-{j:02d}-abcdefghijklmnop" for j in range(tags)],
         )
         for i in range(count)
     ]

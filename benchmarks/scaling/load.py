@@ -19,7 +19,7 @@ import asyncpg
 
 from snapshot_repo import Snapshot, SnapshotRepository
 
-from ..harness.state import BenchState
+from ..harness.state import BenchState, make_states
 from .databases import ScaleDatabase, asyncpg_dsn
 
 __all__ = [
@@ -46,16 +46,7 @@ def user_id(index: int) -> str:
 
 def scale_states() -> list[BenchState]:
     """The states the load and the timed writes cycle through, about 450 bytes each."""
-    return [
-        BenchState(
-            owner=f"owner-{i:04d}",
-            counter=i,
-            balance=round(1000.0 + i * 3.25, 2),
-            active=i % 2 == 0,
-            tags=[f"tag-{i:04d}-{j:02d}-abcdefghijklmnop" for j in range(SCALE_STATE_TAGS)],
-        )
-        for i in range(_STATE_VARIANTS)
-    ]
+    return make_states(_STATE_VARIANTS, tags=SCALE_STATE_TAGS)
 
 
 def _batches(users: int, batch: int) -> Iterator[range]:
