@@ -34,7 +34,7 @@ from .config import (
 )
 from .runner import run_benchmark
 
-__all__ = ["add_arguments", "build_parser", "config_from_args", "main"]
+__all__ = ["add_arguments", "build_parser", "config_from_args", "main", "positive_int"]
 
 _EXIT_OK, _EXIT_USAGE, _EXIT_STORAGE, _EXIT_INTERRUPTED = 0, 2, 3, 130
 
@@ -58,7 +58,8 @@ def _failures() -> tuple[type[Exception], ...]:
     return (*failures, asyncmy.errors.Error)
 
 
-def _positive_int(text_value: str) -> int:
+def positive_int(text_value: str) -> int:
+    """An argparse type: a whole number of at least 1 (`_` separators allowed)."""
     try:
         value = int(text_value.replace("_", ""))
     except ValueError:
@@ -84,49 +85,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes = parser.add_argument_group("sizes")
     sizes.add_argument(
         "--ops",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.ops,
         help="timed writes/deletes per side and round (default %(default)s)",
     )
     sizes.add_argument(
         "--read-ops",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.read_ops,
         help="timed single reads per side and round (default %(default)s)",
     )
     sizes.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.rounds,
         help="interleaved rounds; medians are reported (default %(default)s)",
     )
     sizes.add_argument(
         "--deep-versions",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.deep_versions,
         help="versions of the deep-history user (default %(default)s)",
     )
     sizes.add_argument(
         "--history-versions",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.history_versions,
         help="versions of the shallow-history users (default %(default)s)",
     )
     sizes.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.concurrency,
         help="concurrent writers (default %(default)s)",
     )
     sizes.add_argument(
         "--bulk-size",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.bulk_size,
         help="snapshots per bulk call (default %(default)s)",
     )
     sizes.add_argument(
         "--bulk-batches",
-        type=_positive_int,
+        type=positive_int,
         default=defaults.bulk_batches,
         help="bulk calls per side and round (default %(default)s)",
     )

@@ -12,22 +12,13 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from ..harness.cli import positive_int
 from ..harness.config import DEFAULT_POSTGRES_URL
 from .created_at import render_experiment
 from .report import render
 from .runner import ScaleOptions, created_at_experiment, run_scale
 
 __all__ = ["build_parser", "main"]
-
-
-def _count(text_value: str) -> int:
-    try:
-        value = int(text_value.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text_value!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -40,14 +31,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             "big/small, and bytes per row of every table and index."
         ),
     )
-    parser.add_argument("--scale", type=_count, required=True, metavar="USERS")
-    parser.add_argument("--scale-versions", type=_count, default=10, metavar="M")
-    parser.add_argument("--small-users", type=_count, default=1000)
+    parser.add_argument("--scale", type=positive_int, required=True, metavar="USERS")
+    parser.add_argument("--scale-versions", type=positive_int, default=10, metavar="M")
+    parser.add_argument("--small-users", type=positive_int, default=1000)
     parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres")
-    parser.add_argument("--batch", type=_count, default=1000, help="snapshots per upsert_many")
-    parser.add_argument("--workers", type=_count, default=2, help="concurrent loaders")
-    parser.add_argument("--rounds", type=_count, default=30)
-    parser.add_argument("--block", type=_count, default=25, help="calls per size in a row")
+    parser.add_argument(
+        "--batch", type=positive_int, default=1000, help="snapshots per upsert_many"
+    )
+    parser.add_argument("--workers", type=positive_int, default=2, help="concurrent loaders")
+    parser.add_argument("--rounds", type=positive_int, default=30)
+    parser.add_argument("--block", type=positive_int, default=25, help="calls per size in a row")
     parser.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     parser.add_argument("--sqlite-dir", type=Path, default=None)
     parser.add_argument(

@@ -90,23 +90,35 @@ async def _prepare(
     return held
 
 
+async def _open_pair(
+    stack: AsyncExitStack,
+    options: ScaleOptions,
+    backend: ScaleBackend,
+    directory: Path | None,
+    keep: bool,
+) -> dict[str, ScaleDatabase]:
+    """The big and the small database (made, or the existing ones named), closed by `stack`."""
+    opened = {}
+    for label, existing in (("big", options.big_database), ("small", options.small_database)):
+        opened[label] = await stack.enter_async_context(
+            open_scale_database(
+                label,
+                backend,
+                postgres_url=options.postgres_url,
+                directory=directory,
+                keep=keep,
+                existing=existing,
+            )
+        )
+    return opened
+
+
 async def run_scale(
     options: ScaleOptions, progress: Callable[[str], None] = lambda _: None
 ) -> ScaleReport:
     """Run the scale benchmark on `options.backend`; the databases go unless `keep`."""
     async with AsyncExitStack() as stack:
-        opened = {}
-        for label, existing in (("big", options.big_database), ("small", options.small_database)):
-            opened[label] = await stack.enter_async_context(
-                open_scale_database(
-                    label,
-                    options.backend,
-                    postgres_url=options.postgres_url,
-                    directory=options.directory,
-                    keep=options.keep,
-                    existing=existing,
-                )
-            )
+        opened = await _open_pair(stack, options, options.backend, options.directory, options.keep)
         big, small = opened["big"], opened["small"]
         report = ScaleReport(
             backend=options.backend,
@@ -155,18 +167,7 @@ async def created_at_experiment(
     how far the machine drifted between the first and the last).
     """
     async with AsyncExitStack() as stack:
-        opened = {}
-        for label, existing in (("big", options.big_database), ("small", options.small_database)):
-            opened[label] = await stack.enter_async_context(
-                open_scale_database(
-                    label,
-                    "postgres",
-                    postgres_url=options.postgres_url,
-                    directory=None,
-                    keep=True,
-                    existing=existing,
-                )
-            )
+        opened = await _open_pair(stack, options, "postgres", None, keep=True)
         targets = {label: Target(db, await db.repo.count_users()) for label, db in opened.items()}
         names = tuple(VARIANTS)
         return await run_experiment(
