@@ -66,6 +66,30 @@ async def wait_for_statement(url: str, pattern: str) -> None:
             await asyncio.sleep(0.01)
 
 
+async def wait_for_lock_wait(url: str, pattern: str) -> None:
+    """Poll until a session of the test's database running a statement LIKE `pattern` is
+    waiting for a row lock: it has taken every lock before the one it waits for (a
+    statement merely listed as running may not have locked anything yet). InnoDB
+    refreshes `innodb_trx` every 100 ms, so this sees the wait a little late, never early."""
+    database = make_url(url).database
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LOCK_WAIT_DEADLINE
+    async with raw_session(url) as conn:
+        while True:
+            async with conn.cursor() as cursor:
+                await cursor.execute(
+                    "SELECT count(*) FROM information_schema.innodb_trx AS t "
+                    "JOIN information_schema.processlist AS p ON p.id = t.trx_mysql_thread_id "
+                    "WHERE p.db = %s AND t.trx_state = 'LOCK WAIT' AND p.info LIKE %s",
+                    (database, pattern),
+                )
+                (waiting,) = await cursor.fetchone()
+            if waiting:
+                return
+            assert loop.time() < deadline, f"no session waited for a lock in {pattern!r}"
+            await asyncio.sleep(0.01)
+
+
 async def test_the_mariadb_backend_is_chosen_for_both_url_schemes(mariadb_url: str):
     for scheme in ("mariadb", "mysql"):
         url = make_url(mariadb_url).set(drivername=scheme).render_as_string(hide_password=False)
@@ -135,7 +159,8 @@ async def test_a_deadlock_victim_is_retried_inside_the_library(
                         "SELECT version FROM snapshot_latest WHERE user_id = 'b' FOR UPDATE"
                     )
                 batch = asyncio.create_task(repo.upsert_many([snap("a", "1"), snap("b", "1")]))
-                await wait_for_statement(mariadb_url, "INSERT INTO snapshot_latest%")
+                # Not merely running: waiting for b, so it has locked a.
+                await wait_for_lock_wait(mariadb_url, "INSERT INTO snapshot_latest%")
                 async with outside.cursor() as cursor:
                     await cursor.execute(
                         "SELECT version FROM snapshot_latest WHERE user_id = 'a' FOR UPDATE"
