@@ -226,14 +226,9 @@ Index(
     **_only_where_set("feed_seq"),
 )
 
-# For get_as_of: the newest version written at or before a moment, one index probe.
-Index(
-    "ix_snapshot_history_created_at",
-    history_table.c.tenant,
-    history_table.c.namespace,
-    history_table.c.user_id,
-    history_table.c.created_at,
-)
+# No index on created_at (dropped by revision 0017): `get_as_of` walks the user's
+# versions down the primary key, and pruning goes user by user; the index cost every
+# write a random leaf page and 70 bytes a history row (see benchmarks/README.md).
 
 changes_table = Table(
     "snapshot_changes",

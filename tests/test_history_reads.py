@@ -6,8 +6,10 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import jsonpatch
 import pytest
+from sqlalchemy import update
 
 import snapshot_repo as sr
+from snapshot_repo.tables import history_table
 from tests.support.databases import Cart
 
 from .test_repository import snap
@@ -37,6 +39,29 @@ async def test_get_as_of_returns_the_state_at_a_moment(repo: sr.SnapshotReposito
     # another zone, same instant
     other_zone = second.created_at.astimezone(timezone(timedelta(hours=-5)))
     assert await repo.get_as_of("u1", other_zone) == second
+
+
+async def test_get_as_of_after_both_of_two_racing_writes_is_the_latest(
+    repo: sr.SnapshotRepository[Cart],
+):
+    """A write takes its timestamp before it waits for the user's row, so of two racing
+    writes the one committed later (version 2) can carry the earlier time. Once both
+    are in, the state is version 2, and the state as of any later moment must be it."""
+    first = await repo.upsert_latest(snap("u1", "a"))
+    second = await repo.upsert_latest(snap("u1", "b"))
+    assert first.created_at is not None
+    earlier = first.created_at - timedelta(milliseconds=1)
+    async with repo.engine.begin() as conn:
+        await conn.execute(
+            update(history_table)
+            .where(history_table.c.user_id == "u1", history_table.c.version == 2)
+            .values(created_at=earlier)
+        )
+    now = datetime.now(UTC)
+    found = await repo.get_as_of("u1", now)
+    assert found is not None
+    assert (found.version, found.state) == (second.version, second.state)
+    assert found == await repo.get_version("u1", 2)
 
 
 async def test_get_as_of_refuses_naive_datetimes(repo: sr.SnapshotRepository[Cart]):

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 import snapshot_repo as sr
-from snapshot_repo._queries import expired_users_statement
+from snapshot_repo._queries import as_of_statement, expired_users_statement
 from snapshot_repo.backends._compiled import compile_statement as _compile
 from snapshot_repo.backends.core_sql import latest_many
 from snapshot_repo.backends.feed_sql import changes_since_statement
@@ -183,6 +183,32 @@ async def test_history_reads_are_an_index_range_scan_without_sort(
         assert "TEMP B-TREE" not in plan, plan
     history = await repo.get_history("deep", limit=10)
     assert [s.version for s in history] == list(range(DEEP, DEEP - 10, -1))
+
+
+async def test_as_of_reads_walk_the_primary_key_down_from_the_newest_version(
+    repo: sr.SnapshotRepository[Cart], backend: Backend
+):
+    """No created_at index (revision 0017): the newest version old enough is found by
+    reading the user's versions backward, one row here, with no sort."""
+    await seed_deep_history(repo, backend)
+    newest = await repo.get_latest("deep")
+    assert newest is not None
+    assert newest.created_at is not None
+    at = newest.created_at
+    plan = await explain(repo, backend, as_of_statement(), {**SCOPE, "user_id": "deep", "at": at})
+    if backend.name == "postgres":
+        assert "Index Scan Backward using pk_snapshot_history" in plan, plan
+        assert "Sort" not in plan, plan
+    elif backend.name == "mariadb":
+        assert plan == "snapshot_history access_type=ref key=PRIMARY r_rows=1", plan
+    else:
+        assert "SEARCH snapshot_history USING INDEX sqlite_autoindex_snapshot_history_1" in plan, (
+            plan
+        )
+        assert "TEMP B-TREE" not in plan, plan
+    found = await repo.get_as_of("deep", at)
+    assert found is not None
+    assert found.version == DEEP
 
 
 @pytest.mark.parametrize("many", [False, True], ids=["get_latest", "get_latest_many"])

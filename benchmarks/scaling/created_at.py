@@ -1,11 +1,12 @@
 """The created_at index experiment (issue #19, Scale point 4), on a loaded Postgres database.
 
-`ix_snapshot_history_created_at` is (tenant, namespace, user_id,
-created_at): the primary key's three leading columns again, so every write
-adds an entry at a random place in a second wide index. Only `get_as_of`
-reads it (`_queries.as_of_statement`: the user's newest version at or before
-a moment); `prune_history` prunes user by user (`statements.prune_statement`:
-the user's versions below the newest, by version and created_at).
+`ix_snapshot_history_created_at`, dropped by revision 0017 on these numbers,
+was (tenant, namespace, user_id, created_at): the primary key's three
+leading columns again, so every write added an entry at a random place in a
+second wide index. Only `get_as_of` read it (`_queries.as_of_statement`,
+ordered by created_at before 0017, by version since); `prune_history`
+prunes user by user (`statements.prune_statement`: the user's versions
+below the newest, by version and created_at).
 
 Each variant replaces the index in place (same name) on the big and the
 small database, then measures: its size; writes (`upsert_latest` of existing
@@ -54,10 +55,10 @@ __all__ = [
 _INDEX = "ix_snapshot_history_created_at"
 
 VARIANTS: dict[str, str | None] = {
-    "current (tenant, namespace, user_id, created_at)": (
+    "none (0017 on)": None,
+    "before 0017: (tenant, namespace, user_id, created_at)": (
         f"CREATE INDEX {_INDEX} ON snapshot_history (tenant, namespace, user_id, created_at)"
     ),
-    "none": None,
     "brin (created_at)": f"CREATE INDEX {_INDEX} ON snapshot_history USING brin (created_at)",
     "(namespace, created_at)": (
         f"CREATE INDEX {_INDEX} ON snapshot_history (namespace, created_at)"

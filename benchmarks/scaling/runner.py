@@ -163,8 +163,9 @@ async def created_at_experiment(
 ) -> list[VariantResult]:
     """The created_at index experiment on two loaded, analyzed Postgres databases.
 
-    Every variant in turn, then the current index again (so the lead sees
-    how far the machine drifted between the first and the last).
+    Every variant in turn, then the first (today's schema: no index) again, so
+    the lead sees how far the machine drifted between the first and the last
+    and the databases end as the migrations left them.
     """
     async with AsyncExitStack() as stack:
         opened = await _open_pair(stack, options, "postgres", None, keep=True)
