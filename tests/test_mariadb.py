@@ -70,7 +70,9 @@ async def wait_for_lock_wait(url: str, pattern: str) -> None:
     """Poll until a session of the test's database running a statement LIKE `pattern` is
     waiting for a row lock: it has taken every lock before the one it waits for (a
     statement merely listed as running may not have locked anything yet). InnoDB
-    refreshes `innodb_trx` every 100 ms, so this sees the wait a little late, never early."""
+    answers `innodb_trx` from a cache it refreshes at most every 100 ms; polled every
+    10 ms it was seen to answer stale rows for the whole 10 s, so this polls every 150 ms
+    (and sees a wait a little late, never early)."""
     database = make_url(url).database
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LOCK_WAIT_DEADLINE
@@ -87,7 +89,7 @@ async def wait_for_lock_wait(url: str, pattern: str) -> None:
             if waiting:
                 return
             assert loop.time() < deadline, f"no session waited for a lock in {pattern!r}"
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.15)
 
 
 async def test_the_mariadb_backend_is_chosen_for_both_url_schemes(mariadb_url: str):
@@ -136,6 +138,42 @@ async def test_a_feed_page_never_skips_a_write_that_commits_late(mariadb_url: st
         await slow
         page = await page_read
     assert [(c.user_id, c.version) for c in page.changes] == [("slow", 2), ("fast", 1)]
+
+
+@pytest.mark.parametrize("call", ["write", "batch", "erase"])
+async def test_writers_take_the_feed_gate_before_their_feed_entry_takes_a_seq(
+    mariadb_url: str, call: str
+):
+    """A feed reader holds the gate's exclusive lock: a write, a batch and an erasure
+    (each on the driver path, where the gate's lock shares a statement with other
+    work) wait for it before any feed entry exists; once it commits, they finish."""
+    async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
+        await repo.upsert_latest(snap("gone", "x"))
+        start = (await repo.changes_since(None)).cursor
+        async with raw_session(mariadb_url) as reader:
+            async with reader.cursor() as cursor:
+                await cursor.execute("SELECT id FROM snapshot_feed_gate WHERE id = 1 FOR UPDATE")
+                await cursor.execute("SELECT COALESCE(MAX(seq), 0) FROM snapshot_changes")
+                (last_seq,) = await cursor.fetchone()
+            work = {
+                "write": lambda: repo.upsert_latest(snap("w", "1")),
+                "batch": lambda: repo.upsert_many([snap("b1", "1"), snap("b2", "1")]),
+                "erase": lambda: repo.delete("gone"),
+            }[call]
+            task = asyncio.create_task(work())
+            await wait_for_lock_wait(mariadb_url, "INSERT INTO snapshot_%")
+            async with raw_session(mariadb_url) as probe, probe.cursor() as cursor:
+                await cursor.execute(
+                    "SELECT COUNT(*) FROM snapshot_changes WHERE seq > %s", (last_seq,)
+                )
+                (entries,) = await cursor.fetchone()
+            assert entries == 0
+            assert not task.done()
+            await reader.commit()
+        await task
+        page = await repo.changes_since(start)
+    expected = {"write": [("w", 1)], "batch": [("b1", 1), ("b2", 1)], "erase": [("", 1)]}
+    assert [(c.user_id, c.version) for c in page.changes] == expected[call]
 
 
 async def test_a_deadlock_victim_is_retried_inside_the_library(

@@ -41,14 +41,17 @@ from ._compiled import (
     snapshot_row_decoder,
 )
 from ._pool import Connections
-from .core_sql import feed_entry, orphan_key_drop, orphan_key_lock
+from .core_sql import orphan_key_drop, orphan_key_lock
 from .mysql_sql import (
     batch_feed_copy_statement,
+    batch_history_copy_returning_statement,
     batch_history_copy_statement,
     batch_versions_statement,
     delete_latest_statement,
+    erase_entry_under_gate_statement,
     feed_copy_statement,
     gate_shared_statement,
+    history_copy_returning_statement,
     history_copy_statement,
     latest_for_erasure_statement,
     latest_many_statement,
@@ -154,6 +157,12 @@ class MysqlDriver:
         self._version_under_gate = compile_statement(version_under_gate_statement(), dialect)
         self._gate = compile_statement(gate_shared_statement(), dialect)
         self._history_copy = compile_statement(history_copy_statement(), dialect)
+        # MariaDB 10.5+: the gate's share lock, the history copy and the version read
+        # back in one statement (`INSERT ... SELECT ... RETURNING`); MySQL has no RETURNING.
+        self._returning = bool(dialect.insert_returning)
+        self._history_copy_returning = compile_statement(
+            history_copy_returning_statement(), dialect
+        )
         self._feed_copy = compile_statement(feed_copy_statement(), dialect)
         self._erasing = _ErasureStatements(dialect)
         self._packet_limit: int | None = None  # the server's max_allowed_packet, once read
@@ -247,7 +256,10 @@ class MysqlDriver:
         (`latest_write_statement`, whose X lock on the user's row orders the
         user's writers), the version read back with the feed gate's share lock
         (`version_under_gate_statement`), the row copied into history and into
-        the feed. A compare-and-set that lost writes nothing and returns None.
+        the feed. On MariaDB the read back and the history copy are one
+        statement (`history_copy_returning_statement`): a write is then five
+        round trips with BEGIN and COMMIT. A compare-and-set that lost writes
+        nothing and returns None.
         Two first uses of one idempotency key can both miss the lookup: the later
         one's history row then violates the key's unique index, its transaction
         rolls back, and the row the earlier one wrote is returned.
@@ -285,9 +297,15 @@ class MysqlDriver:
         if mode == "replace" and not changed:
             return None  # a replace that found another version, or no row
         key = write.scope.key(write.user_id)
-        await cursor.execute(self._version_under_gate.sql, self._version_under_gate.args(key))
-        (version,) = await cursor.fetchone()
-        await cursor.execute(self._history_copy.sql, self._history_copy.args(key))
+        if self._returning:
+            copy = self._history_copy_returning
+            await cursor.execute(copy.sql, copy.args(key))
+            (version,) = await cursor.fetchone()
+        else:
+            gated = self._version_under_gate
+            await cursor.execute(gated.sql, gated.args(key))
+            (version,) = await cursor.fetchone()
+            await cursor.execute(self._history_copy.sql, self._history_copy.args(key))
         await cursor.execute(self._feed_copy.sql, self._feed_copy.args(key))
         return int(version)
 
@@ -304,7 +322,9 @@ class MysqlDriver:
         (`_upsert_rows`; one for 500 small states, more past 4 MiB or 65,535
         values) in code point order of the user ids, the order every batch locks users in,
         so concurrent batches cannot deadlock; then the feed gate's share lock,
-        the rows copied into history and the feed, and their versions read back.
+        the rows copied into history and the feed, and their versions read back
+        (on MariaDB the first three are one statement,
+        `batch_history_copy_returning_statement`).
         """
         order = sorted(batch.user_ids)
         count = len(order)
@@ -316,9 +336,12 @@ class MysqlDriver:
         args = upsert.args_many(first, _BATCH_VARYING, rows)
         scoped: dict[str, Any] = {"tenant": batch.scope.tenant, "namespace": batch.scope.namespace}
         scoped.update((f"u{index}", user_id) for index, user_id in enumerate(order))
-        history = self._for_size(batch_history_copy_statement, count)
         feed = self._for_size(batch_feed_copy_statement, count)
-        versions = self._for_size(batch_versions_statement, count)
+        if self._returning:
+            history = self._for_size(batch_history_copy_returning_statement, count)
+        else:
+            history = self._for_size(batch_history_copy_statement, count)
+            versions = self._for_size(batch_versions_statement, count)
 
         async def statements(cursor: Any) -> list[Any]:
             assert self._packet_limit is not None  # read by `_check_packet` first
@@ -328,6 +351,11 @@ class MysqlDriver:
             for chunk in _chunks(args, len(upsert.names), budget):
                 rows = len(chunk) // len(upsert.names)
                 await cursor.execute(self._upsert_rows(rows), chunk)
+            if self._returning:
+                await cursor.execute(history.sql, history.args(scoped))
+                stored = list(await cursor.fetchall())
+                await cursor.execute(feed.sql, feed.args(scoped))
+                return stored
             await cursor.execute(self._gate.sql, self._gate.args({}))
             await cursor.fetchall()
             await cursor.execute(history.sql, history.args(scoped))
@@ -362,7 +390,8 @@ class MysqlDriver:
         they committed. On MariaDB that is one `DELETE ... RETURNING version`;
         MySQL has no RETURNING, so there a locking read of the version precedes
         the DELETE. Then history up to that version, the user's feed entries,
-        the feed gate's share lock and the erase entry, the receipt (with a
+        the feed gate's share lock and the erase entry (one statement,
+        `erase_entry_under_gate_statement`), the receipt (with a
         subject) and the data key (`drop_data_key`). Without a latest row only
         the data key is dropped (unless `only_expired`), locked first, and only
         if no latest row appeared meanwhile.
@@ -379,8 +408,7 @@ class MysqlDriver:
         history = run.delete_history[erasure.only_expired]
         erased = await _execute(cursor, history, {**key, "version": version})
         await _execute(cursor, run.forget_feed, key)
-        await _execute(cursor, self._gate, {})
-        await cursor.fetchall()
+        # The gate's share lock and the erase entry, one statement.
         await _execute(cursor, run.erase_entry, erasure.feed_params(version))
         if erasure.receipt_subject is not None:
             await _execute(cursor, run.receipt, erasure.receipt_params(erased))
@@ -431,7 +459,7 @@ class _ErasureStatements:
         self.delete_history = {only: compiled(delete_statements(only)[1]) for only in both}
         forget_feed, _ = sqlite_erasure_feed_statements()
         self.forget_feed = compiled(forget_feed)
-        self.erase_entry = compiled(feed_entry("erase", False))
+        self.erase_entry = compiled(erase_entry_under_gate_statement())
         self.receipt = compiled(receipt_statement())
         self.forget_key = compiled(forget_key_statement())
         self.orphan_key_lock = compiled(orphan_key_lock())

@@ -52,14 +52,17 @@ from .statements import (
 __all__ = [
     "FEED_GATE",
     "batch_feed_copy_statement",
+    "batch_history_copy_returning_statement",
     "batch_history_copy_statement",
     "batch_versions_statement",
     "claim_key_statement",
     "delete_latest_statement",
+    "erase_entry_under_gate_statement",
     "feed_copy_statement",
     "feed_gate_table",
     "gate_exclusive_statement",
     "gate_shared_statement",
+    "history_copy_returning_statement",
     "history_copy_statement",
     "latest_for_erasure_statement",
     "latest_many_statement",
@@ -181,6 +184,26 @@ def gate_shared_statement() -> Select[Any]:
 
 
 @cache
+def erase_entry_under_gate_statement() -> Insert:
+    """An erasure's feed entry, inserted from a locking read of the feed gate.
+
+    `gate_shared_statement` and the entry in one round trip: the SELECT takes
+    the gate's share lock before the INSERT takes the entry's seq, as the gate
+    requires. The values are the erase entry's (`core_sql.feed_entry`), bound.
+    """
+    values = [
+        bindparam(name, type_=changes_table.c[name].type).label(name) for name in CHANGE_COLUMNS
+    ]
+    source = (
+        select(literal("erase").label("kind"), *values)
+        .select_from(feed_gate_table)
+        .where(feed_gate_table.c.id == FEED_GATE)
+        .with_for_update(read=True)
+    )
+    return insert(changes_table).from_select(["kind", *CHANGE_COLUMNS], source)
+
+
+@cache
 def gate_exclusive_statement() -> Select[Any]:
     """A feed reader's exclusive lock on the feed gate (see `gate_shared_statement`)."""
     return select(feed_gate_table.c.id).where(feed_gate_table.c.id == FEED_GATE).with_for_update()
@@ -238,8 +261,31 @@ def batch_feed_copy_statement(count: int) -> Insert:
     return _feed_copy(*_batch_users(count))
 
 
-def _history_copy(*where: ColumnElement[bool]) -> Insert:
+@cache
+def history_copy_returning_statement() -> Insert:
+    """MariaDB: `version_under_gate_statement` and `history_copy_statement` in one round trip.
+
+    The copy's SELECT joins the feed gate as a locking read (`LOCK IN SHARE
+    MODE`), so the write holds the gate's share lock before its feed entry
+    takes a seq, and `RETURNING` (MariaDB 10.5+, not MySQL) gives the version
+    the upsert assigned. Used where the dialect says `insert_returning`.
+    """
+    return _history_copy(is_key(latest_table), under_gate=True).returning(history_table.c.version)
+
+
+@lru_cache(maxsize=_SIZES)
+def batch_history_copy_returning_statement(count: int) -> Insert:
+    """MariaDB: a batch's gate share lock, history copy and versions read back, in one
+    statement (see `history_copy_returning_statement`): rows of (user_id, version)."""
+    return _history_copy(*_batch_users(count), under_gate=True).returning(
+        history_table.c.user_id, history_table.c.version
+    )
+
+
+def _history_copy(*where: ColumnElement[bool], under_gate: bool = False) -> Insert:
     source = select(*(latest_table.c[name] for name in STORED_COLUMNS)).where(*where)
+    if under_gate:
+        source = source.where(feed_gate_table.c.id == FEED_GATE).with_for_update(read=True)
     return insert(history_table).from_select(list(STORED_COLUMNS), source)
 
 
