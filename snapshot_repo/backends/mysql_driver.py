@@ -72,7 +72,7 @@ from .statements import (
 )
 from .values import Erasure, PendingBatch, PendingWrite, Row, Scope, WriteOutcome
 
-__all__ = ["DUPLICATE_KEY", "MysqlDriver", "check_packet", "error_code"]
+__all__ = ["DUPLICATE_KEY", "MysqlDriver", "check_batch_packets", "check_packet", "error_code"]
 
 _T = TypeVar("_T")
 
@@ -343,12 +343,20 @@ class MysqlDriver:
             history = self._for_size(batch_history_copy_statement, count)
             versions = self._for_size(batch_versions_statement, count)
 
+        # What each row adds to a statement: its own user id and payload, plus what
+        # every row repeats (the shared values, and each value's overhead).
+        width = len(upsert.names)
+        first_id, (_, first_payload) = order[0], by_user[order[0]]
+        repeated = _VALUE_OVERHEAD * width + _text_length(args[0])
+        repeated -= len(first_id) + len(first_payload)
+        sizes = [repeated + len(user_id) + len(by_user[user_id][1]) for user_id in order]
+
         async def statements(cursor: Any) -> list[Any]:
             assert self._packet_limit is not None  # read by `_check_packet` first
             # The server drops a statement longer than its `max_allowed_packet` (and the
             # connection with it): half of it, as text escaping can double a value.
             budget = min(_CHUNK_BYTES, (self._packet_limit - _STATEMENT_ROOM) // 2)
-            for chunk in _chunks(args, len(upsert.names), budget):
+            for chunk in _chunks(args, sizes, width, budget):
                 rows = len(chunk) // len(upsert.names)
                 await cursor.execute(self._upsert_rows(rows), chunk)
             if self._returning:
@@ -366,9 +374,8 @@ class MysqlDriver:
         async with self.connections.checkout() as conn:
             await _autocommit(conn)
             async with conn.cursor() as cursor:
-                for user_id, payload in zip(batch.user_ids, batch.payloads, strict=True):
-                    row = {"payload": payload, "metadata": batch.metadata, "user_id": user_id}
-                    await self._check_packet(cursor, user_id, row)
+                limit = await self._packet_limit_of(cursor)
+                check_batch_packets(limit, batch.user_ids, batch.payloads, batch.metadata)
                 stored = await _in_transaction(conn, statements(cursor))
         version_of = dict(stored)
         return [int(version_of[user_id]) for user_id in batch.user_ids]
@@ -434,12 +441,16 @@ class MysqlDriver:
         return int(found[0])
 
     async def _check_packet(self, cursor: Any, user_id: str, params: Mapping[str, Any]) -> None:
-        """`check_packet` against the server's `max_allowed_packet`, read once."""
+        """`check_packet` against the server's `max_allowed_packet`."""
+        check_packet(await self._packet_limit_of(cursor), user_id, params)
+
+    async def _packet_limit_of(self, cursor: Any) -> int:
+        """The server's `max_allowed_packet`, read on first use."""
         if self._packet_limit is None:
             statement = compile_statement(max_packet_statement(), self._dialect)
             await cursor.execute(statement.sql, statement.args({}))
             self._packet_limit = int((await cursor.fetchone())[0] or 0)
-        check_packet(self._packet_limit, user_id, params)
+        return self._packet_limit
 
 
 class _ErasureStatements:
@@ -504,17 +515,43 @@ def check_packet(limit: int, user_id: str, params: Mapping[str, Any]) -> None:
         )
 
 
-def _chunks(rows: Sequence[tuple[Any, ...]], width: int, budget: int) -> list[list[Any]]:
+def check_batch_packets(
+    limit: int, user_ids: Sequence[str], payloads: Sequence[bytes], metadata: bytes | None
+) -> None:
+    """`check_packet` for every row of a batch (each may have to go in a statement alone).
+
+    One comparison for the usual batch: a user id takes at most 4 bytes a
+    character, so when the largest row's bound fits twice over (escaping at most
+    doubles it), every row fits; only otherwise is each row measured.
+
+    Raises:
+        StorageError: a row's statement would be too long; nothing was sent.
+    """
+    shared = len(metadata or b"")
+    bound = shared + max(4 * len(u) + len(p) for u, p in zip(user_ids, payloads, strict=True))
+    if 2 * bound + _STATEMENT_ROOM <= limit:
+        return
+    for user_id, payload in zip(user_ids, payloads, strict=True):
+        row = {"payload": payload, "metadata": metadata, "user_id": user_id}
+        check_packet(limit, user_id, row)
+
+
+def _text_length(row: Sequence[Any]) -> int:
+    """Characters or bytes of a row's text values (what its size in a statement grows with)."""
+    return sum(len(value) for value in row if isinstance(value, bytes | str))
+
+
+def _chunks(
+    rows: Sequence[tuple[Any, ...]], sizes: Sequence[int], width: int, budget: int
+) -> list[list[Any]]:
     """The rows' values, flat, cut into the multi-row statements that carry them: at most
-    `_MAX_PLACEHOLDERS` values and about `budget` bytes each (counting `_VALUE_OVERHEAD`
-    per value); a row alone over the budget goes alone (`check_packet` let it through)."""
+    `_MAX_PLACEHOLDERS` values and about `budget` bytes each (`sizes`: each row's bytes,
+    counting `_VALUE_OVERHEAD` per value); a row alone over the budget goes alone
+    (`check_packet` let it through)."""
     chunks: list[list[Any]] = []
     current: list[Any] = []
     size = 0
-    for row in rows:
-        row_size = _VALUE_OVERHEAD * width + sum(
-            len(value) for value in row if isinstance(value, bytes | str)
-        )
+    for row, row_size in zip(rows, sizes, strict=True):
         if current and (len(current) + width > _MAX_PLACEHOLDERS or size + row_size > budget):
             chunks.append(current)
             current, size = [], 0
