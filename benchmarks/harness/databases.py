@@ -32,7 +32,7 @@ from snapshot_repo.engine import normalize_url
 
 from .asyncpg_side import AsyncpgSide, keep_session
 from .config import CORE, LIBRARY, BenchConfig, hide_password
-from .mariadb_side import READ_COMMITTED, MariadbSide
+from .mariadb_side import READ_COMMITTED, MariadbSide, SharedConnections
 from .peer import PEER, PeerSide, PeerStatements, peer_engine
 from .seeding import MariadbSeeder, PostgresSeeder, Seeder, SqliteSeeder
 from .sides import CoreSide, LibrarySide, Side
@@ -332,7 +332,9 @@ async def open_mariadb(config: BenchConfig) -> AsyncIterator[Setup]:
         await repo.migrate()
         scope = await scope_of(repo, first_row, quote="`")
         sql = raw_statements("mariadb", scope)
-        sides: list[Side] = [LibrarySide(repo), MariadbSide(pool, sql)]
+        # The raw SQL runs on the library's own connections (see `SharedConnections`);
+        # the asyncmy pool seeds and answers the setup's questions.
+        sides: list[Side] = [LibrarySide(repo), MariadbSide(SharedConnections(repo), sql)]
         engines = {LIBRARY: repo.engine}
         await _add_core_and_peer(stack, config, url, settings, scope, sides, engines)
         levels = await _engine_answers(engines, (_ISOLATION,))

@@ -1,4 +1,5 @@
-"""The MariaDB raw baseline: hand-written SQL on an asyncmy pool.
+"""The MariaDB raw baseline: hand-written SQL on an asyncmy pool (in the main benchmark,
+on the library's own connections: see `SharedConnections`).
 
 The library's operations, statement by statement, on the bare driver:
 
@@ -33,7 +34,7 @@ from .sides import Side
 from .sql import RawSql, with_ids
 from .state import BenchState, payload_of
 
-__all__ = ["READ_COMMITTED", "MariadbSide"]
+__all__ = ["READ_COMMITTED", "MariadbSide", "SharedConnections"]
 
 READ_COMMITTED = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
 """Every raw connection's `init_command`: the isolation level the library's connections run."""
@@ -42,6 +43,37 @@ READ_COMMITTED = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
 def _now() -> datetime:
     """Now, as the library stores a moment on MariaDB: a naive UTC `DATETIME(6)`."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+class SharedConnections:
+    """The library repository's own connections, lent to the raw side as a pool (`acquire`).
+
+    Why the main benchmark's raw side runs on them: on this project's machine (a
+    VM with 2 vCPUs) a MariaDB connection's round trip is about 20 or about
+    80 us, by chance at connect time (presumably where the server's thread for
+    it runs): of 15 connections opened in 5 processes, 6 answered `SELECT 1` in
+    about 20 us and 9 in about 80 (medians of 1,000 interleaved calls each).
+    The library's sequential calls run on one kept connection while an asyncmy
+    pool hands out all of its in turn, so the two sides compared that draw as
+    much as the library: the write ratio moved between 0.6 and 1.1 from run to
+    run of one build. On the same connections the sides differ only in what
+    each does with them.
+
+    Connections are taken as the library's driver path takes them
+    (`Connections.checkout`, not a public API: this harness is not shipped) and
+    switched to autocommit as it switches them. The pool's admission (turns)
+    then applies to both sides alike under concurrency.
+    """
+
+    def __init__(self, repository: Any) -> None:
+        self._connections = repository._backend._driver.connections
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with self._connections.checkout() as conn:
+            if not conn.get_autocommit():
+                await conn.autocommit(True)
+            yield conn
 
 
 class MariadbSide(Side):
