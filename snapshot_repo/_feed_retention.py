@@ -19,13 +19,16 @@ raises `CursorExpiredError` if its cursor is behind it). Only entries every
 reader could already see are trimmed (on Postgres those of transactions older
 than every running one, on MySQL read under the feed gate), so no entry can
 commit behind the horizon later.
+
+`acknowledge_changes`, `drop_feed_consumer`, `feed_consumers` and
+`trim_changes` are methods of `SnapshotRepository` (its class assigns them).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._checks import check_int, valid_identifier
 from ._context import RepositoryContext
@@ -46,6 +49,9 @@ from .changes import FeedConsumer, decode_cursor, encode_cursor
 from .errors import CursorExpiredError, SnapshotValidationError
 from .snapshot import MAX_SCOPE_LENGTH
 from .tables import changes_table, feed_consumers_table
+
+if TYPE_CHECKING:
+    from .repository import SnapshotRepository
 
 __all__ = [
     "DEFAULT_TRIM_BATCH",
@@ -100,9 +106,26 @@ async def _claim_horizon(context: RepositoryContext[Any], scope: dict[str, Any])
 
 
 async def acknowledge_changes(
-    context: RepositoryContext[Any], consumer: str, cursor: str | None
+    self: SnapshotRepository[Any], consumer: str, cursor: str | None
 ) -> None:
-    """See `SnapshotRepository.acknowledge_changes`."""
+    """Record that `consumer` has processed this scope's feed up to `cursor`.
+
+    Registers the consumer on first call. From then on trimming (see
+    `trim_changes`) never removes an entry after its position, however
+    old: a registered consumer never loses an entry, and one that stops
+    acknowledging holds the feed back until `drop_feed_consumer`. The
+    position only moves forward: an older cursor leaves it (drop, then
+    acknowledge, to rewind). Pass a `ChangePage.cursor` once its changes are
+    processed; `None` registers at the feed's start.
+
+    Raises:
+        SnapshotValidationError: a bad consumer name (1 to 255 characters)
+            or a cursor this library did not make.
+        CursorExpiredError: `cursor` is before the trimmed horizon (entries
+            after it are gone); the consumer is registered at it all the same.
+        StorageError: the database failed.
+    """
+    context = self._context
     consumer = valid_identifier("consumer", consumer, MAX_SCOPE_LENGTH)
     txid, seq = decode_cursor(cursor)
     shown = cursor or encode_cursor(0, 0)
@@ -123,8 +146,13 @@ async def acknowledge_changes(
     check_cursor(shown, (txid, seq), trimmed)
 
 
-async def drop_feed_consumer(context: RepositoryContext[Any], consumer: str) -> bool:
-    """See `SnapshotRepository.drop_feed_consumer`."""
+async def drop_feed_consumer(self: SnapshotRepository[Any], consumer: str) -> bool:
+    """Forget a registered consumer, so trimming no longer waits for it.
+
+    Returns:
+        Whether it was registered.
+    """
+    context = self._context
     consumer = valid_identifier("consumer", consumer, MAX_SCOPE_LENGTH)
     params = {**_scope(context), "consumer": consumer}
     async with context.guard("drop_feed_consumer", None):
@@ -132,8 +160,9 @@ async def drop_feed_consumer(context: RepositoryContext[Any], consumer: str) -> 
     return sum(counts) > 0
 
 
-async def feed_consumers(context: RepositoryContext[Any]) -> list[FeedConsumer]:
-    """See `SnapshotRepository.feed_consumers`."""
+async def feed_consumers(self: SnapshotRepository[Any]) -> list[FeedConsumer]:
+    """This scope's registered consumers and the positions they acknowledged, by name."""
+    context = self._context
     async with context.guard("feed_consumers", None):
         rows = await context.read(context.backend.fetch, consumers_statement(), _scope(context))
     decode = row_decoder(
@@ -159,13 +188,13 @@ async def trim_configured(context: RepositoryContext[Any]) -> int:
     `reap_expired`); 0 otherwise."""
     if context.feed_retention is None:
         return 0
-    return await trim_changes(context, context.feed_retention, DEFAULT_TRIM_BATCH)
+    return await _trim(context, context.feed_retention, DEFAULT_TRIM_BATCH)
 
 
-async def trim_changes(
+async def _trim(
     context: RepositoryContext[Any], older_than: timedelta | None, batch_size: int
 ) -> int:
-    """See `SnapshotRepository.trim_changes`."""
+    """`trim_changes` on the repository's context."""
     if older_than is None:
         older_than = context.feed_retention
     if older_than is None:
@@ -254,3 +283,28 @@ async def _trim_scope(
         trimmed += sum(1 for position in passed if position <= current)
         if current < last or len(passed) < len(page) or len(page) < batch_size:
             return trimmed
+
+
+async def trim_changes(
+    self: SnapshotRepository[Any], *, older_than: timedelta | None = None, batch_size: int = 1_000
+) -> int:
+    """Delete change-feed entries older than `older_than` (default: `feed_retention`).
+
+    Trims from the start of each scope's feed (every tenant of the
+    namespace; one tenant via a tenant view) up to the first entry that
+    is too young or that a registered consumer has not acknowledged
+    (consumers win over the age bound), `batch_size` entries per
+    transaction. A later `changes_since` from a cursor before what was
+    trimmed raises `CursorExpiredError`; without a cursor it starts after
+    it. `prune_history` and `reap_expired` run this too when the
+    repository has `feed_retention`.
+
+    Returns:
+        How many feed entries were trimmed.
+
+    Raises:
+        SnapshotValidationError: no `older_than` and no `feed_retention`, a
+            negative one, or `batch_size` outside 1 to 10,000.
+        StorageError: the database failed.
+    """
+    return await _trim(self._context, older_than, batch_size)

@@ -1,18 +1,20 @@
 """History queries users ask every peer for: one version, as of a moment, diffs, listing.
 
-Each is one indexed statement (see `_queries`); the repository's methods of
-the same names document them.
+Methods of `SnapshotRepository` (its class assigns them): each takes the
+repository as `self` and runs one indexed statement (see `_queries`);
+`iter_history` pages through `get_history`'s keyset reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic_core import from_json
 
 from ._checks import MAX_VERSION, check_int, valid_user_id
-from ._context import RepositoryContext
+from ._context import RepositoryContext, logger
 from ._queries import (
     as_of_statement,
     count_users_statement,
@@ -23,12 +25,17 @@ from ._queries import (
     version_row_statement,
     versions_statement,
 )
+from ._telemetry import traced
 from .backends import Row
 from .errors import SnapshotValidationError
 from .patch import JsonPatchOperation, make_json_patch
 from .snapshot import Snapshot, StateT
 
+if TYPE_CHECKING:
+    from .repository import SnapshotRepository
+
 __all__ = [
+    "MAX_HISTORY_LIMIT",
     "MAX_LIST_LIMIT",
     "count_users",
     "diff",
@@ -36,8 +43,12 @@ __all__ = [
     "get_as_of",
     "get_version",
     "history_page",
+    "iter_history",
     "list_users",
 ]
+
+MAX_HISTORY_LIMIT = 10_000
+"""The most versions one `get_history` call returns; page or export for more."""
 
 MAX_LIST_LIMIT = 10_000
 
@@ -62,9 +73,17 @@ async def history_page(
     return await context.snapshot_rows(history_within_bytes_statement(), budgeted)
 
 
+@traced
 async def get_version(
-    context: RepositoryContext[StateT], user_id: str, version: int
+    self: SnapshotRepository[StateT], user_id: str, version: int
 ) -> Snapshot[StateT] | None:
+    """Exactly version `version` of the user, or None if it does not exist.
+
+    Raises:
+        SnapshotValidationError: bad user id or version (not 1 to 2^63-1).
+        StorageError: the database failed.
+    """
+    context = self._context
     user_id = valid_user_id(user_id)
     check_int("version", version, minimum=1, maximum=MAX_VERSION)
     params = {**context.scope.key(user_id), "version": version}
@@ -73,9 +92,20 @@ async def get_version(
     return context.to_snapshot(opened[0]) if opened else None
 
 
+@traced
 async def get_as_of(
-    context: RepositoryContext[StateT], user_id: str, at: datetime
+    self: SnapshotRepository[StateT], user_id: str, at: datetime
 ) -> Snapshot[StateT] | None:
+    """The user's state as it was at `at`: the highest version stored at or before it.
+
+    Returns None if the user had no version yet at that moment (or none
+    that survives: erased users have no past).
+
+    Raises:
+        SnapshotValidationError: bad user id, or `at` is not a timezone-aware datetime.
+        StorageError: the database failed.
+    """
+    context = self._context
     user_id = valid_user_id(user_id)
     if not isinstance(at, datetime) or at.tzinfo is None:
         raise SnapshotValidationError("at must be a timezone-aware datetime")
@@ -85,9 +115,17 @@ async def get_as_of(
     return context.to_snapshot(opened[0]) if opened else None
 
 
+@traced
 async def diff(
-    context: RepositoryContext[Any], user_id: str, from_version: int, to_version: int
+    self: SnapshotRepository[Any], user_id: str, from_version: int, to_version: int
 ) -> list[JsonPatchOperation]:
+    """The JSON Patch (RFC 6902) that turns one version's state into another's.
+
+    Raises:
+        SnapshotValidationError: bad arguments, or either version does not exist.
+        StorageError: the database failed.
+    """
+    context = self._context
     user_id = valid_user_id(user_id)
     check_int("from_version", from_version, minimum=1, maximum=MAX_VERSION)
     check_int("to_version", to_version, minimum=1, maximum=MAX_VERSION)
@@ -101,7 +139,10 @@ async def diff(
     return make_json_patch(states[from_version], states[to_version])
 
 
-async def exists(context: RepositoryContext[Any], user_id: str) -> bool:
+@traced
+async def exists(self: SnapshotRepository[Any], user_id: str) -> bool:
+    """Whether the user has a snapshot here (in this namespace and tenant)."""
+    context = self._context
     user_id = valid_user_id(user_id)
     async with context.guard("exists", user_id):
         params = {**context.scope.key(user_id), "now": datetime.now(UTC)}
@@ -109,7 +150,20 @@ async def exists(context: RepositoryContext[Any], user_id: str) -> bool:
     return bool(rows[0][0])
 
 
-async def list_users(context: RepositoryContext[Any], after: str | None, limit: int) -> list[str]:
+@traced
+async def list_users(
+    self: SnapshotRepository[Any], after: str | None = None, limit: int = 100
+) -> list[str]:
+    """User ids with a snapshot here, in id order, after `after` (keyset paging).
+
+    Pass the last id of a page as `after` to get the next page; an empty
+    list means the end. Costs O(limit) at any position (no OFFSET).
+
+    Raises:
+        SnapshotValidationError: bad `after` or `limit` (1 to 10,000).
+        StorageError: the database failed.
+    """
+    context = self._context
     after_id = "" if after is None else valid_user_id(after)
     check_int("limit", limit, minimum=1, maximum=MAX_LIST_LIMIT)
     params = {
@@ -124,7 +178,12 @@ async def list_users(context: RepositoryContext[Any], after: str | None, limit: 
     return [row[0] for row in rows]
 
 
-async def count_users(context: RepositoryContext[Any]) -> int:
+@traced
+async def count_users(self: SnapshotRepository[Any]) -> int:
+    """How many users have a snapshot here: exact, counted by a scan of the scope's
+    primary-key range, so its cost grows with the users (about 250 ms at a million
+    on Postgres); on SQLite it runs off the event loop's thread."""
+    context = self._context
     params = {
         "tenant": context.scope.tenant,
         "namespace": context.scope.namespace,
@@ -133,3 +192,49 @@ async def count_users(context: RepositoryContext[Any]) -> int:
     async with context.guard("count_users", None):
         rows = await context.read(context.backend.fetch, count_users_statement(), params)
     return int(rows[0][0])
+
+
+async def iter_history(
+    self: SnapshotRepository[StateT],
+    user_id: str,
+    *,
+    page_size: int = 100,
+    max_bytes: int | None = 16 * 1024 * 1024,
+    skip_invalid: bool = False,
+) -> AsyncIterator[Snapshot[StateT]]:
+    """Every version of the user, newest first, read page by page as it is consumed.
+
+    For callers that want a whole history of any length: each page is one
+    keyset read as `get_history(before_version=...)` makes (O(page) each), so
+    memory holds one page, at most `page_size` versions and about
+    `max_bytes` of stored states (16 MiB by default; None: no byte bound).
+    Versions written after the iteration began are not included; versions
+    pruned or erased meanwhile may be missing.
+
+    Raises:
+        SnapshotValidationError: as `get_history`, when the first page is read.
+        StorageError: the database failed, on the page being read.
+    """
+    context = self._context
+    user_id = valid_user_id(user_id)
+    check_int("page_size", page_size, minimum=1, maximum=MAX_HISTORY_LIMIT)
+    if max_bytes is not None:
+        check_int("max_bytes", max_bytes, minimum=1)
+    before: int | None = None
+    while True:
+        async with context.guard("iter_history", user_id):
+            rows = await history_page(context, user_id, page_size, before, max_bytes)
+        for row in rows:
+            try:
+                snapshot = context.to_snapshot(row)
+            except SnapshotValidationError as exc:
+                if not skip_invalid:
+                    raise
+                logger.warning("snapshot_repo skipped a stored state: %s", exc)
+                continue
+            yield snapshot
+        # Page on from the last version read, valid or not: an invalid one skipped
+        # must neither end the iteration nor be read again.
+        if not rows or rows[-1].version <= 1:
+            return
+        before = rows[-1].version

@@ -1,5 +1,7 @@
 """Restore, merge, purge and payload upgrades (seed 003's state view operations).
 
+Methods of `SnapshotRepository` (its class assigns them), taking the repository as `self`.
+
 Each builds on the single-write path, so it inherits its guarantees: a new
 version is appended (history is never rewritten), atomically, and published
 to listeners after commit.
@@ -22,6 +24,7 @@ from ._queries import (
     rewrite_payload_statement,
     scope_users_statement,
 )
+from ._telemetry import traced
 from .backends import Row, StoredRow
 from .backends.replicas import primary_reads
 from .codec import JsonObject
@@ -38,26 +41,33 @@ MERGE_ATTEMPTS = 100
 """How often `merge` re-reads and retries when other writers keep winning the race."""
 
 
+@traced
 async def restore(
-    repo: SnapshotRepository[StateT],
-    context: RepositoryContext[StateT],
+    self: SnapshotRepository[StateT],
     user_id: str,
     version: int,
     *,
     actor: str | None = None,
     reason: str | None = None,
 ) -> Snapshot[StateT]:
-    """See `SnapshotRepository.restore`.
+    """Make an old version the latest again by appending it as a new version.
 
-    The version is read from the primary even with read replicas: a replica
-    may still hold a version another process has just erased or pruned, and
-    writing it back would undo that erasure.
+    History is never rewritten: the restored state becomes version
+    latest + 1, with `metadata={"restored_from": version}`.
+
+    Raises:
+        SnapshotValidationError: bad arguments, the version does not exist,
+            or its state no longer validates against the model.
+        StorageError: the database failed.
     """
+    # Read on the primary even with read replicas: a replica may still hold a
+    # version another process has just erased or pruned, and writing it back
+    # would undo that erasure.
     with primary_reads():
-        old = await repo.get_version(user_id, version)
+        old = await self.get_version(user_id, version)
     if old is None:
         raise SnapshotValidationError(f"restore: version {version} of this user does not exist")
-    return await repo.upsert_latest(
+    return await self.upsert_latest(
         Snapshot(user_id=old.user_id, state=old.state),
         actor=actor,
         reason=reason or f"restore of version {version}",
@@ -65,9 +75,9 @@ async def restore(
     )
 
 
+@traced
 async def merge(
-    repo: SnapshotRepository[StateT],
-    context: RepositoryContext[StateT],
+    self: SnapshotRepository[StateT],
     user_id: str,
     partial: JsonObject,
     *,
@@ -75,8 +85,24 @@ async def merge(
     reason: str | None = None,
     metadata: JsonObject | None = None,
 ) -> Snapshot[StateT]:
-    """See `SnapshotRepository.merge`."""
+    """Apply an RFC 7386 JSON merge patch to the latest state and store the result.
+
+    Atomic and free of lost updates: the merge is written with
+    compare-and-set against the version it was computed from, and
+    recomputed from the new latest state when another writer got there
+    first (up to `MERGE_ATTEMPTS` times). Merging into a user without a
+    snapshot creates one from the patch alone, if it validates; so does
+    merging into an expired one, as the next version (as any write after
+    expiry does: it continues the history and cancels the expiry).
+
+    Raises:
+        SnapshotValidationError: `partial` is not a JSON object, or the
+            merged state does not validate against the model.
+        VersionConflictError: other writers won `MERGE_ATTEMPTS` races in a row.
+        StorageError: the database failed.
+    """
     user_id = valid_user_id(user_id)
+    context = self._context
     if not isinstance(partial, dict):
         raise SnapshotValidationError("merge takes a JSON object (a dict) as the patch")
     for _attempt in range(MERGE_ATTEMPTS):
@@ -85,7 +111,7 @@ async def merge(
         document: JsonValue = {} if row is None else _current_document(context, row)
         merged = apply_merge_patch(document, partial)
         try:
-            return await repo.upsert_latest(
+            return await self.upsert_latest(
                 Snapshot(user_id=user_id, state=context.codec.validate(merged, user_id)),
                 expected_version=base_version,
                 actor=actor,
@@ -97,8 +123,28 @@ async def merge(
     raise VersionConflictError(user_id, base_version, await _latest_version(context, user_id))
 
 
-async def purge_all(context: RepositoryContext[Any], *, confirm: str) -> int:
-    """See `SnapshotRepository.purge_all`."""
+@traced
+async def purge_all(self: SnapshotRepository[Any], *, confirm: str) -> int:
+    """Erase every user of this namespace (and tenant, for a tenant view): seed 003's reset.
+
+    Each user is erased as by `delete` (one transaction per user, each
+    recorded in the change feed), so a failure part-way leaves whole
+    users erased or kept, never half of one; on SQLite each page of 500
+    users shares one WAL checkpoint (see `_erase_batch`). Users written
+    while the purge runs may survive it.
+
+    Args:
+        confirm: must equal `purge_label`, e.g. "default" or "acme/cart",
+            so that a purge of the wrong scope cannot happen by accident.
+
+    Returns:
+        How many users were erased.
+
+    Raises:
+        SnapshotValidationError: `confirm` does not name this scope.
+        StorageError: the database failed; users erased before it stay erased.
+    """
+    context = self._context
     if confirm != purge_label(context):
         raise SnapshotValidationError(
             f"purge_all needs confirm={purge_label(context)!r} to erase this scope"
@@ -116,18 +162,36 @@ async def purge_all(context: RepositoryContext[Any], *, confirm: str) -> int:
 
 
 def purge_label(context: RepositoryContext[Any]) -> str:
-    """See `SnapshotRepository.purge_label`."""
+    """What `purge_all(confirm=...)` expects: "namespace" or "tenant/namespace"."""
     scope = context.scope
     return f"{scope.tenant}/{scope.namespace}" if scope.tenant else scope.namespace
 
 
+@traced
 async def upgrade_payloads(
-    context: RepositoryContext[Any],
+    self: SnapshotRepository[Any],
     *,
     batch_size: int = 500,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """See `SnapshotRepository.upgrade_payloads`."""
+    """Rewrite rows stored under older schema versions with the upgraders, in batches.
+
+    Covers history and latest rows of this namespace (every tenant; one
+    tenant through a tenant view). Each batch is one transaction; a row
+    changed meanwhile by another upgrade is skipped, so the job can be
+    stopped and rerun. Versions and timestamps are kept: this changes how
+    a state is stored, not which state it was.
+
+    Returns:
+        How many rows were rewritten.
+
+    Raises:
+        SchemaVersionError: a row cannot be upgraded (nothing of its batch
+            was written).
+        SnapshotValidationError: an upgraded state does not validate.
+        StorageError: the database failed.
+    """
+    context = self._context
     check_int("batch_size", batch_size, minimum=1, maximum=10_000)
     current = context.codec.upgrades.current
     rewritten = 0

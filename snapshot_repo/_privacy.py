@@ -1,30 +1,36 @@
 """GDPR and the data lifecycle: erasure, receipts, subject-access export, retention, expiry.
 
-Everything here erases through the one erasure path of `_contract` (latest,
-history and feed in one transaction, then the receipt), so every way a
-user's data leaves the store leaves the same trace: a receipt that names no
-one, and an `erase` entry in the change feed.
+Methods of `SnapshotRepository` (its class assigns them), taking the
+repository as `self`. Everything here erases through the one erasure path,
+`RepositoryContext.erase` (latest, history and feed in one transaction,
+then the receipt), so every way a user's data leaves the store leaves the
+same trace: a receipt that names no one, and an `erase` entry in the feed.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, JsonValue
 from pydantic_core import from_json, to_json
 
 from ._checks import MAX_VERSION, check_int, valid_user_id
 from ._context import RepositoryContext
+from ._feed_retention import trim_configured
 from ._queries import (
     expired_users_statement,
     history_before_statement,
     receipts_statement,
     users_page_statement,
 )
+from ._telemetry import traced
 from .errors import ConfigurationError, SnapshotValidationError
 from .retention import policy_from_arguments
+
+if TYPE_CHECKING:
+    from .repository import SnapshotRepository
 
 __all__ = [
     "ErasureReceipt",
@@ -60,10 +66,32 @@ class ErasureReceipt(BaseModel):
     cause: str
 
 
+@traced
 async def erase(
-    context: RepositoryContext[Any], user_id: str, *, vacuum: bool | Literal["full"] = False
+    self: SnapshotRepository[Any], user_id: str, *, vacuum: bool | Literal["full"] = False
 ) -> int:
-    """See `SnapshotRepository.erase`."""
+    """Erase the user (as `delete`) and, with `vacuum`, the traces the database keeps.
+
+    On SQLite every erasure already overwrites the freed bytes
+    (`secure_delete`) and checkpoints the WAL, so no string of the state
+    stays in the database files. On Postgres deleted rows stay on disk as
+    dead tuples until vacuumed: `vacuum=True` runs VACUUM on the snapshot
+    tables after the erasure commits (milliseconds to seconds, by table
+    size), which frees the tuples but leaves their bytes in the freed page
+    space until it is reused; `vacuum="full"` runs VACUUM FULL, which
+    rewrites the tables and indexes into new files without them, and
+    blocks every other call on those tables while it runs. On MariaDB/MySQL
+    both run OPTIMIZE TABLE (an online rebuild). WAL, redo and undo logs,
+    binary logs, backups and replicas keep their copies; see the README's
+    erasure section.
+
+    Raises:
+        SnapshotValidationError: a bad user id, or `vacuum` not False, True or "full".
+
+    Returns:
+        How many versions were erased.
+    """
+    context = self._context
     if not (isinstance(vacuum, bool) or vacuum == "full"):
         raise SnapshotValidationError(f"vacuum must be False, True or 'full', not {vacuum!r}")
     erased = await context.erase(valid_user_id(user_id), "erase")
@@ -73,17 +101,36 @@ async def erase(
     return erased
 
 
-def erasure_subject(context: RepositoryContext[Any], user_id: str) -> str:
-    """See `SnapshotRepository.erasure_subject`."""
+def erasure_subject(self: SnapshotRepository[Any], user_id: str) -> str:
+    """What erasure receipts and the feed's `erase` entries call `user_id`.
+
+    The HMAC-SHA256 of the id under `erasure_key`, in hex: a feed consumer
+    holding the key matches an `erase` entry (`Change.user_id`) to the user
+    it cached, while the database holds no id of an erased person.
+
+    Raises:
+        SnapshotValidationError: a bad user id.
+        ConfigurationError: the repository has no `erasure_key`.
+    """
+    context = self._context
     subject = context.receipt_subject(valid_user_id(user_id))
     if subject is None:
         raise ConfigurationError("erasure subjects need the repository's erasure_key")
     return subject
 
 
-async def erasure_receipt(context: RepositoryContext[Any], user_id: str) -> ErasureReceipt | None:
-    """See `SnapshotRepository.erasure_receipt`."""
-    subject = erasure_subject(context, user_id)
+@traced
+async def erasure_receipt(self: SnapshotRepository[Any], user_id: str) -> ErasureReceipt | None:
+    """The newest erasure receipt for `user_id` in this scope, found by its keyed hash.
+
+    Answers "was this person erased, when, and how much" without the
+    database ever holding the user id.
+
+    Raises:
+        ConfigurationError: the repository has no `erasure_key`.
+    """
+    context = self._context
+    subject = erasure_subject(self, user_id)
     params = {
         "subject": subject,
         "tenant": context.scope.tenant,
@@ -104,8 +151,16 @@ async def erasure_receipt(context: RepositoryContext[Any], user_id: str) -> Eras
     )
 
 
-async def export_user(context: RepositoryContext[Any], user_id: str) -> dict[str, JsonValue]:
-    """See `SnapshotRepository.export_user`."""
+@traced
+async def export_user(self: SnapshotRepository[Any], user_id: str) -> dict[str, JsonValue]:
+    """Everything stored about the user in this scope, as one JSON-serialisable document.
+
+    For GDPR articles 15 and 20: every version's state and metadata,
+    newest first. History is read in pages of 500, so the database never
+    returns an unbounded result; the document itself holds every version
+    (use `export_user_lines` to stream it instead).
+    """
+    context = self._context
     versions: list[JsonValue] = []
     header: dict[str, JsonValue] = {}
     async for item in export_items(context, user_id):
@@ -116,8 +171,9 @@ async def export_user(context: RepositoryContext[Any], user_id: str) -> dict[str
     return {**header, "versions": versions}
 
 
-async def export_user_lines(context: RepositoryContext[Any], user_id: str) -> AsyncIterator[str]:
-    """See `SnapshotRepository.export_user_lines`."""
+async def export_user_lines(self: SnapshotRepository[Any], user_id: str) -> AsyncIterator[str]:
+    """The export as JSON Lines, streamed: a header line, then one line per version."""
+    context = self._context
     async for item in export_items(context, user_id):
         yield to_json(item).decode() + "\n"
 
@@ -156,23 +212,37 @@ async def export_items(
             before = row.version
 
 
+@traced
 async def rotate_wrapping_key(
-    context: RepositoryContext[Any], progress: Callable[[int], None] | None = None
+    self: SnapshotRepository[Any], progress: Callable[[int], None] | None = None
 ) -> int:
-    """See `SnapshotRepository.rotate_wrapping_key`."""
+    """Re-wrap every data key under the key provider's active key, without touching payloads.
+
+    Run it after making a new key active; once it returns, the old
+    key-encryption key can be retired, and with it every backup's copy
+    of the data keys of users erased before the rotation.
+
+    Returns:
+        How many data keys were re-wrapped.
+
+    Raises:
+        ConfigurationError: the repository has no encryption.
+        DecryptionError: a data key is wrapped under a key the provider lacks.
+    """
+    context = self._context
     if context.keys is None:
         raise ConfigurationError("rotate_wrapping_key needs a repository with encryption")
     async with context.guard("rotate_wrapping_key", None):
         return await context.keys.rotate(progress)
 
 
-async def reap_expired(
+async def _reap(
     context: RepositoryContext[Any],
     *,
     batch_size: int = 500,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """See `SnapshotRepository.reap_expired`."""
+    """`reap_expired` without the feed trim."""
     check_int("batch_size", batch_size, minimum=1, maximum=10_000)
     reaped = 0
     while True:
@@ -201,7 +271,7 @@ async def reap_expired(
             progress(reaped)
 
 
-async def prune_history(
+async def _prune(
     context: RepositoryContext[Any],
     user_id: str | None = None,
     *,
@@ -210,7 +280,7 @@ async def prune_history(
     batch_size: int = 500,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """See `SnapshotRepository.prune_history`."""
+    """`prune_history` without the feed trim."""
     policy = policy_from_arguments(keep_last, older_than)
     check_int("batch_size", batch_size, minimum=1, maximum=10_000)
     cutoff = policy.cutoff(datetime.now(UTC))
@@ -262,3 +332,64 @@ def _prune_params(
         "keep_last": keep_last,
         "cutoff": cutoff,
     }
+
+
+@traced
+async def reap_expired(
+    self: SnapshotRepository[Any],
+    *,
+    batch_size: int = 500,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Erase every user of this namespace whose snapshot expired (seed 004's reaping).
+
+    Each user is erased as by `delete` (receipt, feed entry, listeners),
+    unless a write cleared the expiry meanwhile. Covers every tenant of
+    the namespace (one tenant through a tenant view). On SQLite each batch
+    of `batch_size` users shares one WAL checkpoint (see `_erase_batch`).
+    With `feed_retention`, the change feed is then trimmed (`trim_changes`).
+
+    Returns:
+        How many users were erased.
+    """
+    reaped = await _reap(self._context, batch_size=batch_size, progress=progress)
+    await trim_configured(self._context)
+    return reaped
+
+
+@traced
+async def prune_history(
+    self: SnapshotRepository[Any],
+    user_id: str | None = None,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    batch_size: int = 500,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Delete old history versions (never the latest) of one user or of all.
+
+    A version is deleted when it is outside every bound given: not among
+    the newest `keep_last` and (if given) older than `older_than`. With no
+    `user_id`, every user of the namespace (every tenant; one tenant via
+    a tenant view) is pruned, `batch_size` users per transaction. On
+    Postgres each user is locked as a write locks it, so writers of a
+    page's users wait for that page's transaction to commit.
+    With `feed_retention`, the change feed is then trimmed (`trim_changes`).
+
+    Returns:
+        How many versions were deleted.
+
+    Raises:
+        SnapshotValidationError: no bound, or a bound out of range.
+    """
+    pruned = await _prune(
+        self._context,
+        user_id,
+        keep_last=keep_last,
+        older_than=older_than,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    await trim_configured(self._context)
+    return pruned

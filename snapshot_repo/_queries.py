@@ -43,6 +43,7 @@ __all__ = [
     "list_users_statement",
     "namespaces_of_user_statement",
     "outdated_rows_statement",
+    "plain_read_statements",
     "receipts_statement",
     "rewrite_payload_statement",
     "scope_users_statement",
@@ -289,4 +290,20 @@ def scope_users_statement() -> Select[Any]:
         .where(in_scope(latest_table))
         .order_by(latest_table.c.user_id)
         .limit(500)
+    )
+
+
+def plain_read_statements() -> tuple[Any, ...]:
+    """The statements `fetch` runs for reads only, which replicas may serve (see
+    `backends.replicas`); any other statement runs on the primary."""
+    return (
+        version_row_statement(),
+        versions_statement(),
+        as_of_statement(),
+        history_before_statement(),
+        history_within_bytes_statement(),
+        exists_statement(),
+        list_users_statement(),
+        count_users_statement(),
+        receipts_statement(),
     )
