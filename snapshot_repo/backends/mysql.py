@@ -39,7 +39,8 @@ from .._translate import register_driver_errors, register_missing_schema
 from ._compiled import Compiled, compile_statement
 from ._retry import register_rolled_back, retry_rolled_back
 from .core import CoreBackend
-from .mysql_driver import DUPLICATE_KEY, MysqlDriver, check_packet, error_code
+from .mysql_driver import DUPLICATE_KEY, MysqlDriver, error_code
+from .mysql_packets import check_packet
 from .mysql_sql import (
     claim_key_statement,
     delete_latest_statement,
@@ -222,7 +223,7 @@ class MysqlBackend(CoreBackend):
     async def _check_packet(
         self, conn: AsyncConnection, write: PendingWrite, params: Mapping[str, Any]
     ) -> None:
-        """`mysql_driver.check_packet` against the server's `max_allowed_packet`, read once."""
+        """`mysql_packets.check_packet` against the server's `max_allowed_packet`, read once."""
         if self._packet_limit is None:
             self._packet_limit = int(await conn.scalar(max_packet_statement()) or 0)
         check_packet(self._packet_limit, write.user_id, params)

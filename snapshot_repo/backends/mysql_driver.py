@@ -31,7 +31,6 @@ from sqlalchemy import ClauseElement, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..errors import StorageError, redact
 from ..tables import latest_table
 from ._compiled import (
     Compiled,
@@ -42,6 +41,15 @@ from ._compiled import (
 )
 from ._pool import Connections
 from .core_sql import orphan_key_drop, orphan_key_lock
+from .mysql_packets import (
+    CHUNK_BYTES,
+    STATEMENT_ROOM,
+    VALUE_OVERHEAD,
+    check_batch_packets,
+    check_packet,
+    chunks,
+    text_length,
+)
 from .mysql_sql import (
     batch_feed_copy_statement,
     batch_history_copy_returning_statement,
@@ -72,30 +80,14 @@ from .statements import (
 )
 from .values import Erasure, PendingBatch, PendingWrite, Row, Scope, WriteOutcome
 
-__all__ = ["DUPLICATE_KEY", "MysqlDriver", "check_batch_packets", "check_packet", "error_code"]
+__all__ = ["DUPLICATE_KEY", "MysqlDriver", "error_code"]
 
 _T = TypeVar("_T")
 
 DUPLICATE_KEY = 1062
 
-_STATEMENT_ROOM = 4096
-"""Bytes of a write statement besides its values: the SQL text, numbers and timestamps."""
-
-_ESCAPED = (b"\x00", b"\n", b"\r", b"\\", b"'", b'"', b"\x1a")
-"""Bytes the text protocol sends as two (MySQL's string escaping)."""
-
 _BATCH_VARYING = ("w_user_id", "w_schema_version", "w_payload")
 """The upsert's values that differ between a batch's writes; the rest are the batch's."""
-
-_MAX_PLACEHOLDERS = 65_535
-"""The most values one prepared statement takes (MySQL's protocol counts them in 16 bits)."""
-
-_CHUNK_BYTES = 4 << 20
-"""Values one multi-row upsert of a batch carries at most (a batch runs as several), and
-at most half the server's `max_allowed_packet`."""
-
-_VALUE_OVERHEAD = 20
-"""Bytes a value costs in a statement besides its own: its type, length and separator."""
 
 _ONE_ROW = re.compile(r"(?s)^(INSERT INTO .+? VALUES )(\([%s, ]+\))( ON DUPLICATE KEY UPDATE .+)$")
 """The single-row upsert as SQLAlchemy compiles it: head, the row's placeholders, tail."""
@@ -106,10 +98,6 @@ def error_code(exc: BaseException) -> int | None:
     orig = getattr(exc, "orig", None) or exc
     args = getattr(orig, "args", ())
     return args[0] if args and isinstance(args[0], int) else None
-
-
-def _escaped_length(value: bytes) -> int:
-    return len(value) + sum(value.count(byte) for byte in _ESCAPED)
 
 
 def _transactional_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
@@ -347,7 +335,7 @@ class MysqlDriver:
         # every row repeats (the shared values, and each value's overhead).
         width = len(upsert.names)
         first_id, (_, first_payload) = order[0], by_user[order[0]]
-        repeated = _VALUE_OVERHEAD * width + _text_length(args[0])
+        repeated = VALUE_OVERHEAD * width + text_length(args[0])
         repeated -= len(first_id) + len(first_payload)
         sizes = [repeated + len(user_id) + len(by_user[user_id][1]) for user_id in order]
 
@@ -355,8 +343,8 @@ class MysqlDriver:
             assert self._packet_limit is not None  # read by `_check_packet` first
             # The server drops a statement longer than its `max_allowed_packet` (and the
             # connection with it): half of it, as text escaping can double a value.
-            budget = min(_CHUNK_BYTES, (self._packet_limit - _STATEMENT_ROOM) // 2)
-            for chunk in _chunks(args, sizes, width, budget):
+            budget = min(CHUNK_BYTES, (self._packet_limit - STATEMENT_ROOM) // 2)
+            for chunk in chunks(args, sizes, width, budget):
                 rows = len(chunk) // len(upsert.names)
                 await cursor.execute(self._upsert_rows(rows), chunk)
             if self._returning:
@@ -481,85 +469,6 @@ async def _execute(cursor: Any, statement: Compiled, params: Mapping[str, Any]) 
     """Run a compiled statement on an asyncmy cursor; its affected (matched) row count."""
     count: int = await cursor.execute(statement.sql, statement.args(params))
     return count
-
-
-def check_packet(limit: int, user_id: str, params: Mapping[str, Any]) -> None:
-    """Refuse, before sending, a write whose statement the server would not take.
-
-    A statement longer than the server's `max_allowed_packet` (`limit`) makes the
-    server drop the connection (the client sees "server has gone away"), which
-    would read as a lost connection to be retried, and would fail again. The
-    statement's length is its text values (payload, metadata, ids, actor,
-    reason, key) as the text protocol escapes them, plus room for the rest.
-    Escaping at most doubles a value, so the values are only scanned when twice
-    their length could exceed the limit (never with the default 1 MiB states
-    and a 16 MiB limit: no scan on the write path).
-
-    Raises:
-        StorageError: the statement would be too long; nothing was sent.
-    """
-    values = [
-        value if isinstance(value, bytes) else value.encode()
-        for value in params.values()
-        if isinstance(value, bytes | str)
-    ]
-    if 2 * sum(map(len, values)) + _STATEMENT_ROOM <= limit:
-        return
-    needed = sum(map(_escaped_length, values))
-    if needed + _STATEMENT_ROOM > limit:
-        raise StorageError(
-            f"a write for user {redact(user_id)} needs a statement of about "
-            f"{needed + _STATEMENT_ROOM} bytes, over the server's max_allowed_packet "
-            f"({limit}): raise max_allowed_packet or lower max_payload_bytes; "
-            "nothing was written"
-        )
-
-
-def check_batch_packets(
-    limit: int, user_ids: Sequence[str], payloads: Sequence[bytes], metadata: bytes | None
-) -> None:
-    """`check_packet` for every row of a batch (each may have to go in a statement alone).
-
-    One comparison for the usual batch: a user id takes at most 4 bytes a
-    character, so when the largest row's bound fits twice over (escaping at most
-    doubles it), every row fits; only otherwise is each row measured.
-
-    Raises:
-        StorageError: a row's statement would be too long; nothing was sent.
-    """
-    shared = len(metadata or b"")
-    bound = shared + max(4 * len(u) + len(p) for u, p in zip(user_ids, payloads, strict=True))
-    if 2 * bound + _STATEMENT_ROOM <= limit:
-        return
-    for user_id, payload in zip(user_ids, payloads, strict=True):
-        row = {"payload": payload, "metadata": metadata, "user_id": user_id}
-        check_packet(limit, user_id, row)
-
-
-def _text_length(row: Sequence[Any]) -> int:
-    """Characters or bytes of a row's text values (what its size in a statement grows with)."""
-    return sum(len(value) for value in row if isinstance(value, bytes | str))
-
-
-def _chunks(
-    rows: Sequence[tuple[Any, ...]], sizes: Sequence[int], width: int, budget: int
-) -> list[list[Any]]:
-    """The rows' values, flat, cut into the multi-row statements that carry them: at most
-    `_MAX_PLACEHOLDERS` values and about `budget` bytes each (`sizes`: each row's bytes,
-    counting `_VALUE_OVERHEAD` per value); a row alone over the budget goes alone
-    (`check_packet` let it through)."""
-    chunks: list[list[Any]] = []
-    current: list[Any] = []
-    size = 0
-    for row, row_size in zip(rows, sizes, strict=True):
-        if current and (len(current) + width > _MAX_PLACEHOLDERS or size + row_size > budget):
-            chunks.append(current)
-            current, size = [], 0
-        current.extend(row)
-        size += row_size
-    if current:
-        chunks.append(current)
-    return chunks
 
 
 async def _autocommit(conn: Any) -> None:
