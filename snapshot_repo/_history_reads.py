@@ -45,12 +45,29 @@ __all__ = [
     "history_page",
     "iter_history",
     "list_users",
+    "snapshots_of",
 ]
 
 MAX_HISTORY_LIMIT = 10_000
 """The most versions one `get_history` call returns; page or export for more."""
 
 MAX_LIST_LIMIT = 10_000
+
+
+def snapshots_of(
+    context: RepositoryContext[StateT], rows: list[Row], *, skip_invalid: bool
+) -> list[Snapshot[StateT]]:
+    """The snapshots of stored `rows`; with `skip_invalid`, those that no longer validate
+    are left out with a warning instead of raising `SnapshotValidationError`."""
+    if not skip_invalid:
+        return [context.to_snapshot(row) for row in rows]
+    snapshots = []
+    for row in rows:
+        try:
+            snapshots.append(context.to_snapshot(row))
+        except SnapshotValidationError as exc:
+            logger.warning("snapshot_repo skipped a stored state: %s", exc)
+    return snapshots
 
 
 async def history_page(

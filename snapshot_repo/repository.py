@@ -132,17 +132,11 @@ class SnapshotRepository(Generic[StateT]):
         `settings` are the connection settings (timeouts, pool, SQLite pragmas).
 
         `replicas`: URLs of Postgres streaming standbys of `url` (same settings).
-        Reads then go to a replica, round robin, and everything else to the
-        primary. A read of a user this repository (or a tenant view of it)
-        wrote goes to the primary until the replica has replayed that write:
-        read-your-writes at no cost to writes, checked against WAL positions
-        sampled every `max_replica_lag / 10` seconds (0.05 to 1 s).
-        A replica that is down, or more than `max_replica_lag` seconds behind
-        the primary, is skipped (its reads go to another replica or the
-        primary: none fails because a replica did), and `health()` reports
-        each. Writes made elsewhere are read from replicas once replayed: read
-        inside `primary_reads()` for a read that must see them at once. See
-        `snapshot_repo.backends.replicas` for which calls count as reads.
+        Reads then go to a replica, and everything else to the primary, with
+        read-your-writes for this repository's own writes; a replica down or
+        more than `max_replica_lag` seconds behind is skipped, and `health()`
+        reports each. Read inside `primary_reads()` to see writes made
+        elsewhere at once. How reads are routed: `snapshot_repo.backends.replicas`.
 
         Raises:
             ConfigurationError: the URL is not SQLite, Postgres or MySQL/MariaDB,
@@ -475,15 +469,7 @@ class SnapshotRepository(Generic[StateT]):
                 rows = await _history_reads.history_page(
                     context, user_id, limit, before_version, max_bytes
                 )
-        if not skip_invalid:
-            return [context.to_snapshot(row) for row in rows]
-        snapshots = []
-        for row in rows:
-            try:
-                snapshots.append(context.to_snapshot(row))
-            except SnapshotValidationError as exc:
-                logger.warning("snapshot_repo skipped a stored state: %s", exc)
-        return snapshots
+        return _history_reads.snapshots_of(context, rows, skip_invalid=skip_invalid)
 
     @traced
     async def delete(self, user_id: str) -> int:
