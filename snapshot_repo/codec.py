@@ -28,7 +28,7 @@ from typing import Any, Generic, cast
 from pydantic import BaseModel, JsonValue, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError, from_json
 
-from .compression import compress, decompress, is_compressed
+from .compression import ZSTD_MAGIC, compress, decompress
 from .errors import ConfigurationError, SnapshotValidationError, redact
 from .snapshot import StateT
 from .upgrades import PayloadUpgrades
@@ -197,7 +197,7 @@ class StateCodec(Generic[StateT]):
             SnapshotValidationError: the stored state no longer fits the model
                 (the model changed since it was written); names user and version.
         """
-        if is_compressed(payload):  # rows read by a path that did not open them (kv)
+        if payload.startswith(ZSTD_MAGIC):  # rows read by a path that did not open them (kv)
             payload = decompress(payload, HARD_MAX_PAYLOAD_BYTES)
         try:
             upgrades = self.upgrades

@@ -149,12 +149,26 @@ def row_decoder(
 
 
 def snapshot_row_decoder(dialect: Dialect) -> Callable[[Sequence[Any]], StoredRow]:
-    """Converts raw driver rows of `ROW_COLUMNS` into `StoredRow`s, read by name from then on."""
-    decode = row_decoder(dialect, [latest_table.c[name] for name in ROW_COLUMNS])
+    """Converts raw driver rows of `ROW_COLUMNS` into `StoredRow`s, read by name from then on.
+
+    `row_decoder`'s work, building the `StoredRow` straight from the converted
+    values (no intermediate tuple, one call a row: this runs for every row read).
+    """
+    columns = [latest_table.c[name] for name in ROW_COLUMNS]
+    converting = [
+        (index, process)
+        for index, column in enumerate(columns)
+        if (process := column.type.dialect_impl(dialect).result_processor(dialect, None))
+    ]
     make = tuple.__new__  # a NamedTuple built as fast as a tuple (no keyword handling)
 
     def decode_row(raw: Sequence[Any]) -> StoredRow:
-        return make(StoredRow, decode(raw))
+        values = list(raw)
+        for index, process in converting:
+            value = values[index]
+            if value is not None:
+                values[index] = process(value)
+        return make(StoredRow, values)
 
     return decode_row
 
