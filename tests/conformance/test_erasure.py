@@ -20,9 +20,11 @@ from tests.support.conformance import (
     described,
     every_row_holding,
     files_hold,
+    hold_off_autovacuum,
     postgres_files_holding,
     read_feed,
     snap,
+    snapshot_holders,
     stored_versions,
 )
 
@@ -185,6 +187,8 @@ class TestNoTrace:
         marker = uuid.uuid4().hex
         victim = f"victim-{marker}"
         repo = await make_repo(erasure_key=ERASURE_KEY)
+        if target.database == "postgres":
+            await hold_off_autovacuum(repo.engine)
         for n in range(3):
             await repo.upsert_latest(
                 snap(victim, f"state-{marker}"),
@@ -201,7 +205,20 @@ class TestNoTrace:
             assert database is not None
             assert not files_hold(Path(database), marker)
         if target.database == "postgres":  # VACUUM FULL wrote every table and index anew
-            assert await postgres_files_holding(repo.engine, marker) == []
+            # VACUUM FULL keeps the row versions a snapshot older than the erasure may
+            # still see (Postgres's rule, not the library's): another session's
+            # transaction, open at that moment, moves them into the new files. Such a
+            # session ends; the erased rows must then go with the next VACUUM FULL (an
+            # erasure of nobody with `vacuum="full"`). Rows still live never would.
+            holding = await postgres_files_holding(repo.engine, marker)
+            seen: list[list[str]] = []
+            for _ in range(3):
+                if not holding:
+                    break
+                seen.append(await snapshot_holders(repo.engine))
+                assert await repo.erase(victim, vacuum="full") == 0
+                holding = await postgres_files_holding(repo.engine, marker)
+            assert holding == [], (holding, seen)
 
     @pytest.mark.parametrize("vacuum", [False, True], ids=["delete", "erase-vacuum"])
     async def test_an_erased_state_leaves_no_trace(
