@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,12 +16,12 @@ from tests.support.conformance import (
     Doc,
     MakeRepo,
     Target,
+    autovacuum_held_off,
     count_rows,
     data_key_of,
     described,
     every_row_holding,
     files_hold,
-    hold_off_autovacuum,
     postgres_files_holding,
     read_feed,
     snap,
@@ -185,10 +186,15 @@ class TestNoTrace:
         the file (every table and index, the WAL truncated) holds none of them either; on
         Postgres, after `vacuum="full"`, no file of a table, index or TOAST relation does."""
         marker = uuid.uuid4().hex
-        victim = f"victim-{marker}"
         repo = await make_repo(erasure_key=ERASURE_KEY)
-        if target.database == "postgres":
-            await hold_off_autovacuum(repo.engine)
+        postgres = target.database == "postgres"
+        async with autovacuum_held_off(repo.engine) if postgres else nullcontext():
+            await self._erase_and_scan(repo, target, marker)
+
+    async def _erase_and_scan(
+        self, repo: sr.SnapshotRepository[Doc], target: Target, marker: str
+    ) -> None:
+        victim = f"victim-{marker}"
         for n in range(3):
             await repo.upsert_latest(
                 snap(victim, f"state-{marker}"),

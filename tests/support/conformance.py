@@ -12,7 +12,8 @@ transaction mode (`tests.support.pgbouncer`), with `transaction_pooler=true`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,12 @@ __all__ = [
     "Doc",
     "MakeRepo",
     "Target",
+    "autovacuum_held_off",
     "count_rows",
     "data_key_of",
     "described",
     "every_row_holding",
     "files_hold",
-    "hold_off_autovacuum",
     "postgres_files_holding",
     "read_feed",
     "snap",
@@ -212,8 +213,10 @@ async def postgres_files_holding(engine: AsyncEngine, marker: str) -> list[str]:
     return await asyncio.to_thread(_segments_holding, data_directory, found, marker)
 
 
-async def hold_off_autovacuum(engine: AsyncEngine) -> None:
-    """Turn autovacuum off for the library's tables in the test's own database.
+@asynccontextmanager
+async def autovacuum_held_off(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Turn autovacuum off for the library's tables in the test's own database, and
+    back to the server's default afterwards (later tests read the tables' options).
 
     An autovacuum or autoanalyze worker holds a snapshot while it runs, and
     `VACUUM FULL` keeps every row version that snapshot may still see: an erased
@@ -221,6 +224,7 @@ async def hold_off_autovacuum(engine: AsyncEngine) -> None:
     is how Postgres defines "dead"); the tests of what VACUUM FULL removes need no
     such reader, so the database's own workers are kept away from these tables.
     """
+    options = "autovacuum_enabled, toast.autovacuum_enabled"
     async with engine.connect() as conn:
         await conn.execution_options(isolation_level="AUTOCOMMIT")
         for table in metadata.sorted_tables:
@@ -228,6 +232,13 @@ async def hold_off_autovacuum(engine: AsyncEngine) -> None:
                 f"ALTER TABLE {table.name} SET "
                 "(autovacuum_enabled = off, toast.autovacuum_enabled = off)"
             )
+    try:
+        yield
+    finally:
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            for table in metadata.sorted_tables:
+                await conn.exec_driver_sql(f"ALTER TABLE {table.name} RESET ({options})")
 
 
 async def snapshot_holders(engine: AsyncEngine) -> list[str]:
