@@ -4,7 +4,8 @@ Each public method is one transaction (or one autocommitted statement) that
 validates its input first, then does its I/O inside the error guard, so a
 caller sees either a result or one of the errors in `snapshot_repo.errors`.
 The core contract (writes, latest, history, delete) reads top to bottom
-here: check arguments, one backend call, build the `Snapshot`. Every other
+here: check arguments (a write's in `_requests`), one backend call, build
+the `Snapshot`. Every other
 method is listed here too, by name, and defined in the module of its
 capability as a function taking the repository: `_history_reads` (versions,
 moments, diffs, listing), `_feed` and `_feed_retention` (change feed,
@@ -37,22 +38,19 @@ from ._checks import (
     MAX_VERSION,
     check_batch_size,
     check_int,
-    valid_actor,
-    valid_identifier,
-    valid_reason,
-    valid_ttl,
     valid_user_id,
 )
 from ._context import DEFAULT_NAMESPACE, RepositoryContext, RepositoryOptions, logger
 from ._history_reads import MAX_HISTORY_LIMIT
+from ._requests import batch_request, write_request
 from ._telemetry import traced
-from .backends import KEPT_CONNECTIONS, PendingBatch, PendingWrite
+from .backends import KEPT_CONNECTIONS
 from .backends.replicas import DEFAULT_MAX_REPLICA_LAG, route_reads
 from .changes import hub_for
-from .codec import JsonObject, encode_metadata
+from .codec import JsonObject
 from .engine import EngineSettings, create_engine
 from .errors import SnapshotRepoError, SnapshotValidationError, VersionConflictError
-from .snapshot import MAX_IDEMPOTENCY_KEY_LENGTH, Snapshot, StateT
+from .snapshot import Snapshot, StateT
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -265,32 +263,17 @@ class SnapshotRepository(Generic[StateT]):
                 its outcome is unknown: retry with the same idempotency key.
         """
         context = self._context
-        if not isinstance(snapshot, Snapshot):
-            raise SnapshotValidationError(
-                f"upsert_latest takes a Snapshot, not {type(snapshot).__name__}"
-            )
-        user_id = valid_user_id(snapshot.user_id)
-        if expected_version is not None:
-            check_int("expected_version", expected_version, minimum=0, maximum=MAX_VERSION)
-        if idempotency_key is not None:
-            valid_identifier("idempotency_key", idempotency_key, MAX_IDEMPOTENCY_KEY_LENGTH)
-        state = context.codec.validate(snapshot.state, user_id)
-        created_at = datetime.now(UTC)
-        write = PendingWrite(
-            scope=context.scope,
-            user_id=user_id,
-            schema_version=context.schema_version_of(snapshot),
-            payload=context.codec.encode(state, user_id),
-            created_at=created_at,
+        write, state = write_request(
+            context,
+            snapshot,
             expected_version=expected_version,
             idempotency_key=idempotency_key,
-            actor=valid_actor(actor),
-            reason=valid_reason(reason),
-            metadata=encode_metadata(metadata),
-            expires_at=None if ttl is None else created_at + valid_ttl(ttl),
-            retention=context.retention_for(created_at),
-            notify=context.notify,
+            actor=actor,
+            reason=reason,
+            metadata=metadata,
+            ttl=ttl,
         )
+        user_id = write.user_id
         async with context.guard("upsert_latest", user_id):
             outcome = await context.write(write)
             if outcome is None:
@@ -335,42 +318,13 @@ class SnapshotRepository(Generic[StateT]):
             StorageError: the database failed; nothing was written.
         """
         context = self._context
-        if isinstance(snapshots, Snapshot) or not isinstance(snapshots, Sequence):
-            raise SnapshotValidationError("upsert_many takes a sequence of Snapshots")
-        check_batch_size("snapshots", len(snapshots))
-        created_at = datetime.now(UTC)
-        actor, reason = valid_actor(actor), valid_reason(reason)
-        encoded_metadata = encode_metadata(metadata)
-        user_ids, schema_versions, payloads, states = [], [], [], []
-        validate, encode = context.codec.validate, context.codec.encode
-        schema_version_of = context.schema_version_of
-        for snapshot in snapshots:
-            if not isinstance(snapshot, Snapshot):
-                raise SnapshotValidationError(
-                    f"upsert_many takes Snapshots, not {type(snapshot).__name__}"
-                )
-            user_id = valid_user_id(snapshot.user_id)
-            state = validate(snapshot.state, user_id)
-            user_ids.append(user_id)
-            schema_versions.append(schema_version_of(snapshot))
-            payloads.append(encode(state, user_id))
-            states.append(state)
-        batch = PendingBatch(
-            scope=context.scope,
-            user_ids=user_ids,
-            schema_versions=schema_versions,
-            payloads=payloads,
-            created_at=created_at,
-            actor=actor,
-            reason=reason,
-            metadata=encoded_metadata,
-            retention=context.retention_for(created_at),
-            notify=context.notify,
+        batch, states = batch_request(
+            context, snapshots, actor=actor, reason=reason, metadata=metadata
         )
         async with context.guard("upsert_many", None):
             versions = await context.write_many(batch)
         stored = context.stored_batch(batch, states, versions)
-        context.announce_writes(stored, created_at)
+        context.announce_writes(stored, batch.created_at)
         return stored
 
     @traced
