@@ -45,25 +45,34 @@ async def raw_session(url: str) -> AsyncIterator[Any]:
         conn.close()
 
 
-async def wait_for_statement(url: str, pattern: str) -> None:
-    """Poll until a session of the test's database is running a statement LIKE `pattern`,
-    as text or prepared (one that waits for a row lock stays there until it is granted)."""
+async def _poll_count(url: str, query: str, pattern: str, interval: float, what: str) -> None:
+    """Run `query` (a count, taking the test's database and `pattern`) every `interval`
+    seconds until it counts a session, failing after `LOCK_WAIT_DEADLINE`."""
     database = make_url(url).database
     loop = asyncio.get_running_loop()
     deadline = loop.time() + LOCK_WAIT_DEADLINE
     async with raw_session(url) as conn:
         while True:
             async with conn.cursor() as cursor:
-                await cursor.execute(
-                    "SELECT count(*) FROM information_schema.processlist "
-                    "WHERE db = %s AND command IN ('Query', 'Execute') AND info LIKE %s",
-                    (database, pattern),
-                )
-                (running,) = await cursor.fetchone()
-            if running:
+                await cursor.execute(query, (database, pattern))
+                (found,) = await cursor.fetchone()
+            if found:
                 return
-            assert loop.time() < deadline, f"no session ran {pattern!r}"
-            await asyncio.sleep(0.01)
+            assert loop.time() < deadline, f"no session {what} {pattern!r}"
+            await asyncio.sleep(interval)
+
+
+async def wait_for_statement(url: str, pattern: str) -> None:
+    """Poll until a session of the test's database is running a statement LIKE `pattern`,
+    as text or prepared (one that waits for a row lock stays there until it is granted)."""
+    await _poll_count(
+        url,
+        "SELECT count(*) FROM information_schema.processlist "
+        "WHERE db = %s AND command IN ('Query', 'Execute') AND info LIKE %s",
+        pattern,
+        0.01,
+        "ran",
+    )
 
 
 async def wait_for_lock_wait(url: str, pattern: str) -> None:
@@ -73,23 +82,15 @@ async def wait_for_lock_wait(url: str, pattern: str) -> None:
     answers `innodb_trx` from a cache it refreshes at most every 100 ms; polled every
     10 ms it was seen to answer stale rows for the whole 10 s, so this polls every 150 ms
     (and sees a wait a little late, never early)."""
-    database = make_url(url).database
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + LOCK_WAIT_DEADLINE
-    async with raw_session(url) as conn:
-        while True:
-            async with conn.cursor() as cursor:
-                await cursor.execute(
-                    "SELECT count(*) FROM information_schema.innodb_trx AS t "
-                    "JOIN information_schema.processlist AS p ON p.id = t.trx_mysql_thread_id "
-                    "WHERE p.db = %s AND t.trx_state = 'LOCK WAIT' AND p.info LIKE %s",
-                    (database, pattern),
-                )
-                (waiting,) = await cursor.fetchone()
-            if waiting:
-                return
-            assert loop.time() < deadline, f"no session waited for a lock in {pattern!r}"
-            await asyncio.sleep(0.15)
+    await _poll_count(
+        url,
+        "SELECT count(*) FROM information_schema.innodb_trx AS t "
+        "JOIN information_schema.processlist AS p ON p.id = t.trx_mysql_thread_id "
+        "WHERE p.db = %s AND t.trx_state = 'LOCK WAIT' AND p.info LIKE %s",
+        pattern,
+        0.15,
+        "waited for a lock in",
+    )
 
 
 async def test_the_mariadb_backend_is_chosen_for_both_url_schemes(mariadb_url: str):
