@@ -27,7 +27,7 @@ from ._queries import (
 )
 from ._telemetry import traced
 from .errors import ConfigurationError, SnapshotValidationError
-from .retention import policy_from_arguments
+from .retention import RetentionPolicy, policy_from_arguments
 
 if TYPE_CHECKING:
     from .repository import SnapshotRepository
@@ -273,19 +273,14 @@ async def _reap(
 
 async def _prune(
     context: RepositoryContext[Any],
-    user_id: str | None = None,
-    *,
-    keep_last: int | None = None,
-    older_than: timedelta | None = None,
-    batch_size: int = 500,
-    progress: Callable[[int], None] | None = None,
+    user_id: str | None,
+    policy: RetentionPolicy,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
 ) -> int:
-    """`prune_history` without the feed trim."""
-    policy = policy_from_arguments(keep_last, older_than)
-    check_int("batch_size", batch_size, minimum=1, maximum=10_000)
+    """`prune_history` (arguments checked) without the feed trim."""
     cutoff = policy.cutoff(datetime.now(UTC))
     if user_id is not None:
-        user_id = valid_user_id(user_id)
         one = _prune_params(context, context.scope.tenant, user_id, policy.keep_last, cutoff)
         work = [(context.backend.prune_statement, one)]
         async with context.guard("prune_history", user_id):
@@ -383,13 +378,9 @@ async def prune_history(
     Raises:
         SnapshotValidationError: no bound, or a bound out of range.
     """
-    pruned = await _prune(
-        self._context,
-        user_id,
-        keep_last=keep_last,
-        older_than=older_than,
-        batch_size=batch_size,
-        progress=progress,
-    )
+    policy = policy_from_arguments(keep_last, older_than)
+    check_int("batch_size", batch_size, minimum=1, maximum=10_000)
+    checked_user = None if user_id is None else valid_user_id(user_id)
+    pruned = await _prune(self._context, checked_user, policy, batch_size, progress)
     await trim_configured(self._context)
     return pruned
