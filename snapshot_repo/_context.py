@@ -342,20 +342,21 @@ class RepositoryContext(Generic[StateT]):
     # --- snapshots -----------------------------------------------------------------
 
     def to_snapshot(self, row: Row) -> Snapshot[StateT]:
-        """The snapshot a stored row (decoded, decrypted) holds."""
+        """The snapshot a stored row (decoded, opened: see `open`) holds."""
         user_id, version, schema_version = row.user_id, row.version, row.schema_version
+        metadata = row.metadata
         return stored_snapshot(
             self.snapshot_type,
             {
                 "user_id": user_id,
-                "state": self.codec.decode(row.payload, user_id, version, schema_version),
+                "state": self.codec.decode_json(row.payload, user_id, version, schema_version),
                 "version": version,
                 "created_at": row.created_at,
                 "schema_version": schema_version,
                 "idempotency_key": row.idempotency_key,
                 "actor": row.actor,
                 "reason": row.reason,
-                "metadata": decode_metadata(row.metadata),
+                "metadata": None if metadata is None else decode_metadata(metadata),
             },
         )
 

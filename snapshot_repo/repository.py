@@ -48,6 +48,7 @@ from .backends import KEPT_CONNECTIONS
 from .backends.replicas import DEFAULT_MAX_REPLICA_LAG, route_reads
 from .changes import hub_for
 from .codec import JsonObject
+from .compression import is_compressed
 from .engine import EngineSettings, create_engine
 from .errors import SnapshotRepoError, SnapshotValidationError, VersionConflictError
 from .snapshot import Snapshot, StateT
@@ -342,8 +343,8 @@ class SnapshotRepository(Generic[StateT]):
             row = await context.read(
                 context.backend.latest, context.scope, user_id, datetime.now(UTC)
             )
-            if row is not None and context.keys is not None:
-                row = (await context.open([row]))[0]
+            if row is not None and (context.keys is not None or is_compressed(row.payload)):
+                row = (await context.open([row]))[0]  # decrypted, decompressed
         return None if row is None else context.to_snapshot(row)
 
     @traced

@@ -59,6 +59,13 @@ class TestCompression:
         for reader in (plain, packed):
             history = await reader.get_history("u")
             assert [s.state for s in history] == [after.state, before.state]
+            # Every read path opens the compressed latest row, not only history.
+            latest = await reader.get_latest("u")
+            assert latest is not None
+            assert latest.state == after.state
+            assert (await reader.get_latest_many(["u"]))["u"].state == after.state
+            assert (await reader.get_version("u", 2)) == latest
+            assert (await reader.get_version("u", 1)) == before
         stored = await stored_payloads(plain.engine, "u")
         assert sorted(p.startswith(ZSTD_MAGIC) for p in stored) == [False, True, True]
 
