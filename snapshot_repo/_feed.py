@@ -56,6 +56,11 @@ async def changes_since(
         CursorExpiredError: the feed was trimmed past an entry after `cursor`.
         StorageError: the database failed.
     """
+    # The page is checked against the scope's trim horizon, read after it: a trim
+    # that committed before the page was read is seen there, so a cursor it passed
+    # raises `CursorExpiredError` instead of returning a page with a gap. Without a
+    # cursor the page starts at the horizon, read again after the page until no
+    # trim moved it meanwhile.
     context = self._context
     after = decode_cursor(cursor)
     check_int("limit", limit, minimum=1, maximum=MAX_FEED_PAGE)
