@@ -164,6 +164,8 @@ async def test_writers_take_the_feed_gate_before_their_feed_entry_takes_a_seq(
             task = asyncio.create_task(work())
             await wait_for_lock_wait(mariadb_url, "INSERT INTO snapshot_%")
             async with raw_session(mariadb_url) as probe, probe.cursor() as cursor:
+                # Uncommitted rows too: an entry the waiting call inserted would count.
+                await cursor.execute("SET TRANSACTION ISOLATION LEVEL READ UNCOMMITTED")
                 await cursor.execute(
                     "SELECT COUNT(*) FROM snapshot_changes WHERE seq > %s", (last_seq,)
                 )
@@ -175,6 +177,28 @@ async def test_writers_take_the_feed_gate_before_their_feed_entry_takes_a_seq(
         page = await repo.changes_since(start)
     expected = {"write": [("w", 1)], "batch": [("b1", 1), ("b2", 1)], "erase": [("", 1)]}
     assert [(c.user_id, c.version) for c in page.changes] == expected[call]
+
+
+@pytest.mark.parametrize("call", ["write", "batch", "erase"])
+async def test_without_the_feed_gate_row_nothing_is_written(mariadb_url: str, call: str):
+    """The driver path's gated statements join the gate row: without it they would copy
+    nothing (a batch committed without history, an erasure without its feed entry).
+    Each refuses with a `StorageError` naming the fix, and rolls back whole."""
+    async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
+        await repo.upsert_latest(snap("gone", "x"))
+        await mariadb_admin(mariadb_url, "DELETE FROM snapshot_feed_gate")
+        try:
+            work = {
+                "write": lambda: repo.upsert_latest(snap("gone", "y")),
+                "batch": lambda: repo.upsert_many([snap("b1", "1"), snap("b2", "1")]),
+                "erase": lambda: repo.delete("gone"),
+            }[call]
+            with pytest.raises(sr.StorageError, match="feed gate row"):
+                await work()
+        finally:
+            await mariadb_admin(mariadb_url, "INSERT INTO snapshot_feed_gate (id) VALUES (1)")
+        assert [s.version for s in await repo.get_history("gone")] == [1]
+        assert await repo.get_latest_many(["b1", "b2"]) == {}
 
 
 async def test_a_deadlock_victim_is_retried_inside_the_library(

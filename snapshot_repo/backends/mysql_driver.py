@@ -31,6 +31,7 @@ from sqlalchemy import ClauseElement, event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..errors import StorageError
 from ..tables import latest_table
 from ._compiled import (
     Compiled,
@@ -147,7 +148,8 @@ class MysqlDriver:
         self._history_copy = compile_statement(history_copy_statement(), dialect)
         # MariaDB 10.5+: the gate's share lock, the history copy and the version read
         # back in one statement (`INSERT ... SELECT ... RETURNING`); MySQL has no RETURNING.
-        self._returning = bool(dialect.insert_returning)
+        # Whether the server has it is the dialect's answer after the first connection
+        # (`_returns`), read at each use: a `mysql://` URL may reach a MariaDB.
         self._history_copy_returning = compile_statement(
             history_copy_returning_statement(), dialect
         )
@@ -159,6 +161,11 @@ class MysqlDriver:
         if self._upsert_parts is None:  # a SQLAlchemy that renders it otherwise: fail loudly
             raise AssertionError("the MySQL upsert compiles to an unexpected form")
         self._multi_row: dict[int, str] = {}
+
+    def _returns(self) -> bool:
+        """Whether the server takes `INSERT ... RETURNING` (MariaDB 10.5+): SQLAlchemy's
+        dialect knows once a connection was made, which precedes every use here."""
+        return bool(self._dialect.insert_returning)
 
     def _lost(self, exc: BaseException) -> bool:
         """Whether asyncmy's `exc` leaves its connection unusable (SQLAlchemy's own test)."""
@@ -285,14 +292,14 @@ class MysqlDriver:
         if mode == "replace" and not changed:
             return None  # a replace that found another version, or no row
         key = write.scope.key(write.user_id)
-        if self._returning:
+        if self._returns():
             copy = self._history_copy_returning
             await cursor.execute(copy.sql, copy.args(key))
-            (version,) = await cursor.fetchone()
+            version = _gated(await cursor.fetchone())[0]
         else:
             gated = self._version_under_gate
             await cursor.execute(gated.sql, gated.args(key))
-            (version,) = await cursor.fetchone()
+            version = _gated(await cursor.fetchone())[0]
             await cursor.execute(self._history_copy.sql, self._history_copy.args(key))
         await cursor.execute(self._feed_copy.sql, self._feed_copy.args(key))
         return int(version)
@@ -325,7 +332,8 @@ class MysqlDriver:
         scoped: dict[str, Any] = {"tenant": batch.scope.tenant, "namespace": batch.scope.namespace}
         scoped.update((f"u{index}", user_id) for index, user_id in enumerate(order))
         feed = self._for_size(batch_feed_copy_statement, count)
-        if self._returning:
+        returns = self._returns()
+        if returns:
             history = self._for_size(batch_history_copy_returning_statement, count)
         else:
             history = self._for_size(batch_history_copy_statement, count)
@@ -347,13 +355,15 @@ class MysqlDriver:
             for chunk in chunks(args, sizes, width, budget):
                 rows = len(chunk) // len(upsert.names)
                 await cursor.execute(self._upsert_rows(rows), chunk)
-            if self._returning:
+            if returns:
                 await cursor.execute(history.sql, history.args(scoped))
                 stored = list(await cursor.fetchall())
+                if len(stored) != count:  # no gate row to join: nothing copied
+                    _gated(None)
                 await cursor.execute(feed.sql, feed.args(scoped))
                 return stored
             await cursor.execute(self._gate.sql, self._gate.args({}))
-            await cursor.fetchall()
+            _gated(await cursor.fetchone())
             await cursor.execute(history.sql, history.args(scoped))
             await cursor.execute(feed.sql, feed.args(scoped))
             await cursor.execute(versions.sql, versions.args(scoped))
@@ -403,8 +413,9 @@ class MysqlDriver:
         history = run.delete_history[erasure.only_expired]
         erased = await _execute(cursor, history, {**key, "version": version})
         await _execute(cursor, run.forget_feed, key)
-        # The gate's share lock and the erase entry, one statement.
-        await _execute(cursor, run.erase_entry, erasure.feed_params(version))
+        # The gate's share lock and the erase entry, one statement (no gate row: no entry).
+        if not await _execute(cursor, run.erase_entry, erasure.feed_params(version)):
+            _gated(None)
         if erasure.receipt_subject is not None:
             await _execute(cursor, run.receipt, erasure.receipt_params(erased))
         if erasure.drop_data_key:
@@ -417,7 +428,7 @@ class MysqlDriver:
         run = self._erasing
         params = {**erasure.key(), "now": erasure.at}
         returning = run.delete_returning[erasure.only_expired]
-        if returning is not None:  # MariaDB
+        if self._dialect.delete_returning:  # MariaDB (known once connected, as `_returns`)
             await _execute(cursor, returning, params)
             found = await cursor.fetchone()
             return None if found is None else int(found[0])
@@ -449,10 +460,7 @@ class _ErasureStatements:
             return compile_statement(statement, dialect)
 
         both = (False, True)
-        self.delete_returning = {
-            only: compiled(delete_statements(only)[0]) if dialect.delete_returning else None
-            for only in both
-        }
+        self.delete_returning = {only: compiled(delete_statements(only)[0]) for only in both}
         self.lock_latest = {only: compiled(latest_for_erasure_statement(only)) for only in both}
         self.delete_latest = compiled(delete_latest_statement())
         self.delete_history = {only: compiled(delete_statements(only)[1]) for only in both}
@@ -469,6 +477,21 @@ async def _execute(cursor: Any, statement: Compiled, params: Mapping[str, Any]) 
     """Run a compiled statement on an asyncmy cursor; its affected (matched) row count."""
     count: int = await cursor.execute(statement.sql, statement.args(params))
     return count
+
+
+_NO_GATE = (
+    "the feed gate row (snapshot_feed_gate, id 1) is missing, so no feed entry can be "
+    "ordered: run migrate() (revision 0013 creates it, and nothing else removes it); "
+    "nothing was written"
+)
+
+
+def _gated(row: Any) -> Any:
+    """`row`, read under the feed gate's lock; a missing gate row (None) is refused with a
+    `StorageError`, inside the transaction, which then rolls back whole."""
+    if row is None:
+        raise StorageError(_NO_GATE)
+    return row
 
 
 async def _autocommit(conn: Any) -> None:
