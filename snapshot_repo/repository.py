@@ -522,3 +522,11 @@ class SnapshotRepository(Generic[StateT]):
             f"SnapshotRepository({url!r}, {context.codec.state_type!r}, "
             f"namespace={self.namespace!r}{tenant})"
         )
+
+
+# The capability modules name `SnapshotRepository` in their methods' annotations but
+# import it for type checkers only (it imports them). Bound there now, so that
+# `typing.get_type_hints` (pydantic's validate_call, Sphinx, DI frameworks) resolves
+# those methods' hints as it does the ones defined above.
+for _module in (_feed, _feed_retention, _history_reads, _lifecycle, _operations, _privacy):
+    setattr(_module, "SnapshotRepository", SnapshotRepository)  # noqa: B010
