@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Generic, Literal, ParamSpec, TypeVar
+from typing import Any, Generic, Literal, ParamSpec, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -53,9 +53,6 @@ from .errors import ConfigurationError, StorageError
 from .retention import RetentionPolicy
 from .snapshot import Snapshot, StateT, stored_snapshot
 from .upgrades import PayloadUpgrades
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["DEFAULT_NAMESPACE", "RepositoryContext", "RepositoryOptions", "logger"]
 

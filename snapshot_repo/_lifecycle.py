@@ -130,7 +130,7 @@ async def purge_all(self: SnapshotRepository[Any], *, confirm: str) -> int:
     Each user is erased as by `delete` (one transaction per user, each
     recorded in the change feed), so a failure part-way leaves whole
     users erased or kept, never half of one; on SQLite each page of 500
-    users shares one WAL checkpoint (see `_erase_batch`). Users written
+    users shares one WAL checkpoint (see `RepositoryContext.erase_batch`). Users written
     while the purge runs may survive it.
 
     Args:

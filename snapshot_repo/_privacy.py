@@ -341,7 +341,7 @@ async def reap_expired(
     Each user is erased as by `delete` (receipt, feed entry, listeners),
     unless a write cleared the expiry meanwhile. Covers every tenant of
     the namespace (one tenant through a tenant view). On SQLite each batch
-    of `batch_size` users shares one WAL checkpoint (see `_erase_batch`).
+    of `batch_size` users shares one WAL checkpoint (see `RepositoryContext.erase_batch`).
     With `feed_retention`, the change feed is then trimmed (`trim_changes`).
 
     Returns:
