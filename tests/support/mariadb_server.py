@@ -58,6 +58,10 @@ _TUNING = (
 _live_servers: set[MariadbServer] = set()
 
 
+class _OtherServer(Exception):
+    """The server answering on this server's port is not this one."""
+
+
 class ServerUnavailableError(Exception):
     """No throwaway server can be made here (no MariaDB binaries, or no user to run them as)."""
 
@@ -277,6 +281,7 @@ class MariadbServer:
                     f"--pid-file={self.base_dir / 'mariadbd.pid'}",
                     f"--port={self.port}",
                     "--bind-address=127.0.0.1",
+                    *self._tmpdir_option(),
                     *self._user_option(),
                     *_TUNING,
                     *self.options,
@@ -290,6 +295,28 @@ class MariadbServer:
             )
         self._frozen = False
         self._wait_ready(timeout)
+
+    def start_on_a_free_port(self, attempts: int = 3) -> None:
+        """`start()`, on another free port when this one was taken meanwhile.
+
+        `_free_port` finds a port free now; another process (another test worker's
+        server) may bind it before this server does. That server then answers
+        here, which `_wait_ready` tells by its data directory, and this one exits
+        on "Address already in use". Only a first start moves: a restart keeps
+        the port the tests' URLs name.
+        """
+        for attempt in range(attempts):
+            try:
+                self.start()
+            except RuntimeError as exc:
+                taken = "Address already in use" in str(exc) or "another server" in str(exc)
+                if not taken or attempt == attempts - 1:
+                    raise
+                if self.running:
+                    self.kill()
+                self.port = _free_port()
+            else:
+                return
 
     def stop(self, *, slow: bool = False) -> None:
         """Shut the server down cleanly (SIGTERM) and wait for it to exit.
@@ -356,6 +383,7 @@ class MariadbServer:
                 "--no-defaults",
                 "--auth-root-authentication-method=normal",
                 f"--datadir={self.datadir}",
+                *self._tmpdir_option(),
                 *self._user_option(),
                 "--skip-test-db",
                 *_TUNING,
@@ -368,9 +396,18 @@ class MariadbServer:
             env=self._env(),
         )
         if result.returncode != 0:
-            raise subprocess.CalledProcessError(
-                result.returncode, result.args, output=result.stdout, stderr=result.stderr
+            # What the installer said: pytest shows only the exception's message.
+            raise RuntimeError(
+                f"mariadb-install-db exited {result.returncode}:\n"
+                f"{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
             )
+
+    def _tmpdir_option(self) -> list[str]:
+        """Temporary files in the server's own directory, not /tmp: the installer's
+        bootstrap failed now and then ("Could not remove temporary table
+        '/tmp/#sql-temptable-...'", then "Unknown table 'mysql.tmp_user_sys'") while
+        other servers used /tmp beside it (one run in five of this module on 4 workers)."""
+        return [f"--tmpdir={self.base_dir}"]
 
     def _user_option(self) -> list[str]:
         return [] if self._account is None else [f"--user={self._account.pw_name}"]
@@ -397,8 +434,7 @@ class MariadbServer:
                 self._process = None
                 raise RuntimeError(f"mariadbd exited during startup:\n{self.log_tail()}")
             try:
-                # asyncmy's connect_timeout covers the TCP connect only, not the greeting.
-                self._sql("", ["SELECT 1"], _CONNECT_TIMEOUT + 1)
+                self._check_it_answers()
             except Exception as exc:  # refused, or asyncmy's error while the server starts
                 if time.monotonic() > deadline:
                     raise RuntimeError(
@@ -408,6 +444,15 @@ class MariadbServer:
                 time.sleep(_POLL_INTERVAL)  # bounded wait for the server to come up
             else:
                 return
+
+    def _check_it_answers(self) -> None:
+        """Raise unless this server answers on its port: another test worker's server may
+        have bound the same free port first (this one then fails to bind and exits, see
+        `start_on_a_free_port`); its data directory tells them apart."""
+        # asyncmy's connect_timeout covers the TCP connect only, not the greeting.
+        (answer,) = self._sql("", ["SELECT @@datadir"], _CONNECT_TIMEOUT + 1)
+        if Path(str(answer[0])).resolve() != self.datadir.resolve():
+            raise _OtherServer(f"port {self.port} is another server's ({answer[0]})")
 
     def _sql(
         self, database: str, statements: Sequence[str], seconds: float
@@ -450,7 +495,7 @@ def running_server(options: Sequence[str] = ()) -> Iterator[MariadbServer]:
             pytest.fail(f"{reason} (CI=true: fault tests must run)")
         pytest.skip(reason)
     try:
-        server.start()
+        server.start_on_a_free_port()
         yield server
     finally:
         server.destroy()
