@@ -359,7 +359,7 @@ class MysqlDriver:
                 await cursor.execute(history.sql, history.args(scoped))
                 stored = list(await cursor.fetchall())
                 if len(stored) != count:  # no gate row to join: nothing copied
-                    _gated(None)
+                    raise StorageError(_NO_GATE)
                 await cursor.execute(feed.sql, feed.args(scoped))
                 return stored
             await cursor.execute(self._gate.sql, self._gate.args({}))
@@ -415,7 +415,7 @@ class MysqlDriver:
         await _execute(cursor, run.forget_feed, key)
         # The gate's share lock and the erase entry, one statement (no gate row: no entry).
         if not await _execute(cursor, run.erase_entry, erasure.feed_params(version)):
-            _gated(None)
+            raise StorageError(_NO_GATE)
         if erasure.receipt_subject is not None:
             await _execute(cursor, run.receipt, erasure.receipt_params(erased))
         if erasure.drop_data_key:
