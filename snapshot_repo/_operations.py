@@ -1,7 +1,7 @@
 """Operating a repository: its schema, its readiness, its erasures' last traces, closing.
 
 Methods of `SnapshotRepository` (its class assigns them), taking the
-repository as `self`, and `dispose_within`, which `close()` ends with.
+repository as `self`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,16 @@ from ._checks import positive_seconds
 from ._context import logger
 from ._telemetry import traced
 from ._translate import storage_errors
+from .changes import hub_for
+from .errors import SnapshotRepoError
 from .health import HealthReport, probe
 
 if TYPE_CHECKING:
     from .repository import SnapshotRepository
 
-__all__ = ["dispose_within", "finish_erasures", "health", "health_check", "migrate"]
+__all__ = ["close", "dispose_within", "finish_erasures", "health", "health_check", "migrate"]
+
+_CLOSE_TIMEOUT = 5.0
 
 
 @traced
@@ -89,6 +93,24 @@ async def finish_erasures(self: SnapshotRepository[Any], wait: float = 5.0) -> b
     seconds = positive_seconds("wait", wait)
     async with storage_errors("finish_erasures", None, time_limit=seconds + 1):
         return await self._context.backend.finish_erasures(seconds)
+
+
+async def close(self: SnapshotRepository[Any]) -> None:
+    """Close the pooled connections of an engine this repository owns (from `from_url`).
+
+    An engine passed to the constructor belongs to the caller and stays open.
+    """
+    if self._owns_engine:
+        try:
+            await self.finish_erasures(wait=_CLOSE_TIMEOUT / 2)
+        except SnapshotRepoError as exc:  # closing goes on: the erasures committed
+            logger.warning("snapshot_repo: finishing erasures on close failed: %s", exc)
+        engine = self._context.engine
+        await self._context.backend.release()  # views share it: only the owner releases
+        hub = hub_for(engine, create=False)
+        if hub is not None:
+            await hub.close()
+        await dispose_within(engine, _CLOSE_TIMEOUT)
 
 
 async def dispose_within(engine: AsyncEngine, seconds: float) -> None:

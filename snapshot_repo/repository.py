@@ -40,17 +40,16 @@ from ._checks import (
     check_int,
     valid_user_id,
 )
-from ._context import DEFAULT_NAMESPACE, RepositoryContext, RepositoryOptions, logger
+from ._context import DEFAULT_NAMESPACE, RepositoryContext, RepositoryOptions
 from ._history_reads import MAX_HISTORY_LIMIT
 from ._requests import batch_request, write_request
 from ._telemetry import traced
 from .backends import KEPT_CONNECTIONS
 from .backends.replicas import DEFAULT_MAX_REPLICA_LAG, route_reads
-from .changes import hub_for
 from .codec import JsonObject
 from .compression import is_compressed
 from .engine import EngineSettings, create_engine
-from .errors import SnapshotRepoError, SnapshotValidationError, VersionConflictError
+from .errors import SnapshotValidationError, VersionConflictError
 from .snapshot import Snapshot, StateT
 
 __all__ = [
@@ -60,8 +59,6 @@ __all__ = [
     "RepositoryOptions",
     "SnapshotRepository",
 ]
-
-_CLOSE_TIMEOUT = 5.0
 
 
 class SnapshotRepository(Generic[StateT]):
@@ -485,23 +482,7 @@ class SnapshotRepository(Generic[StateT]):
     health = _operations.health
     health_check = _operations.health_check
     finish_erasures = _operations.finish_erasures
-
-    async def close(self) -> None:
-        """Close the pooled connections of an engine this repository owns (from `from_url`).
-
-        An engine passed to the constructor belongs to the caller and stays open.
-        """
-        if self._owns_engine:
-            try:
-                await self.finish_erasures(wait=_CLOSE_TIMEOUT / 2)
-            except SnapshotRepoError as exc:  # closing goes on: the erasures committed
-                logger.warning("snapshot_repo: finishing erasures on close failed: %s", exc)
-            engine = self._context.engine
-            await self._context.backend.release()  # views share it: only the owner releases
-            hub = hub_for(engine, create=False)
-            if hub is not None:
-                await hub.close()
-            await _operations.dispose_within(engine, _CLOSE_TIMEOUT)
+    close = _operations.close
 
     async def __aenter__(self) -> Self:
         return self

@@ -10,25 +10,17 @@ statements are the same Core constructs (`statements`, `mysql_sql`),
 compiled once by SQLAlchemy's MySQL dialect with its type processors
 (`_compiled`); only the execution is the driver's, on connections borrowed
 from SQLAlchemy's pool and kept between calls (`_pool.Connections`).
-
-Autocommit: a connection used here runs with autocommit on, so a read is one
-round trip and leaves no transaction, and no metadata lock, open on a kept
-connection (which would hold up `OPTIMIZE TABLE` and migrations); a write
-begins with `BEGIN`. Every connection SQLAlchemy's pool hands out is switched
-back to autocommit off (`_transactional_on_checkout`), so the engine's other
-users (the core path, migrations, the application) keep their transactions.
+How its connections run (autocommit, explicit transactions): `mysql_session`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import asyncmy.errors
 from sqlalchemy import ClauseElement, event
-from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..errors import StorageError
@@ -50,6 +42,13 @@ from .mysql_packets import (
     check_packet,
     chunks,
     text_length,
+)
+from .mysql_session import (
+    autocommit,
+    error_code,
+    execute,
+    in_transaction,
+    transactional_on_checkout,
 )
 from .mysql_sql import (
     batch_feed_copy_statement,
@@ -83,7 +82,6 @@ from .values import Erasure, PendingBatch, PendingWrite, Row, Scope, WriteOutcom
 
 __all__ = ["DUPLICATE_KEY", "MysqlDriver", "error_code"]
 
-_T = TypeVar("_T")
 
 DUPLICATE_KEY = 1062
 
@@ -92,28 +90,6 @@ _BATCH_VARYING = ("w_user_id", "w_schema_version", "w_payload")
 
 _ONE_ROW = re.compile(r"(?s)^(INSERT INTO .+? VALUES )(\([%s, ]+\))( ON DUPLICATE KEY UPDATE .+)$")
 """The single-row upsert as SQLAlchemy compiles it: head, the row's placeholders, tail."""
-
-
-def error_code(exc: BaseException) -> int | None:
-    """The MySQL error number of a driver error (wrapped by SQLAlchemy or not), or None."""
-    orig = getattr(exc, "orig", None) or exc
-    args = getattr(orig, "args", ())
-    return args[0] if args and isinstance(args[0], int) else None
-
-
-def _transactional_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """Hand out every pooled connection with autocommit off, as SQLAlchemy expects.
-
-    A connection this module used (autocommit on) may be back in the pool.
-    Runs inside SQLAlchemy's greenlet, so the adapter's blocking call is the
-    driver's round trip; one that fails is a dead connection, which the pool
-    replaces (`DisconnectionError`).
-    """
-    if dbapi_connection.get_autocommit():
-        try:
-            dbapi_connection.autocommit(False)
-        except asyncmy.errors.Error as exc:
-            raise DisconnectionError(f"resetting autocommit failed: {exc}") from exc
 
 
 class MysqlDriver:
@@ -130,8 +106,8 @@ class MysqlDriver:
         self.connections = Connections(engine, self._lost)
         self._is_disconnect = dialect.is_disconnect
         pool = engine.sync_engine.pool
-        if not event.contains(pool, "checkout", _transactional_on_checkout):
-            event.listen(pool, "checkout", _transactional_on_checkout)
+        if not event.contains(pool, "checkout", transactional_on_checkout):
+            event.listen(pool, "checkout", transactional_on_checkout)
         self._dialect = dialect
         self._decode = snapshot_row_decoder(dialect)
         self._expiry = result_processor(latest_table.c.expires_at, dialect)
@@ -204,7 +180,7 @@ class MysqlDriver:
 
     async def latest(self, scope: Scope, user_id: str, now: Any) -> Row | None:
         async with self.connections.checkout() as conn:
-            await _autocommit(conn)
+            await autocommit(conn)
             async with conn.cursor() as cursor:
                 await cursor.execute(self._latest.sql, (scope.tenant, scope.namespace, user_id))
                 raw = await cursor.fetchone()
@@ -237,7 +213,7 @@ class MysqlDriver:
 
     async def fetch_compiled(self, statement: Compiled, args: Sequence[Any]) -> list[Any]:
         async with self.connections.checkout() as conn:
-            await _autocommit(conn)
+            await autocommit(conn)
             async with conn.cursor() as cursor:
                 await cursor.execute(statement.sql, args)
                 return list(await cursor.fetchall())
@@ -261,11 +237,11 @@ class MysqlDriver:
         """
         params = write.params()
         async with self.connections.checkout() as conn:
-            await _autocommit(conn)
+            await autocommit(conn)
             async with conn.cursor() as cursor:
                 await self._check_packet(cursor, write.user_id, params)
                 try:
-                    return await _in_transaction(conn, self._write_in(cursor, write, params))
+                    return await in_transaction(conn, self._write_in(cursor, write, params))
                 except asyncmy.errors.IntegrityError as exc:
                     if write.idempotency_key is None or error_code(exc) != DUPLICATE_KEY:
                         raise
@@ -370,11 +346,11 @@ class MysqlDriver:
             return list(await cursor.fetchall())
 
         async with self.connections.checkout() as conn:
-            await _autocommit(conn)
+            await autocommit(conn)
             async with conn.cursor() as cursor:
                 limit = await self._packet_limit_of(cursor)
                 check_batch_packets(limit, batch.user_ids, batch.payloads, batch.metadata)
-                stored = await _in_transaction(conn, statements(cursor))
+                stored = await in_transaction(conn, statements(cursor))
         version_of = dict(stored)
         return [int(version_of[user_id]) for user_id in batch.user_ids]
 
@@ -383,9 +359,9 @@ class MysqlDriver:
     async def delete(self, erasure: Erasure) -> tuple[int, int]:
         """Erase the user in one transaction, in the core backend's order (`_erase_in`)."""
         async with self.connections.checkout() as conn:
-            await _autocommit(conn)
+            await autocommit(conn)
             async with conn.cursor() as cursor:
-                return await _in_transaction(conn, self._erase_in(cursor, erasure))
+                return await in_transaction(conn, self._erase_in(cursor, erasure))
 
     async def _erase_in(self, cursor: Any, erasure: Erasure) -> tuple[int, int]:
         """The core backend's erasure statements (see `CoreBackend._erase_in`).
@@ -406,20 +382,20 @@ class MysqlDriver:
         version = await self._delete_latest(cursor, erasure)
         if version is None:
             if erasure.drop_data_key and not erasure.only_expired:
-                await _execute(cursor, run.orphan_key_lock, key)
+                await execute(cursor, run.orphan_key_lock, key)
                 await cursor.fetchall()
-                await _execute(cursor, run.orphan_key_drop, key)
+                await execute(cursor, run.orphan_key_drop, key)
             return 0, 0
         history = run.delete_history[erasure.only_expired]
-        erased = await _execute(cursor, history, {**key, "version": version})
-        await _execute(cursor, run.forget_feed, key)
+        erased = await execute(cursor, history, {**key, "version": version})
+        await execute(cursor, run.forget_feed, key)
         # The gate's share lock and the erase entry, one statement (no gate row: no entry).
-        if not await _execute(cursor, run.erase_entry, erasure.feed_params(version)):
+        if not await execute(cursor, run.erase_entry, erasure.feed_params(version)):
             raise StorageError(_NO_GATE)
         if erasure.receipt_subject is not None:
-            await _execute(cursor, run.receipt, erasure.receipt_params(erased))
+            await execute(cursor, run.receipt, erasure.receipt_params(erased))
         if erasure.drop_data_key:
-            await _execute(cursor, run.forget_key, key)
+            await execute(cursor, run.forget_key, key)
         return int(erased), version
 
     async def _delete_latest(self, cursor: Any, erasure: Erasure) -> int | None:
@@ -429,14 +405,14 @@ class MysqlDriver:
         params = {**erasure.key(), "now": erasure.at}
         returning = run.delete_returning[erasure.only_expired]
         if self._dialect.delete_returning:  # MariaDB (known once connected, as `_returns`)
-            await _execute(cursor, returning, params)
+            await execute(cursor, returning, params)
             found = await cursor.fetchone()
             return None if found is None else int(found[0])
-        await _execute(cursor, run.lock_latest[erasure.only_expired], params)
+        await execute(cursor, run.lock_latest[erasure.only_expired], params)
         found = await cursor.fetchone()
         if found is None:
             return None
-        await _execute(cursor, run.delete_latest, params)
+        await execute(cursor, run.delete_latest, params)
         return int(found[0])
 
     async def _check_packet(self, cursor: Any, user_id: str, params: Mapping[str, Any]) -> None:
@@ -473,12 +449,6 @@ class _ErasureStatements:
         self.orphan_key_drop = compiled(orphan_key_drop())
 
 
-async def _execute(cursor: Any, statement: Compiled, params: Mapping[str, Any]) -> int:
-    """Run a compiled statement on an asyncmy cursor; its affected (matched) row count."""
-    count: int = await cursor.execute(statement.sql, statement.args(params))
-    return count
-
-
 _NO_GATE = (
     "the feed gate row (snapshot_feed_gate, id 1) is missing, so no feed entry can be "
     "ordered: run migrate() (revision 0013 creates it, and nothing else removes it); "
@@ -492,35 +462,3 @@ def _gated(row: Any) -> Any:
     if row is None:
         raise StorageError(_NO_GATE)
     return row
-
-
-async def _autocommit(conn: Any) -> None:
-    """Switch a connection this module uses to autocommit: a round trip per checkout from
-    SQLAlchemy's pool, which has just switched it off (`_transactional_on_checkout`
-    cannot tell this module's checkouts from others'), so two per borrow; connections
-    kept between calls stay switched (a repository on a borrowed engine keeps none)."""
-    if not conn.get_autocommit():
-        await conn.autocommit(True)
-
-
-async def _in_transaction(conn: Any, work: Coroutine[Any, Any, _T]) -> _T:
-    """Await `work` (a coroutine of statements) between `BEGIN` and `COMMIT`.
-
-    On an error the transaction rolls back, unless the error was a cancellation
-    or timeout (the connection is mid-protocol and is dropped, see `_pool`). A
-    failed ROLLBACK means the connection is gone: that error is raised, from
-    the first, so the pool discards the connection.
-    """
-    try:
-        await conn.begin()
-        result = await work
-    except BaseException as failed:
-        work.close()  # a no-op unless BEGIN failed and it never ran
-        if not isinstance(failed, asyncio.CancelledError | TimeoutError):
-            try:
-                await conn.rollback()
-            except BaseException as rollback_failed:
-                raise rollback_failed from failed
-        raise
-    await conn.commit()
-    return result
