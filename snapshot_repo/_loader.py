@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ._dump_format import KEY, Progress
 from ._load_lines import receipt_from_line, row_from_line
 from ._translate import storage_errors
+from ._user_counts import recount_statements
 from .errors import SnapshotValidationError
 from .tables import erasure_receipts_table, history_table, latest_table
 
@@ -92,6 +93,9 @@ class Loader:
             self._pending = None
         await self._flush_rows()
         await self._flush_receipts()
+        async with storage_errors("load (counting the users)"):
+            for statement in recount_statements():
+                await self.conn.execute(statement)
 
     def _add_latest(self, pending: _Pending) -> None:
         self._latest.append({**pending.row, "expires_at": pending.expires_at})

@@ -26,6 +26,7 @@ from ._queries import (
     users_page_statement,
 )
 from ._telemetry import traced
+from ._user_counts import fold_logging_failure
 from .errors import ConfigurationError, SnapshotValidationError
 from .retention import RetentionPolicy, policy_from_arguments
 
@@ -245,6 +246,7 @@ async def _reap(
     """`reap_expired` without the feed trim."""
     check_int("batch_size", batch_size, minimum=1, maximum=10_000)
     reaped = 0
+    tenants: set[str] = set()
     while True:
         params = {
             "namespace": context.scope.namespace,
@@ -257,7 +259,10 @@ async def _reap(
                 context.backend.fetch, expired_users_statement(bool(context.scope.tenant)), params
             )
         if not rows:
+            if reaped:  # each reaped user left a -1 row in the count (see `_user_counts`)
+                await fold_logging_failure(context, tenants)
             return reaped
+        tenants.update(tenant for tenant, _user_id in rows)
         erased = await context.erase_batch(
             (
                 (context if tenant == context.scope.tenant else context.for_tenant(tenant), user_id)

@@ -18,6 +18,9 @@ position, `snapshot_latest` an expiry); with them:
 - `snapshot_feed_consumers` and `snapshot_feed_horizons` (revision 0016): where
   each registered feed consumer has read to, and how far each scope's feed
   has been trimmed (see `feed_retention`).
+- `snapshot_user_counts` (revision 0018): +1/-1 rows that triggers on
+  `snapshot_latest` append as users are added and removed; a scope's users
+  are the sum of its rows (see `_user_counts`).
 
 Later capabilities (tenant, namespace, expiry, write metadata) add columns in
 new Alembic revisions; nothing here is created outside migrations.
@@ -66,6 +69,7 @@ __all__ = [
     "history_table",
     "latest_table",
     "metadata",
+    "user_counts_table",
 ]
 
 NAMING_CONVENTION = {
@@ -331,5 +335,23 @@ feed_horizons_table = Table(
     Column("seq", BigInteger, nullable=False),
     Column("trimmed_at", UTCDateTime, nullable=False),
     PrimaryKeyConstraint("tenant", "namespace"),
+    **MYSQL_TABLE_OPTIONS,
+)
+
+user_counts_table = Table(
+    "snapshot_user_counts",
+    metadata,
+    # Not written by the library: revision 0018's triggers on `snapshot_latest` append
+    # +1 for each user row inserted and -1 for each deleted, in that transaction. A
+    # scope's user count is the sum of its rows; `_user_counts` folds them into one.
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("tenant", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("namespace", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("delta", BigInteger, nullable=False),
+    # The token of the fold that is replacing this row by a sum, else NULL.
+    Column("fold", String(32), nullable=True),
+    Index("ix_snapshot_user_counts_scope", "tenant", "namespace"),
     **MYSQL_TABLE_OPTIONS,
 )

@@ -33,6 +33,7 @@ from snapshot_repo.tables import (
     erasure_receipts_table,
     history_table,
     latest_table,
+    user_counts_table,
 )
 from tests.support.databases import Backend, MariadbServer, PostgresServer, run_blocking
 
@@ -302,6 +303,16 @@ async def assert_empty(url: str) -> None:
 async def assert_same_store(source: str, target: str) -> None:
     source_rows, target_rows = await table_rows(source), await table_rows(target)
     assert target_rows == source_rows  # payload bytes, timestamps, expiries and all
+    async with engine_for(target) as engine, engine.connect() as conn:
+        counts = user_counts_table
+        per_scope = select(counts.c.tenant, counts.c.namespace, counts.c.delta)
+        scopes = {(t, n) for t, n, *_ in source_rows["snapshot_latest"]}
+        # The load counted each scope's users once, in one row per scope (a +1 per user
+        # inserted, as its inserts left them, would be as exact but slower to read).
+        assert sorted((await conn.execute(per_scope)).all()) == sorted(
+            (t, n, sum(1 for row in source_rows["snapshot_latest"] if row[:2] == (t, n)))
+            for t, n in scopes
+        )
     reads = await all_reads(source)
     assert len(reads) > 1
     assert await all_reads(target) == reads

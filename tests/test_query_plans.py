@@ -10,9 +10,10 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import func, select
 
 import snapshot_repo as sr
-from snapshot_repo._queries import as_of_statement, expired_users_statement
+from snapshot_repo._queries import as_of_statement, count_users_statement, expired_users_statement
 from snapshot_repo.backends._compiled import compile_statement as _compile
 from snapshot_repo.backends.core_sql import latest_many
 from snapshot_repo.backends.feed_sql import changes_since_statement
@@ -24,6 +25,7 @@ from snapshot_repo.backends.statements import (
     sqlite_erasure_feed_statements,
 )
 from snapshot_repo.backup import dump, load
+from snapshot_repo.tables import latest_table
 from tests.support.databases import (
     Backend,
     Cart,
@@ -323,6 +325,39 @@ async def test_idempotency_and_expiry_lookups_use_the_partial_indexes(
         assert " key=ix_snapshot_latest_expires_at " in expired, expired
     assert "Seq Scan" not in expired, expired
     assert "SCAN snapshot_latest" not in expired, expired
+
+
+async def test_count_users_reads_the_kept_count_not_the_users(
+    repo: sr.SnapshotRepository[Cart], backend: Backend
+):
+    """20,000 users and more: the count reads its row, and of `snapshot_latest` only the
+    expired users (none here), through the expiry index."""
+    await seed_deep_history(repo, backend)
+    async with repo.engine.connect() as conn:
+        users = await conn.scalar(select(func.count()).select_from(latest_table))
+    assert await repo.count_users() == users  # folds the seed's 20,000 +1 rows into one
+    async with repo.engine.connect() as conn:  # statistics as autovacuum would leave them
+        await conn.exec_driver_sql(
+            "ANALYZE TABLE snapshot_user_counts" if backend.name == "mariadb" else "ANALYZE"
+        )
+        await conn.commit()
+    plan = await explain(
+        repo, backend, count_users_statement(), {**SCOPE, "now": datetime.now(UTC)}
+    )
+    # The count's own table is one row here: any plan reads it cheaply.
+    assert "ix_snapshot_latest_expires_at" in plan, plan
+    assert "Seq Scan on snapshot_latest" not in plan, plan
+    if backend.name == "sqlite":  # pinned, whatever `sqlite_stat1` says
+        assert "SEARCH snapshot_user_counts USING INDEX ix_snapshot_user_counts_scope" in plan
+        assert "SEARCH snapshot_latest USING INDEX ix_snapshot_latest_expires_at" in plan
+    if backend.name == "mariadb":
+        assert (
+            "snapshot_latest access_type=range key=ix_snapshot_latest_expires_at r_rows=0" in plan
+        )
+        assert (
+            "snapshot_user_counts access_type=ref key=ix_snapshot_user_counts_scope r_rows=1"
+            in plan
+        )
 
 
 async def test_postgres_writes_update_the_latest_row_in_place(postgres_url: str):

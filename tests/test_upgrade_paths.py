@@ -81,6 +81,8 @@ async def test_upgrade_from_each_previous_head_keeps_rows(backend: Backend, prev
             if previous >= "0004":
                 assert {(s.actor, s.reason) for s in history} == {("svc", "why")}
             assert await tenant.get_latest("u1") == history[0]
+            # Revision 0018 counted the users already there.
+            assert (await tenant.count_users(), await repo.count_users()) == (1, 0)
             replay = await tenant.upsert_latest(
                 sr.Snapshot(user_id="u1", state=Cart()), idempotency_key="key2"
             )
@@ -91,6 +93,7 @@ async def test_upgrade_from_each_previous_head_keeps_rows(backend: Backend, prev
             assert written.version == 3
             assert (await newest_feed_entry(tenant, version=3)).version == 3
             assert await tenant.delete("u1") == 3
+            assert await tenant.count_users() == 0
     finally:
         await engine.dispose()
 

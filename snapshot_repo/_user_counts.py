@@ -1,0 +1,114 @@
+"""How many users a scope has, read from the +1/-1 rows the database keeps for it.
+
+Revision 0018's triggers on `snapshot_latest` append a row to
+`snapshot_user_counts` in the transaction that inserts (+1) or deletes (-1)
+a user's latest row, so the count is exact for every path that changes the
+users, including SQL the library does not run. Appending never waits on
+another writer; the price is that the rows pile up, one per user added or
+removed, so a count reads the rows added since the scope was last folded.
+
+A fold replaces a scope's rows by one holding their sum, in one transaction
+of three statements: mark the rows (an UPDATE, which locks them), insert the
+sum of the marked rows, delete the marked rows. The rows a fold marks are
+exactly those it sums and deletes, whatever commits meanwhile: a row
+appended later is not marked, and a concurrent fold waits for the rows the
+first one locked, then finds them gone (Postgres and InnoDB skip a row
+deleted while they waited) and does not see the first one's sum (its
+statement began before that committed; InnoDB's locking read does see it,
+and marks and folds it again, which is as exact). `count_users` folds when
+it read more than `FOLD_AFTER` rows, `reap_expired` after reaping, `load`
+after loading.
+
+Users whose snapshot expired but was not reaped yet are counted by the
+triggers (their rows exist) and subtracted at read time, from the index on
+`expires_at`: the count then costs what that backlog is, which
+`reap_expired` keeps short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
+from typing import Any
+from uuid import uuid4
+
+from sqlalchemy import (
+    ClauseElement,
+    Delete,
+    Insert,
+    bindparam,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from ._context import RepositoryContext, logger
+from .backends import Backend, Scope
+from .backends.statements import in_scope
+from .errors import SnapshotRepoError
+from .tables import latest_table, user_counts_table
+
+__all__ = ["FOLD_AFTER", "fold", "fold_logging_failure", "read_count", "recount_statements"]
+
+FOLD_AFTER = 1000
+"""A count that reads more of the scope's rows than this folds them (about 0.1 ms to
+read on each database)."""
+
+
+def read_count(row: Sequence[Any]) -> tuple[int, int]:
+    """(users, rows read) from the row of `_queries.count_users_statement`."""
+    total, rows, expired = row
+    return int(total) - int(expired), int(rows)
+
+
+@cache
+def recount_statements() -> tuple[Delete, Insert]:
+    """Every scope's count, recounted from `snapshot_latest` in one row per scope: for
+    `load`, whose transaction excludes writers and whose inserts left a row per user."""
+    counts, latest = user_counts_table, latest_table
+    per_scope = select(latest.c.tenant, latest.c.namespace, func.count()).group_by(
+        latest.c.tenant, latest.c.namespace
+    )
+    return delete(counts), insert(counts).from_select(["tenant", "namespace", "delta"], per_scope)
+
+
+@cache
+def _fold_statements() -> tuple[ClauseElement, ClauseElement, ClauseElement]:
+    counts = user_counts_table
+    marked = counts.c.fold == bindparam("fold")
+    mark = update(counts).where(in_scope(counts)).values(fold=bindparam("fold"))
+    summed = (
+        select(counts.c.tenant, counts.c.namespace, func.sum(counts.c.delta))
+        .where(in_scope(counts), marked)
+        .group_by(counts.c.tenant, counts.c.namespace)  # no row when nothing was marked
+    )
+    add_sum = insert(counts).from_select(["tenant", "namespace", "delta"], summed)
+    drop_marked = delete(counts).where(in_scope(counts), marked)
+    return mark, add_sum, drop_marked
+
+
+async def fold(backend: Backend, scope: Scope) -> None:
+    """Replace the scope's count rows by one holding their sum (see the module)."""
+    params: Mapping[str, Any] = {
+        "tenant": scope.tenant,
+        "namespace": scope.namespace,
+        "fold": uuid4().hex,
+    }
+    await backend.execute_in_transaction([(statement, params) for statement in _fold_statements()])
+
+
+async def fold_logging_failure(
+    context: RepositoryContext[Any], tenants: Iterable[str] = ()
+) -> None:
+    """Fold the context's scope (and the same namespace in `tenants`), after a call whose
+    result stands without it: a failure is logged, not raised, and the rows stay to be
+    folded next time (a count is exact either way)."""
+    scopes = {context.scope, *(Scope(tenant, context.scope.namespace) for tenant in tenants)}
+    for scope in sorted(scopes, key=lambda scope: scope.tenant):
+        try:
+            async with context.guard("fold_user_counts", None):
+                await fold(context.backend, scope)
+        except SnapshotRepoError as exc:
+            logger.warning("snapshot_repo could not fold the user count: %s", exc)
