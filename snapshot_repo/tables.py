@@ -138,7 +138,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Callable[[Any], Any] | None:
         if dialect.name != "sqlite":
-            return super().result_processor(dialect, coltype)
+            if self.load_dialect_impl(dialect).result_processor(dialect, coltype) is not None:
+                return super().result_processor(dialect, coltype)
+            # The driver's own datetime (asyncpg, asyncmy), converted by one plain call
+            # rather than through TypeDecorator's wrapper: every row read carries one.
+            return _naive_as_utc if dialect.name in _NAIVE else _aware_as_utc
 
         def from_text(value: str | None) -> datetime | None:
             # C `fromisoformat` instead of SQLAlchemy's regular expression: ten
@@ -146,6 +150,16 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None if value is None else datetime.fromisoformat(value).replace(tzinfo=UTC)
 
         return from_text
+
+
+def _naive_as_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _aware_as_utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is UTC:
+        return value
+    return value.astimezone(UTC)
 
 
 def _snapshot_columns() -> list[Column[Any]]:
