@@ -7,17 +7,18 @@ users, including SQL the library does not run. Appending never waits on
 another writer; the price is that the rows pile up, one per user added or
 removed, so a count reads the rows added since the scope was last folded.
 
-A fold replaces a scope's rows by one holding their sum, in one transaction
-of three statements: mark the rows (an UPDATE, which locks them), insert the
-sum of the marked rows, delete the marked rows. The rows a fold marks are
+A fold replaces a scope's rows by one holding their sum, the oldest
+`FOLD_CHUNK` at a time, each chunk one transaction of three statements:
+mark the chunk's rows (an UPDATE, which locks them), insert the sum of the
+marked rows, delete the marked rows. The rows a fold marks are
 exactly those it sums and deletes, whatever commits meanwhile: a row
 appended later is not marked, and a concurrent fold waits for the rows the
 first one locked, then finds them gone (Postgres and InnoDB skip a row
 deleted while they waited) and does not see the first one's sum (its
 statement began before that committed; InnoDB's locking read does see it,
 and marks and folds it again, which is as exact). `count_users` folds when
-it read more than `FOLD_AFTER` rows, `reap_expired` after reaping, `load`
-after loading.
+it read more than `FOLD_AFTER` rows, and `reap_expired` after reaping;
+`load` recounts every scope into one row each instead (`recount_statements`).
 
 Users whose snapshot expired but was not reaped yet are counted by the
 triggers (their rows exist) and subtracted at read time, from the index on
@@ -36,6 +37,7 @@ from sqlalchemy import (
     ClauseElement,
     Delete,
     Insert,
+    Select,
     bindparam,
     delete,
     func,
@@ -50,11 +52,26 @@ from .backends.statements import in_scope
 from .errors import SnapshotRepoError
 from .tables import latest_table, user_counts_table
 
-__all__ = ["FOLD_AFTER", "fold", "fold_logging_failure", "read_count", "recount_statements"]
+__all__ = [
+    "FOLD_AFTER",
+    "FOLD_CHUNK",
+    "fold",
+    "fold_logging_failure",
+    "read_count",
+    "recount_statements",
+]
 
 FOLD_AFTER = 1000
 """A count that reads more of the scope's rows than this folds them (about 0.1 ms to
 read on each database)."""
+
+FOLD_CHUNK = 10_000
+"""The most rows one fold transaction takes (oldest first): a scope that gained a million
+users through `upsert_many` is folded in a hundred short transactions, each well within
+any operation timeout, rather than one that might never fit (about 5 s a million rows,
+Postgres here)."""
+
+_NO_BOUND = 2**62
 
 
 def read_count(row: Sequence[Any]) -> tuple[int, int]:
@@ -75,10 +92,22 @@ def recount_statements() -> tuple[Delete, Insert]:
 
 
 @cache
+def _chunk_end_statement() -> Select[Any]:
+    """The id of the scope's `FOLD_CHUNK`-th oldest row (no row: fewer than that)."""
+    counts = user_counts_table
+    oldest = select(counts.c.id).where(in_scope(counts)).order_by(counts.c.id)
+    return oldest.limit(1).offset(FOLD_CHUNK - 1)
+
+
+@cache
 def _fold_statements() -> tuple[ClauseElement, ClauseElement, ClauseElement]:
     counts = user_counts_table
     marked = counts.c.fold == bindparam("fold")
-    mark = update(counts).where(in_scope(counts)).values(fold=bindparam("fold"))
+    mark = (
+        update(counts)
+        .where(in_scope(counts), counts.c.id <= bindparam("upto"))
+        .values(fold=bindparam("fold"))
+    )
     summed = (
         select(counts.c.tenant, counts.c.namespace, func.sum(counts.c.delta))
         .where(in_scope(counts), marked)
@@ -89,14 +118,21 @@ def _fold_statements() -> tuple[ClauseElement, ClauseElement, ClauseElement]:
     return mark, add_sum, drop_marked
 
 
-async def fold(backend: Backend, scope: Scope) -> None:
-    """Replace the scope's count rows by one holding their sum (see the module)."""
-    params: Mapping[str, Any] = {
-        "tenant": scope.tenant,
-        "namespace": scope.namespace,
-        "fold": uuid4().hex,
-    }
+async def fold_chunk(backend: Backend, scope: Scope) -> bool:
+    """Fold the scope's oldest `FOLD_CHUNK` rows (all, if fewer) into one, in one
+    transaction (see the module); whether more rows than that were there."""
+    key = {"tenant": scope.tenant, "namespace": scope.namespace}
+    chunk_end = await backend.fetch(_chunk_end_statement(), key)
+    upto = chunk_end[0][0] if chunk_end else _NO_BOUND
+    params: Mapping[str, Any] = {**key, "upto": upto, "fold": uuid4().hex}
     await backend.execute_in_transaction([(statement, params) for statement in _fold_statements()])
+    return bool(chunk_end)
+
+
+async def fold(backend: Backend, scope: Scope) -> None:
+    """Replace the scope's count rows by one holding their sum, a chunk at a time."""
+    while await fold_chunk(backend, scope):
+        pass
 
 
 async def fold_logging_failure(
@@ -107,8 +143,11 @@ async def fold_logging_failure(
     folded next time (a count is exact either way)."""
     scopes = {context.scope, *(Scope(tenant, context.scope.namespace) for tenant in tenants)}
     for scope in sorted(scopes, key=lambda scope: scope.tenant):
-        try:
-            async with context.guard("fold_user_counts", None):
-                await fold(context.backend, scope)
-        except SnapshotRepoError as exc:
-            logger.warning("snapshot_repo could not fold the user count: %s", exc)
+        more = True
+        while more:  # each chunk within the operation timeout of its own
+            try:
+                async with context.guard("fold_user_counts", None):
+                    more = await fold_chunk(context.backend, scope)
+            except SnapshotRepoError as exc:
+                logger.warning("snapshot_repo could not fold the user count: %s", exc)
+                break

@@ -366,6 +366,7 @@ user_counts_table = Table(
     Column("delta", BigInteger, nullable=False),
     # The token of the fold that is replacing this row by a sum, else NULL.
     Column("fold", String(32), nullable=True),
-    Index("ix_snapshot_user_counts_scope", "tenant", "namespace"),
+    # With the id: a scope's rows oldest first, for folds that take a chunk at a time.
+    Index("ix_snapshot_user_counts_scope", "tenant", "namespace", "id"),
     **MYSQL_TABLE_OPTIONS,
 )

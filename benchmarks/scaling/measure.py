@@ -30,10 +30,10 @@ CALLS = (
     "count_users",
     "upsert_latest",
 )
-"""The calls timed, as reported: reads, the O(users) count, and writes of existing users."""
+"""The calls timed, as reported: reads, the count, and writes of existing users."""
 
 _MANY = 100
-_COUNT_SHARE = 10  # count_users runs block/10 times a block: it is an O(users) scan
+_COUNT_SHARE = 10  # count_users runs block/10 times a block (it was an O(users) scan)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ class ScaleReport:
     before_analyze_ms: dict[str, list[float]]
     ratios: list[CallRatio]
     sizes: dict[str, list[RelationSize]]
+    # The first `count_users` after a load, which folds the load's +1 rows into one.
+    first_count_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -80,6 +82,9 @@ def render(report: ScaleReport) -> str:
         if times:
             shown = ", ".join(f"{t:,.1f}" for t in times)
             lines.append(f"get_latest_many(100) before ANALYZE, {label}: {shown} ms")
+    if report.first_count_ms:
+        shown = ", ".join(f"{k} {v:,.1f} ms" for k, v in report.first_count_ms.items())
+        lines.append(f"count_users after the load (folding a +1 row per user): {shown}")
     lines.append("")
     header = (
         f"{'call':<22}{'big p50':>10}{'big p99':>10}{'small p50':>11}{'small p99':>11}"

@@ -7,6 +7,7 @@ for bytes per row, then timed interleaved (`measure.interleave`).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -78,7 +79,10 @@ async def _prepare(
             workers=options.workers,
             progress=progress,
         )
+    began = time.perf_counter()
     held = await database.repo.count_users()
+    if label in report.load_seconds:
+        report.first_count_ms[label] = (time.perf_counter() - began) * 1000
     if not await analyzed(database):
         target = Target(database, held)
         report.before_analyze_ms[label] = await time_before_analyze(

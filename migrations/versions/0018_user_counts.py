@@ -95,8 +95,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_snapshot_user_counts"),
         **TABLE_OPTIONS,  # MySQL/MariaDB only: InnoDB, utf8mb4, binary collation
     )
+    # With the id: a scope's rows in id order, for folds that take the oldest first.
     op.create_index(
-        "ix_snapshot_user_counts_scope", "snapshot_user_counts", ["tenant", "namespace"]
+        "ix_snapshot_user_counts_scope", "snapshot_user_counts", ["tenant", "namespace", "id"]
     )
     dialect = op.get_bind().dialect.name
     if dialect == "postgresql":

@@ -6,9 +6,11 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 
 import snapshot_repo as sr
+from snapshot_repo import _user_counts
 from snapshot_repo._user_counts import FOLD_AFTER, fold
 from snapshot_repo.tables import user_counts_table
 from tests.support.conformance import Doc, MakeRepo, snap
@@ -117,3 +119,22 @@ class TestUserCounts:
         await fold(backend, scope)
         assert await count_rows(repo) == 1
         assert await repo.count_users() == writers * per_writer == await listed(repo)
+
+    async def test_a_fold_takes_the_oldest_rows_a_chunk_at_a_time(
+        self, repo: sr.SnapshotRepository[Doc], monkeypatch: pytest.MonkeyPatch
+    ):
+        """More rows than a chunk are folded in several transactions, each taking the
+        oldest rows (a sum row is the newest), and the count is exact after each."""
+        monkeypatch.setattr(_user_counts, "FOLD_CHUNK", 7)
+        _user_counts._chunk_end_statement.cache_clear()
+        try:
+            await repo.upsert_many([snap(f"u{n:02}") for n in range(20)])
+            backend, scope = repo._context.backend, repo._context.scope
+            left = []
+            for _ in range(4):
+                more = await _user_counts.fold_chunk(backend, scope)
+                left.append((more, await count_rows(repo), await repo.count_users()))
+            # 20 -> 13 + a sum -> 6 + two sums -> 1 + a sum -> all in one sum
+            assert left == [(True, 14, 20), (True, 8, 20), (True, 2, 20), (False, 1, 20)]
+        finally:
+            _user_counts._chunk_end_statement.cache_clear()
