@@ -93,21 +93,18 @@ def recount_statements() -> tuple[Delete, Insert]:
 
 @cache
 def _chunk_end_statement() -> Select[Any]:
-    """The id of the scope's `FOLD_CHUNK`-th oldest row (no row: fewer than that)."""
+    """The id of the `FOLD_CHUNK`-th row of the scope after id `after` (no row: fewer)."""
     counts = user_counts_table
-    oldest = select(counts.c.id).where(in_scope(counts)).order_by(counts.c.id)
-    return oldest.limit(1).offset(FOLD_CHUNK - 1)
+    oldest = select(counts.c.id).where(in_scope(counts), counts.c.id > bindparam("after"))
+    return oldest.order_by(counts.c.id).limit(1).offset(FOLD_CHUNK - 1)
 
 
 @cache
 def _fold_statements() -> tuple[ClauseElement, ClauseElement, ClauseElement]:
     counts = user_counts_table
     marked = counts.c.fold == bindparam("fold")
-    mark = (
-        update(counts)
-        .where(in_scope(counts), counts.c.id <= bindparam("upto"))
-        .values(fold=bindparam("fold"))
-    )
+    chunk = counts.c.id.between(bindparam("after") + 1, bindparam("upto"))
+    mark = update(counts).where(in_scope(counts), chunk).values(fold=bindparam("fold"))
     summed = (
         select(counts.c.tenant, counts.c.namespace, func.sum(counts.c.delta))
         .where(in_scope(counts), marked)
@@ -118,21 +115,27 @@ def _fold_statements() -> tuple[ClauseElement, ClauseElement, ClauseElement]:
     return mark, add_sum, drop_marked
 
 
-async def fold_chunk(backend: Backend, scope: Scope) -> bool:
-    """Fold the scope's oldest `FOLD_CHUNK` rows (all, if fewer) into one, in one
-    transaction (see the module); whether more rows than that were there."""
-    key = {"tenant": scope.tenant, "namespace": scope.namespace}
+async def fold_chunk(backend: Backend, scope: Scope, after: int = 0) -> int | None:
+    """Fold the scope's `FOLD_CHUNK` rows after id `after` (all, if fewer) into one, in
+    one transaction (see the module); the id to fold after next, or None when done.
+
+    The chunks walk up the ids, so none steps over the rows the earlier ones deleted
+    (on Postgres, dead index entries until VACUUM); each chunk's sum row gets a new,
+    higher id, and the last chunk, which has no upper bound, folds them all together.
+    """
+    key = {"tenant": scope.tenant, "namespace": scope.namespace, "after": after}
     chunk_end = await backend.fetch(_chunk_end_statement(), key)
-    upto = chunk_end[0][0] if chunk_end else _NO_BOUND
+    upto = int(chunk_end[0][0]) if chunk_end else _NO_BOUND
     params: Mapping[str, Any] = {**key, "upto": upto, "fold": uuid4().hex}
     await backend.execute_in_transaction([(statement, params) for statement in _fold_statements()])
-    return bool(chunk_end)
+    return upto if chunk_end else None
 
 
 async def fold(backend: Backend, scope: Scope) -> None:
     """Replace the scope's count rows by one holding their sum, a chunk at a time."""
-    while await fold_chunk(backend, scope):
-        pass
+    after: int | None = 0
+    while after is not None:
+        after = await fold_chunk(backend, scope, after)
 
 
 async def fold_logging_failure(
@@ -143,11 +146,11 @@ async def fold_logging_failure(
     folded next time (a count is exact either way)."""
     scopes = {context.scope, *(Scope(tenant, context.scope.namespace) for tenant in tenants)}
     for scope in sorted(scopes, key=lambda scope: scope.tenant):
-        more = True
-        while more:  # each chunk within the operation timeout of its own
+        after: int | None = 0
+        while after is not None:  # each chunk within the operation timeout of its own
             try:
                 async with context.guard("fold_user_counts", None):
-                    more = await fold_chunk(context.backend, scope)
+                    after = await fold_chunk(context.backend, scope, after)
             except SnapshotRepoError as exc:
                 logger.warning("snapshot_repo could not fold the user count: %s", exc)
                 break
