@@ -38,6 +38,7 @@ from sqlalchemy import (
     Delete,
     Insert,
     Select,
+    and_,
     bindparam,
     delete,
     func,
@@ -102,8 +103,9 @@ def _chunk_end_statement() -> Select[Any]:
 @cache
 def _fold_statements() -> tuple[ClauseElement, ClauseElement, ClauseElement]:
     counts = user_counts_table
-    marked = counts.c.fold == bindparam("fold")
     chunk = counts.c.id.between(bindparam("after") + 1, bindparam("upto"))
+    # Every statement reads the chunk's range of the scope's index, not the scope's rows.
+    marked = and_(chunk, counts.c.fold == bindparam("fold"))
     mark = update(counts).where(in_scope(counts), chunk).values(fold=bindparam("fold"))
     summed = (
         select(counts.c.tenant, counts.c.namespace, func.sum(counts.c.delta))
