@@ -69,10 +69,11 @@ read on each database)."""
 FOLD_CHUNK = 10_000
 """The most rows one fold transaction takes (oldest first): a scope that gained a million
 users through `upsert_many` is folded in a hundred short transactions, each well within
-any operation timeout, rather than one that might never fit (about 5 s a million rows,
+any operation timeout, rather than one that might never fit (about 10 s a million rows,
 Postgres here)."""
 
 _NO_BOUND = 2**62
+"""The upper id bound of a last chunk: above any id a row can get."""
 
 
 def read_count(row: Sequence[Any]) -> tuple[int, int]:

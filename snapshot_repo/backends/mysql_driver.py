@@ -10,6 +10,7 @@ statements are the same Core constructs (`statements`, `mysql_sql`),
 compiled once by SQLAlchemy's MySQL dialect with its type processors
 (`_compiled`); only the execution is the driver's, on connections borrowed
 from SQLAlchemy's pool and kept between calls (`_pool.Connections`).
+
 How its connections run (autocommit, explicit transactions): `mysql_session`.
 """
 

@@ -34,7 +34,7 @@ def error_code(exc: BaseException) -> int | None:
 def transactional_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     """Hand out every pooled connection with autocommit off, as SQLAlchemy expects.
 
-    A connection this module used (autocommit on) may be back in the pool.
+    A connection `mysql_driver` used (autocommit on) may be back in the pool.
     Runs inside SQLAlchemy's greenlet, so the adapter's blocking call is the
     driver's round trip; one that fails is a dead connection, which the pool
     replaces (`DisconnectionError`).
@@ -53,9 +53,9 @@ async def execute(cursor: Any, statement: Compiled, params: Mapping[str, Any]) -
 
 
 async def autocommit(conn: Any) -> None:
-    """Switch a connection this module uses to autocommit: a round trip per checkout from
+    """Switch a connection `mysql_driver` uses to autocommit: a round trip per checkout from
     SQLAlchemy's pool, which has just switched it off (`transactional_on_checkout`
-    cannot tell this module's checkouts from others'), so two per borrow; connections
+    cannot tell its checkouts from others'), so two per borrow; connections
     kept between calls stay switched (a repository on a borrowed engine keeps none)."""
     if not conn.get_autocommit():
         await conn.autocommit(True)
