@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any, cast
 
+import asyncmy.cursors
 import pytest
 from sqlalchemy.engine import make_url
 
@@ -44,6 +45,7 @@ from benchmarks.harness.parity import check_parity
 from benchmarks.harness.peer import PeerSide, PeerStatements, peer_engine
 from benchmarks.harness.seeding import Seeder
 from benchmarks.harness.sides import CoreSide, LibrarySide, Side
+from benchmarks.harness.sql import raw_statements
 from benchmarks.harness.state import make_states
 from benchmarks.harness.stats import bulk_speedups, summarize
 from benchmarks.harness.timing import Sample
@@ -557,3 +559,12 @@ def test_bulk_speedup_pairs_the_bulk_and_single_phases_of_each_round() -> None:
     assert speedups["write"]["library"] == pytest.approx(10.0)
     # Per round 4, 10 and 6: median 6 (the quotient of the medians would be 8 / 2 = 4).
     assert speedups["read"]["library"] == pytest.approx(6.0)
+
+
+def test_the_mariadb_baseline_batch_is_one_multi_row_upsert() -> None:
+    """asyncmy's `executemany` sends one multi-row INSERT only when the VALUES holds
+    placeholders alone; with the scope inline, the baseline's "one statement" batch was
+    500 single-row statements, 500 round trips."""
+    sql = raw_statements("mariadb", {"tenant": "", "namespace": DEFAULT_NAMESPACE})
+    assert asyncmy.cursors.RE_INSERT_VALUES.match(sql.upsert)
+    assert len(sql.upsert_row("u", b"{}", None)) == sql.upsert.count("%s")

@@ -13,7 +13,8 @@ The library's operations, statement by statement, on the bare driver:
 - a delete is one transaction: the latest row (`DELETE ... RETURNING version`,
   which takes its lock), the history up to that version and the user's feed
   entries, and the erasure's own feed entry;
-- a batch is one transaction: `executemany` of the upsert, then one
+- a batch is one transaction: `executemany` of the upsert (one multi-row
+  statement: see `sql.upsert_row`), then one
   `INSERT ... SELECT` copying the batch's new latest rows into the history and
   one copying them into the feed.
 
@@ -114,7 +115,7 @@ class MariadbSide(Side):
         created_at = _now()
         sql = self._sql
         async with self._transaction() as cursor:
-            await cursor.execute(sql.upsert, (user_id, 1, payload, created_at))
+            await cursor.execute(sql.upsert, sql.upsert_row(user_id, payload, created_at))
             await cursor.execute(sql.read_back, (user_id,))
             (version,) = await cursor.fetchone()
             await cursor.execute(sql.append, (user_id, version, 1, payload, created_at))
@@ -149,7 +150,7 @@ class MariadbSide(Side):
         user_ids = [user_id for user_id, _ in items]
         require_distinct(user_ids)
         created_at = _now()
-        rows = [(user_id, 1, payload_of(state), created_at) for user_id, state in items]
+        rows = [self._sql.upsert_row(u, payload_of(state), created_at) for u, state in items]
         copy_history = self._with_ids(self._sql.bulk_write, len(user_ids))
         copy_feed = self._with_ids(self._sql.bulk_feed, len(user_ids))
         async with self._transaction() as cursor:

@@ -57,6 +57,12 @@ class RawSql:
     forget_feed: str = ""
     erase_entry: str = ""
     bulk_feed: str = ""
+    # MariaDB's `upsert` takes the scope's values as parameters too (`upsert_row`).
+    scope_values: tuple[str, ...] = ()
+
+    def upsert_row(self, user_id: str, payload: bytes, created_at: Any) -> tuple[Any, ...]:
+        """MariaDB: the parameters of `upsert` for one row (version 1, schema version 1)."""
+        return (*self.scope_values, user_id, 1, 1, payload, created_at)
 
 
 IDS = "{ids}"
@@ -199,7 +205,11 @@ def _mariadb_statements(scope: dict[str, str]) -> RawSql:
     feed_columns = ", ".join(
         [*(f"`{name}`" for name in scope), "user_id, version, kind, created_at"]
     )
-    upsert = f"""INSERT INTO snapshot_latest ({columns}) VALUES ({fixed}%s, 1, %s, %s, %s)
+    # Every value a placeholder, literals included: the drivers' `executemany` turns an
+    # INSERT into one multi-row statement only when its VALUES holds nothing else
+    # (PyMySQL's `RE_INSERT_VALUES`); with the scope inline it ran a statement per row.
+    placeholders = ", ".join(["%s"] * (len(scope) + len(BASELINE_COLUMNS)))
+    upsert = f"""INSERT INTO snapshot_latest ({columns}) VALUES ({placeholders})
 ON DUPLICATE KEY UPDATE
     version = version + 1,
     schema_version = VALUES(schema_version),
@@ -208,6 +218,7 @@ ON DUPLICATE KEY UPDATE
     # The sequence engine's tables (seq_0_to_N) stand in for generate_series.
     users = "seq_0_to_{last_user} AS u"
     return RawSql(
+        scope_values=tuple(scope.values()),
         write="",
         upsert=upsert,
         append=f"INSERT INTO snapshot_history ({columns}) VALUES ({fixed}%s, %s, %s, %s, %s)",
