@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ._dump_format import KEY, Progress
 from ._load_lines import receipt_from_line, row_from_line
 from ._translate import storage_errors
-from ._user_counts import recount_statements
+from .backends.count_sql import recount_statements
 from .errors import SnapshotValidationError
 from .tables import erasure_receipts_table, history_table, latest_table
 

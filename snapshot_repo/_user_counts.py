@@ -8,17 +8,17 @@ another writer; the price is that the rows pile up, one per user added or
 removed, so a count reads the rows added since the scope was last folded.
 
 A fold replaces a scope's rows by one holding their sum, the oldest
-`FOLD_CHUNK` at a time, each chunk one transaction of three statements:
-mark the chunk's rows (an UPDATE, which locks them), insert the sum of the
-marked rows, delete the marked rows. The rows a fold marks are
-exactly those it sums and deletes, whatever commits meanwhile: a row
-appended later is not marked, and a concurrent fold waits for the rows the
-first one locked, then finds them gone (Postgres and InnoDB skip a row
-deleted while they waited) and does not see the first one's sum (its
-statement began before that committed; InnoDB's locking read does see it,
-and marks and folds it again, which is as exact). `count_users` folds when
+`FOLD_CHUNK` at a time, each chunk one transaction (the backend's
+`fold_statements`, see `backends.count_sql`) that sums and deletes exactly
+the same rows, whatever commits meanwhile: a row appended later is not in
+it, and a concurrent fold waits for the rows the first one locked, then
+finds them gone (Postgres and InnoDB skip a row deleted while they waited)
+and does not see the first one's sum (its statement began before that
+committed; InnoDB's locking read does see it, and folds it again, which is
+as exact). `count_users` folds when
 it read more than `FOLD_AFTER` rows, and `reap_expired` after reaping;
-`load` recounts every scope into one row each instead (`recount_statements`).
+`load` recounts every scope into one row each instead
+(`backends.count_sql.recount_statements`).
 
 Users whose snapshot expired but was not reaped yet are counted by the
 triggers (their rows exist) and subtracted at read time, from the index on
@@ -29,38 +29,15 @@ triggers (their rows exist) and subtracted at read time, from the index on
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cache
 from typing import Any
 from uuid import uuid4
 
-from sqlalchemy import (
-    ClauseElement,
-    Delete,
-    Insert,
-    Select,
-    and_,
-    bindparam,
-    delete,
-    func,
-    insert,
-    select,
-    update,
-)
-
 from ._context import RepositoryContext, logger
 from .backends import Backend, Scope
-from .backends.statements import in_scope
+from .backends.count_sql import chunk_end_statement
 from .errors import SnapshotRepoError
-from .tables import latest_table, user_counts_table
 
-__all__ = [
-    "FOLD_AFTER",
-    "FOLD_CHUNK",
-    "fold",
-    "fold_logging_failure",
-    "read_count",
-    "recount_statements",
-]
+__all__ = ["FOLD_AFTER", "FOLD_CHUNK", "fold", "fold_chunk", "fold_logging_failure", "read_count"]
 
 FOLD_AFTER = 1000
 """A count that reads more of the scope's rows than this folds them (about 0.1 ms to
@@ -69,8 +46,8 @@ read on each database)."""
 FOLD_CHUNK = 10_000
 """The most rows one fold transaction takes (oldest first): a scope that gained a million
 users through `upsert_many` is folded in a hundred short transactions, each well within
-any operation timeout, rather than one that might never fit (about 10 s a million rows,
-Postgres here)."""
+any operation timeout, rather than one that might never fit (a million rows: 1.7 s on
+Postgres here, 12 s on MariaDB)."""
 
 _NO_BOUND = 2**62
 """The upper id bound of a last chunk: above any id a row can get."""
@@ -82,42 +59,6 @@ def read_count(row: Sequence[Any]) -> tuple[int, int]:
     return int(total) - int(expired), int(rows)
 
 
-@cache
-def recount_statements() -> tuple[Delete, Insert]:
-    """Every scope's count, recounted from `snapshot_latest` in one row per scope: for
-    `load`, whose transaction excludes writers and whose inserts left a row per user."""
-    counts, latest = user_counts_table, latest_table
-    per_scope = select(latest.c.tenant, latest.c.namespace, func.count()).group_by(
-        latest.c.tenant, latest.c.namespace
-    )
-    return delete(counts), insert(counts).from_select(["tenant", "namespace", "delta"], per_scope)
-
-
-@cache
-def _chunk_end_statement() -> Select[Any]:
-    """The id of the `FOLD_CHUNK`-th row of the scope after id `after` (no row: fewer)."""
-    counts = user_counts_table
-    oldest = select(counts.c.id).where(in_scope(counts), counts.c.id > bindparam("after"))
-    return oldest.order_by(counts.c.id).limit(1).offset(FOLD_CHUNK - 1)
-
-
-@cache
-def _fold_statements() -> tuple[ClauseElement, ClauseElement, ClauseElement]:
-    counts = user_counts_table
-    chunk = counts.c.id.between(bindparam("after") + 1, bindparam("upto"))
-    # Every statement reads the chunk's range of the scope's index, not the scope's rows.
-    marked = and_(chunk, counts.c.fold == bindparam("fold"))
-    mark = update(counts).where(in_scope(counts), chunk).values(fold=bindparam("fold"))
-    summed = (
-        select(counts.c.tenant, counts.c.namespace, func.sum(counts.c.delta))
-        .where(in_scope(counts), marked)
-        .group_by(counts.c.tenant, counts.c.namespace)  # no row when nothing was marked
-    )
-    add_sum = insert(counts).from_select(["tenant", "namespace", "delta"], summed)
-    drop_marked = delete(counts).where(in_scope(counts), marked)
-    return mark, add_sum, drop_marked
-
-
 async def fold_chunk(backend: Backend, scope: Scope, after: int = 0) -> int | None:
     """Fold the scope's `FOLD_CHUNK` rows after id `after` (all, if fewer) into one, in
     one transaction (see the module); the id to fold after next, or None when done.
@@ -127,10 +68,11 @@ async def fold_chunk(backend: Backend, scope: Scope, after: int = 0) -> int | No
     higher id, and the last chunk, which has no upper bound, folds them all together.
     """
     key = {"tenant": scope.tenant, "namespace": scope.namespace, "after": after}
-    chunk_end = await backend.fetch(_chunk_end_statement(), key)
+    chunk_end = await backend.fetch(chunk_end_statement(FOLD_CHUNK), key)
     upto = int(chunk_end[0][0]) if chunk_end else _NO_BOUND
     params: Mapping[str, Any] = {**key, "upto": upto, "fold": uuid4().hex}
-    await backend.execute_in_transaction([(statement, params) for statement in _fold_statements()])
+    work = [(statement, params) for statement in backend.fold_statements]
+    await backend.execute_in_transaction(work)
     return upto if chunk_end else None
 
 

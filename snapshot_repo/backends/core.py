@@ -54,6 +54,7 @@ from .core_sql import (
     pruned_entries_move,
     pruning,
 )
+from .count_sql import fold_statements
 from .feed_sql import changes_since_statement
 from .sqlite_commit import pending_truncation
 from .statements import (
@@ -111,6 +112,7 @@ class CoreBackend:
         self._flavour: DialectName = "postgresql" if self._postgres else "sqlite"
         self.notifies = self._postgres
         self.prune_statement = prune_statement(self._flavour)
+        self.fold_statements = fold_statements(self._flavour)
         self.changes_since_statement = changes_since_statement(self._flavour)
         self.claim_key_statement: Insert = claim_key_statement(self._flavour)
         if self._sqlite:

@@ -26,6 +26,7 @@ from ._compiled import (
 )
 from ._pool import Connections
 from ._retry import retry_rolled_back
+from .count_sql import fold_statements
 from .feed_sql import changes_since_statement
 from .postgres_sql import (
     postgres_bulk_write_statement,
@@ -83,6 +84,7 @@ class PostgresBackend(SharedStatements):
         self._erase = compile_statement(postgres_erase_statement(), dialect)
         self.notifies = True
         self.prune_statement = prune_statement("postgresql")
+        self.fold_statements = fold_statements("postgresql")
         self.changes_since_statement = changes_since_statement("postgresql")
         self.claim_key_statement = claim_key_statement("postgresql")
         self._claim_key = compile_statement(self.claim_key_statement, dialect)

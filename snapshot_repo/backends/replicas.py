@@ -178,6 +178,10 @@ class ReplicaRouter:
     def claim_key_statement(self) -> ClauseElement:
         return self._primary.claim_key_statement
 
+    @property
+    def fold_statements(self) -> tuple[ClauseElement, ...]:
+        return self._primary.fold_statements
+
     async def write(self, write: PendingWrite) -> WriteOutcome:
         try:
             return await self._primary.write(write)

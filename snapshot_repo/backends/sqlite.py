@@ -40,6 +40,7 @@ from ._compiled import (
 )
 from ._pool import Connections
 from ._privates import run_on_thread, sqlite_connection
+from .count_sql import fold_statements
 from .feed_sql import changes_since_statement
 from .sqlite_commit import Commit, pending_truncation, truncate_committed
 from .sqlite_sql import sqlite_bulk_write_statements, sqlite_write_statements
@@ -101,6 +102,7 @@ class SqliteBackend(SharedStatements):
         self._engine = engine
         self.notifies = False
         self.prune_statement = prune_statement("sqlite")
+        self.fold_statements = fold_statements("sqlite")
         self.changes_since_statement = changes_since_statement("sqlite")
         self.claim_key_statement = claim_key_statement("sqlite")
         self._connections = Connections(engine)

@@ -126,16 +126,12 @@ class TestUserCounts:
         """More rows than a chunk are folded in several transactions, walking up the ids
         (a chunk's sum row is the newest, for the last chunk), exact after each."""
         monkeypatch.setattr(_user_counts, "FOLD_CHUNK", 7)
-        _user_counts._chunk_end_statement.cache_clear()
-        try:
-            await repo.upsert_many([snap(f"u{n:02}") for n in range(20)])
-            backend, scope = repo._context.backend, repo._context.scope
-            left = []
-            after: int | None = 0
-            while after is not None:
-                after = await _user_counts.fold_chunk(backend, scope, after)
-                left.append((after is None, await count_rows(repo), await repo.count_users()))
-            # Ids 1-20: 1-7 -> sum 21; 8-14 -> sum 22; 15-21 -> sum 23; 22 and 23 -> one.
-            assert left == [(False, 14, 20), (False, 8, 20), (False, 2, 20), (True, 1, 20)]
-        finally:
-            _user_counts._chunk_end_statement.cache_clear()
+        await repo.upsert_many([snap(f"u{n:02}") for n in range(20)])
+        backend, scope = repo._context.backend, repo._context.scope
+        left = []
+        after: int | None = 0
+        while after is not None:
+            after = await _user_counts.fold_chunk(backend, scope, after)
+            left.append((after is None, await count_rows(repo), await repo.count_users()))
+        # Ids 1-20: 1-7 -> sum 21; 8-14 -> sum 22; 15-21 -> sum 23; 22 and 23 -> one.
+        assert left == [(False, 14, 20), (False, 8, 20), (False, 2, 20), (True, 1, 20)]
