@@ -242,13 +242,17 @@ async def autovacuum_held_off(engine: AsyncEngine) -> AsyncIterator[None]:
 
 
 async def snapshot_holders(engine: AsyncEngine) -> list[str]:
-    """Other sessions of this database holding a snapshot now (they keep dead rows)."""
+    """Other sessions of the server holding a snapshot or a transaction id now, each with
+    whether it is in this database, its xmin and its xid: any of them older than an
+    erasure keeps the erased rows (a snapshot's xmin is the oldest transaction open
+    anywhere on the server)."""
     async with engine.connect() as conn:
         rows = await conn.execute(
             text(
-                "SELECT pid, backend_type, state, left(query, 60) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND backend_xmin IS NOT NULL"
+                "SELECT pid, datname = current_database(), backend_type, state, backend_xmin, "
+                "backend_xid, left(query, 60) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() "
+                "AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)"
             )
         )
         return [str(tuple(row)) for row in rows]
