@@ -37,7 +37,8 @@ from .statements import in_scope
 
 __all__ = ["chunk_end_statement", "fold_statements", "recount_statements"]
 
-FOLDED_COLUMNS = ["tenant", "namespace", "delta"]
+_FOLDED_COLUMNS = ["tenant", "namespace", "delta"]
+"""What a fold or a recount inserts: a scope and its sum."""
 
 
 @cache
@@ -66,7 +67,7 @@ def fold_statements(dialect: str) -> tuple[ClauseElement, ...]:
             gone.c.tenant,
             gone.c.namespace,  # no row when the chunk was empty
         )
-        return (insert(counts).from_select(FOLDED_COLUMNS, summed).add_cte(gone),)
+        return (insert(counts).from_select(_FOLDED_COLUMNS, summed).add_cte(gone),)
     marked = and_(chunk, counts.c.fold == bindparam("fold"))
     mark = update(counts).where(in_scope(counts), chunk).values(fold=bindparam("fold"))
     summed = (
@@ -74,7 +75,7 @@ def fold_statements(dialect: str) -> tuple[ClauseElement, ...]:
         .where(in_scope(counts), marked)
         .group_by(counts.c.tenant, counts.c.namespace)  # no row when nothing was marked
     )
-    add_sum = insert(counts).from_select(FOLDED_COLUMNS, summed)
+    add_sum = insert(counts).from_select(_FOLDED_COLUMNS, summed)
     drop_marked = delete(counts).where(in_scope(counts), marked)
     return mark, add_sum, drop_marked
 
@@ -87,4 +88,4 @@ def recount_statements() -> tuple[Delete, Insert]:
     per_scope = select(latest.c.tenant, latest.c.namespace, func.count()).group_by(
         latest.c.tenant, latest.c.namespace
     )
-    return delete(counts), insert(counts).from_select(FOLDED_COLUMNS, per_scope)
+    return delete(counts), insert(counts).from_select(_FOLDED_COLUMNS, per_scope)
