@@ -37,7 +37,7 @@ from .backends import Backend, Scope
 from .backends.count_sql import chunk_end_statement
 from .errors import SnapshotRepoError
 
-__all__ = ["FOLD_AFTER", "FOLD_CHUNK", "fold", "fold_chunk", "fold_logging_failure", "read_count"]
+__all__ = ["FOLD_AFTER", "FOLD_CHUNK", "fold_chunk", "fold_logging_failure", "read_count"]
 
 FOLD_AFTER = 1000
 """A count that reads more of the scope's rows than this folds them (about 0.1 ms to
@@ -74,13 +74,6 @@ async def fold_chunk(backend: Backend, scope: Scope, after: int = 0) -> int | No
     work = [(statement, params) for statement in backend.fold_statements]
     await backend.execute_in_transaction(work)
     return upto if chunk_end else None
-
-
-async def fold(backend: Backend, scope: Scope) -> None:
-    """Replace the scope's count rows by one holding their sum, a chunk at a time."""
-    after: int | None = 0
-    while after is not None:
-        after = await fold_chunk(backend, scope, after)
 
 
 async def fold_logging_failure(

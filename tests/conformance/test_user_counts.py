@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 import snapshot_repo as sr
 from snapshot_repo import _user_counts
-from snapshot_repo._user_counts import FOLD_AFTER, fold
+from snapshot_repo._user_counts import FOLD_AFTER, fold_chunk
 from snapshot_repo.tables import user_counts_table
 from tests.support.conformance import Doc, MakeRepo, snap
 
@@ -19,6 +20,13 @@ from tests.support.conformance import Doc, MakeRepo, snap
 async def listed(repo: sr.SnapshotRepository[Any]) -> int:
     """The scope's live users, counted the slow way: by listing them."""
     return len(await repo.list_users(limit=10_000))
+
+
+async def fold(repo: sr.SnapshotRepository[Any]) -> None:
+    """Fold the repository's scope to one row, chunk by chunk, as `count_users` does."""
+    after: int | None = 0
+    while after is not None:
+        after = await fold_chunk(repo._context.backend, repo._context.scope, after)
 
 
 async def count_rows(repo: sr.SnapshotRepository[Any]) -> int:
@@ -95,7 +103,6 @@ class TestUserCounts:
     ):
         """Writers add users while folds run at once: every +1 is counted exactly once."""
         writers, per_writer = 6, 25
-        backend, scope = repo._context.backend, repo._context.scope
         done = asyncio.Event()
 
         async def write(writer: int) -> None:
@@ -105,7 +112,7 @@ class TestUserCounts:
         async def keep_folding() -> int:
             folds = 0
             while not done.is_set():
-                await fold(backend, scope)
+                await fold(repo)
                 folds += 1
             return folds
 
@@ -116,7 +123,7 @@ class TestUserCounts:
             done.set()
             fold_counts = await asyncio.gather(*folders)
         assert min(fold_counts) >= 1
-        await fold(backend, scope)
+        await fold(repo)
         assert await count_rows(repo) == 1
         assert await repo.count_users() == writers * per_writer == await listed(repo)
 
@@ -135,3 +142,20 @@ class TestUserCounts:
             left.append((after is None, await count_rows(repo), await repo.count_users()))
         # Ids 1-20: 1-7 -> sum 21; 8-14 -> sum 22; 15-21 -> sum 23; 22 and 23 -> one.
         assert left == [(False, 14, 20), (False, 8, 20), (False, 2, 20), (True, 1, 20)]
+
+    async def test_a_fold_that_fails_is_logged_and_the_count_stands(
+        self,
+        repo: sr.SnapshotRepository[Doc],
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture,
+    ):
+        """The count is read before the fold: a database refusing the fold (here a
+        statement naming a column that does not exist) costs the fold, not the count."""
+        await repo.upsert_many([snap(f"u{n}") for n in range(5)])
+        monkeypatch.setattr(_user_counts, "FOLD_AFTER", 2)
+        broken = (text("UPDATE snapshot_user_counts SET no_such_column = 1"),)
+        monkeypatch.setattr(repo._context.backend, "fold_statements", broken)
+        with caplog.at_level(logging.WARNING, logger="snapshot_repo"):
+            assert await repo.count_users() == 5
+        assert "could not fold the user count" in caplog.text
+        assert await count_rows(repo) == 5  # rolled back whole: nothing folded
