@@ -336,6 +336,26 @@ def test_the_chart_has_a_core_panel_per_backend_when_the_core_side_ran(
     ]
 
 
+async def test_a_raw_batch_returns_each_users_new_version(backend: Backend) -> None:
+    """Every raw baseline's batch tells the caller the version each user got, as the
+    library's `upsert_many` does (Postgres's raw batch always did; the comparison is
+    of the same job)."""
+    config = BenchConfig(**TINY, **where(backend, backend.fresh_url()))
+    states = make_states(2)
+    async with OPENERS[backend.name](config) as setup:
+        raws = [side for side in setup.sides if not isinstance(side, LibrarySide)]
+        assert raws
+        for side in raws:
+            batch = [(f"{side.name}-x", states[0]), (f"{side.name}-y", states[1])]
+            for version in (1, 2):
+                returned = await side.bulk_write(batch)
+                assert isinstance(returned, list)
+                assert sorted((str(user), int(v)) for user, v in returned) == [
+                    (f"{side.name}-x", version),
+                    (f"{side.name}-y", version),
+                ]
+
+
 @pytest.mark.parametrize("core", [False, True], ids=["fast", "core"])
 async def test_each_library_side_runs_on_its_own_backend(backend: Backend, core: bool) -> None:
     """The library side runs on the database's fast backend, the core side (only with

@@ -15,8 +15,9 @@ The library's operations, statement by statement, on the bare driver:
   entries, and the erasure's own feed entry;
 - a batch is one transaction: `executemany` of the upsert (one multi-row
   statement: see `sql.upsert_row`), then one
-  `INSERT ... SELECT` copying the batch's new latest rows into the history and
-  one copying them into the feed.
+  `INSERT ... SELECT ... RETURNING` copying the batch's new latest rows into the
+  history (each user's new version back, as the library's batch returns them)
+  and one copying them into the feed.
 
 Connections run READ COMMITTED, as the library's (`init_command`). The same
 class runs on aiomysql's pool, whose API is asyncmy's (both come from
@@ -146,7 +147,7 @@ class MariadbSide(Side):
             await cursor.execute(sql.erase_entry, (row[0], _now()))
         return int(erased)
 
-    async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> int:
+    async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> list[Any]:
         user_ids = [user_id for user_id, _ in items]
         require_distinct(user_ids)
         created_at = _now()
@@ -155,9 +156,10 @@ class MariadbSide(Side):
         copy_feed = self._with_ids(self._sql.bulk_feed, len(user_ids))
         async with self._transaction() as cursor:
             await cursor.executemany(self._sql.upsert, rows)
-            copied = await cursor.execute(copy_history, user_ids)
+            await cursor.execute(copy_history, user_ids)
+            versions = list(await cursor.fetchall())
             await cursor.execute(copy_feed, user_ids)
-        return int(copied)
+        return versions
 
     async def bulk_read(self, user_ids: Sequence[str]) -> list[RawSnapshot]:
         query = self._with_ids(self._sql.latest_many, len(user_ids))

@@ -163,11 +163,13 @@ FROM generate_series(0, $2::integer - 1) AS u""",
         upsert=upsert,
         append=f"INSERT INTO snapshot_history ({columns}) VALUES ({fixed}?, ?, ?, ?, ?)",
         # After an executemany of upserts, under the write lock, the batch's latest
-        # rows are exactly the versions to append: one statement copies them.
+        # rows are exactly the versions to append: one statement copies them and
+        # returns each user's new version (the library's `upsert_many` returns them too).
         bulk_write=f"""
 INSERT INTO snapshot_history ({columns})
 SELECT {fixed}{selected} FROM snapshot_latest
-WHERE {where}user_id IN (SELECT value FROM json_each(?))""",
+WHERE {where}user_id IN (SELECT value FROM json_each(?))
+RETURNING user_id, version""",
         latest=f"SELECT {selected} FROM snapshot_latest WHERE {where}user_id = ?",
         latest_many=(
             f"SELECT {selected} FROM snapshot_latest "
@@ -223,10 +225,12 @@ ON DUPLICATE KEY UPDATE
         upsert=upsert,
         append=f"INSERT INTO snapshot_history ({columns}) VALUES ({fixed}%s, %s, %s, %s, %s)",
         # After the batch's upserts, under their row locks, the batch's latest rows are
-        # exactly the versions to append: one statement copies them, another their feed.
+        # exactly the versions to append: one statement copies them (returning each
+        # user's new version, as the library's `upsert_many` does), another their feed.
         bulk_write=f"""
 INSERT INTO snapshot_history ({columns})
-SELECT {fixed}{selected} FROM snapshot_latest WHERE {where}user_id IN ({IDS})""",
+SELECT {fixed}{selected} FROM snapshot_latest WHERE {where}user_id IN ({IDS})
+RETURNING user_id, version""",
         latest=f"SELECT {selected} FROM snapshot_latest WHERE {where}user_id = %s",
         latest_many=f"SELECT {selected} FROM snapshot_latest WHERE {where}user_id IN ({IDS})",
         history=(

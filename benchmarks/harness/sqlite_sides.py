@@ -91,7 +91,7 @@ class AiosqliteSide(Side):
             await self._conn.execute(CHECKPOINT)
         return erased
 
-    async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> int:
+    async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> list[Any]:
         user_ids = [user_id for user_id, _ in items]
         require_distinct(user_ids)
         created_at = sqlite_time(datetime.now(UTC))
@@ -99,7 +99,7 @@ class AiosqliteSide(Side):
         async with self._transaction() as conn:
             await conn.executemany(self._sql.upsert, rows)
             cursor = await conn.execute(self._sql.bulk_write, (json.dumps(user_ids),))
-        return cursor.rowcount
+            return list(await cursor.fetchall())
 
     async def bulk_read(self, user_ids: Sequence[str]) -> list[RawSnapshot]:
         async with self._lock:
@@ -168,10 +168,10 @@ class Sqlite3Side(Side):
 
         return self._thread.transaction(work)
 
-    def _bulk_write_sync(self, rows: list[tuple[str, int, bytes, str]], user_ids: str) -> int:
-        def work(conn: sqlite3.Connection) -> int:
+    def _bulk_write_sync(self, rows: list[tuple[str, int, bytes, str]], user_ids: str) -> list[Any]:
+        def work(conn: sqlite3.Connection) -> list[Any]:
             conn.executemany(self._sql.upsert, rows)
-            return conn.execute(self._sql.bulk_write, (user_ids,)).rowcount
+            return conn.execute(self._sql.bulk_write, (user_ids,)).fetchall()
 
         return self._thread.transaction(work)
 
@@ -202,7 +202,7 @@ class Sqlite3Side(Side):
 
         return await self._thread.call(work)
 
-    async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> int:
+    async def bulk_write(self, items: Sequence[tuple[str, BenchState]]) -> list[Any]:
         user_ids = [user_id for user_id, _ in items]
         require_distinct(user_ids)
         created_at = sqlite_time(datetime.now(UTC))
