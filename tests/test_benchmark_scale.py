@@ -12,13 +12,18 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
+import pytest
 
 from benchmarks.scaling import TARGETS, ScaleOptions, main, run_scale
-from benchmarks.scaling.measure import CALLS
+from benchmarks.scaling.databases import open_scale_database
+from benchmarks.scaling.load import load
+from benchmarks.scaling.measure import CALLS, LIBRARY_CALLS
+from benchmarks.scaling.raw import check_raw_reads, open_raw_side
 from tests.support.databases import PostgresServer
 
 USERS, SMALL_USERS, VERSIONS = 50, 10, 2
@@ -102,6 +107,27 @@ def test_cli_writes_the_json_report_with_every_target(tmp_path: Path) -> None:
     flags += ["--scale-versions", "2", "--rounds", "1", "--block", "2", "--batch", "25"]
     assert main([*flags, "--sqlite-dir", str(work), "--json", str(out), "--quiet"]) == 0
     report = json.loads(out.read_text())
-    assert set(report["targets"]) == set(TARGETS) == set(CALLS)
+    assert set(report["targets"]) == set(TARGETS) == set(LIBRARY_CALLS)
     assert all(isinstance(target["met"], bool) for target in report["targets"].values())
     assert {size["relation"] for size in report["sizes"]["big"]} >= {"snapshot_history"}
+
+
+async def test_the_floor_refuses_a_raw_side_that_reads_other_rows(tmp_path: Path) -> None:
+    """`check_raw_reads` passes the raw side of the same database and refuses one that
+    reads other versions (here: another database's), before anything is timed."""
+    async with AsyncExitStack() as stack:
+        opened = {}
+        for label, versions in (("one", 1), ("two", 2)):
+            database = await stack.enter_async_context(
+                open_scale_database(
+                    label, "sqlite", postgres_url="", directory=tmp_path, keep=False, existing=None
+                )
+            )
+            await load(database, SMALL_USERS, versions, batch=5, workers=1, progress=print)
+            opened[label] = database
+        one_raw = await stack.enter_async_context(open_raw_side(opened["one"]))
+        two_raw = await stack.enter_async_context(open_raw_side(opened["two"]))
+        await check_raw_reads(opened["one"], one_raw, SMALL_USERS)
+        await check_raw_reads(opened["two"], two_raw, SMALL_USERS)
+        with pytest.raises(RuntimeError, match="reads other rows than the library on one"):
+            await check_raw_reads(opened["one"], two_raw, SMALL_USERS)

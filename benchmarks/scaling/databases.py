@@ -25,11 +25,11 @@ from snapshot_repo.engine import normalize_url
 
 from ..harness.state import BenchState
 
-__all__ = ["ScaleBackend", "ScaleDatabase", "asyncpg_dsn", "open_scale_database"]
+__all__ = ["SETTINGS", "ScaleBackend", "ScaleDatabase", "asyncpg_dsn", "open_scale_database"]
 
 ScaleBackend = Literal["postgres", "sqlite"]
 
-_SETTINGS = EngineSettings(command_timeout=3600.0)
+SETTINGS = EngineSettings(command_timeout=3600.0)
 """The library's defaults, except that one statement may run an hour: VACUUM ANALYZE of
 ten million rows, or a count at a million users, is not a fault here."""
 
@@ -107,7 +107,7 @@ async def open_scale_database(
                     stack.callback(_unlink_sqlite, path)
             name = str(path)
             url = normalize_url(f"sqlite:///{path}")
-        repo = SnapshotRepository.from_url(url, BenchState, settings=_SETTINGS)
+        repo = SnapshotRepository.from_url(url, BenchState, settings=SETTINGS)
         stack.push_async_callback(repo.close)
         await repo.migrate()
         yield ScaleDatabase(label, backend, url, name, repo, created)

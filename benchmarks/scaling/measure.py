@@ -17,20 +17,25 @@ from typing import Any
 
 from snapshot_repo import Snapshot
 
+from ..harness.sides import Side
 from ..harness.timing import percentile, time_sequential
 from .databases import ScaleDatabase
 from .load import scale_states, user_id
+from .raw import RAW_CALLS
 
-__all__ = ["CALLS", "CallRatio", "Target", "interleave", "time_before_analyze"]
+__all__ = ["CALLS", "LIBRARY_CALLS", "CallRatio", "Target", "interleave", "time_before_analyze"]
 
-CALLS = (
+LIBRARY_CALLS = (
     "get_latest",
     "get_latest_many(100)",
     "get_history(10)",
     "count_users",
     "upsert_latest",
 )
-"""The calls timed, as reported: reads, the count, and writes of existing users."""
+"""The library's calls timed: reads, the count, and writes of existing users."""
+
+CALLS = (*LIBRARY_CALLS, *RAW_CALLS)
+"""Every call timed, as reported: the library's, then the floor's (`raw`)."""
 
 _MANY = 100
 _COUNT_SHARE = 10  # count_users runs block/10 times a block (it was an O(users) scan)
@@ -38,10 +43,11 @@ _COUNT_SHARE = 10  # count_users runs block/10 times a block (it was an O(users)
 
 @dataclass(frozen=True)
 class Target:
-    """A database and how many users it holds (ids 0 .. users-1)."""
+    """A database, how many users it holds (ids 0 .. users-1), and its raw side (`raw`)."""
 
     database: ScaleDatabase
     users: int
+    raw: Side | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,14 @@ def _plan(call: str, target: Target, count: int, rng: random.Random) -> tuple[_O
     def some_user() -> str:
         return user_id(rng.randrange(users))
 
+    if call in RAW_CALLS:
+        if target.raw is None:
+            raise ValueError(f"{call!r} needs the target's raw side")
+        if call == "raw get_latest":
+            return _typed(target.raw.get_latest), [some_user() for _ in range(count)]
+        return _typed(target.raw.bulk_read), [
+            [some_user() for _ in range(_MANY)] for _ in range(count)
+        ]
     if call == "get_latest":
         return _typed(repo.get_latest), [some_user() for _ in range(count)]
     if call == "get_latest_many(100)":

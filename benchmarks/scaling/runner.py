@@ -17,6 +17,7 @@ from .created_at import VARIANTS, VariantResult, run_experiment
 from .databases import ScaleBackend, ScaleDatabase, open_scale_database
 from .load import analyze, analyzed, load, set_autovacuum
 from .measure import CALLS, Target, interleave, time_before_analyze
+from .raw import check_raw_reads, open_raw_side
 from .report import ScaleReport
 from .sizes import relation_sizes
 
@@ -140,10 +141,14 @@ async def run_scale(
         report.small_users = await _prepare(small, options.small_users, options, report, progress)
         for database in (big, small):
             report.sizes[database.label] = await relation_sizes(database)
+        raw = {}
+        for database, users in ((big, report.big_users), (small, report.small_users)):
+            raw[database.label] = await stack.enter_async_context(open_raw_side(database))
+            await check_raw_reads(database, raw[database.label], users)
         progress("timing, interleaved")
         report.ratios = await interleave(
-            Target(big, report.big_users),
-            Target(small, report.small_users),
+            Target(big, report.big_users, raw["big"]),
+            Target(small, report.small_users, raw["small"]),
             rounds=options.rounds,
             block=options.block,
             calls=CALLS,
