@@ -4,8 +4,10 @@
 users through `upsert_many` into a throwaway big database and 1,000 into a
 small one, then times `get_latest`, `get_latest_many(100)`,
 `get_history(limit=10)`, `count_users` and `upsert_latest` on both,
-interleaved, and reports p50/p99 ratios big/small against the issue's
-targets and the bytes per row of every table and index. `created_at` holds
+interleaved, with the two reads also as hand-written SQL on the bare driver
+(`raw`: the database's own growth, the floor of the library's), and reports
+p50/p99 ratios big/small against the issue's targets and the bytes per row
+of every table and index. `created_at` holds
 the experiment on the history table's created_at index. See
 benchmarks/README.md ("Scale").
 """
