@@ -105,8 +105,8 @@ def render(report: ScaleReport) -> str:
     if any(ratio.call in RAW_CALLS for ratio in report.ratios):
         lines.append(
             "raw: the same read as hand-written SQL on the bare driver (the main benchmark's "
-            "asyncpg or sqlite3 side): the database's own growth, which a library call "
-            "waiting for it cannot go below"
+            "asyncpg or sqlite3 side): about the database's own growth, which a library "
+            "call adds a constant to"
         )
     for label, sizes in report.sizes.items():
         lines += [
