@@ -11,6 +11,7 @@ came from the replica and one returning the newer version from the primary.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -181,24 +182,61 @@ def _standby_name(servers: Servers) -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:{servers.standby.port}/{servers.database}"
 
 
+class _Fallbacks(logging.Handler):
+    """Counts the router's "a read on replica ... failed, reading from the primary" records."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "failed, reading from the primary" in record.getMessage():
+            self.count += 1
+
+
 async def _proves_replica_serves(
     servers: Servers,
     reader: sr.SnapshotRepository[Cart],
     writer: sr.SnapshotRepository[Cart],
     user_id: str,
 ) -> None:
-    """With replay paused, a write on the primary is not seen by `reader`: the replica answered."""
-    before = await writer.get_latest(user_id)
-    assert before is not None
-    async with _replay_paused(servers):
-        newer = await _put(writer, user_id, "only on the primary")
-        seen = await reader.get_latest(user_id)
-        assert seen is not None
-        assert (seen.version, seen.state.note) == (before.version, before.state.note)
-        with primary_reads():  # the escape hatch reads the primary
-            fresh = await reader.get_latest(user_id)
-        assert fresh is not None
-        assert fresh.version == newer
+    """With replay paused, a write on the primary is not seen by `reader`: the replica answered.
+
+    A replica read that fails or outlasts `max_lag` is answered by the primary
+    instead, as designed (and logged): on a busy machine a standby just thawed
+    can take that long. Such an attempt proves nothing and is made again, at
+    most three times; the primary answering with no failure logged fails at once.
+    """
+    router = reader._backend
+    assert isinstance(router, ReplicaRouter)
+    logger = logging.getLogger("snapshot_repo")
+    fallbacks = _Fallbacks()
+    logger.addHandler(fallbacks)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        for _attempt in range(3):
+            before = await writer.get_latest(user_id)
+            assert before is not None
+            async with _replay_paused(servers):
+                newer = await _put(writer, user_id, "only on the primary")
+                failed_before = fallbacks.count
+                seen = await reader.get_latest(user_id)
+                assert seen is not None
+                with primary_reads():  # the escape hatch reads the primary
+                    fresh = await reader.get_latest(user_id)
+                assert fresh is not None
+                assert fresh.version == newer
+            if fallbacks.count == failed_before:
+                assert (seen.version, seen.state.note) == (before.version, before.state.note)
+                return
+            assert seen.version == newer  # the primary answered, as it must after a failure
+            await _caught_up(servers)
+            await _replica_in_use(servers, router, user_id)
+        pytest.fail("every replica read failed over to the primary: the replica never served")
+    finally:
+        logger.removeHandler(fallbacks)
+        logger.setLevel(level)
 
 
 async def test_reads_are_served_by_the_replica(pair: Servers) -> None:
