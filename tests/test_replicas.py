@@ -14,9 +14,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -26,6 +27,8 @@ from snapshot_repo.backends.replicas import ReplicaRouter, primary_reads
 from tests.support.databases import Cart, migrate_database, run_blocking
 
 from .support.pg_cluster import PgCluster, create_or_skip
+
+_T = TypeVar("_T")
 
 _WAIT = 15.0
 """Seconds a condition may take to come true (replay, a check noticing) before a test fails."""
@@ -194,6 +197,33 @@ class _Fallbacks(logging.Handler):
             self.count += 1
 
 
+async def _read_recording_the_route(
+    router: ReplicaRouter, read: Callable[[], Awaitable[_T]]
+) -> tuple[_T, bool, bool]:
+    """`read()`, whether the router chose a replica for it, and whether that replica failed
+    (the read then answered by the primary, as designed)."""
+    chosen: list[object] = []
+    choose = router._replica_for
+
+    def recording(since: float) -> Any:
+        replica = choose(since)
+        chosen.append(replica)
+        return replica
+
+    logger = logging.getLogger("snapshot_repo")
+    fallbacks, level = _Fallbacks(), logger.level
+    logger.addHandler(fallbacks)
+    logger.setLevel(logging.INFO)
+    router._replica_for = recording  # type: ignore[method-assign]
+    try:
+        result = await read()
+    finally:
+        del router._replica_for
+        logger.removeHandler(fallbacks)
+        logger.setLevel(level)
+    return result, chosen == [chosen[0]] and chosen[0] is not None, fallbacks.count > 0
+
+
 async def _proves_replica_serves(
     servers: Servers,
     reader: sr.SnapshotRepository[Cart],
@@ -202,41 +232,35 @@ async def _proves_replica_serves(
 ) -> None:
     """With replay paused, a write on the primary is not seen by `reader`: the replica answered.
 
-    A replica read that fails or outlasts `max_lag` is answered by the primary
-    instead, as designed (and logged): on a busy machine a standby just thawed
-    can take that long. Such an attempt proves nothing and is made again, at
-    most three times; the primary answering with no failure logged fails at once.
+    The router may rightly send the read to the primary instead: when its last
+    measurement of the replica is older than `max_lag` (on a busy machine the
+    measurements fall behind), or when the replica's answer fails or outlasts
+    `max_lag` (a standby just thawed). Such an attempt proves nothing and is made
+    again, at most three times; a read the router sent to the replica must be
+    the replica's answer, at once.
     """
     router = reader._backend
     assert isinstance(router, ReplicaRouter)
-    logger = logging.getLogger("snapshot_repo")
-    fallbacks = _Fallbacks()
-    logger.addHandler(fallbacks)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        for _attempt in range(3):
-            before = await writer.get_latest(user_id)
-            assert before is not None
-            async with _replay_paused(servers):
-                newer = await _put(writer, user_id, "only on the primary")
-                failed_before = fallbacks.count
-                seen = await reader.get_latest(user_id)
-                assert seen is not None
-                with primary_reads():  # the escape hatch reads the primary
-                    fresh = await reader.get_latest(user_id)
-                assert fresh is not None
-                assert fresh.version == newer
-            if fallbacks.count == failed_before:
-                assert (seen.version, seen.state.note) == (before.version, before.state.note)
-                return
-            assert seen.version == newer  # the primary answered, as it must after a failure
-            await _caught_up(servers)
-            await _replica_in_use(servers, router, user_id)
-        pytest.fail("every replica read failed over to the primary: the replica never served")
-    finally:
-        logger.removeHandler(fallbacks)
-        logger.setLevel(level)
+    for _attempt in range(3):
+        before = await writer.get_latest(user_id)
+        assert before is not None
+        async with _replay_paused(servers):
+            newer = await _put(writer, user_id, "only on the primary")
+            seen, on_replica, failed = await _read_recording_the_route(
+                router, lambda: reader.get_latest(user_id)
+            )
+            assert seen is not None
+            with primary_reads():  # the escape hatch reads the primary
+                fresh = await reader.get_latest(user_id)
+            assert fresh is not None
+            assert fresh.version == newer
+        if on_replica and not failed:
+            assert (seen.version, seen.state.note) == (before.version, before.state.note)
+            return
+        assert seen.version == newer  # the primary answered, fresh
+        await _caught_up(servers)
+        await _replica_in_use(servers, router, user_id)
+    pytest.fail("the router sent every proof read to the primary: the replica never served")
 
 
 async def test_reads_are_served_by_the_replica(pair: Servers) -> None:
