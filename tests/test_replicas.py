@@ -221,7 +221,7 @@ async def _read_recording_the_route(
         del router._replica_for
         logger.removeHandler(fallbacks)
         logger.setLevel(level)
-    return result, chosen == [chosen[0]] and chosen[0] is not None, fallbacks.count > 0
+    return result, len(chosen) == 1 and chosen[0] is not None, fallbacks.count > 0
 
 
 async def _proves_replica_serves(
