@@ -49,6 +49,7 @@ __all__ = [
     "open_mariadb",
     "open_postgres",
     "open_sqlite",
+    "open_sqlite3",
     "sqlite_pragmas",
 ]
 
@@ -368,7 +369,8 @@ _DURABILITY_QUERIES = (
 )
 
 
-def _open_sqlite3(path: Path, settings: EngineSettings) -> sqlite3.Connection:
+def open_sqlite3(path: Path, settings: EngineSettings) -> sqlite3.Connection:
+    """A stdlib `sqlite3` connection with the library's pragmas, transactions left to the caller."""
     # isolation_level=None: the sqlite3 module must not begin transactions itself;
     # every write transaction is an explicit BEGIN IMMEDIATE, as in the library.
     conn = sqlite3.connect(path, timeout=settings.busy_timeout, isolation_level=None)
@@ -400,7 +402,7 @@ async def open_sqlite(config: BenchConfig) -> AsyncIterator[Setup]:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-sqlite3")
         stack.callback(executor.shutdown)
         loop = asyncio.get_running_loop()
-        raw = await loop.run_in_executor(executor, _open_sqlite3, path, settings)
+        raw = await loop.run_in_executor(executor, open_sqlite3, path, settings)
         stack.push_async_callback(loop.run_in_executor, executor, raw.close)
         thread = Sqlite3Thread(executor, raw)
 

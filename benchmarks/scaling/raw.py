@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
 
 from ..harness.asyncpg_side import AsyncpgSide, keep_session
-from ..harness.databases import sqlite_pragmas
+from ..harness.databases import open_sqlite3
 from ..harness.sql import raw_statements
 from ..harness.sqlite_sides import Sqlite3Side, Sqlite3Thread
 from .databases import SETTINGS, ScaleDatabase, asyncpg_dsn
@@ -53,20 +53,13 @@ async def open_raw_side(database: ScaleDatabase) -> AsyncIterator[RawSide]:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scale-sqlite3")
     try:
-        conn = await loop.run_in_executor(executor, _open_sqlite3, database.name)
+        conn = await loop.run_in_executor(executor, open_sqlite3, Path(database.name), SETTINGS)
         try:
             yield Sqlite3Side(Sqlite3Thread(executor, conn), raw_statements("sqlite", scope))
         finally:
             await loop.run_in_executor(executor, conn.close)
     finally:
         executor.shutdown()
-
-
-def _open_sqlite3(path: str) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in sqlite_pragmas(SETTINGS):
-        conn.execute(pragma)
-    return conn
 
 
 async def check_raw_reads(database: ScaleDatabase, raw: RawSide, users: int) -> None:
