@@ -22,6 +22,8 @@ from sqlalchemy.engine import make_url
 import snapshot_repo as sr
 from snapshot_repo import migrate
 from snapshot_repo.backends.mysql import MysqlBackend
+from snapshot_repo.backends.mysql_driver import MysqlDriver
+from snapshot_repo.backends.mysql_session import autocommit
 from snapshot_repo.engine import create_engine
 from tests.support.databases import Cart, MariadbServer, mariadb_admin, mariadb_connect
 
@@ -271,14 +273,35 @@ async def test_a_large_state_and_microsecond_timestamps_are_kept(mariadb_url: st
         assert await repo.get_as_of("big", second.created_at) == second
 
 
-async def test_batches_past_one_statements_limits_are_stored_whole(mariadb_url: str):
-    """A batch's upserts run as multi-row statements of at most 65,535 values and about
-    4 MiB each: a batch of 6,000 users (72,000 values) and one of 8 states of 700 KB each
-    take several, in one transaction, and every write is stored with its version."""
+BATCH_PATHS = pytest.mark.parametrize(
+    "bulk", [True, False], ids=["mariadb-bulk-execution", "mysql-multi-row"]
+)
+"""A batch's upserts: MariaDB's bulk execution, or MySQL's multi-row statements (which
+run here on MariaDB, with the bulk execution switched off: no MySQL server to test on)."""
+
+
+def batch_path(monkeypatch: pytest.MonkeyPatch, bulk: bool) -> None:
+    if not bulk:
+        monkeypatch.setattr(MysqlDriver, "_bulk_upserts", lambda _self: False)
+
+
+@BATCH_PATHS
+async def test_batches_past_one_statements_limits_are_stored_whole(
+    mariadb_url: str, monkeypatch: pytest.MonkeyPatch, bulk: bool
+):
+    """A batch's upserts run as statements of at most 65,535 values and about 4 MiB
+    each: a batch of 6,000 users (42,000 values) and one of 8 states of 700 KB each take
+    several, in one transaction, and every write is stored with its version and the
+    batch's actor, reason and metadata."""
+    batch_path(monkeypatch, bulk)
     big = "x" * 700_000
     async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
         many = [snap(f"many-{n:05d}", str(n)) for n in range(6_000)]
         assert {s.version for s in await repo.upsert_many(many)} == {1}
+        described = await repo.upsert_many(
+            many[:100], actor="importer", reason="nightly", metadata={"run": 7}
+        )
+        assert {(s.version, s.actor) for s in described} == {(2, "importer")}
         heavy = [sr.Snapshot(user_id=f"heavy-{n}", state=Cart(note=big)) for n in range(8)]
         await repo.upsert_many(heavy)
         stored = await repo.upsert_many(heavy)
@@ -286,10 +309,52 @@ async def test_batches_past_one_statements_limits_are_stored_whole(mariadb_url: 
         assert await repo.count_users() == 6_008
         found = await repo.get_latest_many([f"many-{n:05d}" for n in (0, 2_999, 5_999)])
         assert [found[u].state.items for u in sorted(found)] == [["0"], ["2999"], ["5999"]]
+        assert [found[u].version for u in sorted(found)] == [2, 1, 1]
+        assert (found["many-00000"].actor, found["many-00000"].reason) == ("importer", "nightly")
+        assert found["many-00000"].metadata == {"run": 7}
+        assert found["many-02999"].actor is None
         latest = await repo.get_latest("heavy-7")
         assert latest is not None
         assert latest.state.note == big
         assert [s.version for s in await repo.get_history("heavy-7")] == [2, 1]
+
+
+async def _statement_counters(connections: Any) -> tuple[int, dict[str, int]]:
+    """The connection id and statement counters of the connection the driver would use next."""
+    async with connections.checkout() as conn:
+        await autocommit(conn)
+        async with conn.cursor() as cursor:
+            await cursor.execute("SELECT CONNECTION_ID()")
+            (connection_id,) = await cursor.fetchone()
+            await cursor.execute(
+                "SHOW SESSION STATUS WHERE Variable_name IN "
+                "('Com_stmt_execute', 'Com_insert', 'Com_insert_select')"
+            )
+            counters = {name: int(value) for name, value in await cursor.fetchall()}
+    return int(connection_id), counters
+
+
+@BATCH_PATHS
+async def test_a_batch_binds_its_values_in_three_prepared_statements(
+    mariadb_url: str, monkeypatch: pytest.MonkeyPatch, bulk: bool
+):
+    """A batch of 500 runs the upsert, the history copy and the feed copy as prepared
+    statements, with and without shared actor and metadata: never as text, which escapes
+    every payload on the client (asyncmy falls back to it silently, for example for a
+    bulk execution with a column of NULLs: five times the batch's time)."""
+    batch_path(monkeypatch, bulk)
+    async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
+        connections = repo._backend._driver.connections  # type: ignore[attr-defined]
+        batch = [snap(f"u{n:03d}", "x" * 30) for n in range(500)]
+        await repo.upsert_many(batch)  # the first reads max_allowed_packet
+        for described in ({}, {"actor": "importer", "metadata": {"run": 1}}):
+            connection, before = await _statement_counters(connections)
+            stored = await repo.upsert_many(batch, **described)
+            assert len(stored) == 500
+            same_connection, after = await _statement_counters(connections)
+            assert same_connection == connection
+            counted = {name: after[name] - before[name] for name in before}
+            assert counted == {"Com_stmt_execute": 3, "Com_insert": 1, "Com_insert_select": 2}
 
 
 async def test_a_lost_connection_gives_a_typed_error_and_the_next_call_works(

@@ -107,19 +107,20 @@ def text_length(row: Sequence[Any]) -> int:
 
 def chunks(
     rows: Sequence[tuple[Any, ...]], sizes: Sequence[int], width: int, budget: int
-) -> list[list[Any]]:
-    """The rows' values, flat, cut into the multi-row statements that carry them: at most
-    `_MAX_PLACEHOLDERS` values and about `budget` bytes each (`sizes`: each row's bytes,
+) -> list[list[tuple[Any, ...]]]:
+    """The rows cut into the statements that carry them: at most `_MAX_PLACEHOLDERS`
+    values (rows of `width`) and about `budget` bytes each (`sizes`: each row's bytes,
     counting `VALUE_OVERHEAD` per value); a row alone over the budget goes alone
     (`check_packet` let it through)."""
-    chunks: list[list[Any]] = []
-    current: list[Any] = []
+    chunks: list[list[tuple[Any, ...]]] = []
+    current: list[tuple[Any, ...]] = []
     size = 0
+    most = max(1, _MAX_PLACEHOLDERS // width)
     for row, row_size in zip(rows, sizes, strict=True):
-        if current and (len(current) + width > _MAX_PLACEHOLDERS or size + row_size > budget):
+        if current and (len(current) >= most or size + row_size > budget):
             chunks.append(current)
             current, size = [], 0
-        current.extend(row)
+        current.append(row)
         size += row_size
     if current:
         chunks.append(current)
