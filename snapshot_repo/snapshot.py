@@ -128,7 +128,18 @@ class Snapshot(BaseModel, Generic[StateT]):
                 yield name, value
 
 
-_SNAPSHOT_FIELDS = frozenset(Snapshot.model_fields)
+_EVERY_FIELD: set[str] = set(Snapshot.model_fields)
+"""The `model_fields_set` of every stored snapshot, one set shared by all of them.
+
+A set of nine names takes about 700 bytes, and one per snapshot made the garbage
+collector run three times as many full collections (which scan every object of the
+process): over 300 `get_latest_many(500)` calls on MariaDB, interleaved with the raw
+driver reading the same rows, 18 full collections, all during the library's calls,
+4 ms of collecting a call against 0.4 ms for the raw driver; with the set shared, 6
+(and 5 during the raw driver's), 1.5 ms against 1.3. Sharing is safe because the model
+is frozen: pydantic adds to a model's fields set only on assignment, which a frozen
+model refuses first, and `model_copy` copies the set before adding to it.
+"""
 
 
 def stored_snapshot(snapshot_type: type[SnapshotT], values: dict[str, Any]) -> SnapshotT:
@@ -141,7 +152,7 @@ def stored_snapshot(snapshot_type: type[SnapshotT], values: dict[str, Any]) -> S
     snapshot = snapshot_type.__new__(snapshot_type)
     _set = object.__setattr__  # the model is frozen
     _set(snapshot, "__dict__", values)
-    _set(snapshot, "__pydantic_fields_set__", set(_SNAPSHOT_FIELDS))
+    _set(snapshot, "__pydantic_fields_set__", _EVERY_FIELD)
     _set(snapshot, "__pydantic_extra__", None)
     _set(snapshot, "__pydantic_private__", None)
     return snapshot

@@ -277,5 +277,11 @@ def test_stored_snapshots_behave_like_constructed_ones():
     assert fast.model_fields_set == slow.model_fields_set
     assert repr(fast) == repr(slow)
     assert hash(fast.model_copy(update={"version": 4}).version) == 4
+    # Stored snapshots share one fields set (every field); copying with an update
+    # changes the copy's set, not theirs.
+    other = stored_snapshot(sr.Snapshot[Cart], dict(values))
+    assert fast.model_fields_set == other.model_fields_set == set(sr.Snapshot.model_fields)
+    copied = other.model_copy(update={"version": 5})
+    assert copied.model_fields_set is not other.model_fields_set
     with pytest.raises(ValidationError):
         fast.version = 9  # frozen like any Snapshot
