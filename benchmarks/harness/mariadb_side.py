@@ -13,8 +13,9 @@ The library's operations, statement by statement, on the bare driver:
 - a delete is one transaction: the latest row (`DELETE ... RETURNING version`,
   which takes its lock), the history up to that version and the user's feed
   entries, and the erasure's own feed entry;
-- a batch is one transaction: `executemany` of the upsert (one multi-row
-  statement: see `sql.upsert_row`), then one
+- a batch is one transaction: `executemany` of the upsert (one
+  `COM_STMT_BULK_EXECUTE` on connections with a statement cache, else one
+  multi-row text statement: see `sql.upsert_row`), then one
   `INSERT ... SELECT ... RETURNING` copying the batch's new latest rows into the
   history (each user's new version back, as the library's batch returns them)
   and one copying them into the feed.
