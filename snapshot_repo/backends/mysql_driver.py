@@ -150,7 +150,7 @@ class MysqlDriver:
         """Whether a batch's upserts go as one bulk execution: on MariaDB, whose
         `COM_STMT_BULK_EXECUTE` asyncmy's `executemany` sends for a prepared statement.
         MySQL has none; asyncmy would send its batch as multi-row text, escaping
-        every payload byte in Python, so MySQL gets multi-row prepared statements."""
+        every payload on the client, so MySQL gets multi-row prepared statements."""
         return bool(getattr(self._dialect, "is_mariadb", False))
 
     def _lost(self, exc: BaseException) -> bool:
@@ -344,9 +344,8 @@ class MysqlDriver:
         cannot deadlock: on MariaDB as one bulk execution of the prepared single-row
         upsert (`_bulk_upsert`), on MySQL as multi-row statements (`_upsert_rows`);
         one for 500 small states, more past 4 MiB or 65,535 values. Then the feed
-        gate's share lock,
-        the rows copied into history and the feed, and their versions read back
-        (on MariaDB the first three are one statement,
+        gate's share lock, the rows copied into history and the feed, and their
+        versions read back (on MariaDB the first three are one statement,
         `batch_history_copy_returning_statement`).
         """
         order = sorted(batch.user_ids)
