@@ -21,8 +21,10 @@ from sqlalchemy.engine import make_url
 
 import snapshot_repo as sr
 from snapshot_repo import migrate
+from snapshot_repo.backends import mysql_driver
 from snapshot_repo.backends.mysql import MysqlBackend
 from snapshot_repo.backends.mysql_driver import MysqlDriver
+from snapshot_repo.backends.mysql_packets import chunks
 from snapshot_repo.backends.mysql_session import autocommit
 from snapshot_repo.engine import create_engine
 from tests.support.databases import Cart, MariadbServer, mariadb_admin, mariadb_connect
@@ -273,55 +275,96 @@ async def test_a_large_state_and_microsecond_timestamps_are_kept(mariadb_url: st
         assert await repo.get_as_of("big", second.created_at) == second
 
 
-BATCH_PATHS = pytest.mark.parametrize(
-    "bulk", [True, False], ids=["mariadb-bulk-execution", "mysql-multi-row"]
-)
-"""A batch's upserts: MariaDB's bulk execution, or MySQL's multi-row statements (which
-run here on MariaDB, with the bulk execution switched off: no MySQL server to test on)."""
+BATCH_PATHS = pytest.mark.parametrize("path", ["bulk-execution", "multi-row"])
+"""A batch's upserts: MariaDB's bulk execution, or the multi-row statements of MySQL and
+of servers or proxies without bulk operations (run here on MariaDB, with the bulk
+execution switched off: there is no MySQL server to test on)."""
 
 
-def batch_path(monkeypatch: pytest.MonkeyPatch, bulk: bool) -> None:
-    if not bulk:
-        monkeypatch.setattr(MysqlDriver, "_bulk_upserts", lambda _self: False)
+def batch_path(monkeypatch: pytest.MonkeyPatch, path: str) -> dict[str, list[int]]:
+    """Take the batch `path`; returns the number of rows of each upsert statement sent,
+    by path (`bulk-execution`, `multi-row`), as the batches run."""
+    if path == "multi-row":
+        monkeypatch.setattr(MysqlDriver, "_bulk_upserts", lambda _self, _conn: False)
+    sent: dict[str, list[int]] = {"bulk-execution": [], "multi-row": []}
+    bulk_upsert, upsert_rows = MysqlDriver._bulk_upsert, MysqlDriver._upsert_rows
+
+    def bulk_statement(self: MysqlDriver, row: str) -> str:
+        sent["bulk-execution"].append(-1)  # its rows: counted by `chunks`, below
+        return bulk_upsert(self, row)
+
+    def multi_row_statement(self: MysqlDriver, row: str, rows: int) -> str:
+        sent["multi-row"].append(rows)
+        return upsert_rows(self, row, rows)
+
+    monkeypatch.setattr(MysqlDriver, "_bulk_upsert", bulk_statement)
+    monkeypatch.setattr(MysqlDriver, "_upsert_rows", multi_row_statement)
+    return sent
+
+
+def chunk_rows(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The rows of each statement of each batch, as `mysql_driver` cuts them."""
+    cut: list[list[int]] = []
+
+    def recording(*args: Any) -> list[list[Any]]:
+        made = chunks(*args)
+        cut.append([len(chunk) for chunk in made])
+        return made
+
+    monkeypatch.setattr(mysql_driver, "chunks", recording)
+    return cut
 
 
 @BATCH_PATHS
 async def test_batches_past_one_statements_limits_are_stored_whole(
-    mariadb_url: str, monkeypatch: pytest.MonkeyPatch, bulk: bool
+    mariadb_url: str, monkeypatch: pytest.MonkeyPatch, path: str
 ):
     """A batch's upserts run as statements of at most 65,535 values and about 4 MiB
-    each: a batch of 6,000 users (42,000 values) and one of 8 states of 700 KB each take
-    several, in one transaction, and every write is stored with its version and the
-    batch's actor, reason and metadata."""
-    batch_path(monkeypatch, bulk)
+    each: a batch of 10,000 users (70,000 values) and one of 8 states of 700 KB each
+    take two each, in one transaction, and every write is stored with its version and
+    the batch's actor, reason and metadata (or none: a later batch without them)."""
+    sent = batch_path(monkeypatch, path)
+    cut = chunk_rows(monkeypatch)
     big = "x" * 700_000
     async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
-        many = [snap(f"many-{n:05d}", str(n)) for n in range(6_000)]
+        many = [snap(f"many-{n:05d}", str(n)) for n in range(10_000)]
         assert {s.version for s in await repo.upsert_many(many)} == {1}
         described = await repo.upsert_many(
             many[:100], actor="importer", reason="nightly", metadata={"run": 7}
         )
         assert {(s.version, s.actor) for s in described} == {(2, "importer")}
+        await repo.upsert_many(many[50:100])  # no actor, reason or metadata: none stored
         heavy = [sr.Snapshot(user_id=f"heavy-{n}", state=Cart(note=big)) for n in range(8)]
         await repo.upsert_many(heavy)
         stored = await repo.upsert_many(heavy)
         assert [s.version for s in stored] == [2] * 8
-        assert await repo.count_users() == 6_008
-        found = await repo.get_latest_many([f"many-{n:05d}" for n in (0, 2_999, 5_999)])
-        assert [found[u].state.items for u in sorted(found)] == [["0"], ["2999"], ["5999"]]
-        assert [found[u].version for u in sorted(found)] == [2, 1, 1]
+        assert await repo.count_users() == 10_008
+        found = await repo.get_latest_many([f"many-{n:05d}" for n in (0, 99, 5_000, 9_999)])
+        assert [found[u].state.items for u in sorted(found)] == [["0"], ["99"], ["5000"], ["9999"]]
+        assert [found[u].version for u in sorted(found)] == [2, 3, 1, 1]
         assert (found["many-00000"].actor, found["many-00000"].reason) == ("importer", "nightly")
         assert found["many-00000"].metadata == {"run": 7}
-        assert found["many-02999"].actor is None
+        assert (found["many-00099"].actor, found["many-00099"].metadata) == (None, None)
+        assert found["many-05000"].actor is None
         latest = await repo.get_latest("heavy-7")
         assert latest is not None
         assert latest.state.note == big
         assert [s.version for s in await repo.get_history("heavy-7")] == [2, 1]
+    # 65,535 // 7 values a row = 9,362 rows; 8 x 700 KB over two statements of <= 4 MiB.
+    assert cut[0] == [9_362, 638]
+    assert cut[-1] == cut[-2] == [5, 3]
+    statements = sum(len(rows) for rows in cut)
+    other = "multi-row" if path == "bulk-execution" else "bulk-execution"
+    assert (len(sent[path]), sent[other]) == (statements, [])
 
 
-async def _statement_counters(connections: Any) -> tuple[int, dict[str, int]]:
-    """The connection id and statement counters of the connection the driver would use next."""
+async def _statement_counters(connections: Any, *, bulk: bool = True) -> tuple[int, dict[str, int]]:
+    """The connection id and statement counters of the connection the driver would use
+    next; with `bulk=False` that connection behaves as one to a server without bulk
+    operations (asyncmy's flag, as a proxy that does not offer them leaves it)."""
     async with connections.checkout() as conn:
+        if not bulk:
+            conn._bulk_supported = False
         await autocommit(conn)
         async with conn.cursor() as cursor:
             await cursor.execute("SELECT CONNECTION_ID()")
@@ -334,27 +377,35 @@ async def _statement_counters(connections: Any) -> tuple[int, dict[str, int]]:
     return int(connection_id), counters
 
 
-@BATCH_PATHS
+@pytest.mark.parametrize("path", ["bulk-execution", "multi-row", "server-without-bulk"])
 async def test_a_batch_binds_its_values_in_three_prepared_statements(
-    mariadb_url: str, monkeypatch: pytest.MonkeyPatch, bulk: bool
+    mariadb_url: str, monkeypatch: pytest.MonkeyPatch, path: str
 ):
     """A batch of 500 runs the upsert, the history copy and the feed copy as prepared
-    statements, with and without shared actor and metadata: never as text, which escapes
-    every payload on the client (asyncmy falls back to it silently, for example for a
-    bulk execution with a column of NULLs: five times the batch's time)."""
-    batch_path(monkeypatch, bulk)
+    statements, with and without shared actor and metadata, on the path its connection
+    can take: never as text, which escapes every payload on the client, nor once per
+    row (asyncmy falls back to either silently, for example when a bulk execution has a
+    column of NULLs or the server offers no bulk operations)."""
+    sent = batch_path(monkeypatch, "multi-row" if path == "multi-row" else "bulk-execution")
     async with sr.SnapshotRepository.from_url(mariadb_url, Cart) as repo:
         connections = repo._backend._driver.connections  # type: ignore[attr-defined]
         batch = [snap(f"u{n:03d}", "x" * 30) for n in range(500)]
         await repo.upsert_many(batch)  # the first reads max_allowed_packet
+        for statements in sent.values():
+            statements.clear()
         for described in ({}, {"actor": "importer", "metadata": {"run": 1}}):
-            connection, before = await _statement_counters(connections)
+            bulk = path != "server-without-bulk"
+            connection, before = await _statement_counters(connections, bulk=bulk)
             stored = await repo.upsert_many(batch, **described)
             assert len(stored) == 500
             same_connection, after = await _statement_counters(connections)
             assert same_connection == connection
             counted = {name: after[name] - before[name] for name in before}
             assert counted == {"Com_stmt_execute": 3, "Com_insert": 1, "Com_insert_select": 2}
+            taken = "multi-row" if path == "server-without-bulk" else path
+            assert len(sent[taken]) == 1
+            assert sent["multi-row" if taken == "bulk-execution" else "bulk-execution"] == []
+            sent[taken].clear()
 
 
 async def test_a_lost_connection_gives_a_typed_error_and_the_next_call_works(

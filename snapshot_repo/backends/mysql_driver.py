@@ -47,6 +47,7 @@ from .mysql_packets import (
 )
 from .mysql_session import (
     autocommit,
+    bulk_executes,
     error_code,
     execute,
     in_transaction,
@@ -143,15 +144,14 @@ class MysqlDriver:
 
     def _returns(self) -> bool:
         """Whether the server takes `INSERT ... RETURNING` (MariaDB 10.5+): SQLAlchemy's
-        dialect knows once a connection was made, which precedes every use here."""
+        dialect knows once a connection was made, so every use asks on a connection."""
         return bool(self._dialect.insert_returning)
 
-    def _bulk_upserts(self) -> bool:
-        """Whether a batch's upserts go as one bulk execution: on MariaDB, whose
-        `COM_STMT_BULK_EXECUTE` asyncmy's `executemany` sends for a prepared statement.
-        MySQL has none; asyncmy would send its batch as multi-row text, escaping
-        every payload on the client, so MySQL gets multi-row prepared statements."""
-        return bool(getattr(self._dialect, "is_mariadb", False))
+    def _bulk_upserts(self, conn: Any) -> bool:
+        """Whether a batch's upserts go as one bulk execution on `conn` (MariaDB's
+        `COM_STMT_BULK_EXECUTE`, see `bulk_executes`), else as multi-row statements:
+        on MySQL, which has none, and behind a proxy that does not offer it."""
+        return bulk_executes(conn)
 
     def _lost(self, exc: BaseException) -> bool:
         """Whether asyncmy's `exc` leaves its connection unusable (SQLAlchemy's own test)."""
@@ -192,9 +192,11 @@ class MysqlDriver:
         A shared value that is None (the batch's key, actor, reason, metadata,
         expiry, usually all five) is written into the row as `NULL` rather than
         bound for every row: fewer values to pack, and no all-NULL column, which
-        asyncmy's bulk execution refuses: it falls back to multi-row text, escaping
-        every payload on the client (14 ms of CPU for 500 states of 1 KB here, against
-        1.5 ms for the bulk execution, and 25 ms a batch against 5).
+        asyncmy's bulk execution refuses. It then falls back, silently, to text:
+        one multi-row statement escaping every payload on the client when the row
+        is all placeholders (14 ms of CPU for 500 states of 1 KB here, against 1.5
+        ms for the bulk execution; 25 ms a batch against 5), one statement per row
+        otherwise.
         """
         upsert = self._writes["upsert"]
         template = upsert.args(batch.write(0).params())
@@ -354,43 +356,44 @@ class MysqlDriver:
         by_user = dict(zip(batch.user_ids, stored_as, strict=True))
         written = [(user_id, *by_user[user_id]) for user_id in order]
         row, rows = self._batch_upsert(batch, written)
-        bulk = self._bulk_upserts()
         scoped: dict[str, Any] = {"tenant": batch.scope.tenant, "namespace": batch.scope.namespace}
         scoped.update((f"u{index}", user_id) for index, user_id in enumerate(order))
         feed = self._for_size(batch_feed_copy_statement, count)
-        returns = self._returns()
-        if returns:
-            history = self._for_size(batch_history_copy_returning_statement, count)
-        else:
-            history = self._for_size(batch_history_copy_statement, count)
-            versions = self._for_size(batch_versions_statement, count)
 
         # What each row adds to a statement: its own user id and payload, plus what
         # every row repeats (the shared values, and each value's overhead).
         width = len(rows[0])
         first_id, _, first_payload = written[0]
         repeated = VALUE_OVERHEAD * width + text_length(rows[0])
-        repeated -= len(first_id) + len(first_payload)
-        sizes = [repeated + len(user_id) + len(payload) for user_id, _, payload in written]
+        repeated -= text_length((first_id, first_payload))
+        sizes = [
+            repeated + len(payload) + (len(user_id) if user_id.isascii() else len(user_id.encode()))
+            for user_id, _, payload in written
+        ]
 
-        async def statements(cursor: Any) -> list[Any]:
+        async def statements(conn: Any, cursor: Any) -> list[Any]:
             assert self._packet_limit is not None  # read by `_check_packet` first
             # The server drops a statement longer than its `max_allowed_packet` (and the
             # connection with it): half of it, as text escaping can double a value.
             budget = min(CHUNK_BYTES, (self._packet_limit - STATEMENT_ROOM) // 2)
+            bulk = self._bulk_upserts(conn)
             for chunk in chunks(rows, sizes, width, budget):
-                if bulk:  # asyncmy sends it as one COM_STMT_BULK_EXECUTE
+                if bulk:
                     await cursor.executemany(self._bulk_upsert(row), chunk)
                 else:
                     values = list(chain.from_iterable(chunk))
                     await cursor.execute(self._upsert_rows(row, len(chunk)), values)
-            if returns:
+            # Asked here, connected: a `mysql://` URL may reach a MariaDB (`_returns`).
+            if self._returns():
+                history = self._for_size(batch_history_copy_returning_statement, count)
                 await cursor.execute(history.sql, history.args(scoped))
                 stored = list(await cursor.fetchall())
                 if len(stored) != count:  # no gate row to join: nothing copied
                     raise StorageError(_NO_GATE)
                 await cursor.execute(feed.sql, feed.args(scoped))
                 return stored
+            history = self._for_size(batch_history_copy_statement, count)
+            versions = self._for_size(batch_versions_statement, count)
             await cursor.execute(self._gate.sql, self._gate.args({}))
             _gated(await cursor.fetchone())
             await cursor.execute(history.sql, history.args(scoped))
@@ -403,7 +406,7 @@ class MysqlDriver:
             async with conn.cursor() as cursor:
                 limit = await self._packet_limit_of(cursor)
                 check_batch_packets(limit, batch.user_ids, batch.payloads, batch.metadata)
-                stored = await in_transaction(conn, statements(cursor))
+                stored = await in_transaction(conn, statements(conn, cursor))
         version_of = dict(stored)
         return [int(version_of[user_id]) for user_id in batch.user_ids]
 

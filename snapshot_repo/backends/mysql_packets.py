@@ -36,8 +36,8 @@ _MAX_PLACEHOLDERS = 65_535
 """The most values one prepared statement takes (MySQL's protocol counts them in 16 bits)."""
 
 CHUNK_BYTES = 4 << 20
-"""Values one multi-row upsert of a batch carries at most (a batch runs as several), and
-at most half the server's `max_allowed_packet`."""
+"""Values one upsert statement of a batch carries at most (a bulk execution or a multi-row
+statement; a batch runs as several), and at most half the server's `max_allowed_packet`."""
 
 VALUE_OVERHEAD = 20
 """Bytes a value costs in a statement besides its own: its type, length and separator."""
@@ -101,8 +101,12 @@ def check_batch_packets(
 
 
 def text_length(row: Sequence[Any]) -> int:
-    """Characters or bytes of a row's text values (what its size in a statement grows with)."""
-    return sum(len(value) for value in row if isinstance(value, bytes | str))
+    """Bytes of a row's text values as sent (UTF-8): what its size in a statement grows with."""
+    return sum(
+        len(value) if isinstance(value, bytes) or value.isascii() else len(value.encode())
+        for value in row
+        if isinstance(value, bytes | str)
+    )
 
 
 def chunks(

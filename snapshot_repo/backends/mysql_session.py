@@ -19,7 +19,14 @@ from sqlalchemy.exc import DisconnectionError
 
 from ._compiled import Compiled
 
-__all__ = ["autocommit", "error_code", "execute", "in_transaction", "transactional_on_checkout"]
+__all__ = [
+    "autocommit",
+    "bulk_executes",
+    "error_code",
+    "execute",
+    "in_transaction",
+    "transactional_on_checkout",
+]
 
 _T = TypeVar("_T")
 
@@ -44,6 +51,17 @@ def transactional_on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) 
             dbapi_connection.autocommit(False)
         except asyncmy.errors.Error as exc:
             raise DisconnectionError(f"resetting autocommit failed: {exc}") from exc
+
+
+def bulk_executes(conn: Any) -> bool:
+    """Whether asyncmy sends `executemany` on `conn` as one `COM_STMT_BULK_EXECUTE`: with
+    its statement cache on, to a server offering bulk operations (MariaDB 10.2 and later;
+    MySQL does not, nor does every proxy). Otherwise a statement with a `NULL` in its
+    VALUES row would run once per row. asyncmy has no public API that says: its
+    connection's attributes are read, and anything else counts as no."""
+    supported = getattr(conn, "_bulk_supported", False) is True
+    cache = getattr(conn, "_stmt_cache_size", 0)
+    return supported and isinstance(cache, int) and cache > 0
 
 
 async def execute(cursor: Any, statement: Compiled, params: Mapping[str, Any]) -> int:

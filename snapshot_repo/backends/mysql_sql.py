@@ -109,8 +109,9 @@ def latest_write_statement(mode: WriteMode) -> Insert | Update:
     if mode == "create":
         return insert
     copied = [name for name in (*WRITE_COLUMNS, "expires_at") if name not in KEY_COLUMNS]
-    # `+ 1` as a literal, not a bound value: the driver's `executemany` sends a batch as
-    # one multi-row INSERT only when every placeholder is inside the VALUES list.
+    # `+ 1` as a literal, not a bound value: a batch repeats the VALUES row (multi-row)
+    # or binds it once per row (bulk execution), so every placeholder must be inside it
+    # (`mysql_driver._ONE_ROW`).
     increment = table.c.version + literal_column("1")
     return insert.on_duplicate_key_update(
         [("version", increment), *((name, insert.inserted[name]) for name in copied)]

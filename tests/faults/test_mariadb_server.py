@@ -408,8 +408,8 @@ async def test_a_state_over_the_servers_max_allowed_packet_is_refused_before_it_
     """A server with a 1 MiB `max_allowed_packet` and a repository accepting 4 MiB states:
     a 2 MB state is refused with a StorageError that names the setting, nothing is
     written, and the connection stays usable (the server dropped it before: "server has
-    gone away", read as a lost connection that a retry would hit again). A batch of small
-    states over the limit in all is stored, in statements under it."""
+    gone away", read as a lost connection that a retry would hit again). Batches over the
+    limit in all are stored, in statements under it, however wide their characters."""
     with running_server(["--max-allowed-packet=1M"]) as small_packets:
         url = small_packets.create_database(f"packets_{uuid.uuid4().hex[:8]}")
         await migrate_database(url)
@@ -426,11 +426,16 @@ async def test_a_state_over_the_servers_max_allowed_packet_is_refused_before_it_
             fits = await repo.get_latest("fits")
             assert fits is not None
             assert fits.state.items == ["x" * 900_000]
-            # A batch of small states adding up to 3 MB: its multi-row statements are cut
+            # A batch of small states adding up to 3 MB: its upsert statements are cut
             # to half the server's limit, not to the 4 MiB a default server takes.
             batch = [snap(f"many-{n}", "z" * 30_000) for n in range(100)]
             assert {stored.version for stored in await repo.upsert_many(batch)} == {1}
-            assert await repo.count_users() == 101
+            # Sizes are counted in bytes as sent: a reason of 4,096 four-byte characters
+            # is 16 KB on every row (counted as 4 KB, 120 rows would go in 2 MB).
+            wide = [snap(f"wide-{n}", "w") for n in range(200)]
+            stored = await repo.upsert_many(wide, reason="\U0001f600" * 4096)
+            assert {(row.version, len(row.reason or "")) for row in stored} == {(1, 4096)}
+            assert await repo.count_users() == 301
 
 
 async def test_a_lock_wait_timeout_is_retried_inside_the_library(
