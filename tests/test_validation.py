@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 import math
+import pickle
 from datetime import datetime
 from typing import Any
 
@@ -277,11 +279,30 @@ def test_stored_snapshots_behave_like_constructed_ones():
     assert fast.model_fields_set == slow.model_fields_set
     assert repr(fast) == repr(slow)
     assert hash(fast.model_copy(update={"version": 4}).version) == 4
-    # Stored snapshots share one fields set (every field); copying with an update
-    # changes the copy's set, not theirs.
+    # Stored snapshots share one fields set (every field), which refuses changes;
+    # copies, pickles and model_copy get sets of their own.
     other = stored_snapshot(sr.Snapshot[Cart], dict(values))
-    assert fast.model_fields_set == other.model_fields_set == set(sr.Snapshot.model_fields)
-    copied = other.model_copy(update={"version": 5})
-    assert copied.model_fields_set is not other.model_fields_set
+    assert fast.model_fields_set is other.model_fields_set
+    assert fast.model_fields_set == set(sr.Snapshot.model_fields)
+    with pytest.raises(TypeError, match="share one model_fields_set"):
+        other.model_fields_set.discard("actor")
+    with pytest.raises(TypeError, match="share one model_fields_set"):
+        other.model_fields_set.update({"x"})
+    shared = other.model_fields_set
+    with pytest.raises(TypeError, match="share one model_fields_set"):
+        shared |= {"x"}
+    assert other.model_fields_set == set(sr.Snapshot.model_fields)
+    for copy in (
+        other.model_copy(update={"version": 5}),
+        other.model_copy(update={"version": 5}, deep=True),
+        copy_module.copy(other),
+        copy_module.deepcopy(other),
+    ):
+        assert copy == other or copy.version == 5
+        assert type(copy.model_fields_set) is set
+        copy.model_fields_set.add("mine")  # its own set: the others' stay as they were
+    assert "mine" not in other.model_fields_set
+    assert type(pickle.loads(pickle.dumps(other.model_fields_set))) is set
+    assert other.model_dump(exclude_unset=True).keys() == other.model_dump().keys()
     with pytest.raises(ValidationError):
         fast.version = 9  # frozen like any Snapshot
