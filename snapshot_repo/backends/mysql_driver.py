@@ -162,7 +162,8 @@ class MysqlDriver:
     def _upsert_rows(self, row: str, rows: int) -> str:
         """The upsert of `rows` rows of placeholders `row` in one statement: the single-row
         upsert's VALUES list repeated (what asyncmy's `executemany` sends as text, here one
-        prepared statement). For MySQL, which has no bulk execution (`write_many`)."""
+        prepared statement). For connections without bulk execution: MySQL's, and those
+        to a server or proxy not offering it (`write_many`)."""
         key = (row, rows)
         sql = self._multi_row.get(key)
         if sql is None:
