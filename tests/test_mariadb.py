@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -281,20 +282,20 @@ of servers or proxies without bulk operations (run here on MariaDB, with the bul
 execution switched off: there is no MySQL server to test on)."""
 
 
-def batch_path(monkeypatch: pytest.MonkeyPatch, path: str) -> dict[str, list[int]]:
-    """Take the batch `path`; returns the number of rows of each upsert statement sent,
-    by path (`bulk-execution`, `multi-row`), as the batches run."""
+def batch_path(monkeypatch: pytest.MonkeyPatch, path: str) -> Counter[str]:
+    """Take the batch `path`; returns how many upsert statements each path
+    (`bulk-execution`, `multi-row`) has sent, counted as the batches run."""
     if path == "multi-row":
         monkeypatch.setattr(MysqlDriver, "_bulk_upserts", lambda _self, _conn: False)
-    sent: dict[str, list[int]] = {"bulk-execution": [], "multi-row": []}
+    sent: Counter[str] = Counter()
     bulk_upsert, upsert_rows = MysqlDriver._bulk_upsert, MysqlDriver._upsert_rows
 
     def bulk_statement(self: MysqlDriver, row: str) -> str:
-        sent["bulk-execution"].append(-1)  # its rows: counted by `chunks`, below
+        sent["bulk-execution"] += 1
         return bulk_upsert(self, row)
 
     def multi_row_statement(self: MysqlDriver, row: str, rows: int) -> str:
-        sent["multi-row"].append(rows)
+        sent["multi-row"] += 1
         return upsert_rows(self, row, rows)
 
     monkeypatch.setattr(MysqlDriver, "_bulk_upsert", bulk_statement)
@@ -355,7 +356,7 @@ async def test_batches_past_one_statements_limits_are_stored_whole(
     assert cut[-1] == cut[-2] == [5, 3]
     statements = sum(len(rows) for rows in cut)
     other = "multi-row" if path == "bulk-execution" else "bulk-execution"
-    assert (len(sent[path]), sent[other]) == (statements, [])
+    assert (sent[path], sent[other]) == (statements, 0)
 
 
 async def _statement_counters(connections: Any, *, bulk: bool = True) -> tuple[int, dict[str, int]]:
@@ -391,8 +392,7 @@ async def test_a_batch_binds_its_values_in_three_prepared_statements(
         connections = repo._backend._driver.connections  # type: ignore[attr-defined]
         batch = [snap(f"u{n:03d}", "x" * 30) for n in range(500)]
         await repo.upsert_many(batch)  # the first reads max_allowed_packet
-        for statements in sent.values():
-            statements.clear()
+        sent.clear()
         for described in ({}, {"actor": "importer", "metadata": {"run": 1}}):
             bulk = path != "server-without-bulk"
             connection, before = await _statement_counters(connections, bulk=bulk)
@@ -403,9 +403,9 @@ async def test_a_batch_binds_its_values_in_three_prepared_statements(
             counted = {name: after[name] - before[name] for name in before}
             assert counted == {"Com_stmt_execute": 3, "Com_insert": 1, "Com_insert_select": 2}
             taken = "multi-row" if path == "server-without-bulk" else path
-            assert len(sent[taken]) == 1
-            assert sent["multi-row" if taken == "bulk-execution" else "bulk-execution"] == []
-            sent[taken].clear()
+            other = "multi-row" if taken == "bulk-execution" else "bulk-execution"
+            assert (sent[taken], sent[other]) == (1, 0)
+            sent.clear()
 
 
 async def test_a_lost_connection_gives_a_typed_error_and_the_next_call_works(

@@ -292,13 +292,13 @@ def test_stored_snapshots_behave_like_constructed_ones():
     with pytest.raises(TypeError, match="share one model_fields_set"):
         shared |= {"x"}
     assert other.model_fields_set == set(sr.Snapshot.model_fields)
-    for copy in (
-        other.model_copy(update={"version": 5}),
-        other.model_copy(update={"version": 5}, deep=True),
-        copy_module.copy(other),
-        copy_module.deepcopy(other),
+    for copy, version in (
+        (other.model_copy(update={"version": 5}), 5),
+        (other.model_copy(update={"version": 5}, deep=True), 5),
+        (copy_module.copy(other), 3),
+        (copy_module.deepcopy(other), 3),
     ):
-        assert copy == other or copy.version == 5
+        assert copy.model_dump() == {**other.model_dump(), "version": version}
         assert type(copy.model_fields_set) is set
         copy.model_fields_set.add("mine")  # its own set: the others' stay as they were
     assert "mine" not in other.model_fields_set
