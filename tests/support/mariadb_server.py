@@ -41,6 +41,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.stopped import wait_until_stopped
+
 __all__ = ["MariadbServer", "ServerUnavailableError", "find_binaries"]
 
 _SERVER_USER = "mysql"
@@ -360,8 +362,10 @@ class MariadbServer:
         a new connection hangs waiting for the server's greeting rather than
         being refused.
         """
-        os.kill(self._require_running(), signal.SIGSTOP)
+        pid = self._require_running()
+        os.kill(pid, signal.SIGSTOP)
         self._frozen = True
+        wait_until_stopped([pid])
 
     def thaw(self) -> None:
         """Undo `freeze()` with SIGCONT."""

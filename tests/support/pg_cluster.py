@@ -33,6 +33,7 @@ from typing import Any, Literal
 import pytest
 
 from tests.support.databases import IN_CI
+from tests.support.stopped import wait_until_stopped
 
 __all__ = [
     "ClusterUnavailableError",
@@ -378,9 +379,11 @@ class PgCluster:
         postmaster = self._require_running()
         # The postmaster first, so that it forks no backend we would miss.
         _signal_quietly(postmaster, signal.SIGSTOP)
-        for pid in _descendants(postmaster):
+        backends = _descendants(postmaster)
+        for pid in backends:
             _signal_quietly(pid, signal.SIGSTOP)
         self._paused = True
+        wait_until_stopped([postmaster, *backends])
 
     def resume(self) -> None:
         """Undo `pause()` with SIGCONT to every server process."""
