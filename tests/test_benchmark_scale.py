@@ -22,8 +22,9 @@ import pytest
 from benchmarks.scaling import TARGETS, ScaleOptions, main, run_scale
 from benchmarks.scaling.databases import open_scale_database
 from benchmarks.scaling.load import load
-from benchmarks.scaling.measure import CALLS, LIBRARY_CALLS
+from benchmarks.scaling.measure import CALLS, LIBRARY_CALLS, Target
 from benchmarks.scaling.raw import check_raw_reads, open_raw_side
+from benchmarks.scaling.working_set import run_working_set, spreads
 from tests.support.databases import PostgresServer
 
 USERS, SMALL_USERS, VERSIONS = 50, 10, 2
@@ -131,3 +132,67 @@ async def test_the_floor_refuses_a_raw_side_that_reads_other_rows(tmp_path: Path
         await check_raw_reads(opened["two"], two_raw, SMALL_USERS)
         with pytest.raises(RuntimeError, match="reads other rows than the library on one"):
             await check_raw_reads(opened["one"], two_raw, SMALL_USERS)
+
+
+def test_working_set_spreads_step_by_ten_from_the_small_size_to_every_user() -> None:
+    assert spreads(1_000_000, 1000) == [1000, 10_000, 100_000, 1_000_000]
+    assert spreads(50, 10) == [10, 50]
+    assert spreads(10, 10) == [10]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_working_set_times_every_spread_on_both_sides(
+    backend: Literal["postgres", "sqlite"], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Every (call, database, spread) cell is timed, the small database is the unit, and
+    the ids of a spread come from its first K users only."""
+    postgres_url = ""
+    if backend == "postgres":
+        postgres_url = request.getfixturevalue("postgres_server").admin_url
+    async with AsyncExitStack() as stack:
+        targets = {}
+        for label, users in (("big", USERS), ("small", SMALL_USERS)):
+            database = await stack.enter_async_context(
+                open_scale_database(
+                    label,
+                    backend,
+                    postgres_url=postgres_url,
+                    directory=tmp_path,
+                    keep=False,
+                    existing=None,
+                )
+            )
+            await load(database, users, 1, batch=25, workers=1, progress=print)
+            raw = await stack.enter_async_context(open_raw_side(database))
+            targets[label] = Target(database, users, raw)
+        read: list[str] = []
+        reading = targets["big"].database.repo.get_latest_many
+
+        async def spy(user_ids: list[str]) -> object:
+            read.extend(user_ids)
+            return await reading(user_ids)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(targets["big"].database.repo, "get_latest_many", spy)
+            rows = await run_working_set(targets["big"], targets["small"], rounds=2, block=2)
+    cells = [(row.call, row.database, row.drawn_from) for row in rows]
+    assert cells == [
+        (call, database, k)
+        for call in ("get_latest_many(100)", "raw get_latest_many(100)")
+        for database, k in (("small", SMALL_USERS), ("big", SMALL_USERS), ("big", USERS))
+    ]
+    for row in rows:
+        assert math.isfinite(row.p99_ratio), row
+        assert row.p50_us > 0, row
+        if row.database == "small":
+            assert row.p50_ratio == row.p99_ratio == 1.0
+    # 3 rounds (one untimed) x 2 calls x 100 ids, half of them from the first 10 users.
+    assert len(read) == 3 * 2 * 2 * 100
+    assert {int(uid.removeprefix("user-")) for uid in read} == set(range(USERS))
+    narrow = [read[i : i + 100] for i in range(0, len(read), 100)]
+    assert sum(max(int(u.removeprefix("user-")) for u in ids) < SMALL_USERS for ids in narrow) == 6
+
+
+def test_working_set_needs_both_loaded_databases(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--scale", "1000", "--working-set", "--quiet"]) == 2
+    assert "--working-set needs --big-database and --small-database" in capsys.readouterr().out

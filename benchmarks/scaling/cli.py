@@ -16,7 +16,8 @@ from ..harness.cli import positive_int
 from ..harness.config import DEFAULT_POSTGRES_URL
 from .created_at import render_experiment
 from .report import render
-from .runner import ScaleOptions, created_at_experiment, run_scale
+from .runner import ScaleOptions, created_at_experiment, run_scale, working_set_experiment
+from .working_set import render_working_set
 
 __all__ = ["build_parser", "main"]
 
@@ -52,6 +53,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--created-at",
         action="store_true",
         help="instead: the created_at index experiment on --big-database/--small-database",
+    )
+    parser.add_argument(
+        "--working-set",
+        action="store_true",
+        help=(
+            "instead: get_latest_many(100) on --big-database with ids drawn from its first "
+            "K users, K from the small size up to all, against --small-database"
+        ),
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -89,6 +98,15 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         print(render_experiment(results))
         if args.json is not None:
             args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+        return 0
+    if args.working_set:
+        if args.big_database is None or args.small_database is None:
+            print("--working-set needs --big-database and --small-database")
+            return 2
+        rows = asyncio.run(working_set_experiment(options, progress))
+        print(render_working_set(rows))
+        if args.json is not None:
+            args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
         return 0
     report = asyncio.run(run_scale(options, progress))
     print(render(report))

@@ -23,7 +23,15 @@ from .databases import ScaleDatabase
 from .load import scale_states, user_id
 from .raw import RAW_CALLS
 
-__all__ = ["CALLS", "LIBRARY_CALLS", "CallRatio", "Target", "interleave", "time_before_analyze"]
+__all__ = [
+    "CALLS",
+    "LIBRARY_CALLS",
+    "CallRatio",
+    "Target",
+    "interleave",
+    "time_before_analyze",
+    "time_block",
+]
 
 LIBRARY_CALLS = (
     "get_latest",
@@ -119,9 +127,10 @@ def _typed(method: Callable[[Any], Awaitable[object]]) -> _Op:
     return op
 
 
-async def _block(
+async def time_block(
     call: str, target: Target, count: int, rng: random.Random, into: list[int]
 ) -> None:
+    """Time `count` calls of `call` on `target`, one after another; their nanoseconds go `into`."""
     op, args = _plan(call, target, count, rng)
     sample = await time_sequential(op, args)
     into.extend(sample.latencies_ns)
@@ -149,7 +158,7 @@ async def interleave(
             count = max(1, block // _COUNT_SHARE) if call == "count_users" else block
             for label, target in order:
                 sink: list[int] = [] if round_ == 0 else times[(call, label)]
-                await _block(call, target, count, rng, sink)
+                await time_block(call, target, count, rng, sink)
     results = []
     for call in calls:
         big_times = sorted(times[(call, "big")])

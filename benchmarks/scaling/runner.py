@@ -20,8 +20,9 @@ from .measure import CALLS, Target, interleave, time_before_analyze
 from .raw import check_raw_reads, open_raw_side
 from .report import ScaleReport
 from .sizes import relation_sizes
+from .working_set import WorkingSetRow, run_working_set
 
-__all__ = ["ScaleOptions", "created_at_experiment", "run_scale"]
+__all__ = ["ScaleOptions", "created_at_experiment", "run_scale", "working_set_experiment"]
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,27 @@ async def created_at_experiment(
             targets["big"],
             targets["small"],
             order=(*names, names[0]),
+            rounds=options.rounds,
+            block=options.block,
+            progress=progress,
+        )
+
+
+async def working_set_experiment(
+    options: ScaleOptions, progress: Callable[[str], None] = lambda _: None
+) -> list[WorkingSetRow]:
+    """The working-set experiment on two loaded, analyzed databases (kept as they are)."""
+    async with AsyncExitStack() as stack:
+        opened = await _open_pair(stack, options, options.backend, options.directory, keep=True)
+        targets = {}
+        for label, database in opened.items():
+            users = await database.repo.count_users()
+            raw = await stack.enter_async_context(open_raw_side(database))
+            await check_raw_reads(database, raw, users)
+            targets[label] = Target(database, users, raw)
+        return await run_working_set(
+            targets["big"],
+            targets["small"],
             rounds=options.rounds,
             block=options.block,
             progress=progress,
