@@ -193,6 +193,11 @@ async def test_working_set_times_every_spread_on_both_sides(
     assert sum(max(int(u.removeprefix("user-")) for u in ids) < SMALL_USERS for ids in narrow) == 6
 
 
-def test_working_set_needs_both_loaded_databases(capsys: pytest.CaptureFixture[str]) -> None:
+def test_experiments_need_both_loaded_databases(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--scale", "1000", "--working-set", "--quiet"]) == 2
-    assert "--working-set needs --big-database and --small-database" in capsys.readouterr().out
+    assert capsys.readouterr().out == "--working-set needs --big-database and --small-database\n"
+    loaded = ["--big-database", "big.db", "--small-database", "small.db"]
+    assert main(["--scale", "1000", "--created-at", "--backend", "sqlite", *loaded]) == 2
+    assert "--created-at needs --big-database and --small-database on Postgres" in (
+        capsys.readouterr().out
+    )

@@ -9,8 +9,10 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..harness.cli import positive_int
 from ..harness.config import DEFAULT_POSTGRES_URL
@@ -20,6 +22,11 @@ from .runner import ScaleOptions, created_at_experiment, run_scale, working_set_
 from .working_set import render_working_set
 
 __all__ = ["build_parser", "main"]
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Row = TypeVar("_Row", bound="DataclassInstance")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -91,25 +98,47 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
             print(line, file=sys.stderr, flush=True)
 
     if args.created_at:
-        if args.big_database is None or args.small_database is None or args.backend != "postgres":
-            print("--created-at needs --big-database and --small-database on Postgres")
-            return 2
-        results = asyncio.run(created_at_experiment(options, progress))
-        print(render_experiment(results))
-        if args.json is not None:
-            args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-        return 0
+        return _experiment(
+            args,
+            "--created-at",
+            lambda: created_at_experiment(options, progress),
+            render_experiment,
+            postgres_only=True,
+        )
     if args.working_set:
-        if args.big_database is None or args.small_database is None:
-            print("--working-set needs --big-database and --small-database")
-            return 2
-        rows = asyncio.run(working_set_experiment(options, progress))
-        print(render_working_set(rows))
-        if args.json is not None:
-            args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-        return 0
+        return _experiment(
+            args,
+            "--working-set",
+            lambda: working_set_experiment(options, progress),
+            render_working_set,
+            postgres_only=False,
+        )
     report = asyncio.run(run_scale(options, progress))
     print(render(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+    return 0
+
+
+def _experiment(
+    args: argparse.Namespace,
+    flag: str,
+    experiment: Callable[[], Coroutine[Any, Any, list[_Row]]],
+    render_rows: Callable[[list[_Row]], str],
+    *,
+    postgres_only: bool,
+) -> int:
+    """Run an experiment on two loaded databases, print its table, write its JSON; exit status."""
+    if (
+        args.big_database is None
+        or args.small_database is None
+        or (postgres_only and args.backend != "postgres")
+    ):
+        where = " on Postgres" if postgres_only else ""
+        print(f"{flag} needs --big-database and --small-database{where}")
+        return 2
+    rows = asyncio.run(experiment())
+    print(render_rows(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2) + "\n")
     return 0
