@@ -51,6 +51,10 @@ at most (a longer one silently becomes no wait at all), and no sane wait is long
 _MIN_BUSY_TIMEOUT = 0.001
 """SQLite counts the busy timeout in whole milliseconds: less would silently be no wait."""
 
+_INT64_MAX = 2**63 - 1
+"""The largest `sqlite_mmap_size` accepted: a pragma's number is a 64-bit integer (SQLite then
+caps the mapping at its build's maximum, 2,147,418,112 bytes unless built otherwise)."""
+
 _EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
 """The optional extra that installs a database's driver (SQLite's ships with the package)."""
 
@@ -96,6 +100,17 @@ class EngineSettings:
             truncates it, so no byte of an erased state stays in either file.
             Off: erasures cost one fsync instead of about four, and the
             erased bytes stay in free pages and in the WAL until reused.
+        sqlite_mmap_size: bytes of the SQLite file each connection reads through
+            memory-mapped I/O (SQLite's `mmap_size` pragma; default 0: off). A
+            read then takes pages straight from the OS page cache instead of
+            copying each one through a system call: measured here on a
+            200,000-user file, `get_latest_many(100)` of random users took
+            0.84 to 0.90 ms instead of 1.05 to 1.09 (a 1,000-user file: 0.6
+            either way). Off by
+            default because an I/O error of the disk under a mapped page is a
+            SIGBUS that ends the process, not an error the library can raise.
+            SQLite caps the value at its build's maximum (2,147,418,112 bytes
+            unless built otherwise); writes never go through the mapping.
         sqlite_inline_reads: run SQLite reads on the event loop's own thread
             (default on). A read of a few rows takes 10 to 20 µs in SQLite,
             less than the hop to a connection's thread and back (30 to 120
@@ -133,6 +148,7 @@ class EngineSettings:
     busy_timeout: float = 10.0
     sqlite_synchronous: SqliteSynchronous = "FULL"
     sqlite_secure_delete: bool = True
+    sqlite_mmap_size: int = 0
     sqlite_inline_reads: bool = True
     pool_size: int = 10
     max_overflow: int = 0
@@ -163,6 +179,7 @@ class EngineSettings:
         try:
             check_int("pool_size", self.pool_size, minimum=1)
             check_int("max_overflow", self.max_overflow, minimum=0)
+            check_int("sqlite_mmap_size", self.sqlite_mmap_size, minimum=0, maximum=_INT64_MAX)
         except SnapshotValidationError as exc:
             raise ConfigurationError(str(exc)) from None
         # SQLite reads the level case-insensitively, so lowercase is accepted too; it is
@@ -469,6 +486,7 @@ def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> No
     busy_ms = int(settings.busy_timeout * 1000)
     synchronous = settings.sqlite_synchronous
     secure_delete = "ON" if settings.sqlite_secure_delete else "OFF"
+    mmap_size = settings.sqlite_mmap_size
 
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -486,6 +504,8 @@ def install_sqlite_settings(engine: AsyncEngine, settings: EngineSettings) -> No
             _use_wal(cursor)
             cursor.execute(f"PRAGMA synchronous = {synchronous}")
             cursor.execute(f"PRAGMA secure_delete = {secure_delete}")
+            if mmap_size:
+                cursor.execute(f"PRAGMA mmap_size = {mmap_size}")
             if wait_ms != busy_ms:
                 cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
         finally:

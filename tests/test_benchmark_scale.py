@@ -45,10 +45,12 @@ def tiny(backend: Literal["postgres", "sqlite"], **where: Any) -> ScaleOptions:
 
 
 async def _scale_databases(admin_url: str) -> set[str]:
+    """The databases a full scale run makes (the working-set test's have other names)."""
     conn = await asyncpg.connect(admin_url.replace("postgresql+asyncpg", "postgresql"))
     try:
         rows = await conn.fetch(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'snapshot_repo_scale_%'"
+            "SELECT datname FROM pg_database WHERE datname LIKE 'snapshot_repo_scale_big_%' "
+            "OR datname LIKE 'snapshot_repo_scale_small_%'"
         )
     finally:
         await conn.close()
@@ -154,7 +156,7 @@ async def test_working_set_times_every_spread_on_both_sides(
         for label, users in (("big", USERS), ("small", SMALL_USERS)):
             database = await stack.enter_async_context(
                 open_scale_database(
-                    label,
+                    f"working_set_{label}",  # not a name the full run's test looks for
                     backend,
                     postgres_url=postgres_url,
                     directory=tmp_path,

@@ -45,6 +45,12 @@ BAD_SETTINGS = [
     pytest.param("max_overflow", -1, id="max-overflow-negative"),
     pytest.param("max_overflow", False, id="max-overflow-bool"),
     pytest.param("max_overflow", "0", id="max-overflow-str"),
+    # The mapping's size: a whole number of bytes, 0 (off) up to a 64-bit integer.
+    pytest.param("sqlite_mmap_size", -1, id="mmap-negative"),
+    pytest.param("sqlite_mmap_size", True, id="mmap-bool"),
+    pytest.param("sqlite_mmap_size", 1.5e9, id="mmap-float"),
+    pytest.param("sqlite_mmap_size", "268435456", id="mmap-str"),
+    pytest.param("sqlite_mmap_size", 2**63, id="mmap-over-int64"),
     # Flags: booleans only ("no" would be truthy).
     pytest.param("sqlite_secure_delete", "no", id="secure-delete-str"),
     pytest.param("sqlite_secure_delete", 0, id="secure-delete-int"),
@@ -77,6 +83,8 @@ def test_replace_is_checked_too(name: str, value: Any):
         {"busy_timeout": MAX_WAIT_SECONDS, "pool_timeout": 0.25, "pool_size": 1},
         {"max_overflow": 0, "sqlite_secure_delete": False, "sqlite_inline_reads": False},
         {"sqlite_synchronous": "OFF"},
+        {"sqlite_mmap_size": 0},
+        {"sqlite_mmap_size": 2**63 - 1},
         {"sqlite_synchronous": "EXTRA"},
     ],
 )

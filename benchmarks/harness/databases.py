@@ -358,6 +358,7 @@ def sqlite_pragmas(settings: EngineSettings) -> tuple[str, ...]:
         "PRAGMA journal_mode = WAL",
         f"PRAGMA synchronous = {settings.sqlite_synchronous}",
         f"PRAGMA secure_delete = {'ON' if settings.sqlite_secure_delete else 'OFF'}",
+        f"PRAGMA mmap_size = {settings.sqlite_mmap_size}",
     )
 
 
@@ -366,6 +367,7 @@ _DURABILITY_QUERIES = (
     "PRAGMA synchronous",
     "PRAGMA busy_timeout",
     "PRAGMA secure_delete",
+    "PRAGMA mmap_size",
 )
 
 
@@ -462,7 +464,7 @@ async def open_sqlite(config: BenchConfig) -> AsyncIterator[Setup]:
             observed["sqlite3"].append(str((await thread.call(thread.fetch, query))[0][0]))
         if any(values != observed[LIBRARY] for values in observed.values()):
             raise RuntimeError(f"SQLite connections differ in durability settings: {observed}")
-        journal_mode, synchronous, busy_ms, secure_delete = observed[LIBRARY]
+        journal_mode, synchronous, busy_ms, secure_delete, mmap_size = observed[LIBRARY]
         yield Setup(
             server=f"SQLite {sqlite3.sqlite_version}",
             sides=sides,
@@ -472,6 +474,7 @@ async def open_sqlite(config: BenchConfig) -> AsyncIterator[Setup]:
                 "synchronous": f"{settings.sqlite_synchronous} ({synchronous})",
                 "busy_timeout_ms": busy_ms,
                 "secure_delete": secure_delete,
+                "mmap_size": mmap_size,
                 "path": str(path),
             },
         )

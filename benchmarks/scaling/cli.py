@@ -69,6 +69,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             "K users, K from the small size up to all, against --small-database"
         ),
     )
+    parser.add_argument(
+        "--sqlite-mmap-size",
+        type=positive_int,
+        default=0,
+        metavar="BYTES",
+        help="EngineSettings.sqlite_mmap_size for both SQLite databases (default 0: off)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         keep=args.keep,
         big_database=args.big_database,
         small_database=args.small_database,
+        sqlite_mmap_size=args.sqlite_mmap_size,
     )
 
     def progress(line: str) -> None:

@@ -69,6 +69,7 @@ async def open_scale_database(
     directory: Path | None,
     keep: bool,
     existing: str | None,
+    settings: EngineSettings = SETTINGS,
 ) -> AsyncIterator[ScaleDatabase]:
     """A migrated database for one size: new and empty unless `existing` names one.
 
@@ -76,6 +77,7 @@ async def open_scale_database(
     `postgres_url`, dropped (WITH FORCE) on exit unless `keep`. SQLite: a file
     in `directory` (a temporary directory if None), deleted on exit unless
     `keep`. `existing`: a Postgres database name or SQLite path to use as it is.
+    `settings`: the repository's engine settings (the raw side reads them from it).
 
     Raises:
         ConfigurationError: `postgres_url` is not a Postgres URL.
@@ -107,7 +109,7 @@ async def open_scale_database(
                     stack.callback(_unlink_sqlite, path)
             name = str(path)
             url = normalize_url(f"sqlite:///{path}")
-        repo = SnapshotRepository.from_url(url, BenchState, settings=SETTINGS)
+        repo = SnapshotRepository.from_url(url, BenchState, settings=settings)
         stack.push_async_callback(repo.close)
         await repo.migrate()
         yield ScaleDatabase(label, backend, url, name, repo, created)

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import asyncpg
 
+from snapshot_repo.engine import engine_settings
+
 from ..harness.asyncpg_side import AsyncpgSide, keep_session
 from ..harness.databases import open_sqlite3
 from ..harness.sql import raw_statements
 from ..harness.sqlite_sides import Sqlite3Side, Sqlite3Thread
-from .databases import SETTINGS, ScaleDatabase, asyncpg_dsn
+from .databases import ScaleDatabase, asyncpg_dsn
 from .load import user_id
 
 __all__ = ["RAW_CALLS", "RawSide", "check_raw_reads", "open_raw_side"]
@@ -53,7 +55,8 @@ async def open_raw_side(database: ScaleDatabase) -> AsyncIterator[RawSide]:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scale-sqlite3")
     try:
-        conn = await loop.run_in_executor(executor, open_sqlite3, Path(database.name), SETTINGS)
+        settings = engine_settings(database.repo.engine)  # the library side's own pragmas
+        conn = await loop.run_in_executor(executor, open_sqlite3, Path(database.name), settings)
         try:
             yield Sqlite3Side(Sqlite3Thread(executor, conn), raw_statements("sqlite", scope))
         finally:

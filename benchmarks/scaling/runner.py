@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .created_at import VARIANTS, VariantResult, run_experiment
-from .databases import ScaleBackend, ScaleDatabase, open_scale_database
+from .databases import SETTINGS, ScaleBackend, ScaleDatabase, open_scale_database
 from .load import analyze, analyzed, load, set_autovacuum
 from .measure import CALLS, Target, interleave, time_before_analyze
 from .raw import check_raw_reads, open_raw_side
@@ -44,6 +44,8 @@ class ScaleOptions:
         keep: keep the databases created (their names are in the report's notes).
         big_database: an existing database (name or path) to use as the big one.
         small_database: the same for the small one.
+        sqlite_mmap_size: `EngineSettings.sqlite_mmap_size` of both SQLite databases'
+            connections, the library's and the raw side's (0: off, the default).
     """
 
     backend: ScaleBackend
@@ -60,6 +62,7 @@ class ScaleOptions:
     keep: bool = False
     big_database: str | None = None
     small_database: str | None = None
+    sqlite_mmap_size: int = 0
 
 
 async def _prepare(
@@ -114,6 +117,7 @@ async def _open_pair(
                 directory=directory,
                 keep=keep,
                 existing=existing,
+                settings=replace(SETTINGS, sqlite_mmap_size=options.sqlite_mmap_size),
             )
         )
     return opened
