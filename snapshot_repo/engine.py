@@ -106,11 +106,12 @@ class EngineSettings:
             copying each one through a system call: measured here on a
             200,000-user file, `get_latest_many(100)` of random users took
             0.84 to 0.90 ms instead of 1.05 to 1.09 (a 1,000-user file: 0.6
-            either way). Off by
-            default because an I/O error of the disk under a mapped page is a
-            SIGBUS that ends the process, not an error the library can raise.
-            SQLite caps the value at its build's maximum (2,147,418,112 bytes
-            unless built otherwise); writes never go through the mapping.
+            either way). Off by default because an I/O error of the disk
+            under a mapped page is a SIGBUS that ends the process, not an
+            error the library can raise. SQLite caps the value at its build's
+            maximum (2,147,418,112 bytes unless built otherwise); writes never
+            go through the mapping. (The last field, so that settings built
+            with positional arguments keep their meaning.)
         sqlite_inline_reads: run SQLite reads on the event loop's own thread
             (default on). A read of a few rows takes 10 to 20 µs in SQLite,
             less than the hop to a connection's thread and back (30 to 120
@@ -148,12 +149,12 @@ class EngineSettings:
     busy_timeout: float = 10.0
     sqlite_synchronous: SqliteSynchronous = "FULL"
     sqlite_secure_delete: bool = True
-    sqlite_mmap_size: int = 0
     sqlite_inline_reads: bool = True
     pool_size: int = 10
     max_overflow: int = 0
     pool_timeout: float = 10.0
     transaction_pooler: bool = False
+    sqlite_mmap_size: int = 0
 
     def __post_init__(self) -> None:
         """Refuse every bad setting here, so that no construction path can open a connection

@@ -123,3 +123,20 @@ async def test_sqlite_runs_at_the_level_asked_for(tmp_path: Path):
     finally:
         await engine.dispose()
     assert (synchronous, busy_ms) == (2, 250)
+
+
+def test_settings_added_later_come_last_so_positional_arguments_keep_their_meaning():
+    names = [field.name for field in dataclasses.fields(sr.EngineSettings)]
+    assert names == [
+        "connect_timeout",
+        "command_timeout",
+        "busy_timeout",
+        "sqlite_synchronous",
+        "sqlite_secure_delete",
+        "sqlite_inline_reads",
+        "pool_size",
+        "max_overflow",
+        "pool_timeout",
+        "transaction_pooler",
+        "sqlite_mmap_size",
+    ]
