@@ -101,17 +101,19 @@ class EngineSettings:
             Off: erasures cost one fsync instead of about four, and the
             erased bytes stay in free pages and in the WAL until reused.
         sqlite_mmap_size: bytes of the SQLite file each connection reads through
-            memory-mapped I/O (SQLite's `mmap_size` pragma; default 0: off). A
-            read then takes pages straight from the OS page cache instead of
-            copying each one through a system call: measured here on a
-            200,000-user file, `get_latest_many(100)` of random users took
-            0.84 to 0.90 ms instead of 1.05 to 1.09 (a 1,000-user file: 0.6
-            either way). Off by default because an I/O error of the disk
-            under a mapped page is a SIGBUS that ends the process, not an
-            error the library can raise. SQLite caps the value at its build's
-            maximum (2,147,418,112 bytes unless built otherwise); writes never
-            go through the mapping. (The last field, so that settings built
-            with positional arguments keep their meaning.)
+            memory-mapped I/O (SQLite's `mmap_size` pragma). A read then takes
+            pages straight from the OS page cache instead of copying each one
+            through a system call: measured here on a 200,000-user file,
+            `get_latest_many(100)` of random users took 0.84 to 0.90 ms instead
+            of 1.05 to 1.09 (a 1,000-user file: 0.6 either way). 0, the
+            default, leaves the pragma alone: off in standard SQLite builds
+            (an engine you created yourself keeps what your own connect hook
+            set). Off by default because an I/O error of the disk under a
+            mapped page is a SIGBUS that ends the process, not an error the
+            library can raise. SQLite caps the value at its build's maximum
+            (2,147,418,112 bytes unless built otherwise); writes never go
+            through the mapping. The last field, so that settings built with
+            positional arguments keep their meaning.
         sqlite_inline_reads: run SQLite reads on the event loop's own thread
             (default on). A read of a few rows takes 10 to 20 µs in SQLite,
             less than the hop to a connection's thread and back (30 to 120

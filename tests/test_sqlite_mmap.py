@@ -1,10 +1,11 @@
 """`EngineSettings.sqlite_mmap_size`: SQLite reads through memory-mapped I/O, opt-in.
 
 SQLite by nature. The setting reaches every connection; reads, writes and
-erasures behave as without it (erasure stays traceless: writes never go
-through the mapping); and a file shrunk under the mapped connections by
-another connection's VACUUM is read correctly afterwards (SQLite remaps at
-the next read transaction; a SIGBUS here would end the test run).
+erasures behave as they do without it (erasure stays traceless: writes never
+go through the mapping); and after another connection's VACUUM has shrunk the
+file under the mapped connections, they read the right rows (SQLite sizes the
+mapping again at the next read transaction). Nothing in the library itself
+shrinks the database file: its checkpoints truncate the WAL only.
 """
 
 from __future__ import annotations
