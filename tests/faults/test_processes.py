@@ -21,7 +21,12 @@ import snapshot_repo as sr
 from snapshot_repo.migrate import VERSION_TABLE, head_revision
 from tests.support.databases import Backend, Cart, mariadb_fetch
 
-from ..support.consistency import assert_consistent, payload_items, read_tables
+from ..support.consistency import (
+    assert_consistent,
+    payload_items,
+    read_tables,
+    wait_for_other_sessions,
+)
 from ..support.processes import WorkerProcess, worker
 
 pytestmark = pytest.mark.fault
@@ -71,6 +76,7 @@ async def test_writer_killed_mid_stream_loses_no_acknowledged_write(backend: Bac
             await process.read_to_end()
             assert errors(process.lines) == [], (seed, round_)
             acked = acknowledged(process.lines)
+        await wait_for_other_sessions(backend.url)  # the killed writer's last commit lands
         rows = await read_tables(backend.url)
         assert_consistent(rows)
         for (user, version), item in acknowledged_items(process.lines).items():

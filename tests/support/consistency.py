@@ -3,7 +3,10 @@
 Fault tests must not trust the library to report on itself, so this module
 reads `snapshot_latest` and `snapshot_history` with raw asyncpg (Postgres),
 raw asyncmy (MariaDB) or the standard `sqlite3` module (SQLite), on a
-connection of its own.
+connection of its own, both tables in one read transaction: read by two
+transactions, a commit landing between them (a killed client's last COMMIT,
+finished by its server session after the client died) would look like the
+latest row and history disagreeing.
 
 The invariants, per user:
 
@@ -24,7 +27,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from .databases import mariadb_fetch
+from .databases import LOCK_WAIT_POLL, mariadb_connect, mariadb_fetch
 
 __all__ = [
     "StoredRow",
@@ -84,30 +87,45 @@ async def _read_postgres(url: str) -> dict[str, UserRows]:
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        latest = await conn.fetch(f"SELECT {_COLUMNS} FROM snapshot_latest")
-        history = await conn.fetch(
-            f"SELECT {_COLUMNS} FROM snapshot_history ORDER BY user_id, version"
-        )
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            latest = await conn.fetch(f"SELECT {_COLUMNS} FROM snapshot_latest")
+            history = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM snapshot_history ORDER BY user_id, version"
+            )
     finally:
         await conn.close()
     return _group([tuple(r) for r in latest], [tuple(r) for r in history])
 
 
 async def _read_mariadb(url: str) -> dict[str, UserRows]:
-    latest = await mariadb_fetch(url, f"SELECT {_COLUMNS} FROM snapshot_latest")
-    history = await mariadb_fetch(
-        url, f"SELECT {_COLUMNS} FROM snapshot_history ORDER BY user_id, version"
-    )
+    conn = await mariadb_connect(url)
+    try:
+        async with conn.cursor() as cursor:
+            # REPEATABLE READ: the library's sessions run READ COMMITTED, where a
+            # transaction's snapshot lasts one statement only.
+            await cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            await cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            await cursor.execute(f"SELECT {_COLUMNS} FROM snapshot_latest")
+            latest = [tuple(row) for row in await cursor.fetchall()]
+            await cursor.execute(
+                f"SELECT {_COLUMNS} FROM snapshot_history ORDER BY user_id, version"
+            )
+            history = [tuple(row) for row in await cursor.fetchall()]
+            await cursor.execute("COMMIT")
+    finally:
+        conn.close()
     return _group(latest, history)
 
 
 def _read_sqlite(path: str) -> dict[str, UserRows]:
-    conn = sqlite3.connect(path, timeout=30)
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
+        conn.execute("BEGIN")  # one read transaction: one snapshot of the WAL
         latest = conn.execute(f"SELECT {_COLUMNS} FROM snapshot_latest").fetchall()
         history = conn.execute(
             f"SELECT {_COLUMNS} FROM snapshot_history ORDER BY user_id, version"
         ).fetchall()
+        conn.execute("COMMIT")
     finally:
         conn.close()
     return _group(latest, history)
@@ -160,3 +178,54 @@ def assert_consistent(
         if actual != dict(expected_counts):
             problems.append(f"version counts {actual} != expected {dict(expected_counts)}")
     assert not problems, "inconsistent snapshot tables:\n" + "\n".join(problems)
+
+
+_POSTGRES_BUSY_SESSIONS = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid()
+  AND backend_type = 'client backend' AND state <> 'idle'
+"""
+
+_MARIADB_BUSY_SESSIONS = """
+SELECT COUNT(*) FROM information_schema.PROCESSLIST AS p
+WHERE p.DB = DATABASE() AND p.ID <> CONNECTION_ID()
+  AND (p.COMMAND <> 'Sleep'
+       OR EXISTS (SELECT 1 FROM information_schema.INNODB_TRX AS t
+                  WHERE t.trx_mysql_thread_id = p.ID))
+"""
+
+
+async def wait_for_other_sessions(url: str, within: float = 10.0) -> None:
+    """Wait until no other session on the database of `url` runs a statement or holds a
+    transaction open.
+
+    A client killed after sending COMMIT leaves its server session to finish
+    the commit on its own, and one killed mid-transaction leaves it to roll
+    back: reading before then sees the tables before a write that lands
+    afterwards. Idle sessions (a pool another test left open) do not count.
+    SQLite has no server: a killed process's transaction ends with it.
+
+    Raises:
+        AssertionError: sessions were still busy after `within` seconds.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        if parsed.get_backend_name() in ("mariadb", "mysql"):
+            busy = (await mariadb_fetch(url, _MARIADB_BUSY_SESSIONS))[0][0]
+            poll = LOCK_WAIT_POLL  # InnoDB's information_schema cache, see there
+        else:
+            dsn = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+            conn = await asyncpg.connect(dsn, timeout=10)
+            try:
+                busy = await conn.fetchval(_POSTGRES_BUSY_SESSIONS)
+            finally:
+                await conn.close()
+            poll = 0.05
+        if busy == 0:
+            return
+        assert loop.time() < deadline, f"{busy} other session(s) still busy after {within} s"
+        await asyncio.sleep(poll)
