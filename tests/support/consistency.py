@@ -4,7 +4,7 @@ Fault tests must not trust the library to report on itself, so this module
 reads `snapshot_latest` and `snapshot_history` with raw asyncpg (Postgres),
 raw asyncmy (MariaDB) or the standard `sqlite3` module (SQLite), on a
 connection of its own, both tables in one read transaction: read by two
-transactions, a commit landing between them (a killed client's last COMMIT,
+transactions, a commit landing between them (a killed client's last write,
 finished by its server session after the client died) would look like the
 latest row and history disagreeing.
 
@@ -199,11 +199,12 @@ async def wait_for_other_sessions(url: str, within: float = 10.0) -> None:
     """Wait until no other session on the database of `url` runs a statement or holds a
     transaction open.
 
-    A client killed after sending COMMIT leaves its server session to finish
-    the commit on its own, and one killed mid-transaction leaves it to roll
-    back: reading before then sees the tables before a write that lands
-    afterwards. Idle sessions (a pool another test left open) do not count.
-    SQLite has no server: a killed process's transaction ends with it.
+    A client killed after sending its write (one statement, or COMMIT) leaves
+    its server session to finish and commit it on its own, and one killed
+    mid-transaction leaves it to roll back: reading before then sees the
+    tables before a write that lands afterwards. Idle sessions (a pool another
+    test left open) do not count. SQLite has no server: a killed process's
+    transaction ends with it.
 
     Raises:
         AssertionError: sessions were still busy after `within` seconds.
