@@ -188,7 +188,8 @@ async def test_working_set_times_every_spread_on_both_sides(
         assert row.p50_us > 0, row
         if row.database == "small":
             assert row.p50_ratio == row.p99_ratio == 1.0
-    # 3 rounds (one untimed) x 2 calls x 100 ids, half of them from the first 10 users.
+    # 3 rounds (one untimed) x 2 spreads of the big database x 2 calls a block x 100 ids;
+    # the calls of one spread draw only from its first 10 users.
     assert len(read) == 3 * 2 * 2 * 100
     assert {int(uid.removeprefix("user-")) for uid in read} == set(range(USERS))
     narrow = [read[i : i + 100] for i in range(0, len(read), 100)]
