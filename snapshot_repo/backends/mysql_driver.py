@@ -44,6 +44,7 @@ from .mysql_packets import (
     check_packet,
     chunks,
     text_length,
+    utf8_length,
 )
 from .mysql_session import (
     autocommit,
@@ -367,10 +368,7 @@ class MysqlDriver:
         first_id, _, first_payload = written[0]
         repeated = VALUE_OVERHEAD * width + text_length(rows[0])
         repeated -= text_length((first_id, first_payload))
-        sizes = [
-            repeated + len(payload) + (len(user_id) if user_id.isascii() else len(user_id.encode()))
-            for user_id, _, payload in written
-        ]
+        sizes = [repeated + len(payload) + utf8_length(user_id) for user_id, _, payload in written]
 
         async def statements(conn: Any, cursor: Any) -> list[Any]:
             assert self._packet_limit is not None  # read by `_check_packet` first

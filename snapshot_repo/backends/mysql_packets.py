@@ -24,6 +24,7 @@ __all__ = [
     "check_packet",
     "chunks",
     "text_length",
+    "utf8_length",
 ]
 
 STATEMENT_ROOM = 4096
@@ -100,10 +101,15 @@ def check_batch_packets(
         check_packet(limit, user_id, row)
 
 
+def utf8_length(text: str) -> int:
+    """Bytes of `text` as sent (UTF-8), without encoding it when it is ASCII."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def text_length(row: Sequence[Any]) -> int:
     """Bytes of a row's text values as sent (UTF-8): what its size in a statement grows with."""
     return sum(
-        len(value) if isinstance(value, bytes) or value.isascii() else len(value.encode())
+        len(value) if isinstance(value, bytes) else utf8_length(value)
         for value in row
         if isinstance(value, bytes | str)
     )
